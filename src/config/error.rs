@@ -1,0 +1,1 @@
+//! Config errors with file, line and column.

@@ -1,0 +1,115 @@
+//! supervisor.toml: the types zdt runs from, and loading them.
+//!
+//! CONTRACT (kept by the loader in this module): [`load`] reads and validates
+//! the whole file before anything is applied; every error names file, line,
+//! column and what was expected ([`ConfigError`]); unknown keys are errors;
+//! relative paths are made absolute against the config file's folder.
+
+// The loader, its raw serde types, duration/signal/size parsing and their unit
+// tests live in submodules added by the config work.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use error::ConfigError;
+
+pub mod error;
+
+/// The whole configuration, validated, with absolute paths.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The absolute path of the file this was read from.
+    pub file: PathBuf,
+    /// The `[supervisor]` table.
+    pub supervisor: SupervisorConfig,
+    /// The `[program.NAME]` tables, by name.
+    pub programs: BTreeMap<String, ProgramConfig>,
+}
+
+/// The `[supervisor]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SupervisorConfig {
+    /// Control socket path. Default: `run/zdt.sock` beside the config file.
+    pub control: PathBuf,
+    /// Mode of the control socket file. Default 0o600.
+    pub control_mode: u32,
+    /// A group whose members may use the control socket (name), if any.
+    pub control_group: Option<String>,
+    /// Where instance logs go. Default: `logs` beside the config file.
+    pub log_dir: PathBuf,
+    /// Write zdt's pid here, if set.
+    pub pidfile: Option<PathBuf>,
+}
+
+/// When an exited instance is started again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoRestart {
+    /// Always.
+    Always,
+    /// Only when the exit code is not in `exitcodes` (or a signal killed it).
+    Unexpected,
+    /// Never.
+    Never,
+}
+
+/// Where one output stream of an instance goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// File path template, absolute. May contain `{program}` and `{instance}`;
+    /// None means no file (`"NONE"` in the config): only the in-memory ring.
+    /// Default: `{log_dir}/{program}-{instance}.out.log` / `.err.log`.
+    pub file: Option<String>,
+    /// Rotate when the file reaches this size; 0 = never. Default 50 MiB.
+    pub max_bytes: u64,
+    /// How many rotated files to keep. Default 10.
+    pub backups: u32,
+}
+
+/// A signal, validated at load time.
+pub type Signal = nix::sys::signal::Signal;
+
+/// One `[program.NAME]` table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgramConfig {
+    /// The table's name.
+    pub name: String,
+    /// argv; never empty. A string in the file is split like a shell would.
+    pub command: Vec<String>,
+    /// Working directory (absolute), if set. A symlink is resolved at each spawn.
+    pub directory: Option<PathBuf>,
+    /// Extra environment variables.
+    pub environment: BTreeMap<String, String>,
+    /// Run as this user (only when zdt runs as root).
+    pub user: Option<String>,
+    /// Run with this group (only when zdt runs as root). Default: the user's group.
+    pub group: Option<String>,
+    /// umask for the worker, if set ("022" octal string or integer in the file).
+    pub umask: Option<u32>,
+    /// How many copies run (supervisord numprocs). Default 1, at least 1.
+    pub instances: u32,
+    /// Start when zdt starts. Default true.
+    pub autostart: bool,
+    /// Default `Unexpected`.
+    pub autorestart: AutoRestart,
+    /// Expected exit codes. Default `[0]`.
+    pub exitcodes: Vec<i32>,
+    /// Up this long = started successfully. Default 1s.
+    pub startsecs: Duration,
+    /// Failed starts in a row before FATAL. Default 3.
+    pub startretries: u32,
+    /// Signal for a graceful stop. Default TERM.
+    pub stop_signal: Signal,
+    /// After stop_signal, wait this long before SIGKILL. Default 10s.
+    pub kill_timeout: Duration,
+    /// Drain bound for zero-downtime restarts. Default 30s.
+    pub max_wait: Duration,
+    /// Lower starts first and stops last. Default 999.
+    pub priority: i32,
+    /// Output to the stderr log too (supervisord redirect_stderr). Default false.
+    pub redirect_stderr: bool,
+    /// stdout log.
+    pub stdout_log: LogConfig,
+    /// stderr log.
+    pub stderr_log: LogConfig,
+}

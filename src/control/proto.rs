@@ -1,0 +1,224 @@
+//! The control protocol: one JSON object per line in each direction.
+//!
+//! A request is `{"version":1,"cmd":"restart","target":"web1",...}`. The daemon
+//! answers with one or more lines `{"version":1,"type":...}`: any number of
+//! `progress` or `log` lines, then exactly one `ok` or `error` line, after which
+//! the request is finished (the connection may carry another request).
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{InstanceSnapshot, ProgramSnapshot};
+
+/// The protocol version spoken by this build. Requests with another version are
+/// answered with an error of kind `version`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The longest request line the daemon accepts, newline included.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// What to do.
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// The commands `zdtctl` can send. `target` is a program name, `name:N` for one
+/// instance, `all`, or a glob such as `web*` or `web:*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Snapshots of the matching programs (all when `target` is None).
+    Status {
+        /// Which programs; None means all.
+        #[serde(default)]
+        target: Option<String>,
+    },
+    /// Start stopped instances; replies when they are RUNNING (or failed).
+    Start {
+        /// Which programs.
+        target: String,
+    },
+    /// Stop instances (stop signal, then SIGKILL after kill_timeout).
+    Stop {
+        /// Which programs.
+        target: String,
+    },
+    /// Restart instances; replies when the new generation runs and the old is gone.
+    Restart {
+        /// Which programs.
+        target: String,
+        /// Reply as soon as the restart was accepted.
+        #[serde(default)]
+        no_wait: bool,
+    },
+    /// Send a signal to every instance's process group.
+    Signal {
+        /// Which programs.
+        target: String,
+        /// Signal name or number: "HUP", "SIGUSR1", "10".
+        signal: String,
+    },
+    /// The pids of the matching instances.
+    Pid {
+        /// Which programs.
+        target: String,
+    },
+    /// The last lines of an instance's output; with `follow`, keep streaming.
+    Tail {
+        /// Which program (or `name:N`).
+        target: String,
+        /// stderr instead of stdout.
+        #[serde(default)]
+        stderr: bool,
+        /// Keep the request open and stream new output as `log` replies.
+        #[serde(default)]
+        follow: bool,
+        /// How many bytes of history to send first (default 1600, like supervisorctl).
+        #[serde(default)]
+        bytes: Option<usize>,
+    },
+    /// Read the configuration file again and apply the difference.
+    Reload,
+    /// Stop everything and exit.
+    Shutdown,
+    /// The daemon's version.
+    Version,
+}
+
+/// One reply line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Always [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The reply.
+    #[serde(flatten)]
+    pub reply: Reply,
+}
+
+/// What a reply line says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// A human progress line ("gen 4 ready in 812 ms"). More lines follow.
+    Progress {
+        /// The text.
+        message: String,
+    },
+    /// A chunk of worker output (tail). More lines follow.
+    Log {
+        /// The text (lossy UTF-8).
+        data: String,
+    },
+    /// The request succeeded. Last line of the request.
+    Ok {
+        /// What it produced.
+        result: Outcome,
+    },
+    /// The request failed. Last line of the request.
+    Error {
+        /// Why.
+        error: ErrorBody,
+    },
+}
+
+/// A successful result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// For `status`.
+    Status {
+        /// The matching programs.
+        programs: Vec<ProgramSnapshot>,
+    },
+    /// For start/stop/restart/signal: what was done, and the instances after it.
+    Done {
+        /// One line for humans.
+        message: String,
+        /// The affected instances as they are now.
+        instances: Vec<InstanceSnapshot>,
+    },
+    /// For `pid`.
+    Pids {
+        /// `(program, instance, pid)` for each live instance.
+        pids: Vec<PidEntry>,
+    },
+    /// For `reload`.
+    Reloaded {
+        /// Programs started.
+        added: Vec<String>,
+        /// Programs stopped and forgotten.
+        removed: Vec<String>,
+        /// Programs restarted with their new settings.
+        changed: Vec<String>,
+        /// Programs left as they were.
+        unchanged: Vec<String>,
+    },
+    /// For `tail` without follow: the history.
+    Tail {
+        /// The text (lossy UTF-8).
+        data: String,
+    },
+    /// For `version`.
+    Version {
+        /// The daemon's version (Cargo package version).
+        version: String,
+        /// The daemon's pid.
+        pid: u32,
+    },
+    /// For `shutdown`: the daemon is stopping.
+    ShuttingDown,
+}
+
+/// One live instance's pid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PidEntry {
+    /// Program name.
+    pub program: String,
+    /// Instance number.
+    pub instance: u32,
+    /// Generation.
+    pub generation: u64,
+    /// Process id.
+    pub pid: u32,
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable kind: `bad_request`, `too_large`, `version`,
+    /// `unknown_program`, `permission`, `failed`, `config`, `busy`.
+    pub kind: String,
+    /// What went wrong, for humans.
+    pub message: String,
+    /// What to do about it, when we know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+impl ErrorBody {
+    /// An error without a hint.
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.to_string(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a hint.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl Reply {
+    /// Whether this reply ends its request.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Ok { .. } | Self::Error { .. })
+    }
+}

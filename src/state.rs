@@ -1,0 +1,132 @@
+//! Instance states and the snapshots that programs publish.
+//!
+//! Every instance is in exactly one [`InstanceState`]; the meanings follow
+//! supervisord's (STARTING until `startsecs` or readiness, RUNNING when ready,
+//! BACKOFF between failed starts, FATAL when `startretries` ran out). Each
+//! program actor publishes a [`ProgramSnapshot`] on a `watch` channel after every
+//! change; `zdtctl status --json` prints these snapshots as they are.
+
+use serde::{Deserialize, Serialize};
+
+/// The lifecycle state of one instance of a program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InstanceState {
+    /// Not running, and not asked to run.
+    Stopped,
+    /// Spawned, not yet up for `startsecs` (or not yet ready).
+    Starting,
+    /// Up and serving.
+    Running,
+    /// Replaced by a newer generation; finishing its requests.
+    Draining,
+    /// The stop signal was sent; waiting for the process group to exit.
+    Stopping,
+    /// A start failed; waiting before the next try.
+    Backoff,
+    /// Exited on its own and will not be restarted (autorestart said so).
+    Exited,
+    /// Could not be started `startretries` times in a row, or cannot be spawned at all.
+    Fatal,
+}
+
+impl InstanceState {
+    /// The upper-case name used in status tables and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "STOPPED",
+            Self::Starting => "STARTING",
+            Self::Running => "RUNNING",
+            Self::Draining => "DRAINING",
+            Self::Stopping => "STOPPING",
+            Self::Backoff => "BACKOFF",
+            Self::Exited => "EXITED",
+            Self::Fatal => "FATAL",
+        }
+    }
+
+    /// Whether a process may be alive in this state.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Draining | Self::Stopping
+        )
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a process ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// The exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal name (e.g. "SIGKILL"), when a signal killed it.
+    pub signal: Option<String>,
+    /// Whether the exit was expected (asked for, or a code in `exitcodes`).
+    pub expected: bool,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.code, &self.signal) {
+            (_, Some(sig)) => write!(f, "killed by {sig}"),
+            (Some(code), None) => write!(f, "exit {code}"),
+            (None, None) => f.write_str("unknown"),
+        }
+    }
+}
+
+/// A point-in-time view of one instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSnapshot {
+    /// The program's name.
+    pub program: String,
+    /// Instance number, 0-based (supervisord's `process_num`).
+    pub instance: u32,
+    /// Generation this process belongs to; starts at 1, grows by one per start.
+    pub generation: u64,
+    /// Current state.
+    pub state: InstanceState,
+    /// The process id while one is alive.
+    pub pid: Option<u32>,
+    /// Unix time in milliseconds of the last state change.
+    pub since_ms: u64,
+    /// Unix time in milliseconds when the current process was spawned.
+    pub started_ms: Option<u64>,
+    /// How many times this instance was started after its first start.
+    pub restarts: u32,
+    /// How the previous process ended.
+    pub last_exit: Option<ExitInfo>,
+    /// Why the instance is BACKOFF or FATAL (e.g. the OS error of exec).
+    pub error: Option<String>,
+    /// The worker's last `STATUS=` text (sd_notify), if any.
+    pub status_text: Option<String>,
+    /// Log bytes that could not be written to the log files (full disk, ...).
+    pub log_dropped_bytes: u64,
+}
+
+/// A point-in-time view of one program and its instances.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramSnapshot {
+    /// The program's name.
+    pub name: String,
+    /// The newest generation started (0 before the first start).
+    pub generation: u64,
+    /// One entry per live or configured instance, newest generation last.
+    pub instances: Vec<InstanceSnapshot>,
+}
+
+/// Milliseconds since the Unix epoch, for snapshots.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
