@@ -4,4 +4,12 @@
 
 pub mod config;
 pub mod control;
+pub mod daemon;
+pub mod instance;
+pub mod logs;
+pub mod program;
+pub mod signals;
+pub mod spawn;
 pub mod state;
+pub mod supervisor;
+pub mod target;

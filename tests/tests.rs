@@ -1,1 +1,10 @@
+//! Integration tests: the real zdt, zdtctl and demo worker, real processes,
+//! real sockets and signals. One binary (ripgrep's layout).
+
 mod util;
+
+mod config;
+mod control;
+mod lifecycle;
+mod logs;
+mod reload;

@@ -1,1 +1,95 @@
-fn main() {}
+//! `zdt`: the daemon. `zdt -c supervisor.toml` runs in the foreground and
+//! logs to stderr; `zdt check -c FILE` validates a configuration.
+//!
+//! Exit codes: 0 stopped cleanly / config valid, 1 failed while running,
+//! 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "zdt",
+    version,
+    about = "Zero-downtime process supervisor for web servers"
+)]
+struct Args {
+    /// Configuration file (default: $ZDT_CONFIG, ./supervisor.toml, /etc/zdt/supervisor.toml).
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate the configuration and exit: 0 if valid, 2 if not.
+    Check,
+}
+
+fn load(explicit: Option<&std::path::Path>) -> Result<zdt::config::Config, ExitCode> {
+    let loaded = zdt::config::find_config(explicit).and_then(|p| zdt::config::load(&p));
+    loaded.map_err(|e| {
+        eprintln!("{}", e.render());
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(Cmd::Check) = args.command {
+        println!(
+            "{}: ok ({} program{})",
+            config.file.display(),
+            config.programs.len(),
+            if config.programs.len() == 1 { "" } else { "s" }
+        );
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // The spawner thread forks every worker and must live as long as zdt.
+    let (spawner, reaper) = match zdt::spawn::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the spawner thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let signals = zdt::signals::daemon_signals()
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        zdt::daemon::run(config, spawner, reaper, signals)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,349 @@
-fn main() {}
+//! `zdtctl`: the control client.
+//!
+//! Exit codes: 0 done; 1 the operation failed; 2 usage or configuration
+//! error; 3 the daemon cannot be reached.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use zdt::control::client::{Client, ClientError};
+use zdt::control::proto::{Command, ErrorBody, Outcome, Reply};
+use zdt::state::{now_ms, ProgramSnapshot};
+
+#[derive(Parser)]
+#[command(name = "zdtctl", version, about = "Control a running zdt")]
+struct Args {
+    /// Configuration file that names the control socket (default: $ZDT_CONFIG,
+    /// ./supervisor.toml, /etc/zdt/supervisor.toml).
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    /// Control socket path (instead of reading the configuration).
+    #[arg(short = 's', long = "socket", global = true)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables and progress lines.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show programs and instances (all, or the ones named).
+    Status {
+        /// Program names, NAME:N, globs such as web*, or all.
+        targets: Vec<String>,
+    },
+    /// Start programs; waits until they run.
+    Start {
+        /// Program names, NAME:N, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Stop programs: stop_signal, then SIGKILL after kill_timeout.
+    Stop {
+        /// Program names, NAME:N, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Restart programs; waits until the new generation runs.
+    Restart {
+        /// Return as soon as the restart was accepted.
+        #[arg(long)]
+        no_wait: bool,
+        /// Program names, NAME:N, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Send a signal to the process group of each instance.
+    Signal {
+        /// Program name, NAME:N, glob, or all.
+        target: String,
+        /// Signal name or number: HUP, SIGUSR1, 10.
+        signal: String,
+    },
+    /// Print the pids of a program's instances.
+    Pid {
+        /// Program name, NAME:N, glob, or all.
+        target: String,
+    },
+    /// Print the end of an instance's output.
+    Tail {
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// How many bytes of history.
+        #[arg(short = 'n', long, default_value_t = 1600)]
+        bytes: usize,
+        /// NAME or NAME:N (instance 0 by default).
+        target: String,
+    },
+    /// Read the configuration again and apply the difference.
+    Reload,
+    /// Stop all programs and exit zdt.
+    Shutdown,
+    /// Print the daemon's version.
+    Version,
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+
+fn socket_path(args: &Args) -> Result<PathBuf, ExitCode> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    let cfg = zdt::config::find_config(args.config.as_deref())
+        .and_then(|p| zdt::config::load(&p))
+        .map_err(|e| {
+            eprintln!("{}", e.render());
+            ExitCode::from(EXIT_USAGE)
+        })?;
+    Ok(cfg.supervisor.control)
+}
+
+fn requests(cmd: &Cmd) -> Vec<Command> {
+    match cmd {
+        Cmd::Status { targets } if targets.is_empty() => vec![Command::Status { target: None }],
+        Cmd::Status { targets } => targets
+            .iter()
+            .map(|t| Command::Status {
+                target: Some(t.clone()),
+            })
+            .collect(),
+        Cmd::Start { targets } => targets
+            .iter()
+            .map(|t| Command::Start { target: t.clone() })
+            .collect(),
+        Cmd::Stop { targets } => targets
+            .iter()
+            .map(|t| Command::Stop { target: t.clone() })
+            .collect(),
+        Cmd::Restart { no_wait, targets } => targets
+            .iter()
+            .map(|t| Command::Restart {
+                target: t.clone(),
+                no_wait: *no_wait,
+            })
+            .collect(),
+        Cmd::Signal { target, signal } => vec![Command::Signal {
+            target: target.clone(),
+            signal: signal.clone(),
+        }],
+        Cmd::Pid { target } => vec![Command::Pid {
+            target: target.clone(),
+        }],
+        Cmd::Tail {
+            follow,
+            stderr,
+            bytes,
+            target,
+        } => vec![Command::Tail {
+            target: target.clone(),
+            stderr: *stderr,
+            follow: *follow,
+            bytes: Some(*bytes),
+        }],
+        Cmd::Reload => vec![Command::Reload],
+        Cmd::Shutdown => vec![Command::Shutdown],
+        Cmd::Version => vec![Command::Version],
+    }
+}
+
+fn fmt_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn print_status(programs: &[ProgramSnapshot]) {
+    let now = now_ms();
+    let mut rows = vec![[
+        "PROGRAM",
+        "INST",
+        "GEN",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST EXIT",
+        "INFO",
+    ]
+    .map(String::from)];
+    for p in programs {
+        for i in &p.instances {
+            let uptime = i
+                .started_ms
+                .filter(|_| i.pid.is_some())
+                .map(|t| fmt_duration(now.saturating_sub(t)))
+                .unwrap_or_else(|| {
+                    format!("({} ago)", fmt_duration(now.saturating_sub(i.since_ms)))
+                });
+            let mut info: Vec<String> = Vec::new();
+            if let Some(e) = &i.error {
+                info.push(e.clone());
+            }
+            if let Some(s) = &i.status_text {
+                info.push(s.clone());
+            }
+            if i.log_dropped_bytes > 0 {
+                info.push(format!("{} log bytes dropped", i.log_dropped_bytes));
+            }
+            rows.push([
+                p.name.clone(),
+                i.instance.to_string(),
+                i.generation.to_string(),
+                i.state.to_string(),
+                i.pid.map_or("-".into(), |p| p.to_string()),
+                uptime,
+                i.restarts.to_string(),
+                i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
+                info.join("; "),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..9)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(c, v)| format!("{v:<w$}", w = widths[c]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn print_outcome(outcome: &Outcome) {
+    match outcome {
+        Outcome::Status { programs } => print_status(programs),
+        Outcome::Done { message, .. } => println!("{message}"),
+        Outcome::Pids { pids } => {
+            for p in pids {
+                println!("{}", p.pid);
+            }
+        }
+        Outcome::Reloaded {
+            added,
+            removed,
+            changed,
+            unchanged,
+        } => {
+            let list = |v: &Vec<String>| {
+                if v.is_empty() {
+                    "-".into()
+                } else {
+                    v.join(", ")
+                }
+            };
+            println!(
+                "reloaded: added {}; removed {}; changed {}; unchanged {}",
+                list(added),
+                list(removed),
+                list(changed),
+                list(unchanged)
+            );
+        }
+        Outcome::Tail { data } => print!("{data}"),
+        Outcome::Version { version, pid } => println!("zdt {version} (pid {pid})"),
+        Outcome::ShuttingDown => println!("zdt is stopping all programs and will exit"),
+    }
+}
+
+fn print_error(e: &ErrorBody, json: bool) {
+    if json {
+        let v = serde_json::json!({ "error": e });
+        println!("{v}");
+        return;
+    }
+    eprintln!("error: {}", e.message);
+    if let Some(h) = &e.hint {
+        for line in h.lines() {
+            eprintln!("  {line}");
+        }
+    }
+}
+
+async fn run(args: Args, socket: PathBuf) -> u8 {
+    let mut client = match Client::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            report_client_error(&e, args.json);
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let mut code = 0;
+    for req in requests(&args.command) {
+        let json = args.json;
+        let result = client
+            .request(req, |reply| match reply {
+                Reply::Progress { message } if !json => println!("{message}"),
+                Reply::Log { data } => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(data.as_bytes());
+                    let _ = out.flush();
+                }
+                _ => {}
+            })
+            .await;
+        match result {
+            Ok(Ok(outcome)) => {
+                if json {
+                    match serde_json::to_string(&outcome) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => eprintln!("error: {e}"),
+                    }
+                } else {
+                    print_outcome(&outcome);
+                }
+            }
+            Ok(Err(body)) => {
+                print_error(&body, json);
+                code = code.max(if body.kind == "bad_request" {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                });
+            }
+            Err(e) => {
+                report_client_error(&e, json);
+                return EXIT_UNREACHABLE;
+            }
+        }
+    }
+    code
+}
+
+fn report_client_error(e: &ClientError, json: bool) {
+    print_error(&ErrorBody::new("unreachable", e.to_string()), json);
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let socket = match socket_path(&args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    ExitCode::from(runtime.block_on(run(args, socket)))
+}

@@ -5,16 +5,44 @@
 //! column and what was expected ([`ConfigError`]); unknown keys are errors;
 //! relative paths are made absolute against the config file's folder.
 
-// The loader, its raw serde types, duration/signal/size parsing and their unit
-// tests live in submodules added by the config work.
-
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
+pub use load::{load, parse};
+pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 
 pub mod error;
+mod load;
+#[cfg(test)]
+mod tests;
+mod values;
+
+/// Finds the configuration file: `explicit`, then `$ZDT_CONFIG`, then
+/// `./supervisor.toml`, then `/etc/zdt/supervisor.toml`.
+pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ZDT_CONFIG").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let candidates = [
+        PathBuf::from("supervisor.toml"),
+        PathBuf::from("/etc/zdt/supervisor.toml"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .ok_or_else(|| {
+            ConfigError::whole_file(
+                PathBuf::from("supervisor.toml"),
+                "no configuration found (tried -c, $ZDT_CONFIG, ./supervisor.toml, /etc/zdt/supervisor.toml); pass one with -c FILE",
+            )
+        })
+}
 
 /// The whole configuration, validated, with absolute paths.
 #[derive(Clone, Debug, PartialEq)]

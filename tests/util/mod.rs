@@ -1,1 +1,301 @@
+//! Test harness: a real `zdt` daemon in a temporary directory, driven with the
+//! real `zdtctl`, and helpers that wait on events with a deadline.
+//!
+//! [`Daemon`] kills what it started when dropped; if the test is failing it
+//! prints zdt's stderr and the worker logs first.
 
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use zdt::state::{InstanceSnapshot, InstanceState, ProgramSnapshot};
+
+/// Path of a binary built by this package.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "zdt" => PathBuf::from(env!("CARGO_BIN_EXE_zdt")),
+        "zdtctl" => PathBuf::from(env!("CARGO_BIN_EXE_zdtctl")),
+        "zdt-demo" => PathBuf::from(env!("CARGO_BIN_EXE_zdt-demo")),
+        other => panic!("no binary {other}"),
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` with `what` and
+/// the last value seen.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(seen) => last = seen,
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Sends a signal to a pid.
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// One HTTP/1.1 GET on a new connection: (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad response: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A running zdt in its own temporary directory.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+/// The `[supervisor]` table every test config starts with.
+pub fn header() -> String {
+    "[supervisor]\ncontrol = \"run/zdt.sock\"\nlog_dir = \"logs\"\n\n".to_string()
+}
+
+/// A `[program.NAME]` table running the demo worker with `args`.
+pub fn demo_program(name: &str, args: &[&str], extra: &str) -> String {
+    let mut argv = vec![format!("{:?}", bin("zdt-demo").display().to_string())];
+    argv.extend(args.iter().map(|a| format!("{a:?}")));
+    format!(
+        "[program.{name}]\ncommand = [{}]\n{extra}\n",
+        argv.join(", ")
+    )
+}
+
+impl Daemon {
+    /// Writes `config` (placeholders: none) and starts zdt on it; waits until
+    /// the control socket answers.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("supervisor.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut d = Daemon {
+            dir,
+            config: path,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let stderr =
+            std::fs::File::create(self.dir.path().join("zdt.stderr")).expect("stderr file");
+        let child = Command::new(bin("zdt"))
+            .arg("-c")
+            .arg(&self.config)
+            .env("ZDT_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn zdt");
+        self.child = Some(child);
+        wait_for(
+            "the control socket to answer",
+            Duration::from_secs(10),
+            || {
+                if let Some(code) = self.try_exit() {
+                    panic!("zdt exited with {code:?} at start:\n{}", self.stderr());
+                }
+                let out = self.ctl(&["version"]);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                }
+            },
+        );
+    }
+
+    /// zdt's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("zdt is running")
+    }
+
+    /// The exit status if zdt has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for zdt to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let st = wait_for("zdt to exit", timeout, || {
+            self.try_exit().ok_or_else(|| "running".into())
+        });
+        self.child = None;
+        st
+    }
+
+    /// What zdt wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("zdt.stderr")).unwrap_or_default()
+    }
+
+    /// Rewrites the config file.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config, config).expect("write config");
+    }
+
+    /// Runs zdtctl with `-c CONFIG` and `args`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("zdtctl"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run zdtctl")
+    }
+
+    /// Runs `zdtctl --json ARGS` and parses stdout.
+    pub fn ctl_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(text.lines().last().unwrap_or("null")).unwrap_or_else(|e| {
+            panic!(
+                "zdtctl {args:?} printed no JSON ({e}): stdout {text:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    /// All program snapshots.
+    pub fn status(&self) -> Vec<ProgramSnapshot> {
+        let (code, v) = self.ctl_json(&["status"]);
+        assert_eq!(code, 0, "status failed: {v}");
+        serde_json::from_value(v["programs"].clone()).expect("status JSON")
+    }
+
+    /// One instance's snapshot.
+    pub fn instance(&self, program: &str, instance: u32) -> InstanceSnapshot {
+        self.status()
+            .into_iter()
+            .find(|p| p.name == program)
+            .and_then(|p| p.instances.into_iter().find(|i| i.instance == instance))
+            .unwrap_or_else(|| panic!("no {program}:{instance} in status"))
+    }
+
+    /// Waits until `program:instance` is in `state`; returns its snapshot.
+    pub fn wait_state(
+        &self,
+        program: &str,
+        instance: u32,
+        state: InstanceState,
+        timeout: Duration,
+    ) -> InstanceSnapshot {
+        wait_for(
+            &format!("{program}:{instance} to be {state}"),
+            timeout,
+            || {
+                let i = self.instance(program, instance);
+                if i.state == state {
+                    Ok(i)
+                } else {
+                    Err(format!("{i:?}"))
+                }
+            },
+        )
+    }
+
+    /// A file under the test directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Sends a signal to zdt.
+    pub fn signal(&self, sig: i32) {
+        kill(self.pid(), sig);
+    }
+
+    /// Pretends zdt was never started by us: it will not be killed on drop.
+    pub fn forget(&mut self) {
+        self.child = None;
+    }
+}
+
+fn dump_dir(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            dump_dir(&p);
+        } else if p.extension().is_some_and(|x| x == "log") {
+            eprintln!(
+                "--- {}:\n{}",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- zdt stderr:\n{}", self.stderr());
+            dump_dir(self.dir.path());
+        }
+        if let Some(mut child) = self.child.take() {
+            // SIGKILL: PR_SET_PDEATHSIG takes the workers with it.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Reading supervisor.toml: raw serde types (every table denies unknown keys),
+//! then validation and resolution into [`Config`].
+//!
+//! Single-value errors (a bad duration, signal or command) come out of serde
+//! with the value's position; cross-field errors use `Spanned` positions.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::values::{
+    AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
+};
+use super::{AutoRestart, Config, ConfigError, LogConfig, ProgramConfig, SupervisorConfig};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    supervisor: RawSupervisor,
+    #[serde(default)]
+    program: BTreeMap<Spanned<String>, RawProgram>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSupervisor {
+    control: Option<String>,
+    control_mode: Option<OctalValue>,
+    control_group: Option<String>,
+    log_dir: Option<String>,
+    pidfile: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProgram {
+    command: Option<CommandValue>,
+    directory: Option<String>,
+    #[serde(default)]
+    environment: BTreeMap<String, EnvValue>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    umask: Option<OctalValue>,
+    #[serde(alias = "numprocs")]
+    instances: Option<Spanned<i64>>,
+    autostart: Option<bool>,
+    autorestart: Option<AutoRestartValue>,
+    exitcodes: Option<Vec<Spanned<i64>>>,
+    startsecs: Option<DurationValue>,
+    startretries: Option<u32>,
+    #[serde(alias = "stopsignal")]
+    stop_signal: Option<SignalValue>,
+    #[serde(alias = "stopwaitsecs")]
+    kill_timeout: Option<DurationValue>,
+    max_wait: Option<DurationValue>,
+    priority: Option<i32>,
+    redirect_stderr: Option<bool>,
+    stdout_logfile: Option<Spanned<String>>,
+    stdout_logfile_maxbytes: Option<SizeValue>,
+    stdout_logfile_backups: Option<u32>,
+    stderr_logfile: Option<Spanned<String>>,
+    stderr_logfile_maxbytes: Option<SizeValue>,
+    stderr_logfile_backups: Option<u32>,
+}
+
+/// Default rotation size of instance logs (supervisord's).
+const DEFAULT_LOG_MAX_BYTES: u64 = 50 << 20;
+/// Default number of rotated log files kept (supervisord's).
+const DEFAULT_LOG_BACKUPS: u32 = 10;
+
+/// Replaces Rust type names in serde's messages with words.
+fn friendly(message: &str) -> String {
+    message
+        .replace('\n', ": ")
+        .replace("expected i64", "expected an integer")
+        .replace("expected i32", "expected an integer")
+        .replace("expected u32", "expected a non-negative integer")
+        .replace("expected a boolean", "expected true or false")
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let text = std::fs::read_to_string(&abs).map_err(|e| {
+        ConfigError::whole_file(abs.clone(), format!("cannot read the configuration: {e}"))
+    })?;
+    parse(&text, &abs)
+}
+
+/// Validates configuration `text` read from `file` (absolute; relative paths in
+/// the text are resolved against its folder).
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let err_at =
+        |offset: usize, msg: String| ConfigError::at(file.to_path_buf(), text, offset, msg);
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        err_at(offset, friendly(e.message().trim_end()))
+    })?;
+    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let resolve = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let s = raw.supervisor;
+    let supervisor = SupervisorConfig {
+        control: resolve(s.control.as_deref().unwrap_or("run/zdt.sock")),
+        control_mode: s.control_mode.map_or(0o600, |m| m.0),
+        control_group: s.control_group,
+        log_dir: resolve(s.log_dir.as_deref().unwrap_or("logs")),
+        pidfile: s.pidfile.as_deref().map(resolve),
+    };
+    let is_root = nix::unistd::geteuid().is_root();
+    let mut programs = BTreeMap::new();
+    for (name, p) in raw.program {
+        let name_ok = !name.get_ref().is_empty()
+            && name.get_ref() != "all"
+            && name
+                .get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !name_ok {
+            return Err(err_at(
+                name.span().start,
+                format!(
+                    "invalid program name {:?}: use letters, digits, '_', '.', '-' (and not \"all\")",
+                    name.get_ref()
+                ),
+            ));
+        }
+        let name = name.into_inner();
+        let command = p.command.ok_or_else(|| {
+            let at = text.find(&format!("[program.{name}]")).unwrap_or(0);
+            err_at(
+                at,
+                format!(
+                    "program {name:?} has no command: add command = [\"program\", \"arg\", ...]"
+                ),
+            )
+        })?;
+        let instances = match p.instances {
+            None => 1,
+            Some(n) => u32::try_from(*n.get_ref())
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| {
+                    err_at(
+                        n.span().start,
+                        format!("instances must be at least 1, got {}", n.get_ref()),
+                    )
+                })?,
+        };
+        for who in [&p.user, &p.group].into_iter().flatten() {
+            if !is_root {
+                return Err(err_at(
+                    who.span().start,
+                    format!(
+                        "{:?} can only be used when zdt runs as root (it runs as uid {}); remove user/group or run zdt as root",
+                        who.get_ref(),
+                        nix::unistd::geteuid()
+                    ),
+                ));
+            }
+        }
+        if let Some(u) = &p.user {
+            if nix::unistd::User::from_name(u.get_ref())
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                return Err(err_at(
+                    u.span().start,
+                    format!("no user named {:?} on this system", u.get_ref()),
+                ));
+            }
+        }
+        if let Some(g) = &p.group {
+            if nix::unistd::Group::from_name(g.get_ref())
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                return Err(err_at(
+                    g.span().start,
+                    format!("no group named {:?} on this system", g.get_ref()),
+                ));
+            }
+        }
+        let mut exitcodes = Vec::new();
+        for c in p.exitcodes.unwrap_or_else(|| vec![Spanned::new(0..0, 0)]) {
+            let code = i32::try_from(*c.get_ref())
+                .ok()
+                .filter(|c| (0..=255).contains(c));
+            match code {
+                Some(code) => exitcodes.push(code),
+                None => {
+                    return Err(err_at(
+                        c.span().start,
+                        format!("exit code {} is out of range 0..=255", c.get_ref()),
+                    ))
+                }
+            }
+        }
+        let log = |file: Option<Spanned<String>>,
+                   max: Option<SizeValue>,
+                   backups: Option<u32>,
+                   ext: &str| {
+            let template = match &file {
+                Some(f) if f.get_ref().eq_ignore_ascii_case("none") => None,
+                Some(f) => Some(resolve(f.get_ref()).display().to_string()),
+                None => Some(
+                    supervisor
+                        .log_dir
+                        .join(format!("{{program}}-{{instance}}.{ext}.log"))
+                        .display()
+                        .to_string(),
+                ),
+            };
+            if let (Some(f), Some(t)) = (&file, &template) {
+                if instances > 1 && !t.contains("{instance}") {
+                    return Err(err_at(
+                        f.span().start,
+                        format!("{:?} is shared by {instances} instances: add {{instance}} to the file name", f.get_ref()),
+                    ));
+                }
+            }
+            Ok(LogConfig {
+                file: template,
+                max_bytes: max.map_or(DEFAULT_LOG_MAX_BYTES, |m| m.0),
+                backups: backups.unwrap_or(DEFAULT_LOG_BACKUPS),
+            })
+        };
+        let stdout_log = log(
+            p.stdout_logfile,
+            p.stdout_logfile_maxbytes,
+            p.stdout_logfile_backups,
+            "out",
+        )?;
+        let stderr_log = log(
+            p.stderr_logfile,
+            p.stderr_logfile_maxbytes,
+            p.stderr_logfile_backups,
+            "err",
+        )?;
+        let cfg = ProgramConfig {
+            name: name.clone(),
+            command: command.0,
+            directory: p.directory.as_deref().map(resolve),
+            environment: p.environment.into_iter().map(|(k, v)| (k, v.0)).collect(),
+            user: p.user.map(Spanned::into_inner),
+            group: p.group.map(Spanned::into_inner),
+            umask: p.umask.map(|m| m.0),
+            instances,
+            autostart: p.autostart.unwrap_or(true),
+            autorestart: p.autorestart.map_or(AutoRestart::Unexpected, |a| a.0),
+            exitcodes,
+            startsecs: p
+                .startsecs
+                .map_or(std::time::Duration::from_secs(1), |d| d.0),
+            startretries: p.startretries.unwrap_or(3),
+            stop_signal: p
+                .stop_signal
+                .map_or(nix::sys::signal::Signal::SIGTERM, |s| s.0),
+            kill_timeout: p
+                .kill_timeout
+                .map_or(std::time::Duration::from_secs(10), |d| d.0),
+            max_wait: p
+                .max_wait
+                .map_or(std::time::Duration::from_secs(30), |d| d.0),
+            priority: p.priority.unwrap_or(999),
+            redirect_stderr: p.redirect_stderr.unwrap_or(false),
+            stdout_log,
+            stderr_log,
+        };
+        programs.insert(name, cfg);
+    }
+    Ok(Config {
+        file: file.to_path_buf(),
+        supervisor,
+        programs,
+    })
+}

@@ -1,0 +1,254 @@
+//! Bad configurations, each reported at its exact line and column.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const FILE: &str = "/srv/app/supervisor.toml";
+
+fn bad(text: &str) -> ConfigError {
+    match parse(text, Path::new(FILE)) {
+        Ok(_) => panic!("accepted: {text}"),
+        Err(e) => e,
+    }
+}
+
+fn assert_bad(text: &str, line: usize, col: usize, phrase: &str) {
+    let e = bad(text);
+    assert_eq!((e.line, e.col), (line, col), "{text:?} -> {e}");
+    assert!(
+        e.message.contains(phrase),
+        "{text:?}: {phrase:?} not in {:?}",
+        e.message
+    );
+    assert!(
+        e.to_string().starts_with(&format!("{FILE}:{line}:{col}: ")),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_keys_anywhere_are_errors() {
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\ncomand = 1\n",
+        3,
+        1,
+        "unknown field `comand`",
+    );
+    assert_bad(
+        "[supervisor]\ncontroll = \"x\"\n",
+        2,
+        1,
+        "unknown field `controll`",
+    );
+    assert_bad(
+        "[programs.web]\ncommand = [\"x\"]\n",
+        1,
+        2,
+        "unknown field `programs`",
+    );
+    // The message lists the valid keys.
+    assert!(bad("[program.web]\ncommand = [\"x\"]\ncomand = 1\n")
+        .message
+        .contains("`command`"));
+}
+
+#[test]
+fn wrong_types_and_values_point_at_the_value() {
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\ninstances = \"two\"\n",
+        3,
+        13,
+        "expected an integer",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\ninstances = 0\n",
+        3,
+        13,
+        "at least 1",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nnumprocs = -2\n",
+        3,
+        12,
+        "at least 1",
+    );
+    assert_bad("[program.web]\ncommand = []\n", 2, 11, "must not be empty");
+    assert_bad(
+        "[program.web]\ncommand = \"\"\n",
+        2,
+        11,
+        "must not be empty",
+    );
+    assert_bad(
+        "[program.web]\ncommand = \"node 'app.js\"\n",
+        2,
+        11,
+        "unbalanced quote",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nstop_signal = \"TREM\"\n",
+        3,
+        15,
+        "invalid signal \"TREM\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmax_wait = \"10 parsecs\"\n",
+        3,
+        12,
+        "unknown unit",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nautorestart = \"sometimes\"\n",
+        3,
+        15,
+        "\"unexpected\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nexitcodes = [0, 300]\n",
+        3,
+        17,
+        "out of range",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nstartretries = -1\n",
+        3,
+        16,
+        "",
+    );
+}
+
+#[test]
+fn names_logfiles_and_missing_commands() {
+    assert_bad(
+        "[program.\"web 1\"]\ncommand = [\"x\"]\n",
+        1,
+        10,
+        "invalid program name",
+    );
+    assert_bad(
+        "[program.all]\ncommand = [\"x\"]\n",
+        1,
+        10,
+        "invalid program name",
+    );
+    assert_bad("[program.web]\ndirectory = \"/\"\n", 1, 1, "has no command");
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\ninstances = 2\nstdout_logfile = \"web.log\"\n",
+        4,
+        18,
+        "{instance}",
+    );
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let e = bad("[program.web]\ncommand = [\"x\"\n");
+    assert_eq!(e.line, 3, "{e}");
+    assert_eq!(e.message, "invalid array: expected `]`");
+    let e = bad("[program.web\n");
+    assert_eq!(e.line, 1, "{e}");
+}
+
+#[test]
+fn user_needs_root_or_must_exist() {
+    let text = "[program.web]\ncommand = [\"x\"]\nuser = \"nobody-zdt-test\"\n";
+    let e = bad(text);
+    assert_eq!((e.line, e.col), (3, 8), "{e}");
+    if nix::unistd::geteuid().is_root() {
+        assert!(e.message.contains("no user named"), "{e}");
+    } else {
+        assert!(e.message.contains("root"), "{e}");
+    }
+}
+
+#[test]
+fn defaults_and_resolution() {
+    let c = parse(
+        "[program.web]\ncommand = \"node 'my app.js' --port 1\"\ndirectory = \"current\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid");
+    assert_eq!(c.supervisor.control, Path::new("/srv/app/run/zdt.sock"));
+    assert_eq!(c.supervisor.log_dir, Path::new("/srv/app/logs"));
+    assert_eq!(c.supervisor.control_mode, 0o600);
+    let w = &c.programs["web"];
+    assert_eq!(w.command, ["node", "my app.js", "--port", "1"]);
+    assert_eq!(w.directory.as_deref(), Some(Path::new("/srv/app/current")));
+    assert_eq!(w.instances, 1);
+    assert!(w.autostart);
+    assert_eq!(w.autorestart, AutoRestart::Unexpected);
+    assert_eq!(w.exitcodes, [0]);
+    assert_eq!(w.startsecs, Duration::from_secs(1));
+    assert_eq!(w.startretries, 3);
+    assert_eq!(w.stop_signal, Signal::SIGTERM);
+    assert_eq!(w.kill_timeout, Duration::from_secs(10));
+    assert_eq!(w.max_wait, Duration::from_secs(30));
+    assert_eq!(w.priority, 999);
+    assert_eq!(
+        w.stdout_log.file.as_deref(),
+        Some("/srv/app/logs/{program}-{instance}.out.log")
+    );
+    assert_eq!(w.stderr_log.max_bytes, 50 << 20);
+    assert_eq!(w.stderr_log.backups, 10);
+}
+
+#[test]
+fn every_key_is_read() {
+    let text = r#"
+[supervisor]
+control = "/run/zdt.sock"
+control_mode = "0660"
+log_dir = "/var/log/zdt"
+pidfile = "zdt.pid"
+
+[program.api]
+command = ["php", "-S", "127.0.0.1:8000"]
+environment = { APP_ENV = "prod", WORKERS = 4, DEBUG = false }
+umask = "022"
+instances = 2
+autostart = false
+autorestart = true
+exitcodes = [0, 2]
+startsecs = "250ms"
+startretries = 5
+stopsignal = "QUIT"
+kill_timeout = 7
+max_wait = "1m"
+priority = 5
+redirect_stderr = true
+stdout_logfile = "NONE"
+stderr_logfile = "log/{program}.{instance}.err"
+stderr_logfile_maxbytes = "1KB"
+stderr_logfile_backups = 0
+"#;
+    let c = parse(text, Path::new(FILE)).expect("valid");
+    assert_eq!(c.supervisor.control_mode, 0o660);
+    assert_eq!(
+        c.supervisor.pidfile.as_deref(),
+        Some(Path::new("/srv/app/zdt.pid"))
+    );
+    let a = &c.programs["api"];
+    assert_eq!(a.environment["WORKERS"], "4");
+    assert_eq!(a.environment["DEBUG"], "false");
+    assert_eq!(a.umask, Some(0o22));
+    assert_eq!(a.instances, 2);
+    assert!(!a.autostart);
+    assert_eq!(a.autorestart, AutoRestart::Always);
+    assert_eq!(a.exitcodes, [0, 2]);
+    assert_eq!(a.startsecs, Duration::from_millis(250));
+    assert_eq!(a.startretries, 5);
+    assert_eq!(a.stop_signal, Signal::SIGQUIT);
+    assert_eq!(a.kill_timeout, Duration::from_secs(7));
+    assert_eq!(a.max_wait, Duration::from_secs(60));
+    assert_eq!(a.priority, 5);
+    assert!(a.redirect_stderr);
+    assert_eq!(a.stdout_log.file, None);
+    assert_eq!(
+        a.stderr_log.file.as_deref(),
+        Some("/srv/app/log/{program}.{instance}.err")
+    );
+    assert_eq!(a.stderr_log.max_bytes, 1024);
+    assert_eq!(a.stderr_log.backups, 0);
+}

@@ -1,0 +1,86 @@
+//! The daemon: binds the control socket, starts the supervisor, runs until
+//! shutdown. `zdt -c FILE` is this plus argument parsing and logging.
+
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::server::{self, PeerPolicy};
+use crate::spawn::{Reaper, Spawner};
+use crate::supervisor::{DaemonSignal, Supervisor};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] server::ControlError),
+    /// The pid file could not be written.
+    #[error("cannot write pidfile {path}: {source}")]
+    Pidfile {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The control group named in the config does not exist.
+    #[error("control_group {0:?} does not exist")]
+    NoSuchGroup(String),
+}
+
+/// Runs zdt with `config` until a shutdown arrives on `signals` (or through
+/// the control socket) and every program has stopped.
+pub async fn run(
+    config: Config,
+    spawner: Spawner,
+    reaper: Reaper,
+    signals: mpsc::Receiver<DaemonSignal>,
+) -> Result<(), DaemonError> {
+    tokio::spawn(reaper.run());
+    let sup = &config.supervisor;
+    let group = match &sup.control_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| DaemonError::NoSuchGroup(name.clone()))?
+                .gid,
+        ),
+        None => None,
+    };
+    let listener = server::bind(&sup.control, sup.control_mode, group)?;
+    let control_path = sup.control.clone();
+    let pidfile = sup.pidfile.clone();
+    if let Some(path) = &pidfile {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+            DaemonError::Pidfile {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    tracing::info!(config = %config.file.display(), control = %control_path.display(), pid = std::process::id(), "zdt started");
+    let (req_tx, req_rx) = mpsc::channel(64);
+    let stop_control = CancellationToken::new();
+    let policy = PeerPolicy {
+        own_uid: nix::unistd::geteuid().as_raw(),
+        group,
+    };
+    let control = tokio::spawn(server::serve(
+        listener,
+        req_tx,
+        policy,
+        stop_control.clone(),
+    ));
+    Supervisor::new(config, spawner).run(req_rx, signals).await;
+    stop_control.cancel();
+    let _ = control.await;
+    let _ = std::fs::remove_file(&control_path);
+    if let Some(path) = &pidfile {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("zdt stopped");
+    Ok(())
+}

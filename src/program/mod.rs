@@ -1,0 +1,596 @@
+//! One actor per program: its instances, generations, and every start, stop
+//! and restart of them.
+//!
+//! The actor owns a [`slot::Slot`] per configured instance. Each slot has at
+//! most one current process (a task in [`crate::instance`]) and is in one
+//! [`InstanceState`]. Orders come in as [`ProgramMsg`]s, each with a `oneshot`
+//! reply that resolves when the order has been carried out or has failed; the
+//! actor keeps pending orders as `Op`s and checks them after every change.
+//! After every change it publishes a [`ProgramSnapshot`] on a `watch` channel,
+//! which `zdtctl status` reads without a round trip to the actor.
+//!
+//! Generations: every start of stopped instances (start, restart, reload)
+//! begins a new generation of the program; a crashed instance restarted by
+//! `autorestart` keeps its generation and counts a restart.
+//!
+//! Backoff: a process that exits before `startsecs` is a failed start; after
+//! the n-th failure in a row the slot waits `min(1s * 2^(n-1), 60s)` in
+//! BACKOFF, and after more than `startretries` failures it is FATAL. A command
+//! that cannot be executed at all is FATAL at once.
+
+mod ops;
+mod slot;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::ProgramConfig;
+use crate::control::proto::Reply;
+use crate::instance::{ProcEvent, ProcEventKind};
+use crate::logs::LogSink;
+use crate::spawn::Spawner;
+use crate::state::{InstanceSnapshot, InstanceState, ProgramSnapshot};
+
+use ops::{Op, OpKind};
+use slot::Slot;
+
+/// Why an order failed, with the worker's last output when it helps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpError {
+    /// What failed.
+    pub message: String,
+    /// The last lines the worker wrote, if the failure is the worker's.
+    pub log_tail: Option<String>,
+}
+
+impl OpError {
+    fn plain(message: String) -> Self {
+        Self {
+            message,
+            log_tail: None,
+        }
+    }
+}
+
+/// The answer to an order: the affected instances as they are now.
+pub type OpResult = Result<Vec<InstanceSnapshot>, OpError>;
+
+/// Orders for a program actor.
+#[derive(Debug)]
+pub enum ProgramMsg {
+    /// Start the stopped instances (`instance` None = all); replies when RUNNING.
+    Start {
+        /// One instance, or all.
+        instance: Option<u32>,
+        /// Resolves when done.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Stop instances; replies when their processes are gone.
+    Stop {
+        /// One instance, or all.
+        instance: Option<u32>,
+        /// Resolves when done.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Restart instances; replies when the new processes run.
+    Restart {
+        /// One instance, or all.
+        instance: Option<u32>,
+        /// Progress lines for the client, if it wants them.
+        progress: Option<mpsc::Sender<Reply>>,
+        /// Resolves when done.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Send a signal to the process groups of running instances.
+    Signal {
+        /// One instance, or all.
+        instance: Option<u32>,
+        /// The signal.
+        signal: Signal,
+        /// Resolves at once.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// The log sink of one instance, for `tail`.
+    Logs {
+        /// Which instance.
+        instance: u32,
+        /// stderr instead of stdout.
+        stderr: bool,
+        /// The sink, or None if there is no such instance.
+        reply: oneshot::Sender<Option<LogSink>>,
+    },
+    /// New settings (from a reload): restart with them if running.
+    Reconfigure {
+        /// The new settings.
+        config: Box<ProgramConfig>,
+        /// Resolves when the program runs with them.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Stop everything, then end the actor.
+    Shutdown {
+        /// Resolves when every process is gone.
+        reply: oneshot::Sender<OpResult>,
+    },
+}
+
+/// Cheap handle to a program actor.
+#[derive(Clone, Debug)]
+pub struct ProgramHandle {
+    /// The program's name.
+    pub name: String,
+    /// To the actor. When every handle is dropped the actor stops its processes
+    /// and ends.
+    tx: mpsc::Sender<ProgramMsg>,
+    /// The latest snapshot, published by the actor after every change.
+    snapshot: watch::Receiver<ProgramSnapshot>,
+}
+
+impl ProgramHandle {
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> ProgramSnapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn watch(&self) -> watch::Receiver<ProgramSnapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Sends an order; false if the actor has ended.
+    pub async fn tx_send(&self, msg: ProgramMsg) -> bool {
+        self.tx.send(msg).await.is_ok()
+    }
+
+    /// Sends an order built around a fresh reply channel and waits for the
+    /// reply; None if the actor has ended.
+    pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> ProgramMsg) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Starts the actor for one program. It starts its instances at once when
+/// `autostart` is set.
+pub fn spawn_program(config: ProgramConfig, spawner: Spawner) -> ProgramHandle {
+    let (tx, rx) = mpsc::channel(64);
+    let name = config.name.clone();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (snapshot_tx, snapshot) = watch::channel(ProgramSnapshot {
+        name: name.clone(),
+        generation: 0,
+        instances: Vec::new(),
+    });
+    let mut actor = Program {
+        slots: Vec::new(),
+        generation: 0,
+        ops: Vec::new(),
+        spawner,
+        events_tx,
+        snapshot: snapshot_tx,
+        config,
+    };
+    actor.resize_slots();
+    actor.publish();
+    tokio::spawn(actor.run(rx, events_rx));
+    ProgramHandle { name, tx, snapshot }
+}
+
+/// A backoff of slot `slot` ended; `epoch` tells stale timers apart.
+#[derive(Debug)]
+struct BackoffDone {
+    slot: usize,
+    epoch: u64,
+}
+
+struct Program {
+    config: ProgramConfig,
+    slots: Vec<Slot>,
+    /// The newest generation started.
+    generation: u64,
+    /// Pending orders, checked after every change.
+    ops: Vec<Op>,
+    spawner: Spawner,
+    /// Process tasks send their events here; the actor holds the receiver.
+    events_tx: mpsc::UnboundedSender<ProcEvent>,
+    /// Snapshot for status readers, who hold receivers.
+    snapshot: watch::Sender<ProgramSnapshot>,
+}
+
+/// Backoff before the next start after `failures` failed starts in a row.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(6);
+    Duration::from_secs(1u64 << exp).min(Duration::from_secs(60))
+}
+
+impl Program {
+    async fn run(
+        mut self,
+        mut orders: mpsc::Receiver<ProgramMsg>,
+        mut events: mpsc::UnboundedReceiver<ProcEvent>,
+    ) {
+        // Backoff timer tasks hold senders; the actor holds the receiver.
+        let (timer_tx, mut timers) = mpsc::unbounded_channel::<BackoffDone>();
+        let mut shutting_down = false;
+        if self.config.autostart {
+            self.start_slots(None);
+        }
+        self.publish();
+        loop {
+            tokio::select! {
+                msg = orders.recv(), if !shutting_down => match msg {
+                    Some(ProgramMsg::Shutdown { reply }) => {
+                        shutting_down = true;
+                        self.fail_pending("zdt is shutting down");
+                        let slots = self.stop_slots(None);
+                        self.ops.push(Op::new(OpKind::Stop, slots, reply, None));
+                    }
+                    Some(msg) => self.handle(msg),
+                    None => {
+                        shutting_down = true;
+                        self.fail_pending("the program was removed");
+                        self.stop_slots(None);
+                    }
+                },
+                Some(ev) = events.recv() => self.on_event(ev, &timer_tx),
+                Some(t) = timers.recv() => self.on_backoff_done(t),
+            }
+            self.check_ops();
+            self.publish();
+            if shutting_down && self.ops.is_empty() && self.slots.iter().all(Slot::is_idle) {
+                break;
+            }
+        }
+        tracing::debug!(program = %self.config.name, "program actor ended");
+    }
+
+    fn handle(&mut self, msg: ProgramMsg) {
+        match msg {
+            ProgramMsg::Start { instance, reply } => match self.select(instance) {
+                Ok(slots) => {
+                    self.supersede(&slots, "start");
+                    let slots = self.start_slots(instance);
+                    self.ops.push(Op::new(OpKind::Start, slots, reply, None));
+                }
+                Err(e) => drop(reply.send(Err(e))),
+            },
+            ProgramMsg::Stop { instance, reply } => match self.select(instance) {
+                Ok(slots) => {
+                    self.supersede(&slots, "stop");
+                    let slots = self.stop_slots(instance);
+                    self.ops.push(Op::new(OpKind::Stop, slots, reply, None));
+                }
+                Err(e) => drop(reply.send(Err(e))),
+            },
+            ProgramMsg::Restart {
+                instance,
+                progress,
+                reply,
+            } => self.begin_restart(instance, None, progress, reply),
+            ProgramMsg::Reconfigure { config, reply } => {
+                self.begin_restart(None, Some(config), None, reply)
+            }
+            ProgramMsg::Signal {
+                instance,
+                signal,
+                reply,
+            } => {
+                let result = self.select(instance).map(|slots| {
+                    for &i in &slots {
+                        self.slots[i].signal(signal);
+                    }
+                    self.snapshots_of(&slots)
+                });
+                let _ = reply.send(result);
+            }
+            ProgramMsg::Logs {
+                instance,
+                stderr,
+                reply,
+            } => {
+                let sink = self.slots.get(instance as usize).map(|s| s.sink(stderr));
+                let _ = reply.send(sink);
+            }
+            ProgramMsg::Shutdown { reply } => {
+                // Handled in run(); kept total for the compiler.
+                let _ = reply.send(Err(OpError::plain("already shutting down".into())));
+            }
+        }
+    }
+
+    /// A newer order wins: pending orders on the same slots fail with a reason.
+    fn supersede(&mut self, slots: &[usize], verb: &str) {
+        let (gone, kept): (Vec<Op>, Vec<Op>) =
+            self.ops.drain(..).partition(|op| op.overlaps(slots));
+        self.ops = kept;
+        for op in gone {
+            op.finish(Err(OpError::plain(format!(
+                "{}: interrupted by a later {verb}",
+                self.config.name
+            ))));
+        }
+    }
+
+    /// Fails every pending order (their clients get the reason).
+    fn fail_pending(&mut self, why: &str) {
+        for op in self.ops.drain(..) {
+            op.finish(Err(OpError::plain(why.to_string())));
+        }
+    }
+
+    /// The slots an order names, or an error listing the valid instances.
+    fn select(&self, instance: Option<u32>) -> Result<Vec<usize>, OpError> {
+        match instance {
+            None => Ok((0..self.slots.len()).collect()),
+            Some(i) if (i as usize) < self.slots.len() => Ok(vec![i as usize]),
+            Some(i) => Err(OpError::plain(format!(
+                "{} has no instance {i} (instances: 0 to {})",
+                self.config.name,
+                self.slots.len().saturating_sub(1)
+            ))),
+        }
+    }
+
+    fn begin_restart(
+        &mut self,
+        instance: Option<u32>,
+        new_config: Option<Box<ProgramConfig>>,
+        progress: Option<mpsc::Sender<Reply>>,
+        reply: oneshot::Sender<OpResult>,
+    ) {
+        if self
+            .ops
+            .iter()
+            .any(|op| matches!(op.kind, OpKind::Restart { .. }))
+        {
+            let _ = reply.send(Err(OpError::plain(format!(
+                "a restart of {} is already in progress; try again when it has finished",
+                self.config.name
+            ))));
+            return;
+        }
+        match self.select(instance) {
+            Ok(slots) => self.supersede(&slots, "restart"),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
+        // A reload of a program that is not running only swaps the settings.
+        if new_config.is_some() && !self.slots.iter().any(Slot::wants_running) {
+            if let Some(cfg) = new_config {
+                self.config = *cfg;
+            }
+            self.resize_slots();
+            let slots = if self.config.autostart {
+                self.start_slots(None)
+            } else {
+                Vec::new()
+            };
+            self.ops
+                .push(Op::new(OpKind::Start, slots, reply, progress));
+            return;
+        }
+        let scope = if new_config.is_some() { None } else { instance };
+        let slots = self.stop_slots(scope);
+        let op = Op::new(
+            OpKind::Restart {
+                starting: false,
+                new_config,
+                instance: scope,
+            },
+            slots,
+            reply,
+            progress,
+        );
+        op.progress(format!(
+            "{}: stopping gen {}",
+            self.config.name, self.generation
+        ));
+        self.ops.push(op);
+    }
+
+    fn resize_slots(&mut self) {
+        let want = self.config.instances as usize;
+        // Only idle slots are ever removed: a reconfigure stops all first.
+        self.slots.truncate(want);
+        for slot in &mut self.slots {
+            slot.reconfigure(&self.config);
+        }
+        while self.slots.len() < want {
+            let index = self.slots.len();
+            self.slots.push(Slot::new(&self.config, index));
+        }
+    }
+
+    /// Starts the named slots that are not running, in a new generation;
+    /// returns the slots selected.
+    fn start_slots(&mut self, instance: Option<u32>) -> Vec<usize> {
+        let selected = self.select(instance).unwrap_or_default();
+        if selected.iter().any(|&i| !self.slots[i].wants_running()) {
+            self.generation += 1;
+        }
+        for &i in &selected {
+            if !self.slots[i].wants_running() {
+                self.slots[i].start(
+                    &self.config,
+                    self.generation,
+                    &self.spawner,
+                    &self.events_tx,
+                );
+            }
+        }
+        selected
+    }
+
+    fn stop_slots(&mut self, instance: Option<u32>) -> Vec<usize> {
+        let selected = self.select(instance).unwrap_or_default();
+        for &i in &selected {
+            self.slots[i].stop(&self.config);
+        }
+        selected
+    }
+
+    fn on_event(&mut self, ev: ProcEvent, timers: &mpsc::UnboundedSender<BackoffDone>) {
+        let Some(slot) = self.slots.get_mut(ev.slot) else {
+            return;
+        };
+        if !slot.owns(ev.gen) {
+            return;
+        }
+        match ev.kind {
+            ProcEventKind::Spawned { pid } => slot.on_spawned(pid),
+            ProcEventKind::SpawnFailed(err) => {
+                tracing::error!(program = %self.config.name, instance = ev.slot, cause = %err, "cannot start; FATAL");
+                slot.on_spawn_failed(err);
+            }
+            ProcEventKind::Up => slot.on_up(&self.config.name),
+            ProcEventKind::Exited { status, killed } => {
+                match slot.on_exited(&self.config, status, killed) {
+                    slot::AfterExit::Backoff(delay) => {
+                        let epoch = slot.backoff_epoch();
+                        let timers = timers.clone();
+                        let index = ev.slot;
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = timers.send(BackoffDone { slot: index, epoch });
+                        });
+                    }
+                    slot::AfterExit::Restart => {
+                        slot.respawn(&self.config, &self.spawner, &self.events_tx)
+                    }
+                    slot::AfterExit::Nothing => {}
+                }
+            }
+        }
+    }
+
+    fn on_backoff_done(&mut self, t: BackoffDone) {
+        if let Some(s) = self.slots.get_mut(t.slot) {
+            if s.state() == InstanceState::Backoff && s.backoff_epoch() == t.epoch {
+                s.respawn(&self.config, &self.spawner, &self.events_tx);
+            }
+        }
+    }
+
+    fn check_ops(&mut self) {
+        let mut i = 0;
+        while i < self.ops.len() {
+            let states: Vec<(InstanceState, bool)> = self.ops[i]
+                .slots
+                .iter()
+                .filter_map(|&s| self.slots.get(s).map(|s| (s.state(), s.is_idle())))
+                .collect();
+            let stopped_for_restart = matches!(
+                self.ops[i].kind,
+                OpKind::Restart {
+                    starting: false,
+                    ..
+                }
+            ) && states.iter().all(|&(_, idle)| idle);
+            if stopped_for_restart {
+                self.restart_phase_two(i);
+                i += 1;
+                continue;
+            }
+            match ops::verdict(&self.ops[i].kind, &states) {
+                None => i += 1,
+                Some(ok) => {
+                    let op = self.ops.remove(i);
+                    let result = if ok {
+                        Ok(self.snapshots_of(&op.slots))
+                    } else {
+                        Err(self.failure_of(&op.slots))
+                    };
+                    op.finish(result);
+                }
+            }
+        }
+    }
+
+    /// Every process of a restart is gone: apply new settings, start again.
+    fn restart_phase_two(&mut self, index: usize) {
+        let (new_config, instance) = match &mut self.ops[index].kind {
+            OpKind::Restart {
+                starting,
+                new_config,
+                instance,
+            } => {
+                *starting = true;
+                (new_config.take(), *instance)
+            }
+            _ => return,
+        };
+        if let Some(cfg) = new_config {
+            self.config = *cfg;
+            self.resize_slots();
+        }
+        let slots = self.start_slots(instance);
+        let msg = format!("{}: starting gen {}", self.config.name, self.generation);
+        let op = &mut self.ops[index];
+        op.slots = slots;
+        op.progress(msg);
+    }
+
+    fn failure_of(&self, slots: &[usize]) -> OpError {
+        let bad = slots
+            .iter()
+            .filter_map(|&i| self.slots.get(i))
+            .find(|s| s.state() != InstanceState::Running);
+        match bad {
+            Some(s) => OpError {
+                message: format!(
+                    "{}:{} is {}{}",
+                    self.config.name,
+                    s.index(),
+                    s.state(),
+                    s.reason().map(|r| format!(" ({r})")).unwrap_or_default()
+                ),
+                log_tail: Some(s.log_tail(20)),
+            },
+            None => OpError::plain(format!(
+                "{} did not reach the requested state",
+                self.config.name
+            )),
+        }
+    }
+
+    fn snapshots_of(&self, slots: &[usize]) -> Vec<InstanceSnapshot> {
+        slots
+            .iter()
+            .filter_map(|&i| self.slots.get(i))
+            .map(|s| s.snapshot(&self.config.name))
+            .collect()
+    }
+
+    fn publish(&self) {
+        let new = ProgramSnapshot {
+            name: self.config.name.clone(),
+            generation: self.generation,
+            instances: self
+                .slots
+                .iter()
+                .map(|s| s.snapshot(&self.config.name))
+                .collect(),
+        };
+        self.snapshot.send_if_modified(|snap| {
+            let changed = *snap != new;
+            *snap = new;
+            changed
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let secs: Vec<u64> = (1..=9).map(|n| backoff_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff_delay(0), Duration::from_secs(1));
+    }
+}

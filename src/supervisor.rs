@@ -1,0 +1,579 @@
+//! The root actor: owns the program actors and the configuration, answers
+//! control requests, applies reloads and runs the shutdown order.
+//!
+//! Requests that take time (start, stop, restart, tail -f, reload) are carried
+//! out in a task of their own that talks to the program actors, so the
+//! supervisor loop never waits on a program: `status` is answered at once from
+//! the programs' published snapshots even while a restart runs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{self, Config, ProgramConfig};
+use crate::control::proto::{ErrorBody, Outcome, PidEntry, Reply};
+use crate::control::{proto::Command, ControlRequest};
+use crate::program::{spawn_program, OpError, OpResult, ProgramHandle, ProgramMsg};
+use crate::spawn::Spawner;
+use crate::target::{self, Resolved};
+
+/// What the supervisor loop reacts to besides control requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonSignal {
+    /// SIGTERM/SIGINT: stop everything gracefully and exit (a second one: exit now).
+    Shutdown,
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+struct Entry {
+    handle: ProgramHandle,
+    config: ProgramConfig,
+}
+
+/// The root actor's state.
+pub struct Supervisor {
+    config: Config,
+    programs: BTreeMap<String, Entry>,
+    spawner: Spawner,
+}
+
+fn op_error(e: OpError) -> ErrorBody {
+    let body = ErrorBody::new("failed", e.message);
+    match e.log_tail {
+        Some(t) if !t.is_empty() => body.with_hint(format!("last output of the worker:\n{t}")),
+        _ => body,
+    }
+}
+
+async fn send(replies: &mpsc::Sender<Reply>, reply: Reply) {
+    // The client may be gone; the request was carried out anyway.
+    let _ = replies.send(reply).await;
+}
+
+fn ok(result: Outcome) -> Reply {
+    Reply::Ok { result }
+}
+
+fn err(body: ErrorBody) -> Reply {
+    Reply::Error { error: body }
+}
+
+/// Verb of an order that acts on instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verb {
+    Start,
+    Stop,
+    Restart,
+}
+
+impl Supervisor {
+    /// A supervisor for `config`; programs start with [`Supervisor::run`].
+    pub fn new(config: Config, spawner: Spawner) -> Self {
+        Self {
+            config,
+            programs: BTreeMap::new(),
+            spawner,
+        }
+    }
+
+    fn add_program(&mut self, cfg: ProgramConfig) {
+        let handle = spawn_program(cfg.clone(), self.spawner.clone());
+        self.programs.insert(
+            cfg.name.clone(),
+            Entry {
+                handle,
+                config: cfg,
+            },
+        );
+    }
+
+    /// Runs until shutdown: starts the programs (lowest priority first), then
+    /// serves control requests and signals; stops everything (highest priority
+    /// first) before it returns.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<ControlRequest>,
+        mut signals: mpsc::Receiver<DaemonSignal>,
+    ) {
+        let mut order: Vec<ProgramConfig> = self.config.programs.values().cloned().collect();
+        order.sort_by_key(|p| (p.priority, p.name.clone()));
+        for cfg in order {
+            self.add_program(cfg);
+        }
+        // Set when a shutdown was asked for through the control socket.
+        let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
+        loop {
+            tokio::select! {
+                Some(req) = requests.recv() => self.on_request(req, &shutdown_tx),
+                sig = signals.recv() => match sig {
+                    Some(DaemonSignal::Reload) => {
+                        let (tx, mut rx) = mpsc::channel(8);
+                        self.reload(tx);
+                        tokio::spawn(async move {
+                            while let Some(r) = rx.recv().await {
+                                if let Reply::Error { error } = r {
+                                    tracing::error!("reload rejected: {}", error.message);
+                                }
+                            }
+                        });
+                    }
+                    Some(DaemonSignal::Shutdown) | None => break,
+                },
+                Some(()) = shutdown_rx.recv() => break,
+            }
+        }
+        tracing::info!("stopping all programs");
+        let stopping = self.shutdown_all();
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                () = &mut stopping => break,
+                sig = signals.recv() => if sig == Some(DaemonSignal::Shutdown) {
+                    tracing::warn!("second stop signal: exiting now; workers are killed with zdt");
+                    return;
+                },
+                Some(req) = requests.recv() => {
+                    let _ = req.replies.send(err(ErrorBody::new("failed", "zdt is shutting down"))).await;
+                }
+            }
+        }
+        tracing::info!("all programs stopped");
+    }
+
+    /// Stops every program, highest priority first, each priority level
+    /// waiting for the one before it.
+    fn shutdown_all(&mut self) -> impl std::future::Future<Output = ()> {
+        let mut levels: BTreeMap<i32, Vec<ProgramHandle>> = BTreeMap::new();
+        for e in self.programs.values() {
+            levels
+                .entry(e.config.priority)
+                .or_default()
+                .push(e.handle.clone());
+        }
+        async move {
+            for (_, handles) in levels.into_iter().rev() {
+                let waits: Vec<_> = handles
+                    .iter()
+                    .map(|h| h.call(|reply| ProgramMsg::Shutdown { reply }))
+                    .collect();
+                futures_util::future::join_all(waits).await;
+            }
+        }
+    }
+
+    fn resolve(&self, target: &str) -> Result<Vec<Resolved>, ErrorBody> {
+        target::resolve(target, &self.programs).map_err(|e| {
+            ErrorBody::new("unknown_program", e.message)
+                .with_hint("`zdtctl status` lists the programs")
+        })
+    }
+
+    fn on_request(&mut self, req: ControlRequest, shutdown: &mpsc::Sender<()>) {
+        let replies = req.replies;
+        let reply_now = |r: Reply| {
+            let replies = replies.clone();
+            tokio::spawn(async move { send(&replies, r).await });
+        };
+        match req.command {
+            Command::Status { target } => {
+                let resolved = match target.as_deref() {
+                    None => Ok(self.resolve("all").unwrap_or_default()),
+                    Some(t) => self.resolve(t),
+                };
+                reply_now(match resolved {
+                    Ok(list) => ok(Outcome::Status {
+                        programs: list
+                            .iter()
+                            .filter_map(|r| self.programs.get(&r.program))
+                            .map(|e| e.handle.snapshot())
+                            .collect(),
+                    }),
+                    Err(e) => err(e),
+                });
+            }
+            Command::Pid { target } => reply_now(match self.resolve(&target) {
+                Ok(list) => ok(Outcome::Pids {
+                    pids: self.pids(&list),
+                }),
+                Err(e) => err(e),
+            }),
+            Command::Version => reply_now(ok(Outcome::Version {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+            })),
+            Command::Shutdown => {
+                reply_now(ok(Outcome::ShuttingDown));
+                let _ = shutdown.try_send(());
+            }
+            Command::Reload => self.reload(replies),
+            Command::Start { target } => self.act(Verb::Start, &target, false, replies),
+            Command::Stop { target } => self.act(Verb::Stop, &target, false, replies),
+            Command::Restart { target, no_wait } => {
+                self.act(Verb::Restart, &target, no_wait, replies)
+            }
+            Command::Signal { target, signal } => {
+                let sig = match config::parse_signal(&signal) {
+                    Ok(s) => s,
+                    Err(e) => return reply_now(err(ErrorBody::new("bad_request", e))),
+                };
+                match self.resolve(&target) {
+                    Ok(list) => {
+                        let calls = self.calls(&list, move |instance, reply| ProgramMsg::Signal {
+                            instance,
+                            signal: sig,
+                            reply,
+                        });
+                        tokio::spawn(finish_calls(
+                            calls,
+                            format!(
+                                "sent SIG{} to {target}",
+                                sig.as_str().trim_start_matches("SIG")
+                            ),
+                            replies,
+                        ));
+                    }
+                    Err(e) => reply_now(err(e)),
+                }
+            }
+            Command::Tail {
+                target,
+                stderr,
+                follow,
+                bytes,
+            } => match self.resolve(&target) {
+                Ok(list) if list.len() == 1 => {
+                    let r = &list[0];
+                    if let Some(e) = self.programs.get(&r.program) {
+                        tokio::spawn(tail(
+                            e.handle.clone(),
+                            r.instance.unwrap_or(0),
+                            stderr,
+                            follow,
+                            bytes.unwrap_or(1600),
+                            replies,
+                        ));
+                    }
+                }
+                Ok(list) => reply_now(err(ErrorBody::new(
+                    "bad_request",
+                    format!(
+                        "tail needs one program, {target:?} matches {}",
+                        list.iter()
+                            .map(|r| r.program.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ))),
+                Err(e) => reply_now(err(e)),
+            },
+        }
+    }
+
+    fn pids(&self, list: &[Resolved]) -> Vec<PidEntry> {
+        list.iter()
+            .filter_map(|r| {
+                self.programs
+                    .get(&r.program)
+                    .map(|e| (r, e.handle.snapshot()))
+            })
+            .flat_map(|(r, snap)| {
+                snap.instances
+                    .into_iter()
+                    .filter(move |i| r.instance.is_none_or(|n| n == i.instance))
+            })
+            .filter_map(|i| {
+                i.pid.map(|pid| PidEntry {
+                    program: i.program,
+                    instance: i.instance,
+                    generation: i.generation,
+                    pid,
+                })
+            })
+            .collect()
+    }
+
+    /// One call per resolved target, with the program's priority.
+    fn calls<F>(&self, list: &[Resolved], make: F) -> Vec<(i32, Call)>
+    where
+        F: Fn(Option<u32>, oneshot::Sender<OpResult>) -> ProgramMsg + Clone + Send + 'static,
+    {
+        list.iter()
+            .filter_map(|r| self.programs.get(&r.program))
+            .zip(list.iter())
+            .map(|(e, r)| {
+                let make = make.clone();
+                let instance = r.instance;
+                (
+                    e.config.priority,
+                    Call {
+                        handle: e.handle.clone(),
+                        make: Box::new(move |reply| make(instance, reply)),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn act(&mut self, verb: Verb, target: &str, no_wait: bool, replies: mpsc::Sender<Reply>) {
+        let list = match self.resolve(target) {
+            Ok(l) => l,
+            Err(e) => {
+                tokio::spawn(async move { send(&replies, err(e)).await });
+                return;
+            }
+        };
+        let progress = (!no_wait).then(|| replies.clone());
+        let mut calls = self.calls(&list, move |instance, reply| match verb {
+            Verb::Start => ProgramMsg::Start { instance, reply },
+            Verb::Stop => ProgramMsg::Stop { instance, reply },
+            Verb::Restart => ProgramMsg::Restart {
+                instance,
+                progress: progress.clone(),
+                reply,
+            },
+        });
+        // Start in priority order; stop in reverse.
+        calls.sort_by_key(|(p, _)| *p);
+        if verb == Verb::Stop {
+            calls.reverse();
+        }
+        let past = match verb {
+            Verb::Start => "started",
+            Verb::Stop => "stopped",
+            Verb::Restart => "restarted",
+        };
+        let message = format!("{past} {target}");
+        let target = target.to_string();
+        if no_wait {
+            tokio::spawn(run_levels(calls));
+            tokio::spawn(async move {
+                send(
+                    &replies,
+                    ok(Outcome::Done {
+                        message: format!("{target}: {verb:?} requested (not waiting)")
+                            .to_lowercase(),
+                        instances: Vec::new(),
+                    }),
+                )
+                .await
+            });
+        } else {
+            tokio::spawn(async move {
+                let results = run_levels(calls).await;
+                send(&replies, collect(results, message)).await;
+            });
+        }
+    }
+
+    /// Reads the config file again and applies the difference, or rejects the
+    /// whole file and changes nothing.
+    fn reload(&mut self, replies: mpsc::Sender<Reply>) {
+        let path: PathBuf = self.config.file.clone();
+        let new = match config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                let body = ErrorBody::new("config", e.to_string()).with_hint(format!(
+                    "nothing was changed; fix the file and reload again\n{}",
+                    e.render()
+                ));
+                tokio::spawn(async move { send(&replies, err(body)).await });
+                return;
+            }
+        };
+        if new.supervisor != self.config.supervisor {
+            tracing::warn!("[supervisor] settings changed; they take effect when zdt restarts");
+        }
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        let mut changed = Vec::new();
+        let mut unchanged = Vec::new();
+        let mut waits: Vec<(String, oneshot::Receiver<OpResult>)> = Vec::new();
+        let old_names: Vec<String> = self.programs.keys().cloned().collect();
+        for name in old_names {
+            if !new.programs.contains_key(&name) {
+                if let Some(e) = self.programs.remove(&name) {
+                    let (tx, rx) = oneshot::channel();
+                    let h = e.handle.clone();
+                    tokio::spawn(async move {
+                        let _ = h.tx_send(ProgramMsg::Shutdown { reply: tx }).await;
+                    });
+                    waits.push((name.clone(), rx));
+                }
+                removed.push(name);
+            }
+        }
+        let mut order: Vec<&ProgramConfig> = new.programs.values().collect();
+        order.sort_by_key(|p| (p.priority, p.name.clone()));
+        for cfg in order {
+            match self.programs.get_mut(&cfg.name) {
+                None => {
+                    self.add_program(cfg.clone());
+                    added.push(cfg.name.clone());
+                }
+                Some(e) if e.config != *cfg => {
+                    e.config = cfg.clone();
+                    let (tx, rx) = oneshot::channel();
+                    let h = e.handle.clone();
+                    let boxed = Box::new(cfg.clone());
+                    tokio::spawn(async move {
+                        let _ = h
+                            .tx_send(ProgramMsg::Reconfigure {
+                                config: boxed,
+                                reply: tx,
+                            })
+                            .await;
+                    });
+                    waits.push((cfg.name.clone(), rx));
+                    changed.push(cfg.name.clone());
+                }
+                Some(_) => unchanged.push(cfg.name.clone()),
+            }
+        }
+        self.config = new;
+        tracing::info!(?added, ?removed, ?changed, "configuration reloaded");
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for (name, rx) in waits {
+                match rx.await {
+                    Ok(Err(e)) => failures.push(format!("{name}: {}", e.message)),
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+            }
+            let reply = if failures.is_empty() {
+                ok(Outcome::Reloaded {
+                    added,
+                    removed,
+                    changed,
+                    unchanged,
+                })
+            } else {
+                err(ErrorBody::new(
+                    "failed",
+                    format!("reloaded, but: {}", failures.join("; ")),
+                ))
+            };
+            send(&replies, reply).await;
+        });
+    }
+}
+
+/// One order for one program, waiting to be sent.
+struct Call {
+    handle: ProgramHandle,
+    make: Box<dyn FnOnce(oneshot::Sender<OpResult>) -> ProgramMsg + Send>,
+}
+
+/// Sends calls level by level (same priority together, in the given order of
+/// levels), waiting for each level to finish before the next.
+async fn run_levels(calls: Vec<(i32, Call)>) -> Vec<(String, Option<OpResult>)> {
+    let mut results = Vec::new();
+    let mut iter = calls.into_iter().peekable();
+    while let Some((prio, first)) = iter.next() {
+        let mut level = vec![first];
+        while let Some((_, c)) = iter.next_if(|(p, _)| *p == prio) {
+            level.push(c);
+        }
+        let futs = level.into_iter().map(|c| async move {
+            let name = c.handle.name.clone();
+            (name, c.handle.call(c.make).await)
+        });
+        results.extend(futures_util::future::join_all(futs).await);
+    }
+    results
+}
+
+async fn finish_calls(calls: Vec<(i32, Call)>, message: String, replies: mpsc::Sender<Reply>) {
+    let results = run_levels(calls).await;
+    send(&replies, collect(results, message)).await;
+}
+
+fn collect(results: Vec<(String, Option<OpResult>)>, message: String) -> Reply {
+    let mut instances = Vec::new();
+    let mut errors = Vec::new();
+    for (name, r) in results {
+        match r {
+            Some(Ok(mut snaps)) => instances.append(&mut snaps),
+            Some(Err(e)) => errors.push(e),
+            None => errors.push(OpError {
+                message: format!("{name}: the program was removed while the order ran"),
+                log_tail: None,
+            }),
+        }
+    }
+    match errors.len() {
+        0 => ok(Outcome::Done { message, instances }),
+        1 => err(op_error(errors.remove(0))),
+        _ => {
+            let tails: Vec<String> = errors.iter().filter_map(|e| e.log_tail.clone()).collect();
+            let body = ErrorBody::new(
+                "failed",
+                errors
+                    .iter()
+                    .map(|e| e.message.clone())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
+            err(if tails.is_empty() {
+                body
+            } else {
+                body.with_hint(tails.join("\n"))
+            })
+        }
+    }
+}
+
+async fn tail(
+    handle: ProgramHandle,
+    instance: u32,
+    stderr: bool,
+    follow: bool,
+    bytes: usize,
+    replies: mpsc::Sender<Reply>,
+) {
+    let sink = handle
+        .call(|reply| ProgramMsg::Logs {
+            instance,
+            stderr,
+            reply,
+        })
+        .await
+        .flatten();
+    let Some(sink) = sink else {
+        let msg = format!("{} has no instance {instance}", handle.name);
+        return send(&replies, err(ErrorBody::new("unknown_program", msg))).await;
+    };
+    // Subscribe before reading the history, so nothing falls in between.
+    let mut live = sink.subscribe();
+    let history = String::from_utf8_lossy(&sink.tail(bytes)).into_owned();
+    if !follow {
+        return send(&replies, ok(Outcome::Tail { data: history })).await;
+    }
+    if !history.is_empty() && replies.send(Reply::Log { data: history }).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = replies.closed() => return,
+            chunk = live.recv() => match chunk {
+                Ok(b) => {
+                    let data = String::from_utf8_lossy(&b).into_owned();
+                    if replies.send(Reply::Log { data }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let data = format!("\n[zdt: {n} chunks skipped, the reader was too slow]\n");
+                    if replies.send(Reply::Log { data }).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    let msg = format!("{} was removed", handle.name);
+                    return send(&replies, ok(Outcome::Tail { data: msg })).await;
+                }
+            }
+        }
+    }
+}

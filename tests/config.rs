@@ -1,0 +1,93 @@
+//! `zdt check` and startup on bad configuration files: the error names the
+//! file, line and column, and nothing starts.
+
+use std::process::Command;
+
+use crate::util::*;
+
+fn check(body: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("supervisor.toml");
+    std::fs::write(&path, body).expect("write");
+    let out = Command::new(bin("zdt"))
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("zdt check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path.display().to_string(),
+    )
+}
+
+#[test]
+fn bad_configs_are_rejected_with_line_and_column() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[program.web]\ncommand = [\"x\"]\ncomand = 1\n",
+            ":3:1:",
+            "comand",
+        ),
+        ("[program.web]\ncommand = []\n", ":2:11:", "empty"),
+        (
+            "[program.web]\ncommand = [\"x\"]\nstop_signal = \"TREM\"\n",
+            ":3:15:",
+            "TREM",
+        ),
+        (
+            "[program.web]\ncommand = [\"x\"]\nmax_wait = \"10 parsecs\"\n",
+            ":3:12:",
+            "parsecs",
+        ),
+        (
+            "[program.web]\ncommand = [\"x\"]\ninstances = \"two\"\n",
+            ":3:13:",
+            "",
+        ),
+        ("[supervisor]\ncontroll = \"x\"\n", ":2:1:", "controll"),
+        (
+            "[program.web]\ncommand = \"node 'app.js\"\n",
+            ":2:11:",
+            "quote",
+        ),
+        (
+            "[program.web]\ncommand = [\"x\"]\nautorestart = \"sometimes\"\n",
+            ":3:15:",
+            "unexpected",
+        ),
+    ];
+    for (body, pos, word) in cases {
+        let (code, err, path) = check(body);
+        assert_eq!(code, 2, "{body:?} was accepted: {err}");
+        assert!(
+            err.contains(&format!("{path}{pos}")),
+            "{body:?}: want {pos} in {err:?}"
+        );
+        assert!(err.contains(word), "{body:?}: want {word:?} in {err:?}");
+    }
+}
+
+#[test]
+fn a_good_config_passes_check() {
+    let (code, err, _) = check(&(header() + &demo_program("web", &[], "")));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn zdt_refuses_to_start_on_a_bad_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("supervisor.toml");
+    std::fs::write(&path, "[program.web]\ncommand = [\"x\"]\nnumprocs = 0\n").expect("write");
+    let out = Command::new(bin("zdt"))
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("zdt");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(":3:"),
+        "{out:?}"
+    );
+}
