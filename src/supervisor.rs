@@ -436,9 +436,8 @@ impl Supervisor {
         tokio::spawn(async move {
             let mut failures = Vec::new();
             for (name, rx) in waits {
-                match rx.await {
-                    Ok(Err(e)) => failures.push(format!("{name}: {}", e.message)),
-                    Ok(Ok(_)) | Err(_) => {}
+                if let Ok(Err(e)) = rx.await {
+                    failures.push(format!("{name}: {}", e.message));
                 }
             }
             let reply = if failures.is_empty() {

@@ -1,1 +1,413 @@
-fn main() {}
+//! `zdt-demo`: a small HTTP/1.1 worker for the demo config and the tests.
+//!
+//! Listens on an inherited socket (fd 3 with LISTEN_FDS/LISTEN_PID, the systemd
+//! protocol), else on `--port`/`$PORT` at `--host` (127.0.0.1). Sends `READY=1`
+//! to `$NOTIFY_SOCKET` once listening (unless `--never-ready`).
+//!
+//! Endpoints: `GET /` (and any other path) answers JSON
+//! `{"pid","generation","instance","path","received"}`; `?sleep=MS` delays the
+//! answer; `?bytes=N` answers N bytes, streamed; `GET /health` answers "ok";
+//! `GET /log?n=N&stream=stdout|stderr` writes N lines to that stream.
+//!
+//! On SIGTERM/SIGINT it drains lazily (the keep-alive race, PITFALLS item 5):
+//! it stops accepting, answers every further request with `Connection: close`,
+//! closes a connection only after it has been idle for `--drain-grace`, and
+//! exits 0 when no connection is left.
+//!
+//! Flags for tests: `--ignore-term`, `--never-ready`, `--crash-after MS`
+//! (exit 3), `--exit-after MS` with `--exit-code N` (0 ms = before listening),
+//! `--start-delay MS`, `--stderr-line TEXT`.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+#[derive(Parser, Clone)]
+#[command(name = "zdt-demo", about = "Demo HTTP worker for zdt")]
+struct Opts {
+    /// Port to listen on when no socket is inherited (default: $PORT).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on with --port.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Ignore SIGTERM entirely.
+    #[arg(long)]
+    ignore_term: bool,
+    /// Never send READY=1.
+    #[arg(long)]
+    never_ready: bool,
+    /// Exit with code 3 after this many milliseconds.
+    #[arg(long)]
+    crash_after: Option<u64>,
+    /// Exit with --exit-code after this many milliseconds (0: before listening).
+    #[arg(long)]
+    exit_after: Option<u64>,
+    /// Exit code for --exit-after.
+    #[arg(long, default_value_t = 0)]
+    exit_code: i32,
+    /// Sleep this long before listening.
+    #[arg(long, default_value_t = 0)]
+    start_delay: u64,
+    /// Print this line to stderr at start.
+    #[arg(long)]
+    stderr_line: Option<String>,
+    /// After the stop signal, close a connection once idle this long (ms).
+    #[arg(long, default_value_t = 500)]
+    drain_grace: u64,
+}
+
+/// Shared by all connections.
+struct Shared {
+    pid: u32,
+    generation: String,
+    instance: String,
+    draining: AtomicBool,
+    started: Instant,
+}
+
+/// Per connection: requests in flight and when the last one ended (ms since start).
+#[derive(Default)]
+struct ConnState {
+    inflight: AtomicUsize,
+    last_active_ms: AtomicU64,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).boxed()
+}
+
+async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let sleep = query(&req, "sleep");
+    let bytes = query(&req, "bytes");
+    let lines = query(&req, "n");
+    let to_stderr = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.contains("stream=stderr"));
+    let mut received = 0u64;
+    let mut body = req.into_body();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            received += d.len() as u64;
+        }
+    }
+    if let Some(ms) = sleep {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let body = match path.as_str() {
+        "/health" => full("ok\n"),
+        "/log" => {
+            let n = lines.unwrap_or(1);
+            let text: String = (0..n)
+                .map(|i| format!("log line {i} from pid {} {}\n", shared.pid, "-".repeat(60)))
+                .collect();
+            if to_stderr {
+                let _ = std::io::stderr().write_all(text.as_bytes());
+            } else {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+            full(format!("wrote {n} lines\n"))
+        }
+        _ => match bytes {
+            Some(n) => {
+                let chunks = futures_util::stream::unfold(n, |left| async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    let len = left.min(64 * 1024);
+                    let frame: Result<Frame<Bytes>, Infallible> =
+                        Ok(Frame::data(Bytes::from(vec![b'x'; len as usize])));
+                    Some((frame, left - len))
+                });
+                StreamBody::new(chunks).boxed()
+            }
+            None => full(
+                serde_json::json!({
+                    "pid": shared.pid,
+                    "generation": shared.generation.parse::<u64>().unwrap_or(0),
+                    "instance": shared.instance.parse::<u64>().unwrap_or(0),
+                    "path": path,
+                    "received": received,
+                })
+                .to_string(),
+            ),
+        },
+    };
+    let mut resp = Response::new(body);
+    if shared.draining.load(Ordering::SeqCst) {
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    resp
+}
+
+/// Serves one connection; after the stop signal, closes it once idle for `grace`.
+async fn serve<I>(io: I, shared: Arc<Shared>, grace: Duration, _alive: mpsc::Sender<()>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(ConnState::default());
+    let since = |s: &Shared| s.started.elapsed().as_millis() as u64;
+    state.last_active_ms.store(since(&shared), Ordering::SeqCst);
+    let svc = {
+        let (shared, state) = (shared.clone(), state.clone());
+        hyper::service::service_fn(move |req| {
+            let (shared, state) = (shared.clone(), state.clone());
+            state.inflight.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let resp = handle(req, shared.clone()).await;
+                state.last_active_ms.store(since(&shared), Ordering::SeqCst);
+                state.inflight.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = tokio::time::sleep(Duration::from_millis(50)), if !closing => {
+                let idle_ms = since(&shared).saturating_sub(state.last_active_ms.load(Ordering::SeqCst));
+                if shared.draining.load(Ordering::SeqCst)
+                    && state.inflight.load(Ordering::SeqCst) == 0
+                    && idle_ms >= grace.as_millis() as u64
+                {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+fn inherited_listener() -> Result<Option<Listener>, String> {
+    use std::os::fd::FromRawFd;
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let n: u32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    if !pid_ok || n == 0 {
+        return Ok(None);
+    }
+    let fd = 3;
+    let accepting: bool = nix::sys::socket::getsockopt(
+        &unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::sys::socket::sockopt::AcceptConn,
+    )
+    .map_err(|e| format!("fd 3 is not a socket: {e}"))?;
+    if !accepting {
+        return Err("fd 3 is not a listening socket".into());
+    }
+    let _ = nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
+    let addr: nix::sys::socket::SockaddrStorage =
+        nix::sys::socket::getsockname(fd).map_err(|e| format!("getsockname(3): {e}"))?;
+    // SAFETY: fd 3 was handed to us by the LISTEN_FDS protocol, checked to be a
+    // listening socket above, and is taken exactly once.
+    if addr.as_unix_addr().is_some() {
+        let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        Ok(Some(Listener::Unix(
+            tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?,
+        )))
+    } else {
+        let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        Ok(Some(Listener::Tcp(
+            tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?,
+        )))
+    }
+}
+
+fn notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        eprintln!("zdt-demo: cannot notify {path:?}: {e}");
+    }
+}
+
+async fn run(opts: Opts) -> Result<(), String> {
+    let shared = Arc::new(Shared {
+        pid: std::process::id(),
+        generation: std::env::var("ZDT_GENERATION").unwrap_or_else(|_| "0".into()),
+        instance: std::env::var("ZDT_INSTANCE").unwrap_or_else(|_| "0".into()),
+        draining: AtomicBool::new(false),
+        started: Instant::now(),
+    });
+    if opts.start_delay > 0 {
+        tokio::time::sleep(Duration::from_millis(opts.start_delay)).await;
+    }
+    let listener = match inherited_listener()? {
+        Some(l) => l,
+        None => {
+            let port = opts
+                .port
+                .or_else(|| std::env::var("PORT").ok().and_then(|p| p.parse().ok()))
+                .ok_or("no socket: pass --port, set PORT, or run under zdt with listen")?;
+            let l = tokio::net::TcpListener::bind((opts.host.as_str(), port))
+                .await
+                .map_err(|e| format!("cannot listen on {}:{port}: {e}", opts.host))?;
+            Listener::Tcp(l)
+        }
+    };
+    let addr = match &listener {
+        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        Listener::Unix(l) => l
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            .unwrap_or_default(),
+    };
+    println!(
+        "zdt-demo pid={} gen={} listening on {addr}",
+        shared.pid, shared.generation
+    );
+    if let Some(line) = &opts.stderr_line {
+        eprintln!("{line}");
+    }
+    if !opts.never_ready {
+        notify(&format!(
+            "READY=1\nSTATUS=serving on {addr}\nMAINPID={}",
+            shared.pid
+        ));
+    }
+    if let Some(ms) = opts.crash_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            eprintln!("zdt-demo: crashing on purpose");
+            std::process::exit(3);
+        });
+    }
+    if let Some(ms) = opts.exit_after {
+        let code = opts.exit_code;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            std::process::exit(code);
+        });
+    }
+    let mut term = if opts.ignore_term {
+        None
+    } else {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| e.to_string())?;
+    let grace = Duration::from_millis(opts.drain_grace);
+    // Each connection task holds a sender; recv() returns None when all are gone.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    loop {
+        let stop = async {
+            match term.as_mut() {
+                None => int.recv().await,
+                Some(term) => tokio::select! { s = term.recv() => s, s = int.recv() => s },
+            }
+        };
+        tokio::select! {
+            _ = stop => break,
+            r = async {
+                match &listener {
+                    Listener::Tcp(l) => l.accept().await.map(|(s, _)| tokio::spawn(serve(s, shared.clone(), grace, alive_tx.clone()))),
+                    Listener::Unix(l) => l.accept().await.map(|(s, _)| tokio::spawn(serve(s, shared.clone(), grace, alive_tx.clone()))),
+                }
+            } => if let Err(e) = r {
+                eprintln!("zdt-demo: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            },
+        }
+    }
+    drop(listener);
+    shared.draining.store(true, Ordering::SeqCst);
+    println!("zdt-demo pid={} draining", shared.pid);
+    drop(alive_tx);
+    let _ = alive_rx.recv().await;
+    println!("zdt-demo pid={} drained, exiting", shared.pid);
+    Ok(())
+}
+
+fn main() {
+    let opts = Opts::parse();
+    if opts.exit_after == Some(0) {
+        eprintln!("zdt-demo: exiting at once with {}", opts.exit_code);
+        std::process::exit(opts.exit_code);
+    }
+    if opts.ignore_term {
+        // SAFETY: setting a signal disposition to SIG_IGN before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zdt-demo: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(opts)) {
+        eprintln!("zdt-demo: {e}");
+        std::process::exit(2);
+    }
+}

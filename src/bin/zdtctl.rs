@@ -98,13 +98,12 @@ fn socket_path(args: &Args) -> Result<PathBuf, ExitCode> {
     if let Some(s) = &args.socket {
         return Ok(s.clone());
     }
-    let cfg = zdt::config::find_config(args.config.as_deref())
-        .and_then(|p| zdt::config::load(&p))
+    zdt::config::find_config(args.config.as_deref())
+        .and_then(|p| zdt::config::control_socket(&p))
         .map_err(|e| {
             eprintln!("{}", e.render());
             ExitCode::from(EXIT_USAGE)
-        })?;
-    Ok(cfg.supervisor.control)
+        })
 }
 
 fn requests(cmd: &Cmd) -> Vec<Command> {

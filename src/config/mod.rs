@@ -19,6 +19,33 @@ mod load;
 mod tests;
 mod values;
 
+/// The control socket named by the file at `path`, read leniently: only
+/// `[supervisor].control` has to be valid, so `zdtctl reload` can still reach
+/// zdt after an edit broke some other part of the file.
+pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let text = std::fs::read_to_string(&abs).map_err(|e| {
+        ConfigError::whole_file(abs.clone(), format!("cannot read the configuration: {e}"))
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        ConfigError::at(abs.clone(), &text, offset, e.message().replace('\n', ": "))
+    })?;
+    let control = table
+        .get("supervisor")
+        .and_then(|s| s.get("control"))
+        .and_then(|c| c.as_str())
+        .unwrap_or("run/zdt.sock");
+    let base = abs.parent().unwrap_or(Path::new("/"));
+    Ok(base.join(control))
+}
+
 /// Finds the configuration file: `explicit`, then `$ZDT_CONFIG`, then
 /// `./supervisor.toml`, then `/etc/zdt/supervisor.toml`.
 pub fn find_config(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {

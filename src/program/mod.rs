@@ -1,7 +1,7 @@
 //! One actor per program: its instances, generations, and every start, stop
 //! and restart of them.
 //!
-//! The actor owns a [`slot::Slot`] per configured instance. Each slot has at
+//! The actor owns a `Slot` per configured instance. Each slot has at
 //! most one current process (a task in [`crate::instance`]) and is in one
 //! [`InstanceState`]. Orders come in as [`ProgramMsg`]s, each with a `oneshot`
 //! reply that resolves when the order has been carried out or has failed; the

@@ -32,7 +32,7 @@ const SCRUBBED_ENV: &[&str] = &[
 /// Everything needed to start one worker process.
 #[derive(Clone, Debug, Default)]
 pub struct SpawnSpec {
-    /// argv; argv[0] is looked up in PATH like a shell would.
+    /// argv; `argv[0]` is looked up in PATH like a shell would.
     pub argv: Vec<String>,
     /// Variables added to zdt's environment (later entries win).
     pub env: Vec<(String, String)>,

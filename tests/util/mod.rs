@@ -34,12 +34,11 @@ pub fn free_port() -> u16 {
 /// the last value seen.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + timeout;
-    let mut last = String::new();
     loop {
-        match f() {
+        let last = match f() {
             Ok(v) => return v,
-            Err(seen) => last = seen,
-        }
+            Err(seen) => seen,
+        };
         if Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
         }
