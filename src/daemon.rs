@@ -39,6 +39,12 @@ pub async fn run(
     signals: mpsc::Receiver<DaemonSignal>,
 ) -> Result<(), DaemonError> {
     tokio::spawn(reaper.run());
+    // Orphans of workers (double-forked helpers) become zdt's children, so
+    // they are reaped here and not left to whatever init the machine has.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::warn!(cause = %std::io::Error::last_os_error(), "cannot become a child subreaper");
+    }
     let sup = &config.supervisor;
     let group = match &sup.control_group {
         Some(name) => Some(

@@ -49,6 +49,8 @@ struct Inner {
     dropped: AtomicU64,
     /// Followers (tail -f) hold receivers; a slow one lags and loses chunks.
     live: broadcast::Sender<Bytes>,
+    /// Poked when bytes are dropped, so the owner can publish the new count.
+    on_drop: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[derive(Default)]
@@ -80,6 +82,10 @@ fn open(path: &Path) -> std::io::Result<OpenFile> {
 
 /// `f.N-1` → `f.N`, …, `f` → `f.1`, keeping `backups` files; 0 backups truncates.
 fn rotate(path: &Path, backups: u32) -> std::io::Result<()> {
+    // Never rename or truncate what is not a regular file (/dev/stdout, a FIFO).
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
     let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
     if backups == 0 {
         return File::create(path).map(drop);
@@ -97,6 +103,16 @@ impl LogSink {
     /// A sink writing to `file` (None: memory only), rotating at `max_bytes`
     /// (0: never) and keeping `backups` rotated files.
     pub fn new(file: Option<PathBuf>, max_bytes: u64, backups: u32) -> LogSink {
+        Self::watched(file, max_bytes, backups, None)
+    }
+
+    /// Like [`LogSink::new`], and pokes `on_drop` whenever bytes are dropped.
+    pub fn watched(
+        file: Option<PathBuf>,
+        max_bytes: u64,
+        backups: u32,
+        on_drop: Option<Arc<tokio::sync::Notify>>,
+    ) -> LogSink {
         LogSink {
             inner: Arc::new(Inner {
                 path: file,
@@ -105,6 +121,7 @@ impl LogSink {
                 state: Mutex::default(),
                 dropped: AtomicU64::new(0),
                 live: broadcast::channel(256).0,
+                on_drop,
             }),
         }
     }
@@ -138,6 +155,9 @@ impl LogSink {
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 if before == 0 {
                     tracing::warn!(file = %path.display(), cause = %err, "cannot write log; dropping output");
+                }
+                if let Some(n) = &self.inner.on_drop {
+                    n.notify_one();
                 }
             }
         }

@@ -8,3 +8,4 @@ mod control;
 mod lifecycle;
 mod logs;
 mod reload;
+mod spawning;

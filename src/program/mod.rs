@@ -21,10 +21,11 @@
 mod ops;
 mod slot;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::ProgramConfig;
 use crate::control::proto::Reply;
@@ -170,6 +171,7 @@ pub fn spawn_program(config: ProgramConfig, spawner: Spawner) -> ProgramHandle {
         spawner,
         events_tx,
         snapshot: snapshot_tx,
+        log_drops: Arc::new(Notify::new()),
         config,
     };
     actor.resize_slots();
@@ -197,6 +199,8 @@ struct Program {
     events_tx: mpsc::UnboundedSender<ProcEvent>,
     /// Snapshot for status readers, who hold receivers.
     snapshot: watch::Sender<ProgramSnapshot>,
+    /// Poked by the log sinks when they drop bytes: publish the new counts.
+    log_drops: Arc<Notify>,
 }
 
 /// Backoff before the next start after `failures` failed starts in a row.
@@ -236,6 +240,7 @@ impl Program {
                 },
                 Some(ev) = events.recv() => self.on_event(ev, &timer_tx),
                 Some(t) = timers.recv() => self.on_backoff_done(t),
+                () = self.log_drops.notified() => {}
             }
             self.check_ops();
             self.publish();
@@ -397,11 +402,12 @@ impl Program {
         // Only idle slots are ever removed: a reconfigure stops all first.
         self.slots.truncate(want);
         for slot in &mut self.slots {
-            slot.reconfigure(&self.config);
+            slot.reconfigure(&self.config, &self.log_drops);
         }
         while self.slots.len() < want {
             let index = self.slots.len();
-            self.slots.push(Slot::new(&self.config, index));
+            self.slots
+                .push(Slot::new(&self.config, index, &self.log_drops));
         }
     }
 

@@ -16,10 +16,11 @@
 //! | any       | stop (process alive)          | STOPPING, then STOPPED           |
 //! | any       | stop (no process)             | STOPPED                          |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use crate::config::{AutoRestart, LogConfig, ProgramConfig};
 use crate::instance::{self, ProcCmd, ProcEvent, ProcHandle, ProcParams};
@@ -68,13 +69,13 @@ pub(super) struct Slot {
     stderr: LogSink,
 }
 
-fn sink_for(cfg: &LogConfig, program: &str, index: usize) -> LogSink {
+fn sink_for(cfg: &LogConfig, program: &str, index: usize, on_drop: &Arc<Notify>) -> LogSink {
     let file = cfg.file.as_ref().map(|t| {
         t.replace("{program}", program)
             .replace("{instance}", &index.to_string())
             .into()
     });
-    LogSink::new(file, cfg.max_bytes, cfg.backups)
+    LogSink::watched(file, cfg.max_bytes, cfg.backups, Some(on_drop.clone()))
 }
 
 fn lines_tail(bytes: &[u8], n: usize) -> String {
@@ -84,7 +85,7 @@ fn lines_tail(bytes: &[u8], n: usize) -> String {
 }
 
 impl Slot {
-    pub fn new(cfg: &ProgramConfig, index: usize) -> Self {
+    pub fn new(cfg: &ProgramConfig, index: usize, on_drop: &Arc<Notify>) -> Self {
         Self {
             index,
             state: InstanceState::Stopped,
@@ -98,21 +99,21 @@ impl Slot {
             last_exit: None,
             error: None,
             backoff_epoch: 0,
-            stdout: sink_for(&cfg.stdout_log, &cfg.name, index),
-            stderr: sink_for(&cfg.stderr_log, &cfg.name, index),
+            stdout: sink_for(&cfg.stdout_log, &cfg.name, index, on_drop),
+            stderr: sink_for(&cfg.stderr_log, &cfg.name, index, on_drop),
             stdout_cfg: cfg.stdout_log.clone(),
             stderr_cfg: cfg.stderr_log.clone(),
         }
     }
 
     /// New settings: new log files if their settings changed.
-    pub fn reconfigure(&mut self, cfg: &ProgramConfig) {
+    pub fn reconfigure(&mut self, cfg: &ProgramConfig, on_drop: &Arc<Notify>) {
         if cfg.stdout_log != self.stdout_cfg {
-            self.stdout = sink_for(&cfg.stdout_log, &cfg.name, self.index);
+            self.stdout = sink_for(&cfg.stdout_log, &cfg.name, self.index, on_drop);
             self.stdout_cfg = cfg.stdout_log.clone();
         }
         if cfg.stderr_log != self.stderr_cfg {
-            self.stderr = sink_for(&cfg.stderr_log, &cfg.name, self.index);
+            self.stderr = sink_for(&cfg.stderr_log, &cfg.name, self.index, on_drop);
             self.stderr_cfg = cfg.stderr_log.clone();
         }
     }
