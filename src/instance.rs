@@ -8,13 +8,16 @@
 //! Signals always go to the worker's process group (the worker is its group
 //! leader), so children of the worker are stopped with it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::config::Ready;
 use crate::logs::{self, LogSink};
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 
@@ -42,8 +45,12 @@ pub enum ProcEventKind {
     },
     /// It could not be started at all; no process exists.
     SpawnFailed(String),
-    /// It has been up for `startsecs`.
+    /// It is ready: up for `startsecs`, sent READY=1, passed its probe.
     Up,
+    /// It was not ready within `ready_timeout`.
+    NotReady,
+    /// It sent `STATUS=` text.
+    Status(String),
     /// It exited (and was reaped). The task ends after this event.
     Exited {
         /// How it ended.
@@ -89,8 +96,12 @@ pub struct ProcParams {
     pub gen: u64,
     /// What to run.
     pub spec: SpawnSpec,
-    /// Up this long = started.
+    /// How readiness is decided.
+    pub ready: Ready,
+    /// Up this long = started (when `ready` is `Startsecs`).
     pub startsecs: Duration,
+    /// Not ready within this = failed start (explicit readiness only).
+    pub ready_timeout: Duration,
     /// stdout log.
     pub stdout: LogSink,
     /// stderr log.
@@ -128,9 +139,53 @@ fn signal_group(pid: Pid, sig: Signal) {
     }
 }
 
+/// Distinguishes notify sockets of processes of this zdt.
+static NOTIFY_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Binds a datagram socket in the abstract namespace for one process's
+/// sd_notify messages; returns it with the `NOTIFY_SOCKET` value.
+fn notify_socket() -> std::io::Result<(UnixDatagram, String)> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!(
+        "zdt-notify/{}/{}",
+        std::process::id(),
+        NOTIFY_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let sock = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+    sock.set_nonblocking(true)?;
+    Ok((UnixDatagram::from_std(sock)?, format!("@{name}")))
+}
+
+/// Runs the readiness command until it exits 0; its output goes to `log`.
+async fn probe_until_ready(
+    spawner: Spawner,
+    argv: Vec<String>,
+    dir: Option<std::path::PathBuf>,
+    log: LogSink,
+) {
+    loop {
+        let spec = SpawnSpec {
+            argv: argv.clone(),
+            directory: dir.clone(),
+            redirect_stderr: true,
+            ..SpawnSpec::default()
+        };
+        if let Ok(probe) = spawner.spawn(spec).await {
+            if let Some(r) = pipe_reader(probe.stdout) {
+                tokio::spawn(logs::pump(r, log.clone(), "[ready probe] ".into()));
+            }
+            if let Ok(ExitStatus::Code(0)) = probe.exit.await {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn run(
     spawner: Spawner,
-    p: ProcParams,
+    mut p: ProcParams,
     events: mpsc::UnboundedSender<ProcEvent>,
     mut cmds: mpsc::UnboundedReceiver<ProcCmd>,
 ) {
@@ -141,6 +196,26 @@ async fn run(
             gen: p.gen,
             kind,
         });
+    };
+    let notify = if p.ready == Ready::Notify {
+        match notify_socket() {
+            Ok((sock, name)) => {
+                p.spec.env.push(("NOTIFY_SOCKET".into(), name));
+                Some(sock)
+            }
+            Err(err) => {
+                send(ProcEventKind::SpawnFailed(format!(
+                    "cannot create NOTIFY_SOCKET: {err}"
+                )));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let probe = match &p.ready {
+        Ready::Exec(argv) => Some((argv.clone(), p.spec.directory.clone())),
+        _ => None,
     };
     let spawned = match spawner.spawn(p.spec).await {
         Ok(s) => s,
@@ -161,25 +236,75 @@ async fn run(
     }
 
     let mut exit = spawned.exit;
-    let up = tokio::time::sleep(p.startsecs);
-    tokio::pin!(up);
+    let start = Instant::now();
+    // When the process counts as ready by time alone.
+    let ready_at = match p.ready {
+        Ready::Startsecs => Some(start + p.startsecs),
+        Ready::Delay(d) => Some(start + d),
+        Ready::Notify | Ready::Exec(_) => None,
+    };
+    let ready_deadline = match p.ready {
+        Ready::Startsecs => None,
+        _ => Some(start + p.ready_timeout),
+    };
+    let mut probe_task = probe.map(|(argv, dir)| {
+        let task = tokio::spawn(probe_until_ready(
+            spawner.clone(),
+            argv,
+            dir,
+            p.stderr.clone(),
+        ));
+        AbortOnDrop(task)
+    });
     let mut up_sent = false;
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
     let mut orders_open = true;
+    let mut buf = vec![0u8; 4096];
     let status = loop {
-        let kill_timer = async {
-            match kill_at {
-                Some(at) => tokio::time::sleep_until(at).await,
+        let kill_timer = sleep_until_opt(kill_at);
+        let ready_timer = sleep_until_opt(ready_at.filter(|_| !up_sent));
+        let not_ready_timer = sleep_until_opt(ready_deadline.filter(|_| !up_sent));
+        let probed = async {
+            match probe_task.as_mut() {
+                Some(t) => {
+                    let _ = (&mut t.0).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let datagram = async {
+            match &notify {
+                Some(sock) => sock.recv(&mut buf).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             status = &mut exit => break status.ok(),
-            () = &mut up, if !up_sent => {
+            () = ready_timer => {
                 up_sent = true;
                 send(ProcEventKind::Up);
             }
+            () = probed, if !up_sent => {
+                probe_task = None;
+                up_sent = true;
+                send(ProcEventKind::Up);
+            }
+            () = not_ready_timer => {
+                up_sent = true;
+                send(ProcEventKind::NotReady);
+            }
+            r = datagram => if let Ok(n) = r {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                for line in text.lines() {
+                    if line == "READY=1" && !up_sent {
+                        up_sent = true;
+                        send(ProcEventKind::Up);
+                    } else if let Some(st) = line.strip_prefix("STATUS=") {
+                        send(ProcEventKind::Status(st.to_string()));
+                    }
+                }
+            },
             cmd = cmds.recv(), if orders_open => match cmd {
                 Some(ProcCmd::Signal(sig)) => signal_group(pid, sig),
                 Some(ProcCmd::Stop { signal, kill_after }) => {
@@ -211,5 +336,21 @@ async fn run(
                 signal_group(pid, Signal::SIGKILL);
             }
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod instance;
+pub mod listen;
 pub mod logs;
 pub mod program;
 pub mod signals;

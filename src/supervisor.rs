@@ -7,14 +7,17 @@
 //! the programs' published snapshots even while a restart runs.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{self, Config, ProgramConfig};
+use crate::config::{self, Config, ListenAddr, ProgramConfig};
 use crate::control::proto::{ErrorBody, Outcome, PidEntry, Reply};
 use crate::control::{proto::Command, ControlRequest};
-use crate::program::{spawn_program, OpError, OpResult, ProgramHandle, ProgramMsg};
+use crate::listen;
+use crate::program::{spawn_program, OpError, OpResult, ProgramHandle, ProgramMsg, Sockets};
 use crate::spawn::Spawner;
 use crate::target::{self, Resolved};
 
@@ -37,6 +40,10 @@ pub struct Supervisor {
     config: Config,
     programs: BTreeMap<String, Entry>,
     spawner: Spawner,
+    /// Every listening socket zdt owns, bound once and kept open for zdt's
+    /// life (program actors hold clones while they use them). An address
+    /// dropped by a reload is closed once the last program using it let go.
+    sockets: BTreeMap<ListenAddr, Arc<OwnedFd>>,
 }
 
 fn op_error(e: OpError) -> ErrorBody {
@@ -75,11 +82,35 @@ impl Supervisor {
             config,
             programs: BTreeMap::new(),
             spawner,
+            sockets: BTreeMap::new(),
         }
     }
 
+    /// The program's sockets, binding the ones not yet owned.
+    fn sockets_for(&mut self, cfg: &ProgramConfig) -> Sockets {
+        let mut out = Vec::new();
+        for addr in &cfg.listen {
+            let fd = match self.sockets.get(addr) {
+                Some(fd) => fd.clone(),
+                None => {
+                    let fd = listen::bind(addr, cfg.backlog, cfg.socket_mode).map_err(|e| {
+                        tracing::error!(program = %cfg.name, cause = %e, "cannot bind");
+                        e.to_string()
+                    })?;
+                    tracing::info!(program = %cfg.name, %addr, "listening");
+                    let fd = Arc::new(fd);
+                    self.sockets.insert(addr.clone(), fd.clone());
+                    fd
+                }
+            };
+            out.push(fd);
+        }
+        Ok(out)
+    }
+
     fn add_program(&mut self, cfg: ProgramConfig) {
-        let handle = spawn_program(cfg.clone(), self.spawner.clone());
+        let sockets = self.sockets_for(&cfg);
+        let handle = spawn_program(cfg.clone(), sockets, self.spawner.clone());
         self.programs.insert(
             cfg.name.clone(),
             Entry {
@@ -414,13 +445,15 @@ impl Supervisor {
                 }
                 Some(e) if e.config != *cfg => {
                     e.config = cfg.clone();
-                    let (tx, rx) = oneshot::channel();
                     let h = e.handle.clone();
+                    let sockets = self.sockets_for(cfg);
+                    let (tx, rx) = oneshot::channel();
                     let boxed = Box::new(cfg.clone());
                     tokio::spawn(async move {
                         let _ = h
                             .tx_send(ProgramMsg::Reconfigure {
                                 config: boxed,
+                                sockets,
                                 reply: tx,
                             })
                             .await;
@@ -432,6 +465,13 @@ impl Supervisor {
             }
         }
         self.config = new;
+        let wanted: Vec<&ListenAddr> = self
+            .config
+            .programs
+            .values()
+            .flat_map(|p| &p.listen)
+            .collect();
+        self.sockets.retain(|addr, _| wanted.contains(&addr));
         tracing::info!(?added, ?removed, ?changed, "configuration reloaded");
         tokio::spawn(async move {
             let mut failures = Vec::new();

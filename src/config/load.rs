@@ -13,7 +13,10 @@ use toml::Spanned;
 use super::values::{
     AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
 };
-use super::{AutoRestart, Config, ConfigError, LogConfig, ProgramConfig, SupervisorConfig};
+use super::{
+    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, ProgramConfig, Ready, Strategy,
+    SupervisorConfig,
+};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +67,43 @@ struct RawProgram {
     stderr_logfile: Option<Spanned<String>>,
     stderr_logfile_maxbytes: Option<SizeValue>,
     stderr_logfile_backups: Option<u32>,
+    listen: Option<Vec<Spanned<String>>>,
+    backlog: Option<u32>,
+    socket_mode: Option<OctalValue>,
+    fdname: Option<String>,
+    mode: Option<Spanned<String>>,
+    ready: Option<Spanned<RawReady>>,
+    ready_timeout: Option<DurationValue>,
+    strategy: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReady {
+    notify: Option<bool>,
+    delay: Option<DurationValue>,
+    exec: Option<CommandValue>,
+}
+
+/// Parses `tcp://IP:PORT` or `unix://PATH`.
+fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr, String> {
+    if let Some(addr) = s.strip_prefix("tcp://") {
+        addr.parse::<std::net::SocketAddr>()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("invalid address {s:?}: expected tcp://IP:PORT such as tcp://0.0.0.0:9501 or tcp://[::1]:9501"))
+    } else if let Some(path) = s.strip_prefix("unix://") {
+        if path.is_empty() {
+            Err(format!(
+                "invalid address {s:?}: expected unix:///path/to/socket"
+            ))
+        } else {
+            Ok(ListenAddr::Unix(resolve(path)))
+        }
+    } else {
+        Err(format!(
+            "invalid address {s:?}: expected tcp://IP:PORT or unix:///path"
+        ))
+    }
 }
 
 /// Default rotation size of instance logs (supervisord's).
@@ -254,6 +294,59 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             p.stderr_logfile_backups,
             "err",
         )?;
+        let mut listen = Vec::new();
+        for l in p.listen.unwrap_or_default() {
+            let addr =
+                parse_listen(l.get_ref(), &resolve).map_err(|m| err_at(l.span().start, m))?;
+            if listen.contains(&addr) {
+                return Err(err_at(l.span().start, format!("{addr} is listed twice")));
+            }
+            listen.push(addr);
+        }
+        if let Some(m) = &p.mode {
+            match m.get_ref().as_str() {
+                "pass" => {}
+                "proxy" => {
+                    return Err(err_at(
+                        m.span().start,
+                        "mode = \"proxy\" is not available in this version of zdt; use \"pass\" (socket activation)".to_string(),
+                    ))
+                }
+                other => {
+                    return Err(err_at(m.span().start, format!("invalid mode {other:?}: use \"pass\" or \"proxy\"")))
+                }
+            }
+        }
+        let ready = match p.ready {
+            None => Ready::Startsecs,
+            Some(r) => {
+                let at = r.span().start;
+                let r = r.into_inner();
+                match (r.notify, r.delay, r.exec) {
+                    (Some(true), None, None) => Ready::Notify,
+                    (None, Some(d), None) => Ready::Delay(d.0),
+                    (None, None, Some(c)) => Ready::Exec(c.0),
+                    (Some(false), None, None) => Ready::Startsecs,
+                    _ => {
+                        return Err(err_at(
+                            at,
+                            "ready needs exactly one of: { notify = true }, { delay = \"1s\" }, { exec = [\"cmd\", ...] }".to_string(),
+                        ))
+                    }
+                }
+            }
+        };
+        let strategy = match p.strategy.as_ref().map(|s| s.get_ref().as_str()) {
+            None | Some("all-at-once") => Strategy::AllAtOnce,
+            Some("rolling") => Strategy::Rolling,
+            Some(other) => {
+                let at = p.strategy.as_ref().map_or(0, |s| s.span().start);
+                return Err(err_at(
+                    at,
+                    format!("invalid strategy {other:?}: use \"all-at-once\" or \"rolling\""),
+                ));
+            }
+        };
         let cfg = ProgramConfig {
             name: name.clone(),
             command: command.0,
@@ -283,6 +376,15 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             redirect_stderr: p.redirect_stderr.unwrap_or(false),
             stdout_log,
             stderr_log,
+            listen,
+            backlog: p.backlog,
+            socket_mode: p.socket_mode.map_or(0o660, |m| m.0),
+            fdname: p.fdname.unwrap_or_else(|| name.clone()),
+            ready,
+            ready_timeout: p
+                .ready_timeout
+                .map_or(std::time::Duration::from_secs(30), |d| d.0),
+            strategy,
         };
         programs.insert(name, cfg);
     }

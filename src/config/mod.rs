@@ -121,6 +121,46 @@ pub struct LogConfig {
     pub backups: u32,
 }
 
+/// An address zdt binds and owns for a program.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenAddr {
+    /// `tcp://IP:PORT` (IPv6 as `tcp://[::1]:PORT`).
+    Tcp(std::net::SocketAddr),
+    /// `unix:///abs/path` (or a path relative to the config file).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// How a worker tells zdt it is ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// No explicit readiness: up for `startsecs` = ready (supervisord).
+    Startsecs,
+    /// sd_notify: the worker sends `READY=1` to `$NOTIFY_SOCKET`.
+    Notify,
+    /// Ready this long after it was spawned.
+    Delay(Duration),
+    /// Ready when this command exits 0 (run repeatedly until then).
+    Exec(Vec<String>),
+}
+
+/// How a restart replaces the instances of a program that owns sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// Start every new instance, wait for all to be ready, then stop the old ones.
+    AllAtOnce,
+    /// One instance at a time: each new one ready before its old one is stopped.
+    Rolling,
+}
+
 /// A signal, validated at load time.
 pub type Signal = nix::sys::signal::Signal;
 
@@ -167,4 +207,26 @@ pub struct ProgramConfig {
     pub stdout_log: LogConfig,
     /// stderr log.
     pub stderr_log: LogConfig,
+    /// Sockets zdt binds and passes to every generation (pass mode).
+    pub listen: Vec<ListenAddr>,
+    /// listen(2) backlog; default: the system's somaxconn.
+    pub backlog: Option<u32>,
+    /// Mode of unix listening sockets. Default 0o660.
+    pub socket_mode: u32,
+    /// `LISTEN_FDNAMES` entry for every socket. Default: the program name.
+    pub fdname: String,
+    /// Readiness check.
+    pub ready: Ready,
+    /// A new process not ready within this is a failed start. Default 30s.
+    pub ready_timeout: Duration,
+    /// Restart strategy when the program owns sockets. Default all-at-once.
+    pub strategy: Strategy,
+}
+
+impl ProgramConfig {
+    /// Whether a restart can overlap generations: only when zdt owns the
+    /// sockets (otherwise the new process could not bind the old one's port).
+    pub fn overlaps(&self) -> bool {
+        !self.listen.is_empty()
+    }
 }

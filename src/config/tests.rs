@@ -252,3 +252,60 @@ stderr_logfile_backups = 0
     assert_eq!(a.stderr_log.max_bytes, 1024);
     assert_eq!(a.stderr_log.backups, 0);
 }
+
+#[test]
+fn listen_ready_and_strategy() {
+    let text = r#"
+[program.web]
+command = ["node", "app.js"]
+listen = ["tcp://0.0.0.0:9501", "tcp://[::1]:9501", "unix://run/app.sock"]
+backlog = 1024
+ready = { notify = true }
+ready_timeout = "5s"
+strategy = "rolling"
+mode = "pass"
+"#;
+    let c = parse(text, Path::new(FILE)).expect("valid");
+    let w = &c.programs["web"];
+    assert_eq!(w.listen.len(), 3);
+    assert_eq!(w.listen[1].to_string(), "tcp://[::1]:9501");
+    assert_eq!(
+        w.listen[2],
+        ListenAddr::Unix("/srv/app/run/app.sock".into())
+    );
+    assert_eq!(w.ready, Ready::Notify);
+    assert_eq!(w.strategy, Strategy::Rolling);
+    assert_eq!(w.ready_timeout, Duration::from_secs(5));
+    assert_eq!(w.fdname, "web");
+    assert!(w.overlaps());
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"0.0.0.0:80\"]\n",
+        3,
+        11,
+        "tcp://IP:PORT",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nready = { notify = true, delay = \"1s\" }\n",
+        3,
+        9,
+        "exactly one",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nready = { nottify = true }\n",
+        3,
+        11,
+        "unknown field",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nstrategy = \"yolo\"\n",
+        3,
+        12,
+        "rolling",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\n",
+        3,
+        8,
+        "not available",
+    );
+}

@@ -21,13 +21,14 @@
 mod ops;
 mod slot;
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::config::ProgramConfig;
+use crate::config::{self, ProgramConfig};
 use crate::control::proto::Reply;
 use crate::instance::{ProcEvent, ProcEventKind};
 use crate::logs::LogSink;
@@ -35,7 +36,7 @@ use crate::spawn::Spawner;
 use crate::state::{InstanceSnapshot, InstanceState, ProgramSnapshot};
 
 use ops::{Op, OpKind};
-use slot::Slot;
+use slot::{Slot, SpawnCtx};
 
 /// Why an order failed, with the worker's last output when it helps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +107,8 @@ pub enum ProgramMsg {
     Reconfigure {
         /// The new settings.
         config: Box<ProgramConfig>,
+        /// The sockets of the new settings, or why they cannot be bound.
+        sockets: Sockets,
         /// Resolves when the program runs with them.
         reply: oneshot::Sender<OpResult>,
     },
@@ -114,6 +117,23 @@ pub enum ProgramMsg {
         /// Resolves when every process is gone.
         reply: oneshot::Sender<OpResult>,
     },
+}
+
+/// A program's listening sockets (owned by zdt, shared with the actor), or why
+/// they could not be bound.
+pub type Sockets = Result<Vec<Arc<OwnedFd>>, String>;
+
+/// Builds the spawn context from the actor's fields (a macro, so the borrow
+/// of the slots stays disjoint from these).
+macro_rules! ctx {
+    ($p:expr) => {
+        SpawnCtx {
+            cfg: &$p.config,
+            spawner: &$p.spawner,
+            events: &$p.events_tx,
+            sockets: &$p.sockets,
+        }
+    };
 }
 
 /// Cheap handle to a program actor.
@@ -155,7 +175,7 @@ impl ProgramHandle {
 
 /// Starts the actor for one program. It starts its instances at once when
 /// `autostart` is set.
-pub fn spawn_program(config: ProgramConfig, spawner: Spawner) -> ProgramHandle {
+pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) -> ProgramHandle {
     let (tx, rx) = mpsc::channel(64);
     let name = config.name.clone();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -172,8 +192,11 @@ pub fn spawn_program(config: ProgramConfig, spawner: Spawner) -> ProgramHandle {
         events_tx,
         snapshot: snapshot_tx,
         log_drops: Arc::new(Notify::new()),
+        sockets: Vec::new(),
+        bind_error: None,
         config,
     };
+    actor.set_sockets(sockets);
     actor.resize_slots();
     actor.publish();
     tokio::spawn(actor.run(rx, events_rx));
@@ -201,6 +224,11 @@ struct Program {
     snapshot: watch::Sender<ProgramSnapshot>,
     /// Poked by the log sinks when they drop bytes: publish the new counts.
     log_drops: Arc<Notify>,
+    /// The listening sockets every generation gets (shared with the supervisor,
+    /// which keeps them open for zdt's life).
+    sockets: Vec<Arc<OwnedFd>>,
+    /// Why the sockets could not be bound: starts fail with it.
+    bind_error: Option<String>,
 }
 
 /// Backoff before the next start after `failures` failed starts in a row.
@@ -210,6 +238,19 @@ pub fn backoff_delay(failures: u32) -> Duration {
 }
 
 impl Program {
+    fn set_sockets(&mut self, sockets: Sockets) {
+        match sockets {
+            Ok(s) => {
+                self.sockets = s;
+                self.bind_error = None;
+            }
+            Err(e) => {
+                self.sockets = Vec::new();
+                self.bind_error = Some(e);
+            }
+        }
+    }
+
     async fn run(
         mut self,
         mut orders: mpsc::Receiver<ProgramMsg>,
@@ -274,9 +315,11 @@ impl Program {
                 progress,
                 reply,
             } => self.begin_restart(instance, None, progress, reply),
-            ProgramMsg::Reconfigure { config, reply } => {
-                self.begin_restart(None, Some(config), None, reply)
-            }
+            ProgramMsg::Reconfigure {
+                config,
+                sockets,
+                reply,
+            } => self.reconfigure(config, sockets, reply),
             ProgramMsg::Signal {
                 instance,
                 signal,
@@ -336,6 +379,180 @@ impl Program {
                 self.slots.len().saturating_sub(1)
             ))),
         }
+    }
+
+    /// New settings from a reload. A program that owns sockets and keeps its
+    /// instance count is replaced without downtime; otherwise stop, then start.
+    fn reconfigure(
+        &mut self,
+        config: Box<ProgramConfig>,
+        sockets: Sockets,
+        reply: oneshot::Sender<OpResult>,
+    ) {
+        let running = self.slots.iter().any(Slot::wants_running);
+        let overlap = running
+            && sockets.is_ok()
+            && config.overlaps()
+            && self.config.overlaps()
+            && config.instances == self.config.instances;
+        self.set_sockets(sockets);
+        if overlap {
+            self.config = *config;
+            self.resize_slots();
+            self.begin_replace(None, None, reply);
+        } else {
+            self.begin_restart(None, Some(config), None, reply);
+        }
+    }
+
+    fn restart_busy(&self) -> Option<OpError> {
+        self.ops
+            .iter()
+            .any(|op| matches!(op.kind, OpKind::Restart { .. } | OpKind::Replace { .. }))
+            .then(|| {
+                OpError::plain(format!(
+                    "a restart of {} is already in progress; try again when it has finished",
+                    self.config.name
+                ))
+            })
+    }
+
+    /// Zero-downtime restart: start a new generation beside the running one
+    /// on the same sockets; switch when it is ready; then stop the old one.
+    fn begin_replace(
+        &mut self,
+        instance: Option<u32>,
+        progress: Option<mpsc::Sender<Reply>>,
+        reply: oneshot::Sender<OpResult>,
+    ) {
+        if let Some(e) = self.restart_busy() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let slots = match self.select(instance) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Some(err) = &self.bind_error {
+            let _ = reply.send(Err(OpError::plain(err.clone())));
+            return;
+        }
+        self.supersede(&slots, "restart");
+        let old = self.generation;
+        self.generation += 1;
+        let gen = self.generation;
+        let rolling = self.config.strategy == config::Strategy::Rolling;
+        let first = if rolling { &slots[..1] } else { &slots[..] };
+        for &i in first {
+            self.slots[i].begin_replace(&ctx!(self), gen);
+        }
+        let op = Op::new(
+            OpKind::Replace {
+                gen,
+                rolling,
+                todo: slots.clone(),
+                started: std::time::Instant::now(),
+            },
+            slots,
+            reply,
+            progress,
+        );
+        op.progress(format!(
+            "{}: starting gen {gen} beside gen {old}{}",
+            self.config.name,
+            if rolling {
+                ", one instance at a time"
+            } else {
+                ""
+            }
+        ));
+        self.ops.push(op);
+    }
+
+    /// Advances a zero-downtime restart; Some(result) when it is over.
+    fn step_replace(&mut self, index: usize) -> Option<OpResult> {
+        let OpKind::Replace {
+            gen,
+            rolling,
+            todo,
+            started,
+        } = &self.ops[index].kind
+        else {
+            return None;
+        };
+        let (gen, rolling, started, mut todo) = (*gen, *rolling, *started, todo.clone());
+        let slots = self.ops[index].slots.clone();
+        let name = self.config.name.clone();
+        // A candidate failed: kill every candidate, keep the old generation.
+        let failed = slots.iter().find_map(|&s| {
+            let slot = &mut self.slots[s];
+            let why = slot.take_next_failure().or_else(|| {
+                (todo.contains(&s)
+                    && matches!(slot.state(), InstanceState::Fatal | InstanceState::Exited))
+                .then(|| format!("{name}:{s} is {}", slot.state()))
+            })?;
+            Some((s, why))
+        });
+        if let Some((s, why)) = failed {
+            for &t in &slots {
+                self.slots[t].abort_replace();
+            }
+            self.generation = self
+                .slots
+                .iter()
+                .map(Slot::current_gen)
+                .max()
+                .unwrap_or(gen);
+            let switched = slots.len() - todo.len();
+            let kept = if switched == 0 {
+                "the old generation keeps serving".to_string()
+            } else {
+                format!("{switched} instance(s) already switched stay on gen {gen}; the others keep serving")
+            };
+            return Some(Err(OpError {
+                message: format!("{name}: restart failed: {why}; {kept}"),
+                log_tail: Some(self.slots[s].log_tail(20)),
+            }));
+        }
+        let ms = started.elapsed().as_millis();
+        if rolling {
+            if let Some(&s) = todo.first() {
+                if self.slots[s].ready_to_switch() {
+                    self.slots[s].switch(&self.config);
+                    todo.remove(0);
+                    self.ops[index].progress(format!(
+                        "{name}:{s}: gen {gen} ready in {ms} ms; old generation stopping"
+                    ));
+                    if let Some(&n) = todo.first() {
+                        self.slots[n].begin_replace(&ctx!(self), gen);
+                    }
+                }
+            }
+        } else if !todo.is_empty() && todo.iter().all(|&s| self.slots[s].ready_to_switch()) {
+            for &s in &todo {
+                self.slots[s].switch(&self.config);
+            }
+            self.ops[index].progress(format!(
+                "{name}: gen {gen}: {n}/{n} ready in {ms} ms; gen {}: stopping",
+                gen - 1,
+                n = todo.len()
+            ));
+            todo.clear();
+        }
+        if let OpKind::Replace { todo: t, .. } = &mut self.ops[index].kind {
+            t.clone_from(&todo);
+        }
+        if todo.is_empty() && slots.iter().all(|&s| !self.slots[s].is_draining()) {
+            self.ops[index].progress(format!(
+                "{name}: old generation gone after {} ms",
+                started.elapsed().as_millis()
+            ));
+            return Some(Ok(self.snapshots_of(&slots)));
+        }
+        None
     }
 
     fn begin_restart(
@@ -420,12 +637,11 @@ impl Program {
         }
         for &i in &selected {
             if !self.slots[i].wants_running() {
-                self.slots[i].start(
-                    &self.config,
-                    self.generation,
-                    &self.spawner,
-                    &self.events_tx,
-                );
+                if let Some(err) = &self.bind_error {
+                    self.slots[i].fail(&self.config.name, err.clone());
+                    continue;
+                }
+                self.slots[i].start(&ctx!(self), self.generation);
             }
         }
         selected
@@ -440,11 +656,14 @@ impl Program {
     }
 
     fn on_event(&mut self, ev: ProcEvent, timers: &mpsc::UnboundedSender<BackoffDone>) {
-        let Some(slot) = self.slots.get_mut(ev.slot) else {
+        let Some(role) = self.slots.get(ev.slot).and_then(|s| s.role(ev.gen)) else {
             return;
         };
-        if !slot.owns(ev.gen) {
-            return;
+        let slot = &mut self.slots[ev.slot];
+        match role {
+            slot::Role::Next => return slot.on_next_event(&self.config, ev.kind),
+            slot::Role::Draining => return slot.on_draining_event(&self.config, ev.gen, ev.kind),
+            slot::Role::Current => {}
         }
         match ev.kind {
             ProcEventKind::Spawned { pid } => slot.on_spawned(pid),
@@ -453,6 +672,8 @@ impl Program {
                 slot.on_spawn_failed(err);
             }
             ProcEventKind::Up => slot.on_up(&self.config.name),
+            ProcEventKind::NotReady => slot.on_not_ready(&self.config),
+            ProcEventKind::Status(text) => slot.on_status(text),
             ProcEventKind::Exited { status, killed } => {
                 match slot.on_exited(&self.config, status, killed) {
                     slot::AfterExit::Backoff(delay) => {
@@ -464,9 +685,7 @@ impl Program {
                             let _ = timers.send(BackoffDone { slot: index, epoch });
                         });
                     }
-                    slot::AfterExit::Restart => {
-                        slot.respawn(&self.config, &self.spawner, &self.events_tx)
-                    }
+                    slot::AfterExit::Restart => self.slots[ev.slot].respawn(&ctx!(self)),
                     slot::AfterExit::Nothing => {}
                 }
             }
@@ -476,7 +695,12 @@ impl Program {
     fn on_backoff_done(&mut self, t: BackoffDone) {
         if let Some(s) = self.slots.get_mut(t.slot) {
             if s.state() == InstanceState::Backoff && s.backoff_epoch() == t.epoch {
-                s.respawn(&self.config, &self.spawner, &self.events_tx);
+                s.respawn(&SpawnCtx {
+                    cfg: &self.config,
+                    spawner: &self.spawner,
+                    events: &self.events_tx,
+                    sockets: &self.sockets,
+                });
             }
         }
     }
@@ -484,6 +708,13 @@ impl Program {
     fn check_ops(&mut self) {
         let mut i = 0;
         while i < self.ops.len() {
+            if matches!(self.ops[i].kind, OpKind::Replace { .. }) {
+                match self.step_replace(i) {
+                    Some(result) => self.ops.remove(i).finish(result),
+                    None => i += 1,
+                }
+                continue;
+            }
             let states: Vec<(InstanceState, bool)> = self.ops[i]
                 .slots
                 .iter()
@@ -578,7 +809,7 @@ impl Program {
             instances: self
                 .slots
                 .iter()
-                .map(|s| s.snapshot(&self.config.name))
+                .flat_map(|s| s.snapshots(&self.config.name))
                 .collect(),
         };
         self.snapshot.send_if_modified(|snap| {

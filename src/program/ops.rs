@@ -26,6 +26,16 @@ pub(super) enum OpKind {
         new_config: Option<Box<ProgramConfig>>,
         instance: Option<u32>,
     },
+    /// Zero-downtime restart: generation `gen` starts beside the running one;
+    /// `todo` are the slots not yet switched (all together, or one at a time
+    /// when `rolling`); done when every slot switched and its old generation
+    /// exited.
+    Replace {
+        gen: u64,
+        rolling: bool,
+        todo: Vec<usize>,
+        started: std::time::Instant,
+    },
 }
 
 /// One pending order.
@@ -82,7 +92,8 @@ pub(super) fn verdict(kind: &OpKind, states: &[(InstanceState, bool)]) -> Option
         OpKind::Stop => states.iter().all(|&(_, idle)| idle).then_some(true),
         OpKind::Restart {
             starting: false, ..
-        } => None,
+        }
+        | OpKind::Replace { .. } => None,
         OpKind::Start | OpKind::Restart { .. } => {
             if states.iter().all(|&(s, _)| s == Running) {
                 Some(true)

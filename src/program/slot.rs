@@ -16,6 +16,7 @@
 //! | any       | stop (process alive)          | STOPPING, then STOPPED           |
 //! | any       | stop (no process)             | STOPPED                          |
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +24,23 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::{AutoRestart, LogConfig, ProgramConfig};
-use crate::instance::{self, ProcCmd, ProcEvent, ProcHandle, ProcParams};
+use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcHandle, ProcParams};
 use crate::logs::LogSink;
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 use crate::state::{now_ms, ExitInfo, InstanceSnapshot, InstanceState};
 
 use super::backoff_delay;
+
+/// Which process of a slot an event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    /// The current process.
+    Current,
+    /// The candidate of a zero-downtime restart.
+    Next,
+    /// An old generation that is stopping.
+    Draining,
+}
 
 /// What the actor must do after a process exited.
 pub(super) enum AfterExit {
@@ -46,6 +58,15 @@ struct Proc {
     pid: Option<u32>,
     started_ms: Option<u64>,
     stopping: bool,
+    ready: bool,
+}
+
+/// What a slot needs to spawn a process.
+pub(super) struct SpawnCtx<'a> {
+    pub cfg: &'a ProgramConfig,
+    pub spawner: &'a Spawner,
+    pub events: &'a mpsc::UnboundedSender<ProcEvent>,
+    pub sockets: &'a [Arc<OwnedFd>],
 }
 
 pub(super) struct Slot {
@@ -55,6 +76,13 @@ pub(super) struct Slot {
     /// The generation of the newest process this slot started (or will start).
     gen: u64,
     proc: Option<Proc>,
+    /// The candidate of a zero-downtime restart: a newer generation starting
+    /// beside `proc`, on the same sockets.
+    next: Option<Proc>,
+    /// Why the candidate failed (exited, not ready in time, cannot spawn).
+    next_failed: Option<String>,
+    /// Older generations told to stop, not yet exited.
+    draining: Vec<Proc>,
     /// Start again as soon as the stopping process is gone.
     pending_start: bool,
     failures: u32,
@@ -62,6 +90,7 @@ pub(super) struct Slot {
     started_once: bool,
     last_exit: Option<ExitInfo>,
     error: Option<String>,
+    status_text: Option<String>,
     backoff_epoch: u64,
     stdout_cfg: LogConfig,
     stderr_cfg: LogConfig,
@@ -92,12 +121,16 @@ impl Slot {
             since_ms: now_ms(),
             gen: 0,
             proc: None,
+            next: None,
+            next_failed: None,
+            draining: Vec::new(),
             pending_start: false,
             failures: 0,
             restarts: 0,
             started_once: false,
             last_exit: None,
             error: None,
+            status_text: None,
             backoff_epoch: 0,
             stdout: sink_for(&cfg.stdout_log, &cfg.name, index, on_drop),
             stderr: sink_for(&cfg.stderr_log, &cfg.name, index, on_drop),
@@ -136,7 +169,149 @@ impl Slot {
 
     /// No process is alive.
     pub fn is_idle(&self) -> bool {
-        self.proc.is_none()
+        self.proc.is_none() && self.next.is_none() && self.draining.is_empty()
+    }
+
+    /// Generation of the current process (0 if none).
+    pub fn current_gen(&self) -> u64 {
+        self.proc.as_ref().map_or(0, |p| p.gen)
+    }
+
+    /// Old generations still stopping.
+    pub fn is_draining(&self) -> bool {
+        !self.draining.is_empty()
+    }
+
+    /// Which of this slot's processes an event of generation `gen` is about.
+    pub fn role(&self, gen: u64) -> Option<Role> {
+        if self.proc.as_ref().is_some_and(|p| p.gen == gen) {
+            Some(Role::Current)
+        } else if self.next.as_ref().is_some_and(|p| p.gen == gen) {
+            Some(Role::Next)
+        } else if self.draining.iter().any(|p| p.gen == gen) {
+            Some(Role::Draining)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the slot may switch to its candidate: the candidate is ready,
+    /// or there is none and the current process runs.
+    pub fn ready_to_switch(&self) -> bool {
+        match &self.next {
+            Some(n) => n.ready,
+            None => self.state == InstanceState::Running,
+        }
+    }
+
+    /// Why the candidate failed, once.
+    pub fn take_next_failure(&mut self) -> Option<String> {
+        self.next_failed.take()
+    }
+
+    /// Zero-downtime restart, step 1: start generation `gen` beside the
+    /// current process (or as the current one if none runs).
+    pub fn begin_replace(&mut self, ctx: &SpawnCtx<'_>, gen: u64) {
+        self.next_failed = None;
+        if self.proc.is_none() || self.pending_start {
+            self.start(ctx, gen);
+            return;
+        }
+        if self.next.is_some() {
+            return;
+        }
+        self.gen = gen;
+        let next = self.launch(ctx, gen);
+        tracing::info!(program = %ctx.cfg.name, instance = self.index, gen, "starting the new generation beside the running one");
+        self.next = Some(next);
+    }
+
+    /// Step 2: the candidate becomes current; the old process is told to stop
+    /// and is SIGKILLed if still alive after `max_wait`.
+    pub fn switch(&mut self, cfg: &ProgramConfig) {
+        let Some(next) = self.next.take() else {
+            return;
+        };
+        if let Some(mut old) = self.proc.replace(next) {
+            old.stopping = true;
+            old.handle.send(ProcCmd::Stop {
+                signal: cfg.stop_signal,
+                kill_after: cfg.max_wait,
+            });
+            tracing::info!(program = %cfg.name, instance = self.index, gen = old.gen, "draining the old generation");
+            self.draining.push(old);
+        }
+        self.restarts += 1;
+        self.failures = 0;
+        self.error = None;
+        self.set_state(&cfg.name, InstanceState::Running);
+    }
+
+    /// A failed restart: kill the candidate, keep the current process.
+    pub fn abort_replace(&mut self) {
+        if let Some(mut next) = self.next.take() {
+            next.stopping = true;
+            next.handle.send(ProcCmd::Stop {
+                signal: Signal::SIGKILL,
+                kill_after: Duration::ZERO,
+            });
+            self.draining.push(next);
+        }
+        if let Some(p) = &self.proc {
+            self.gen = p.gen;
+        }
+    }
+
+    /// An event about the candidate.
+    pub fn on_next_event(&mut self, cfg: &ProgramConfig, kind: ProcEventKind) {
+        let Some(next) = self.next.as_mut() else {
+            return;
+        };
+        let gen = next.gen;
+        match kind {
+            ProcEventKind::Spawned { pid } => {
+                next.pid = Some(pid);
+                next.started_ms = Some(now_ms());
+            }
+            ProcEventKind::Up => next.ready = true,
+            ProcEventKind::Status(text) => self.status_text = Some(text),
+            ProcEventKind::SpawnFailed(err) => {
+                self.next = None;
+                self.next_failed = Some(format!("gen {gen} cannot start: {err}"));
+            }
+            ProcEventKind::NotReady => {
+                self.next_failed = Some(format!(
+                    "gen {gen} was not ready within ready_timeout ({:?})",
+                    cfg.ready_timeout
+                ));
+                self.abort_replace();
+            }
+            ProcEventKind::Exited { status, .. } => {
+                self.next = None;
+                let how = status.map_or("unknown".to_string(), |s| s.to_string());
+                self.next_failed = Some(format!("gen {gen} exited ({how}) before it was ready"));
+            }
+        }
+    }
+
+    /// An event about an old generation that is stopping.
+    pub fn on_draining_event(&mut self, cfg: &ProgramConfig, gen: u64, kind: ProcEventKind) {
+        let Some(pos) = self.draining.iter().position(|p| p.gen == gen) else {
+            return;
+        };
+        match kind {
+            ProcEventKind::Spawned { pid } => self.draining[pos].pid = Some(pid),
+            ProcEventKind::Exited { status, killed } => {
+                let old = self.draining.remove(pos);
+                let how = status.map_or("unknown".to_string(), |s| s.to_string());
+                if killed {
+                    tracing::warn!(program = %cfg.name, instance = self.index, gen = old.gen, exit = %how, max_wait = ?cfg.max_wait, "old generation did not exit within max_wait; it was SIGKILLed and its open requests were cut");
+                } else {
+                    tracing::info!(program = %cfg.name, instance = self.index, gen = old.gen, exit = %how, "old generation exited");
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Whether the slot is meant to have a running process.
@@ -146,11 +321,6 @@ impl Slot {
                 self.state,
                 InstanceState::Starting | InstanceState::Running | InstanceState::Backoff
             )
-    }
-
-    /// Whether an event of generation `gen` is about this slot's process.
-    pub fn owns(&self, gen: u64) -> bool {
-        self.proc.as_ref().is_some_and(|p| p.gen == gen)
     }
 
     pub fn sink(&self, stderr: bool) -> LogSink {
@@ -189,13 +359,7 @@ impl Slot {
     }
 
     /// Starts a process of generation `gen` (an explicit start: counters reset).
-    pub fn start(
-        &mut self,
-        cfg: &ProgramConfig,
-        gen: u64,
-        spawner: &Spawner,
-        events: &mpsc::UnboundedSender<ProcEvent>,
-    ) {
+    pub fn start(&mut self, ctx: &SpawnCtx<'_>, gen: u64) {
         self.gen = gen;
         self.failures = 0;
         self.error = None;
@@ -205,30 +369,29 @@ impl Slot {
             self.pending_start = true;
             return;
         }
-        self.spawn(cfg, spawner, events);
+        self.spawn(ctx);
     }
 
     /// Starts again after a crash or a backoff, in the same generation.
-    pub fn respawn(
-        &mut self,
-        cfg: &ProgramConfig,
-        spawner: &Spawner,
-        events: &mpsc::UnboundedSender<ProcEvent>,
-    ) {
-        self.spawn(cfg, spawner, events);
+    pub fn respawn(&mut self, ctx: &SpawnCtx<'_>) {
+        self.spawn(ctx);
     }
 
-    fn spawn(
-        &mut self,
-        cfg: &ProgramConfig,
-        spawner: &Spawner,
-        events: &mpsc::UnboundedSender<ProcEvent>,
-    ) {
+    fn spawn(&mut self, ctx: &SpawnCtx<'_>) {
+        let proc = self.launch(ctx, self.gen);
+        self.proc = Some(proc);
+        self.set_state(&ctx.cfg.name, InstanceState::Starting);
+    }
+
+    /// Starts a process of generation `gen` for this slot and returns it.
+    fn launch(&mut self, ctx: &SpawnCtx<'_>, gen: u64) -> Proc {
+        let cfg = ctx.cfg;
         if self.started_once {
             self.restarts += 1;
         }
         self.started_once = true;
         self.pending_start = false;
+        self.status_text = None;
         let mut env: Vec<(String, String)> = cfg
             .environment
             .iter()
@@ -236,7 +399,7 @@ impl Slot {
             .collect();
         env.push(("ZDT_PROGRAM".into(), cfg.name.clone()));
         env.push(("ZDT_INSTANCE".into(), self.index.to_string()));
-        env.push(("ZDT_GENERATION".into(), self.gen.to_string()));
+        env.push(("ZDT_GENERATION".into(), gen.to_string()));
         let spec = SpawnSpec {
             argv: cfg.command.clone(),
             env,
@@ -245,28 +408,32 @@ impl Slot {
             group: cfg.group.clone(),
             umask: cfg.umask,
             redirect_stderr: cfg.redirect_stderr,
+            fds: ctx.sockets.to_vec(),
+            fdname: cfg.fdname.clone(),
         };
         let handle = instance::launch(
-            spawner.clone(),
+            ctx.spawner.clone(),
             ProcParams {
                 slot: self.index,
-                gen: self.gen,
+                gen,
                 spec,
+                ready: cfg.ready.clone(),
                 startsecs: cfg.startsecs,
+                ready_timeout: cfg.ready_timeout,
                 stdout: self.stdout.clone(),
                 stderr: self.stderr.clone(),
                 prefix: String::new(),
             },
-            events.clone(),
+            ctx.events.clone(),
         );
-        self.proc = Some(Proc {
+        Proc {
             handle,
-            gen: self.gen,
+            gen,
             pid: None,
             started_ms: None,
             stopping: false,
-        });
-        self.set_state(&cfg.name, InstanceState::Starting);
+            ready: false,
+        }
     }
 
     /// Stops the process (stop_signal, SIGKILL after kill_timeout), or just
@@ -274,6 +441,14 @@ impl Slot {
     pub fn stop(&mut self, cfg: &ProgramConfig) {
         self.pending_start = false;
         self.backoff_epoch += 1;
+        if let Some(mut next) = self.next.take() {
+            next.stopping = true;
+            next.handle.send(ProcCmd::Stop {
+                signal: cfg.stop_signal,
+                kill_after: cfg.kill_timeout,
+            });
+            self.draining.push(next);
+        }
         match &mut self.proc {
             Some(p) => {
                 if !p.stopping {
@@ -300,6 +475,32 @@ impl Slot {
             p.pid = Some(pid);
             p.started_ms = Some(now_ms());
         }
+    }
+
+    /// The current process was not ready in time: kill it; its exit counts
+    /// as a failed start.
+    pub fn on_not_ready(&mut self, cfg: &ProgramConfig) {
+        if let Some(p) = &self.proc {
+            self.error = Some(format!(
+                "not ready within ready_timeout ({:?})",
+                cfg.ready_timeout
+            ));
+            p.handle.send(ProcCmd::Stop {
+                signal: Signal::SIGKILL,
+                kill_after: Duration::ZERO,
+            });
+        }
+    }
+
+    /// The worker's STATUS= text.
+    pub fn on_status(&mut self, text: String) {
+        self.status_text = Some(text);
+    }
+
+    /// Marks the slot FATAL without a process (its sockets cannot be bound).
+    pub fn fail(&mut self, program: &str, err: String) {
+        self.error = Some(err);
+        self.set_state(program, InstanceState::Fatal);
     }
 
     pub fn on_spawn_failed(&mut self, err: String) {
@@ -396,6 +597,42 @@ impl Slot {
         }
     }
 
+    /// The slot's row, then one row per candidate or draining process.
+    pub fn snapshots(&self, program: &str) -> Vec<InstanceSnapshot> {
+        let mut rows = vec![self.snapshot(program)];
+        let extra = self
+            .next
+            .iter()
+            .map(|p| {
+                (
+                    p,
+                    if p.ready {
+                        InstanceState::Running
+                    } else {
+                        InstanceState::Starting
+                    },
+                )
+            })
+            .chain(self.draining.iter().map(|p| (p, InstanceState::Draining)));
+        for (p, state) in extra {
+            rows.push(InstanceSnapshot {
+                program: program.to_string(),
+                instance: self.index as u32,
+                generation: p.gen,
+                state,
+                pid: p.pid,
+                since_ms: p.started_ms.unwrap_or(self.since_ms),
+                started_ms: p.started_ms,
+                restarts: self.restarts,
+                last_exit: None,
+                error: None,
+                status_text: None,
+                log_dropped_bytes: 0,
+            });
+        }
+        rows
+    }
+
     pub fn snapshot(&self, program: &str) -> InstanceSnapshot {
         InstanceSnapshot {
             program: program.to_string(),
@@ -408,7 +645,7 @@ impl Slot {
             restarts: self.restarts,
             last_exit: self.last_exit.clone(),
             error: self.error.clone(),
-            status_text: None,
+            status_text: self.status_text.clone(),
             log_dropped_bytes: self.stdout.dropped_bytes() + self.stderr.dropped_bytes(),
         }
     }

@@ -1,15 +1,21 @@
 //! Building the `Command` for one worker, and the code that runs between fork
 //! and exec.
 //!
-//! Everything that allocates or may block (user lookups, path resolution, the
-//! environment) happens in [`prepare`], before fork. The `pre_exec` hook only
-//! makes async-signal-safe system calls: setgroups, setgid, setuid, umask, prctl,
-//! getppid. The standard library resets the signal mask and SIGPIPE, puts the
-//! child in its own process group and dup2s the pipes; every other fd zdt holds
-//! is close-on-exec, so nothing else leaks into the worker.
+//! Everything that allocates or may block (user lookups, PATH search, argv and
+//! the environment as C strings) happens in [`prepare`], before fork. The
+//! `pre_exec` hook only makes async-signal-safe system calls: setgroups,
+//! setgid, setuid, umask, prctl, getppid, fcntl, dup2, execve. It execs the
+//! worker itself, after writing the child's own pid into a `LISTEN_PID=`
+//! buffer reserved before fork (the systemd protocol needs the worker's pid,
+//! which exists only after fork). The standard library resets the signal mask
+//! and SIGPIPE, puts the child in its own process group and dup2s the pipes
+//! before the hook runs; every other fd zdt holds is close-on-exec, so only
+//! stdio and the listening sockets reach the worker.
 
-use std::ffi::CString;
-use std::os::fd::OwnedFd;
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -47,6 +53,11 @@ pub struct SpawnSpec {
     pub umask: Option<u32>,
     /// Send stderr into the stdout pipe.
     pub redirect_stderr: bool,
+    /// Listening sockets passed as fd 3, 4, ... with LISTEN_FDS, LISTEN_PID
+    /// (the child's own pid) and LISTEN_FDNAMES.
+    pub fds: Vec<std::sync::Arc<OwnedFd>>,
+    /// The name of every fd in LISTEN_FDNAMES.
+    pub fdname: String,
 }
 
 /// A resolved user to switch to.
@@ -132,6 +143,107 @@ fn home_of(uid: libc::uid_t) -> Option<PathBuf> {
         .map(|u| u.dir)
 }
 
+/// Finds `argv0` like a shell would: as given if it contains a slash,
+/// otherwise the first executable file of that name in `path`.
+fn resolve_program(argv0: &str, path: Option<&OsStr>) -> Result<PathBuf, std::io::Error> {
+    use std::os::unix::fs::PermissionsExt;
+    if argv0.contains('/') {
+        return Ok(PathBuf::from(argv0));
+    }
+    let path = path.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    std::env::split_paths(path)
+        .map(|dir| dir.join(argv0))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+/// What the child needs to exec, built before fork so that the child only
+/// patches bytes and makes system calls.
+struct ExecPlan {
+    path: CString,
+    /// Keep the strings alive: `argv_ptrs`/`env_ptrs` point into them.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    env: Vec<Vec<u8>>,
+    env_ptrs: Vec<*const libc::c_char>,
+    /// Index in `env` of the `LISTEN_PID=` entry, patched with the child's pid.
+    listen_pid: Option<usize>,
+    /// Listening sockets, in order: they become fd 3, 4, ...
+    fds: Vec<std::sync::Arc<OwnedFd>>,
+    /// Scratch space for the temporary copies of `fds` (no allocation in the child).
+    scratch: Vec<libc::c_int>,
+}
+
+// SAFETY: the raw pointers point into heap buffers owned by the same plan; the
+// plan is moved into the pre_exec closure once and only read (or patched in
+// the forked child, which has its own copy of memory).
+unsafe impl Send for ExecPlan {}
+unsafe impl Sync for ExecPlan {}
+
+/// Width reserved for the pid in `LISTEN_PID=`.
+const PID_DIGITS: usize = 10;
+
+impl ExecPlan {
+    /// Runs in the child: move the sockets to 3.., patch LISTEN_PID, execve.
+    /// Returns only on failure.
+    fn exec(&mut self) -> std::io::Error {
+        let n = self.fds.len() as libc::c_int;
+        for (i, fd) in self.fds.iter().enumerate() {
+            // First out of the way of 3..3+n (a source may sit in that range).
+            // SAFETY: fcntl on a valid fd.
+            let tmp = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3 + n) };
+            if tmp < 0 {
+                return std::io::Error::last_os_error();
+            }
+            self.scratch[i] = tmp;
+        }
+        for i in 0..self.fds.len() {
+            // dup2 clears close-on-exec on the target: only these fds survive exec.
+            // SAFETY: dup2 on valid fds.
+            if unsafe { libc::dup2(self.scratch[i], 3 + i as libc::c_int) } < 0 {
+                return std::io::Error::last_os_error();
+            }
+        }
+        if let Some(idx) = self.listen_pid {
+            // SAFETY: getpid has no preconditions.
+            let mut pid = unsafe { libc::getpid() } as u32;
+            let entry = &mut self.env[idx];
+            let start = b"LISTEN_PID=".len();
+            let mut digits = [0u8; PID_DIGITS];
+            let mut len = 0;
+            loop {
+                digits[len] = b'0' + (pid % 10) as u8;
+                len += 1;
+                pid /= 10;
+                if pid == 0 || len == PID_DIGITS {
+                    break;
+                }
+            }
+            for k in 0..len {
+                entry[start + k] = digits[len - 1 - k];
+            }
+            entry[start + len] = 0;
+        }
+        // SAFETY: path, argv and envp are NUL-terminated strings in arrays
+        // ending with a null pointer, all built before fork.
+        unsafe {
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.env_ptrs.as_ptr(),
+            );
+        }
+        std::io::Error::last_os_error()
+    }
+}
+
+fn cstring(s: impl AsRef<[u8]>) -> Result<CString, std::io::Error> {
+    CString::new(s.as_ref().to_vec())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+}
+
 /// Resolves everything that allocates or blocks, and builds the command.
 pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
     let argv0 = spec.argv.first().cloned().unwrap_or_default();
@@ -139,33 +251,83 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         argv0: argv0.clone(),
         source,
     };
+    // The environment: zdt's own, less its socket variables, plus the program's.
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| !SCRUBBED_ENV.iter().any(|s| k == *s))
+        .collect();
     let mut command = Command::new(&argv0);
-    command.args(spec.argv.iter().skip(1));
-    for key in SCRUBBED_ENV {
-        command.env_remove(key);
-    }
     if let Some(dir) = &spec.directory {
         let resolved = std::fs::canonicalize(dir).map_err(|source| SpawnError::Directory {
             dir: dir.clone(),
             source,
         })?;
-        command.env("PWD", &resolved);
+        env.insert("PWD".into(), resolved.clone().into());
         command.current_dir(resolved);
     }
     let user = match &spec.user {
         Some(name) => {
             let u = resolve_user(name, spec.group.as_deref()).map_err(exec_err)?;
-            command.env("USER", name).env("LOGNAME", name);
+            env.insert("USER".into(), name.into());
+            env.insert("LOGNAME".into(), name.into());
             if let Some(home) = home_of(u.uid) {
-                command.env("HOME", home);
+                env.insert("HOME".into(), home.into());
             }
             Some(u)
         }
         None => None,
     };
     for (k, v) in &spec.env {
-        command.env(k, v);
+        env.insert(k.into(), v.into());
     }
+    if !spec.fds.is_empty() {
+        let names = vec![spec.fdname.as_str(); spec.fds.len()].join(":");
+        env.insert("LISTEN_FDS".into(), spec.fds.len().to_string().into());
+        env.insert("LISTEN_FDNAMES".into(), names.into());
+    }
+    let path = resolve_program(&argv0, env.get(OsStr::new("PATH")).map(OsString::as_os_str))
+        .map_err(exec_err)?;
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(cstring)
+        .collect::<Result<_, _>>()
+        .map_err(exec_err)?;
+    let mut env_bytes: Vec<Vec<u8>> = env
+        .iter()
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            e.push(0);
+            e
+        })
+        .filter(|e| !e[..e.len() - 1].contains(&0))
+        .collect();
+    let listen_pid = (!spec.fds.is_empty()).then(|| {
+        let mut e = b"LISTEN_PID=".to_vec();
+        e.extend_from_slice(&[b'0'; PID_DIGITS]);
+        e.push(0);
+        env_bytes.push(e);
+        env_bytes.len() - 1
+    });
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env_bytes
+        .iter()
+        .map(|e| e.as_ptr().cast::<libc::c_char>())
+        .collect();
+    env_ptrs.push(std::ptr::null());
+    let mut plan = ExecPlan {
+        path: cstring(path.as_os_str().as_bytes()).map_err(exec_err)?,
+        _argv: argv,
+        argv_ptrs,
+        env: env_bytes,
+        env_ptrs,
+        listen_pid,
+        scratch: vec![0; spec.fds.len()],
+        fds: spec.fds,
+    };
+
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| exec_err(std::io::Error::from(e)))?;
     let (stderr, err_w) = if spec.redirect_stderr {
@@ -183,8 +345,10 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
     let umask = spec.umask;
     let parent = nix::unistd::getpid().as_raw();
     // SAFETY: the closure runs in the child between fork and exec. It only makes
-    // async-signal-safe system calls on data prepared above (no allocation: the
-    // groups Vec was built before fork, io::Error::last_os_error does not allocate).
+    // async-signal-safe system calls on data prepared above; nothing allocates
+    // (io::Error::last_os_error and from_raw_os_error do not allocate). The
+    // standard library has already set up stdio, the process group, the working
+    // directory and the signal mask when it runs; the closure then execs itself.
     unsafe {
         command.pre_exec(move || {
             if let Some(u) = &user {
@@ -206,7 +370,7 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
             if libc::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            Ok(())
+            Err(plan.exec())
         });
     }
     Ok(Prepared {

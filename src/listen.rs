@@ -1,0 +1,132 @@
+//! Listening sockets that zdt binds once and owns for its whole life.
+//!
+//! Sockets are opened close-on-exec (socket2 does so by default), with
+//! SO_REUSEADDR, a backlog from somaxconn unless configured, IPV6_V6ONLY for
+//! IPv6 addresses, and for unix sockets a file mode. Every generation of a
+//! worker receives a dup of the *same* socket, so generations share one accept
+//! queue and nothing queued is lost when an old generation exits (PITFALLS 1-2).
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::config::ListenAddr;
+
+/// Why an address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    /// The address.
+    pub addr: String,
+    /// The OS error.
+    pub source: std::io::Error,
+}
+
+/// The system's accept-queue limit (`net.core.somaxconn`), the default backlog.
+pub fn somaxconn() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+fn remove_stale_unix_socket(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if !m.file_type().is_socket() => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        )),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is accepting on this socket",
+            )),
+            Err(_) => std::fs::remove_file(path),
+        },
+    }
+}
+
+/// Binds and listens on `addr`.
+pub fn bind(
+    addr: &ListenAddr,
+    backlog: Option<u32>,
+    unix_mode: u32,
+) -> Result<OwnedFd, ListenError> {
+    let err = |source| ListenError {
+        addr: addr.to_string(),
+        source,
+    };
+    let backlog = backlog.map_or_else(somaxconn, |b| b.min(i32::MAX as u32) as i32);
+    let socket = match addr {
+        ListenAddr::Tcp(a) => {
+            let s = Socket::new(Domain::for_address(*a), Type::STREAM, None).map_err(err)?;
+            s.set_reuse_address(true).map_err(err)?;
+            if a.is_ipv6() {
+                s.set_only_v6(true).map_err(err)?;
+            }
+            s.bind(&SockAddr::from(*a)).map_err(err)?;
+            s
+        }
+        ListenAddr::Unix(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(err)?;
+            }
+            remove_stale_unix_socket(path).map_err(err)?;
+            let s = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
+            s.bind(&SockAddr::unix(path).map_err(err)?).map_err(err)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode))
+                .map_err(err)?;
+            s
+        }
+    };
+    socket.listen(backlog).map_err(err)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_tcp_and_reports_address_in_use() {
+        let fd = bind(
+            &ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")),
+            None,
+            0o660,
+        )
+        .expect("bind");
+        let sock = Socket::from(fd);
+        let local = sock.local_addr().expect("local").as_socket().expect("inet");
+        let again = bind(&ListenAddr::Tcp(local), None, 0o660).expect_err("in use");
+        assert!(
+            again
+                .to_string()
+                .starts_with(&format!("cannot listen on tcp://{local}: ")),
+            "{again}"
+        );
+        // Accepts connections (the kernel queues them while nobody accepts).
+        std::net::TcpStream::connect(local).expect("connect");
+    }
+
+    #[test]
+    fn unix_socket_gets_its_mode_and_replaces_a_stale_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s/app.sock");
+        let addr = ListenAddr::Unix(path.clone());
+        let fd = bind(&addr, Some(16), 0o600).expect("bind");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        // While it is listening, a second bind is refused...
+        assert!(bind(&addr, None, 0o600).is_err());
+        drop(fd);
+        // ...and once closed, the leftover file is replaced.
+        bind(&addr, None, 0o600).expect("rebind over a stale socket");
+    }
+}
