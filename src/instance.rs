@@ -139,6 +139,9 @@ fn signal_group(pid: Pid, sig: Signal) {
     }
 }
 
+/// How long an exit report waits for the worker's last output.
+const PUMP_DRAIN: Duration = Duration::from_millis(200);
+
 /// Distinguishes notify sockets of processes of this zdt.
 static NOTIFY_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -228,11 +231,20 @@ async fn run(
     send(ProcEventKind::Spawned {
         pid: pid.as_raw() as u32,
     });
+    let mut pumps = Vec::new();
     if let Some(r) = pipe_reader(spawned.stdout) {
-        tokio::spawn(logs::pump(r, p.stdout.clone(), p.prefix.clone()));
+        pumps.push(tokio::spawn(logs::pump(
+            r,
+            p.stdout.clone(),
+            p.prefix.clone(),
+        )));
     }
     if let Some(r) = spawned.stderr.and_then(pipe_reader) {
-        tokio::spawn(logs::pump(r, p.stderr.clone(), p.prefix.clone()));
+        pumps.push(tokio::spawn(logs::pump(
+            r,
+            p.stderr.clone(),
+            p.prefix.clone(),
+        )));
     }
 
     let mut exit = spawned.exit;
@@ -326,6 +338,9 @@ async fn run(
             }
         }
     };
+    // Let the pumps take the last output first, so a failure report shows
+    // it; bounded, since a grandchild may hold the pipes open.
+    let _ = tokio::time::timeout(PUMP_DRAIN, futures_util::future::join_all(pumps)).await;
     send(ProcEventKind::Exited { status, killed });
     // The leader is gone; members of its group that got the stop signal still
     // get the rest of the grace, then SIGKILL (systemd's KillMode=control-group).

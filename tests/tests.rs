@@ -7,5 +7,6 @@ mod config;
 mod control;
 mod lifecycle;
 mod logs;
+mod pass;
 mod reload;
 mod spawning;

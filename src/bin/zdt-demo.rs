@@ -16,7 +16,8 @@
 //!
 //! Flags for tests: `--ignore-term`, `--never-ready`, `--crash-after MS`
 //! (exit 3), `--exit-after MS` with `--exit-code N` (0 ms = before listening),
-//! `--start-delay MS`, `--stderr-line TEXT`.
+//! `--start-delay MS`, `--stderr-line TEXT`, and for bad releases
+//! `--crash-if FILE` / `--unready-if FILE` (fail only when FILE exists at start).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -63,6 +64,12 @@ struct Opts {
     /// Print this line to stderr at start.
     #[arg(long)]
     stderr_line: Option<String>,
+    /// Never send READY=1 if this file exists at start (tests a bad release).
+    #[arg(long)]
+    unready_if: Option<std::path::PathBuf>,
+    /// Exit 1 at once if this file exists at start (tests a bad release).
+    #[arg(long)]
+    crash_if: Option<std::path::PathBuf>,
     /// After the stop signal, close a connection once idle this long (ms).
     #[arg(long, default_value_t = 500)]
     drain_grace: u64,
@@ -321,7 +328,8 @@ async fn run(opts: Opts) -> Result<(), String> {
     if let Some(line) = &opts.stderr_line {
         eprintln!("{line}");
     }
-    if !opts.never_ready {
+    let unready = opts.unready_if.as_ref().is_some_and(|p| p.exists());
+    if !opts.never_ready && !unready {
         notify(&format!(
             "READY=1\nSTATUS=serving on {addr}\nMAINPID={}",
             shared.pid
@@ -385,6 +393,16 @@ async fn run(opts: Opts) -> Result<(), String> {
 
 fn main() {
     let opts = Opts::parse();
+    if opts.crash_if.as_ref().is_some_and(|p| p.exists()) {
+        eprintln!(
+            "zdt-demo: {} exists; failing at start on purpose",
+            opts.crash_if
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        std::process::exit(1);
+    }
     if opts.exit_after == Some(0) {
         eprintln!("zdt-demo: exiting at once with {}", opts.exit_code);
         std::process::exit(opts.exit_code);

@@ -37,7 +37,37 @@ fn load(explicit: Option<&std::path::Path>) -> Result<zdt::config::Config, ExitC
     })
 }
 
+/// Marks every fd zdt inherited (beyond stdio) close-on-exec, so that none
+/// of them reaches a worker (PITFALLS 8), and makes sure fds 0-2 are open, so
+/// that no socket zdt opens later lands on a stdio number.
+fn sanitize_fds() {
+    for fd in 0..3 {
+        if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            let _ = nix::fcntl::open(
+                "/dev/null",
+                nix::fcntl::OFlag::O_RDWR,
+                nix::sys::stat::Mode::empty(),
+            );
+        }
+    }
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}
+
 fn main() -> ExitCode {
+    sanitize_fds();
     let args = Args::parse();
     let config = match load(args.config.as_deref()) {
         Ok(c) => c,

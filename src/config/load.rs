@@ -297,7 +297,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let mut listen = Vec::new();
         for l in p.listen.unwrap_or_default() {
             let addr =
-                parse_listen(l.get_ref(), &resolve).map_err(|m| err_at(l.span().start, m))?;
+                parse_listen(l.get_ref(), |p| resolve(p)).map_err(|m| err_at(l.span().start, m))?;
             if listen.contains(&addr) {
                 return Err(err_at(l.span().start, format!("{addr} is listed twice")));
             }

@@ -498,7 +498,7 @@ impl Program {
         });
         if let Some((s, why)) = failed {
             for &t in &slots {
-                self.slots[t].abort_replace();
+                self.slots[t].abort_replace(&self.config);
             }
             self.generation = self
                 .slots
@@ -562,15 +562,14 @@ impl Program {
         progress: Option<mpsc::Sender<Reply>>,
         reply: oneshot::Sender<OpResult>,
     ) {
-        if self
-            .ops
-            .iter()
-            .any(|op| matches!(op.kind, OpKind::Restart { .. }))
+        if new_config.is_none()
+            && self.config.overlaps()
+            && self.slots.iter().any(Slot::wants_running)
         {
-            let _ = reply.send(Err(OpError::plain(format!(
-                "a restart of {} is already in progress; try again when it has finished",
-                self.config.name
-            ))));
+            return self.begin_replace(instance, progress, reply);
+        }
+        if let Some(e) = self.restart_busy() {
+            let _ = reply.send(Err(e));
             return;
         }
         match self.select(instance) {

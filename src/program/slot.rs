@@ -247,13 +247,15 @@ impl Slot {
         self.set_state(&cfg.name, InstanceState::Running);
     }
 
-    /// A failed restart: kill the candidate, keep the current process.
-    pub fn abort_replace(&mut self) {
+    /// A failed restart: stop the candidate, keep the current process. The
+    /// candidate gets the graceful stop, not SIGKILL: on a shared socket it may
+    /// already have accepted connections, which it should answer.
+    pub fn abort_replace(&mut self, cfg: &ProgramConfig) {
         if let Some(mut next) = self.next.take() {
             next.stopping = true;
             next.handle.send(ProcCmd::Stop {
-                signal: Signal::SIGKILL,
-                kill_after: Duration::ZERO,
+                signal: cfg.stop_signal,
+                kill_after: cfg.kill_timeout,
             });
             self.draining.push(next);
         }
@@ -284,7 +286,7 @@ impl Slot {
                     "gen {gen} was not ready within ready_timeout ({:?})",
                     cfg.ready_timeout
                 ));
-                self.abort_replace();
+                self.abort_replace(cfg);
             }
             ProcEventKind::Exited { status, .. } => {
                 self.next = None;
@@ -486,8 +488,8 @@ impl Slot {
                 cfg.ready_timeout
             ));
             p.handle.send(ProcCmd::Stop {
-                signal: Signal::SIGKILL,
-                kill_after: Duration::ZERO,
+                signal: cfg.stop_signal,
+                kill_after: cfg.kill_timeout,
             });
         }
     }

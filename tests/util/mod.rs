@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod load;
+
 use zdt::state::{InstanceSnapshot, InstanceState, ProgramSnapshot};
 
 /// Path of a binary built by this package.

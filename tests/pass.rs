@@ -1,0 +1,275 @@
+//! Pass mode (socket activation): the socket zdt owns reaches every
+//! generation as fd 3, and restarts under load fail zero requests.
+
+use std::time::{Duration, Instant};
+
+use zdt::state::InstanceState::*;
+
+use crate::util::load::Load;
+use crate::util::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn pass_program(name: &str, port: u16, args: &[&str], extra: &str) -> String {
+    demo_program(
+        name,
+        args,
+        &format!("listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n{extra}"),
+    )
+}
+
+fn fds_of(pid: u32) -> Vec<(u32, String)> {
+    let mut v: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?.display().to_string();
+            Some((n, target))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn environ(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    String::from_utf8_lossy(&raw)
+        .split('\0')
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn worker_gets_exactly_stdio_and_the_listening_socket() {
+    let (p1, p2) = (free_port(), free_port());
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.app]\ncommand = [\"sleep\", \"1000\"]\nlisten = [\"tcp://127.0.0.1:{p1}\", \"tcp://[::1]:{p2}\"]\nfdname = \"web\"\nstartsecs = \"0s\"\n"
+            )),
+    );
+    let pid = d.wait_state("app", 0, Running, T).pid.expect("pid");
+    let fds = fds_of(pid);
+    let nums: Vec<u32> = fds.iter().map(|f| f.0).collect();
+    assert_eq!(nums, [0, 1, 2, 3, 4], "leaked fds: {fds:?}");
+    assert!(
+        fds[3].1.starts_with("socket:") && fds[4].1.starts_with("socket:"),
+        "{fds:?}"
+    );
+    let env = environ(pid);
+    for want in [
+        "LISTEN_FDS=2".to_string(),
+        format!("LISTEN_PID={pid}"),
+        "LISTEN_FDNAMES=web:web".to_string(),
+    ] {
+        assert!(env.contains(&want), "{want} missing from {env:?}");
+    }
+    // The kernel queues connections on the owned socket even though nobody accepts.
+    std::net::TcpStream::connect(("127.0.0.1", p1)).expect("queued connect");
+    std::net::TcpStream::connect(("::1", p2)).expect("queued connect v6");
+}
+
+#[test]
+fn restart_under_load_fails_zero_requests() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header() + &pass_program("web", port, &[], "instances = 2\nmax_wait = \"10s\"")),
+    );
+    d.wait_state("web", 0, Running, T);
+    d.wait_state("web", 1, Running, T);
+    wait_for("the service to answer", T, || http_get(port, "/"));
+    let load = Load::start(port, 16, 16, &[0, 5, 20, 50]);
+    wait_for("load to flow", T, || {
+        if load.ok_so_far() > 50 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    for i in 0..10 {
+        // Let a few hundred requests through between restarts.
+        let before = load.ok_so_far();
+        wait_for("load between restarts", T, || {
+            if load.ok_so_far() > before + 300 {
+                Ok(())
+            } else {
+                Err("slow".into())
+            }
+        });
+        let out = d.ctl(&["restart", "web"]);
+        assert!(out.status.success(), "restart {i}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("ready in") && text.contains("old generation gone"),
+            "{text}"
+        );
+    }
+    let before = load.ok_so_far();
+    wait_for("load after the last restart", T, || {
+        if load.ok_so_far() > before + 50 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(report.ok > 3000, "only {} requests", report.ok);
+    // 11 generations answered (1 and the 10 restarts), 2 instances each.
+    assert!(
+        report.generations.len() >= 10,
+        "generations seen: {:?}",
+        report.generations
+    );
+    assert!(report.pids.len() >= 20, "pids seen: {}", report.pids.len());
+    let snap = d.status();
+    assert_eq!(snap[0].generation, 11);
+    assert!(
+        snap[0]
+            .instances
+            .iter()
+            .all(|i| i.state == Running && i.generation == 11),
+        "{snap:?}"
+    );
+}
+
+#[test]
+fn a_new_generation_that_is_never_ready_leaves_the_old_one_serving() {
+    let port = free_port();
+    let d = Daemon::start(&header());
+    let flag = d.path("bad-release");
+    let flag_s = flag.display().to_string();
+    d.write_config(
+        &(header()
+            + &pass_program(
+                "web",
+                port,
+                &["--unready-if", &flag_s],
+                "ready_timeout = \"1s\"",
+            )),
+    );
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the service to answer", T, || http_get(port, "/"));
+    std::fs::write(&flag, "").expect("flag");
+    let load = Load::start(port, 4, 4, &[0, 10]);
+    let t0 = Instant::now();
+    let out = d.ctl(&["restart", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not ready within ready_timeout"), "{err}");
+    assert!(err.contains("keeps serving"), "{err}");
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    let st = d.instance("web", 0);
+    assert_eq!((st.state, st.pid), (Running, Some(old)));
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    // The candidate is stopped; on a shared socket it may have answered what
+    // it accepted meanwhile (pass mode cannot tell generations apart), but
+    // once it is gone only the old worker answers.
+    wait_for("a single process", T, || {
+        let n = d.status()[0].instances.len();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} rows"))
+        }
+    });
+    for _ in 0..10 {
+        let (_, body) = http_get(port, "/").expect("served");
+        assert!(body.contains(&format!("\"pid\":{old}")), "{body}");
+    }
+}
+
+#[test]
+fn a_new_generation_that_exits_at_once_leaves_the_old_one_serving() {
+    let port = free_port();
+    let d = Daemon::start(&header());
+    let flag = d.path("bad-release");
+    let flag_s = flag.display().to_string();
+    d.write_config(&(header() + &pass_program("web", port, &["--crash-if", &flag_s], "")));
+    assert!(d.ctl(&["reload"]).status.success());
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the service to answer", T, || http_get(port, "/"));
+    std::fs::write(&flag, "").expect("flag");
+    let load = Load::start(port, 4, 4, &[0, 10]);
+    let out = d.ctl(&["restart", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exited (exit 1) before it was ready"), "{err}");
+    // The worker's last output is shown.
+    assert!(err.contains("failing at start on purpose"), "{err}");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert_eq!(d.instance("web", 0).pid, Some(old));
+    // After the fix, the restart goes through.
+    std::fs::remove_file(&flag).expect("rm");
+    assert!(d.ctl(&["restart", "web"]).status.success());
+    assert_ne!(d.instance("web", 0).pid, Some(old));
+}
+
+#[test]
+fn an_old_worker_ignoring_sigterm_is_killed_at_max_wait() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header() + &pass_program("web", port, &["--ignore-term"], "max_wait = \"1500ms\"")),
+    );
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the service to answer", T, || http_get(port, "/"));
+    let t0 = Instant::now();
+    let out = d.ctl(&["restart", "web"]);
+    let took = t0.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!alive(old), "old worker still alive");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "old generation gone after {took:?}, before max_wait"
+    );
+    assert!(took < Duration::from_millis(6000), "restart took {took:?}");
+    assert!(
+        d.stderr().contains("did not exit within max_wait"),
+        "not logged"
+    );
+    let (code, body) = http_get(port, "/").expect("served by the new generation");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"generation\":2"), "{body}");
+}
+
+#[test]
+fn rolling_restart_replaces_one_instance_at_a_time() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header() + &pass_program("web", port, &[], "instances = 3\nstrategy = \"rolling\"")),
+    );
+    for i in 0..3 {
+        d.wait_state("web", i, Running, T);
+    }
+    let load = Load::start(port, 4, 4, &[0, 10]);
+    let out = d.ctl(&["restart", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for i in 0..3 {
+        assert!(text.contains(&format!("web:{i}: gen 2 ready in")), "{text}");
+    }
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(d.status()[0]
+        .instances
+        .iter()
+        .all(|i| i.generation == 2 && i.state == Running));
+}
+
+#[test]
+fn a_crashed_worker_leaves_connections_queued_for_its_successor() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &pass_program("web", port, &[], "startsecs = \"0s\"")));
+    let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the service to answer", T, || http_get(port, "/"));
+    kill(pid, libc::SIGKILL);
+    // Connecting right away never gets a refusal: the socket is zdt's.
+    let (code, body) = http_get(port, "/").expect("answered by the restarted worker");
+    assert_eq!(code, 200);
+    assert!(!body.contains(&format!("\"pid\":{pid}")), "{body}");
+}

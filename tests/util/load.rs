@@ -1,0 +1,179 @@
+//! A concurrent HTTP/1.1 load client for restart tests: real sockets, every
+//! request checked, every failure counted with its cause.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Requests answered 200 with a body that names its pid.
+    pub ok: u64,
+    /// Everything else, with its cause (first few kept).
+    pub failed: u64,
+    /// Causes of the first failures.
+    pub errors: Vec<String>,
+    /// Distinct worker pids that answered.
+    pub pids: BTreeSet<u64>,
+    /// Distinct generations that answered.
+    pub generations: BTreeSet<u64>,
+}
+
+/// Clients running until [`Load::stop`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<LoadReport>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+fn connect(port: u16) -> Result<Conn, String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    s.set_nodelay(true).ok();
+    Ok(Conn {
+        reader: BufReader::new(s),
+    })
+}
+
+/// One request on `conn`; returns (body, server asked to close).
+fn request(conn: &mut Conn, path: &str, close: bool) -> Result<(String, bool), String> {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{}\r\n",
+        if close { "Connection: close\r\n" } else { "" }
+    );
+    conn.reader
+        .get_mut()
+        .write_all(req.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    conn.reader
+        .read_line(&mut line)
+        .map_err(|e| format!("read status: {e}"))?;
+    if line.is_empty() {
+        return Err("connection closed before the response".into());
+    }
+    if !line.starts_with("HTTP/1.1 200") {
+        return Err(format!("status line {:?}", line.trim_end()));
+    }
+    let mut len = None;
+    let mut server_close = false;
+    loop {
+        line.clear();
+        conn.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read header: {e}"))?;
+        let h = line.trim_end().to_ascii_lowercase();
+        if h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.strip_prefix("content-length:") {
+            len = v.trim().parse::<usize>().ok();
+        }
+        if h == "connection: close" {
+            server_close = true;
+        }
+    }
+    let len = len.ok_or("no content-length")?;
+    let mut body = vec![0; len];
+    conn.reader
+        .read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    Ok((String::from_utf8_lossy(&body).into_owned(), server_close))
+}
+
+fn field(body: &str, key: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get(key)?.as_u64()
+}
+
+impl Load {
+    /// Starts `keepalive` clients that reuse connections and `fresh` clients
+    /// that open one per request, each asking `GET /?sleep=N` with N cycling
+    /// through `sleeps_ms`.
+    pub fn start(port: u16, keepalive: usize, fresh: usize, sleeps_ms: &[u64]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let mut threads = Vec::new();
+        for i in 0..keepalive + fresh {
+            let keep = i < keepalive;
+            let (stop, report) = (stop.clone(), report.clone());
+            let sleeps: Vec<u64> = sleeps_ms.to_vec();
+            threads.push(std::thread::spawn(move || {
+                let mut conn: Option<Conn> = None;
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let path = format!("/?sleep={}", sleeps[n % sleeps.len()]);
+                    let result = (|| {
+                        if conn.is_none() {
+                            conn = Some(connect(port)?);
+                        }
+                        let c = conn.as_mut().ok_or("no connection")?;
+                        request(c, &path, !keep)
+                    })();
+                    let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+                    match result {
+                        Ok((body, server_close)) => {
+                            match (field(&body, "pid"), field(&body, "generation")) {
+                                (Some(pid), Some(gen)) => {
+                                    r.ok += 1;
+                                    r.pids.insert(pid);
+                                    r.generations.insert(gen);
+                                }
+                                _ => {
+                                    r.failed += 1;
+                                    if r.errors.len() < 20 {
+                                        r.errors.push(format!("bad body {body:?}"));
+                                    }
+                                }
+                            }
+                            if server_close || !keep {
+                                conn = None;
+                            }
+                        }
+                        Err(e) => {
+                            r.failed += 1;
+                            if r.errors.len() < 20 {
+                                r.errors.push(format!(
+                                    "{} client: {e}",
+                                    if keep { "keep-alive" } else { "new-connection" }
+                                ));
+                            }
+                            conn = None;
+                        }
+                    }
+                }
+            }));
+        }
+        Load {
+            stop,
+            report,
+            threads,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn ok_so_far(&self) -> u64 {
+        self.report.lock().map(|r| r.ok).unwrap_or(0)
+    }
+
+    /// Stops the clients (each finishes its request) and returns the report.
+    pub fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        Arc::try_unwrap(self.report)
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_default()
+    }
+}
