@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod instance;
 pub mod listen;
 pub mod logs;
+pub mod notify;
 pub mod program;
 pub mod signals;
 pub mod spawn;

@@ -273,3 +273,52 @@ fn a_crashed_worker_leaves_connections_queued_for_its_successor() {
     assert_eq!(code, 200);
     assert!(!body.contains(&format!("\"pid\":{pid}")), "{body}");
 }
+
+#[test]
+fn restart_of_a_real_node_server_under_load_fails_zero_requests() {
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "node is needed for this test (.ci/run installs it)"
+    );
+    let port = free_port();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/node/server.js");
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.node]\ncommand = [\"node\", {:?}]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\ninstances = 2\nenvironment = {{ ZDT_BIN = {:?} }}\n",
+                script.display().to_string(),
+                bin("zdt").display().to_string()
+            )),
+    );
+    d.wait_state("node", 0, Running, T);
+    d.wait_state("node", 1, Running, T);
+    let load = Load::start(port, 16, 16, &[0, 5, 20, 50]);
+    for i in 0..5 {
+        let before = load.ok_so_far();
+        wait_for("load between restarts", T, || {
+            if load.ok_so_far() > before + 300 {
+                Ok(())
+            } else {
+                Err("slow".into())
+            }
+        });
+        let out = d.ctl(&["restart", "node"]);
+        assert!(out.status.success(), "restart {i}: {out:?}");
+    }
+    let before = load.ok_so_far();
+    wait_for("load after the last restart", T, || {
+        if load.ok_so_far() > before + 300 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(
+        report.generations.len() >= 5,
+        "generations seen: {:?}",
+        report.generations
+    );
+}

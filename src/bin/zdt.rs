@@ -27,6 +27,27 @@ struct Args {
 enum Cmd {
     /// Validate the configuration and exit: 0 if valid, 2 if not.
     Check,
+    /// Send sd_notify messages (READY=1, STATUS=...) to $NOTIFY_SOCKET, like
+    /// systemd-notify: for workers in languages without unix datagrams (Node).
+    Notify {
+        /// Messages, e.g. READY=1 "STATUS=serving".
+        #[arg(required = true)]
+        messages: Vec<String>,
+    },
+}
+
+fn notify(messages: &[String]) -> ExitCode {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        eprintln!("error: NOTIFY_SOCKET is not set (is this running under zdt with ready = {{ notify = true }}?)");
+        return ExitCode::from(1);
+    };
+    match zdt::notify::send(&path, &messages.join("\n")) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot notify {}: {e}", path.to_string_lossy());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn load(explicit: Option<&std::path::Path>) -> Result<zdt::config::Config, ExitCode> {
@@ -69,6 +90,9 @@ fn sanitize_fds() {
 fn main() -> ExitCode {
     sanitize_fds();
     let args = Args::parse();
+    if let Some(Cmd::Notify { messages }) = &args.command {
+        return notify(messages);
+    }
     let config = match load(args.config.as_deref()) {
         Ok(c) => c,
         Err(code) => return code,
