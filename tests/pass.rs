@@ -322,3 +322,59 @@ fn restart_of_a_real_node_server_under_load_fails_zero_requests() {
         report.generations
     );
 }
+
+#[test]
+fn zdt_run_supervises_one_command_without_a_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = std::process::Command::new(bin("zdt"))
+        .args([
+            "run",
+            "--listen",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--ready",
+            "notify",
+            "--max-wait",
+            "5s",
+            "--",
+        ])
+        .arg(bin("zdt-demo"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("zdt run");
+    let sock = dir
+        .path()
+        .join("zdt")
+        .join(format!("run-{}.sock", child.id()));
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(bin("zdtctl"))
+            .arg("-s")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("zdtctl")
+    };
+    wait_for("zdt run to serve", T, || http_get(port, "/"));
+    let load = Load::start(port, 4, 4, &[0, 10]);
+    let out = ctl(&["restart", "app"]);
+    assert!(out.status.success(), "{out:?}");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(ctl(&["shutdown"]).status.success());
+    let st = child.wait().expect("wait");
+    assert_eq!(st.code(), Some(0));
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    assert!(
+        err.contains(&format!("control socket {}", sock.display())),
+        "{err}"
+    );
+}

@@ -27,6 +27,30 @@ struct Args {
 enum Cmd {
     /// Validate the configuration and exit: 0 if valid, 2 if not.
     Check,
+    /// Supervise one program without a config file: zdt owns the --listen
+    /// sockets and passes them to the command (socket activation).
+    ///
+    /// Example: zdt run --listen tcp://0.0.0.0:8080 --ready notify -- node server.js
+    Run {
+        /// Address to own and pass as fd 3, 4, ...: tcp://IP:PORT or unix:///path.
+        #[arg(long, required = true)]
+        listen: Vec<String>,
+        /// Readiness: notify, delay=DURATION, or startsecs (up 1 s).
+        #[arg(long, default_value = "startsecs")]
+        ready: String,
+        /// Drain bound for the old generation on restart.
+        #[arg(long, default_value = "30s")]
+        max_wait: String,
+        /// How many copies run.
+        #[arg(long, default_value_t = 1)]
+        instances: u32,
+        /// Program name for zdtctl.
+        #[arg(long, default_value = "app")]
+        name: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Send sd_notify messages (READY=1, STATUS=...) to $NOTIFY_SOCKET, like
     /// systemd-notify: for workers in languages without unix datagrams (Node).
     Notify {
@@ -87,16 +111,102 @@ fn sanitize_fds() {
     }
 }
 
+/// The folder for `zdt run`'s control socket: $XDG_RUNTIME_DIR/zdt, else
+/// /tmp/zdt-UID.
+fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("zdt"),
+        None => PathBuf::from(format!("/tmp/zdt-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// Writes the configuration `zdt run` stands for, so that it goes through
+/// the same validation (and `zdtctl reload` works).
+fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
+    let Cmd::Run {
+        listen,
+        ready,
+        max_wait,
+        instances,
+        name,
+        command,
+    } = cmd
+    else {
+        return Err("not a run command".into());
+    };
+    use toml::{Table, Value};
+    let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+    let dir = runtime_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let pid = std::process::id();
+    let mut sup = Table::new();
+    sup.insert("control".into(), Value::String(format!("run-{pid}.sock")));
+    sup.insert("log_dir".into(), Value::String(format!("run-{pid}-logs")));
+    let mut prog = Table::new();
+    prog.insert("command".into(), strings(command));
+    prog.insert("listen".into(), strings(listen));
+    prog.insert("instances".into(), Value::Integer(i64::from(*instances)));
+    prog.insert("max_wait".into(), Value::String(max_wait.clone()));
+    // Worker output goes to zdt's own stdout and stderr.
+    prog.insert("stdout_logfile".into(), Value::String("/dev/stdout".into()));
+    prog.insert("stderr_logfile".into(), Value::String("/dev/stderr".into()));
+    prog.insert("stdout_logfile_maxbytes".into(), Value::Integer(0));
+    prog.insert("stderr_logfile_maxbytes".into(), Value::Integer(0));
+    let mut r = Table::new();
+    match ready.split_once('=') {
+        _ if ready == "startsecs" => {}
+        _ if ready == "notify" => {
+            r.insert("notify".into(), Value::Boolean(true));
+        }
+        Some(("delay", d)) => {
+            r.insert("delay".into(), Value::String(d.into()));
+        }
+        _ => {
+            return Err(format!(
+                "--ready {ready:?}: use notify, delay=DURATION or startsecs"
+            ))
+        }
+    }
+    if !r.is_empty() {
+        prog.insert("ready".into(), Value::Table(r));
+    }
+    let mut programs = Table::new();
+    programs.insert(name.clone(), Value::Table(prog));
+    let mut root = Table::new();
+    root.insert("supervisor".into(), Value::Table(sup));
+    root.insert("program".into(), Value::Table(programs));
+    let text = toml::to_string(&root).map_err(|e| e.to_string())?;
+    let file = dir.join(format!("run-{pid}.toml"));
+    std::fs::write(&file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    Ok(file)
+}
+
 fn main() -> ExitCode {
     sanitize_fds();
     let args = Args::parse();
     if let Some(Cmd::Notify { messages }) = &args.command {
         return notify(messages);
     }
-    let config = match load(args.config.as_deref()) {
+    let run_file = match &args.command {
+        Some(cmd @ Cmd::Run { .. }) => match write_run_config(cmd) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    let config = match load(run_file.as_deref().or(args.config.as_deref())) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(name) = config.programs.keys().next().filter(|_| run_file.is_some()) {
+        eprintln!(
+            "zdt: control socket {sock}\nzdt: restart without downtime with: zdtctl -s {sock} restart {name}",
+            sock = config.supervisor.control.display()
+        );
+    }
     if let Some(Cmd::Check) = args.command {
         println!(
             "{}: ok ({} program{})",
@@ -139,6 +249,9 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
     });
+    if let Some(f) = &run_file {
+        let _ = std::fs::remove_file(f);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
