@@ -102,6 +102,8 @@ pub struct ProcParams {
     pub startsecs: Duration,
     /// Not ready within this = failed start (explicit readiness only).
     pub ready_timeout: Duration,
+    /// Kill the process if it sends no WATCHDOG=1 for this long once ready.
+    pub watchdog: Option<Duration>,
     /// stdout log.
     pub stdout: LogSink,
     /// stderr log.
@@ -204,6 +206,11 @@ async fn run(
         match notify_socket() {
             Ok((sock, name)) => {
                 p.spec.env.push(("NOTIFY_SOCKET".into(), name));
+                if let Some(w) = p.watchdog {
+                    p.spec
+                        .env
+                        .push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
+                }
                 Some(sock)
             }
             Err(err) => {
@@ -255,7 +262,7 @@ async fn run(
         Ready::Delay(d) => Some(start + d),
         Ready::Notify | Ready::Exec(_) => None,
     };
-    let ready_deadline = match p.ready {
+    let mut ready_deadline = match p.ready {
         Ready::Startsecs => None,
         _ => Some(start + p.ready_timeout),
     };
@@ -273,10 +280,13 @@ async fn run(
     let mut killed = false;
     let mut orders_open = true;
     let mut buf = vec![0u8; 4096];
+    // Armed once ready; pushed back by every WATCHDOG=1.
+    let mut watchdog_at: Option<Instant> = None;
     let status = loop {
         let kill_timer = sleep_until_opt(kill_at);
         let ready_timer = sleep_until_opt(ready_at.filter(|_| !up_sent));
         let not_ready_timer = sleep_until_opt(ready_deadline.filter(|_| !up_sent));
+        let watchdog_timer = sleep_until_opt(watchdog_at.filter(|_| kill_at.is_none()));
         let probed = async {
             match probe_task.as_mut() {
                 Some(t) => {
@@ -309,14 +319,41 @@ async fn run(
             r = datagram => if let Ok(n) = r {
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                 for line in text.lines() {
-                    if line == "READY=1" && !up_sent {
-                        up_sent = true;
-                        send(ProcEventKind::Up);
-                    } else if let Some(st) = line.strip_prefix("STATUS=") {
-                        send(ProcEventKind::Status(st.to_string()));
+                    let (key, value) = line.split_once('=').unwrap_or((line, ""));
+                    match (key, value) {
+                        ("READY", "1") if !up_sent => {
+                            up_sent = true;
+                            watchdog_at = p.watchdog.map(|w| Instant::now() + w);
+                            send(ProcEventKind::Up);
+                        }
+                        ("STATUS", st) => send(ProcEventKind::Status(st.to_string())),
+                        ("WATCHDOG", "1") => {
+                            watchdog_at = p.watchdog.map(|w| Instant::now() + w);
+                        }
+                        ("EXTEND_TIMEOUT_USEC", usec) if !up_sent => {
+                            if let Ok(us) = usec.parse::<u64>() {
+                                let until = Instant::now() + Duration::from_micros(us);
+                                ready_deadline = ready_deadline.map(|d| d.max(until));
+                            }
+                        }
+                        ("STOPPING", "1") => {
+                            tracing::info!(pid = pid.as_raw(), "worker reports it is stopping");
+                        }
+                        ("MAINPID", main) => {
+                            // Signals go to the whole process group, which
+                            // includes any main pid the worker names.
+                            tracing::debug!(pid = pid.as_raw(), mainpid = main, "worker reports its main pid");
+                        }
+                        _ => {}
                     }
                 }
             },
+            () = watchdog_timer => {
+                tracing::error!(pid = pid.as_raw(), watchdog = ?p.watchdog, "no WATCHDOG=1 in time; killing the worker so it restarts");
+                watchdog_at = None;
+                send(ProcEventKind::Status("watchdog timeout".into()));
+                signal_group(pid, Signal::SIGKILL);
+            }
             cmd = cmds.recv(), if orders_open => match cmd {
                 Some(ProcCmd::Signal(sig)) => signal_group(pid, sig),
                 Some(ProcCmd::Stop { signal, kill_after }) => {

@@ -378,3 +378,110 @@ fn zdt_run_supervises_one_command_without_a_config_file() {
         "{err}"
     );
 }
+
+#[test]
+fn a_missed_watchdog_kills_and_restarts_the_worker() {
+    let zdt = bin("zdt").display().to_string();
+    let silent = format!("{zdt:?} notify READY=1; exec sleep 1000");
+    let pinging = format!(
+        "{zdt:?} notify READY=1; while true; do {zdt:?} notify WATCHDOG=1; sleep 0.1; done"
+    );
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.silent]\ncommand = [\"sh\", \"-c\", {silent:?}]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\nwatchdog = \"500ms\"\n\n[program.pinging]\ncommand = [\"sh\", \"-c\", {pinging:?}]\nready = {{ notify = true }}\nwatchdog = \"500ms\"\n"
+            )),
+    );
+    let first = d.wait_state("silent", 0, Running, T).pid.expect("pid");
+    let steady = d.wait_state("pinging", 0, Running, T).pid.expect("pid");
+    let st = wait_for("the silent worker to be replaced", T, || {
+        let i = d.instance("silent", 0);
+        if i.state == Running && i.pid.is_some_and(|p| p != first) {
+            Ok(i)
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    assert_eq!(
+        st.last_exit.and_then(|e| e.signal).as_deref(),
+        Some("SIGKILL")
+    );
+    assert!(!alive(first));
+    // The worker that pings keeps its pid all along.
+    let p = d.instance("pinging", 0);
+    assert_eq!(
+        (p.state, p.pid, p.restarts),
+        (Running, Some(steady), 0),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_bind_error_names_the_address_and_other_programs_run() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let d = Daemon::start(
+        &(header()
+            + &format!("[program.blocked]\ncommand = [\"sleep\", \"1000\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\n")
+            + "[program.fine]\ncommand = [\"sleep\", \"1000\"]\nstartsecs = \"0s\"\n"),
+    );
+    let st = d.wait_state("blocked", 0, Fatal, T);
+    let err = st.error.expect("error");
+    assert!(
+        err.contains(&format!("cannot listen on tcp://127.0.0.1:{port}")) && err.contains("in use"),
+        "{err}"
+    );
+    d.wait_state("fine", 0, Running, T);
+    let out = d.ctl(&["restart", "blocked"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn reload_of_a_changed_pass_program_replaces_it_without_downtime() {
+    let port = free_port();
+    let base = header() + &pass_program("web", port, &[], "instances = 2");
+    let d = Daemon::start(&base);
+    d.wait_state("web", 0, Running, T);
+    d.wait_state("web", 1, Running, T);
+    let load = Load::start(port, 8, 8, &[0, 20]);
+    wait_for("load to flow", T, || {
+        if load.ok_so_far() > 100 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    d.write_config(
+        &(header()
+            + &pass_program(
+                "web",
+                port,
+                &[],
+                "instances = 2\nenvironment = { RELEASE = \"2\" }",
+            )),
+    );
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("changed web"),
+        "{out:?}"
+    );
+    let before = load.ok_so_far();
+    wait_for("load after the reload", T, || {
+        if load.ok_so_far() > before + 100 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    let pid = d.instance("web", 0).pid.expect("pid");
+    let env = environ(pid);
+    assert!(
+        env.contains(&"RELEASE=2".to_string()),
+        "new settings not applied"
+    );
+    assert_eq!(d.status()[0].generation, 2);
+}

@@ -74,6 +74,7 @@ struct RawProgram {
     mode: Option<Spanned<String>>,
     ready: Option<Spanned<RawReady>>,
     ready_timeout: Option<DurationValue>,
+    watchdog: Option<Spanned<DurationValue>>,
     strategy: Option<Spanned<String>>,
 }
 
@@ -336,6 +337,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 }
             }
         };
+        if let Some(w) = &p.watchdog {
+            if ready != Ready::Notify {
+                return Err(err_at(
+                    w.span().start,
+                    "watchdog needs ready = { notify = true }: WATCHDOG=1 comes over the notify socket".to_string(),
+                ));
+            }
+        }
         let strategy = match p.strategy.as_ref().map(|s| s.get_ref().as_str()) {
             None | Some("all-at-once") => Strategy::AllAtOnce,
             Some("rolling") => Strategy::Rolling,
@@ -385,6 +394,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 .ready_timeout
                 .map_or(std::time::Duration::from_secs(30), |d| d.0),
             strategy,
+            watchdog: p.watchdog.map(|w| w.into_inner().0),
         };
         programs.insert(name, cfg);
     }

@@ -219,6 +219,9 @@ pub struct ProgramConfig {
     pub ready: Ready,
     /// A new process not ready within this is a failed start. Default 30s.
     pub ready_timeout: Duration,
+    /// With `ready = { notify = true }`: a ready worker must send `WATCHDOG=1`
+    /// at least this often, or it is killed and restarted. None: no watchdog.
+    pub watchdog: Option<Duration>,
     /// Restart strategy when the program owns sockets. Default all-at-once.
     pub strategy: Strategy,
 }

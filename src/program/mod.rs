@@ -727,8 +727,9 @@ impl Program {
                 }
             ) && states.iter().all(|&(_, idle)| idle);
             if stopped_for_restart {
+                // Check the same order again: the start may already have
+                // failed (no event would come to re-check it).
                 self.restart_phase_two(i);
-                i += 1;
                 continue;
             }
             match ops::verdict(&self.ops[i].kind, &states) {

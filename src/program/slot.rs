@@ -422,6 +422,7 @@ impl Slot {
                 ready: cfg.ready.clone(),
                 startsecs: cfg.startsecs,
                 ready_timeout: cfg.ready_timeout,
+                watchdog: cfg.watchdog,
                 stdout: self.stdout.clone(),
                 stderr: self.stderr.clone(),
                 prefix: String::new(),
