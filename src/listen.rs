@@ -54,6 +54,7 @@ pub fn bind(
     addr: &ListenAddr,
     backlog: Option<u32>,
     unix_mode: u32,
+    unix_owner: Option<&str>,
 ) -> Result<OwnedFd, ListenError> {
     let err = |source| ListenError {
         addr: addr.to_string(),
@@ -80,11 +81,39 @@ pub fn bind(
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode))
                 .map_err(err)?;
+            if let Some(owner) = unix_owner {
+                chown(path, owner).map_err(err)?;
+            }
             s
         }
     };
     socket.listen(backlog).map_err(err)?;
     Ok(socket.into())
+}
+
+/// Gives `path` to `owner` (`user` or `user:group`; the group defaults to
+/// the user's own).
+fn chown(path: &Path, owner: &str) -> std::io::Result<()> {
+    let (user, group) = owner
+        .split_once(':')
+        .map_or((owner, None), |(u, g)| (u, Some(g)));
+    let missing = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no {what} named {owner:?}"),
+        )
+    };
+    let u = nix::unistd::User::from_name(user)?.ok_or_else(|| missing("user"))?;
+    let gid = match group {
+        Some(g) => {
+            nix::unistd::Group::from_name(g)?
+                .ok_or_else(|| missing("group"))?
+                .gid
+        }
+        None => u.gid,
+    };
+    nix::unistd::chown(path, Some(u.uid), Some(gid))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -97,11 +126,12 @@ mod tests {
             &ListenAddr::Tcp("127.0.0.1:0".parse().expect("addr")),
             None,
             0o660,
+            None,
         )
         .expect("bind");
         let sock = Socket::from(fd);
         let local = sock.local_addr().expect("local").as_socket().expect("inet");
-        let again = bind(&ListenAddr::Tcp(local), None, 0o660).expect_err("in use");
+        let again = bind(&ListenAddr::Tcp(local), None, 0o660, None).expect_err("in use");
         assert!(
             again
                 .to_string()
@@ -117,16 +147,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s/app.sock");
         let addr = ListenAddr::Unix(path.clone());
-        let fd = bind(&addr, Some(16), 0o600).expect("bind");
+        let fd = bind(&addr, Some(16), 0o600, None).expect("bind");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
             0o600
         );
         // While it is listening, a second bind is refused...
-        assert!(bind(&addr, None, 0o600).is_err());
+        assert!(bind(&addr, None, 0o600, None).is_err());
         drop(fd);
         // ...and once closed, the leftover file is replaced.
-        bind(&addr, None, 0o600).expect("rebind over a stale socket");
+        bind(&addr, None, 0o600, None).expect("rebind over a stale socket");
+    }
+
+    #[test]
+    fn unix_socket_owner_is_set_when_root() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("app.sock");
+        let _fd = bind(&ListenAddr::Unix(path.clone()), None, 0o660, Some("nobody")).expect("bind");
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("lookup")
+            .expect("nobody");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").uid(),
+            nobody.uid.as_raw()
+        );
     }
 }

@@ -93,7 +93,13 @@ impl Supervisor {
             let fd = match self.sockets.get(addr) {
                 Some(fd) => fd.clone(),
                 None => {
-                    let fd = listen::bind(addr, cfg.backlog, cfg.socket_mode).map_err(|e| {
+                    let fd = listen::bind(
+                        addr,
+                        cfg.backlog,
+                        cfg.socket_mode,
+                        cfg.socket_owner.as_deref(),
+                    )
+                    .map_err(|e| {
                         tracing::error!(program = %cfg.name, cause = %e, "cannot bind");
                         e.to_string()
                     })?;

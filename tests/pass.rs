@@ -294,7 +294,7 @@ fn restart_of_a_real_node_server_under_load_fails_zero_requests() {
     d.wait_state("node", 0, Running, T);
     d.wait_state("node", 1, Running, T);
     let load = Load::start(port, 16, 16, &[0, 5, 20, 50]);
-    for i in 0..5 {
+    for i in 0..10 {
         let before = load.ok_so_far();
         wait_for("load between restarts", T, || {
             if load.ok_so_far() > before + 300 {
@@ -484,4 +484,53 @@ fn reload_of_a_changed_pass_program_replaces_it_without_downtime() {
         "new settings not applied"
     );
     assert_eq!(d.status()[0].generation, 2);
+}
+
+#[test]
+fn a_second_restart_while_one_runs_is_refused_and_unix_sockets_work() {
+    let d = Daemon::start(&header());
+    let sock = d.path("run/app.sock");
+    d.write_config(
+        &(header()
+            + &demo_program(
+                "web",
+                &["--start-delay", "800"],
+                "listen = [\"unix://run/app.sock\"]\nsocket_mode = \"0600\"\nready = { notify = true }",
+            )),
+    );
+    assert!(d.ctl(&["reload"]).status.success());
+    d.wait_state("web", 0, Running, T);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock)
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let first = d.ctl(&["restart", "--no-wait", "web"]);
+    assert!(first.status.success(), "{first:?}");
+    let second = d.ctl(&["restart", "web"]);
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already in progress"),
+        "{second:?}"
+    );
+    wait_for("the first restart to finish", T, || {
+        let snap = d.status();
+        let i = &snap[0].instances;
+        if i.len() == 1 && i[0].generation == 2 && i[0].state == Running {
+            Ok(())
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
 }

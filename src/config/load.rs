@@ -70,6 +70,7 @@ struct RawProgram {
     listen: Option<Vec<Spanned<String>>>,
     backlog: Option<u32>,
     socket_mode: Option<OctalValue>,
+    socket_owner: Option<Spanned<String>>,
     fdname: Option<String>,
     mode: Option<Spanned<String>>,
     ready: Option<Spanned<RawReady>>,
@@ -337,6 +338,25 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 }
             }
         };
+        if let Some(o) = &p.socket_owner {
+            let (user, group) = o
+                .get_ref()
+                .split_once(':')
+                .map_or((o.get_ref().as_str(), None), |(u, g)| (u, Some(g)));
+            let known = nix::unistd::User::from_name(user).ok().flatten().is_some()
+                && group.is_none_or(|g| nix::unistd::Group::from_name(g).ok().flatten().is_some());
+            if !is_root || !known {
+                let why = if is_root {
+                    "no such user or group"
+                } else {
+                    "zdt must run as root to change a socket's owner"
+                };
+                return Err(err_at(
+                    o.span().start,
+                    format!("socket_owner {:?}: {why}", o.get_ref()),
+                ));
+            }
+        }
         if let Some(w) = &p.watchdog {
             if ready != Ready::Notify {
                 return Err(err_at(
@@ -388,6 +408,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             listen,
             backlog: p.backlog,
             socket_mode: p.socket_mode.map_or(0o660, |m| m.0),
+            socket_owner: p.socket_owner.map(Spanned::into_inner),
             fdname: p.fdname.unwrap_or_else(|| name.clone()),
             ready,
             ready_timeout: p

@@ -213,6 +213,8 @@ pub struct ProgramConfig {
     pub backlog: Option<u32>,
     /// Mode of unix listening sockets. Default 0o660.
     pub socket_mode: u32,
+    /// Owner of unix listening sockets, `user` or `user:group` (root only).
+    pub socket_owner: Option<String>,
     /// `LISTEN_FDNAMES` entry for every socket. Default: the program name.
     pub fdname: String,
     /// Readiness check.
