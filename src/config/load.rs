@@ -114,7 +114,7 @@ const DEFAULT_LOG_MAX_BYTES: u64 = 50 << 20;
 const DEFAULT_LOG_BACKUPS: u32 = 10;
 
 /// Replaces Rust type names in serde's messages with words.
-fn friendly(message: &str) -> String {
+pub(super) fn friendly(message: &str) -> String {
     message
         .replace('\n', ": ")
         .replace("expected i64", "expected an integer")
@@ -123,8 +123,8 @@ fn friendly(message: &str) -> String {
         .replace("expected a boolean", "expected true or false")
 }
 
-/// Reads and validates the file at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+/// Reads the file at `path`; returns its absolute path and its text.
+pub(super) fn read(path: &Path) -> Result<(PathBuf, String), ConfigError> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -135,6 +135,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(&abs).map_err(|e| {
         ConfigError::whole_file(abs.clone(), format!("cannot read the configuration: {e}"))
     })?;
+    Ok((abs, text))
+}
+
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let (abs, text) = read(path)?;
     parse(&text, &abs)
 }
 

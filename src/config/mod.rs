@@ -23,19 +23,10 @@ mod values;
 /// `[supervisor].control` has to be valid, so `zdtctl reload` can still reach
 /// zdt after an edit broke some other part of the file.
 pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
-    let abs = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(path))
-            .unwrap_or_else(|_| path.to_path_buf())
-    };
-    let text = std::fs::read_to_string(&abs).map_err(|e| {
-        ConfigError::whole_file(abs.clone(), format!("cannot read the configuration: {e}"))
-    })?;
+    let (abs, text) = load::read(path)?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
-        ConfigError::at(abs.clone(), &text, offset, e.message().replace('\n', ": "))
+        ConfigError::at(abs.clone(), &text, offset, load::friendly(e.message()))
     })?;
     let control = table
         .get("supervisor")
