@@ -425,7 +425,7 @@ impl Slot {
                 watchdog: cfg.watchdog,
                 stdout: self.stdout.clone(),
                 stderr: self.stderr.clone(),
-                prefix: String::new(),
+                prefix: format!("[gen {gen}:{}] ", self.index),
             },
             ctx.events.clone(),
         );
