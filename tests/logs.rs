@@ -29,7 +29,7 @@ fn output_goes_to_files_and_tail() {
     d.wait_state("web", 0, Running, T);
     wait_for("stderr line in the log file", T, || {
         let s = std::fs::read_to_string(d.path("logs/web-0.err.log")).unwrap_or_default();
-        if s.contains("hello on stderr") {
+        if s.contains("[gen 1:0] hello on stderr") {
             Ok(())
         } else {
             Err(s)
