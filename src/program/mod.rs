@@ -517,7 +517,7 @@ impl Program {
                 log_tail: Some(self.slots[s].log_tail(20)),
             }));
         }
-        let ms = started.elapsed().as_millis();
+        let ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0);
         if rolling {
             if let Some(&s) = todo.first() {
                 if self.slots[s].ready_to_switch() {
