@@ -85,7 +85,13 @@ fn logs_rotate_by_size_keeping_backups() {
         "logs/web-0.out.log.1",
         "logs/web-0.out.log.2",
     ] {
-        let len = std::fs::metadata(d.path(f)).expect(f).len();
+        // The pump may be rotating right now (between the rename and the new
+        // file); only the lookup is retried, the bound must always hold.
+        let len = wait_for(f, T, || {
+            std::fs::metadata(d.path(f))
+                .map(|m| m.len())
+                .map_err(|e| e.to_string())
+        });
         assert!(len <= 4096, "{f} is {len} bytes");
     }
 }
