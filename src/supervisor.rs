@@ -281,6 +281,7 @@ impl Supervisor {
                 bytes,
             } => match self.resolve(&target) {
                 Ok(list) if list.len() == 1 => {
+                    // In bounds: the guard above says there is exactly one.
                     let r = &list[0];
                     if let Some(e) = self.programs.get(&r.program) {
                         tokio::spawn(tail(

@@ -389,6 +389,10 @@ impl Program {
         sockets: Sockets,
         reply: oneshot::Sender<OpResult>,
     ) {
+        if let Some(e) = self.restart_busy() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let running = self.slots.iter().any(Slot::wants_running);
         let overlap = running
             && sockets.is_ok()
