@@ -534,3 +534,26 @@ fn a_second_restart_while_one_runs_is_refused_and_unix_sockets_work() {
         }
     });
 }
+
+#[test]
+fn a_reload_during_a_restart_is_applied_after_it() {
+    let port = free_port();
+    let prog =
+        |extra: &str| header() + &pass_program("web", port, &["--start-delay", "600"], extra);
+    let d = Daemon::start(&prog(""));
+    d.wait_state("web", 0, Running, T);
+    assert!(d.ctl(&["restart", "--no-wait", "web"]).status.success());
+    d.write_config(&prog("environment = { RELEASE = \"3\" }"));
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let st = d.wait_state("web", 0, Running, T);
+    assert_eq!(
+        st.generation, 3,
+        "the reload ran as its own restart after the first"
+    );
+    let env = environ(st.pid.expect("pid"));
+    assert!(
+        env.contains(&"RELEASE=3".to_string()),
+        "queued settings not applied"
+    );
+}

@@ -194,6 +194,7 @@ pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) 
         log_drops: Arc::new(Notify::new()),
         sockets: Vec::new(),
         bind_error: None,
+        queued: None,
         config,
     };
     actor.set_sockets(sockets);
@@ -229,6 +230,8 @@ struct Program {
     sockets: Vec<Arc<OwnedFd>>,
     /// Why the sockets could not be bound: starts fail with it.
     bind_error: Option<String>,
+    /// A reload that arrived during a restart, applied when it is over.
+    queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
 }
 
 /// Backoff before the next start after `failures` failed starts in a row.
@@ -284,6 +287,12 @@ impl Program {
                 () = self.log_drops.notified() => {}
             }
             self.check_ops();
+            if self.restart_busy().is_none() {
+                if let Some((config, sockets, reply)) = self.queued.take() {
+                    self.reconfigure(config, sockets, reply);
+                    self.check_ops();
+                }
+            }
             self.publish();
             if shutting_down && self.ops.is_empty() && self.slots.iter().all(Slot::is_idle) {
                 break;
@@ -363,6 +372,9 @@ impl Program {
 
     /// Fails every pending order (their clients get the reason).
     fn fail_pending(&mut self, why: &str) {
+        if let Some((_, _, reply)) = self.queued.take() {
+            let _ = reply.send(Err(OpError::plain(why.to_string())));
+        }
         for op in self.ops.drain(..) {
             op.finish(Err(OpError::plain(why.to_string())));
         }
@@ -389,8 +401,14 @@ impl Program {
         sockets: Sockets,
         reply: oneshot::Sender<OpResult>,
     ) {
-        if let Some(e) = self.restart_busy() {
-            let _ = reply.send(Err(e));
+        if self.restart_busy().is_some() {
+            // Applied when the running restart is over; a newer reload wins.
+            if let Some((_, _, older)) = self.queued.replace((config, sockets, reply)) {
+                let _ = older.send(Err(OpError::plain(format!(
+                    "{}: superseded by a newer reload",
+                    self.config.name
+                ))));
+            }
             return;
         }
         let running = self.slots.iter().any(Slot::wants_running);
