@@ -1,4 +1,47 @@
 //! zdt: a zero-downtime process supervisor for web servers.
+//!
+//! # Architecture
+//!
+//! Actors own their state; messages change it; observers read `watch`
+//! snapshots. Nothing is shared behind a lock except the reaper's pid table.
+//!
+//! ```text
+//!  zdtctl ──NDJSON──► control::server ──ControlRequest──► supervisor (root actor)
+//!                     (task per client)                    │ owns config, programs map,
+//!  signals::daemon_signals ──DaemonSignal (TERM, HUP)─────►│ listening sockets
+//!                                                          │ ProgramMsg + oneshot reply
+//!                                                          ▼
+//!                                           program actor (one per program)
+//!                                           │ slots: current / next / draining procs,
+//!                                           │ pending ops, generation counter;
+//!                                           │ publishes ProgramSnapshot (watch)
+//!                                           ▼ ProcCmd            ▲ ProcEvent
+//!                                         instance task (one per process)
+//!                                           │ readiness (startsecs, notify socket,
+//!                                           │ delay, exec probe), stop/kill timers
+//!                                           ▼ SpawnSpec
+//!  spawn::Spawner (one long-lived thread: fork + pre_exec + execve) ──pid──►
+//!  spawn::Reaper  (SIGCHLD → waitpid(-1) → oneshot to the owning task; orphans reaped)
+//! ```
+//!
+//! - [`config`]: supervisor.toml → [`config::Config`], validated whole, errors
+//!   with file:line:col.
+//! - [`control`]: the control protocol, its server and client.
+//! - [`supervisor`]: target resolution, fan-out by priority, reload diff,
+//!   shutdown order, ownership of listening sockets ([`listen`]).
+//! - [`program`]: orders (start, stop, stop-then-start restart, zero-downtime
+//!   replace, reconfigure) as ops checked after every event; the instance state
+//!   machine lives in `program::slot`.
+//! - [`instance`]: one process: spawn, readiness, signals to its process group.
+//! - [`spawn`]: the spawner thread and the reaper; everything that allocates
+//!   happens before fork.
+//! - [`logs`]: per-instance log files with rotation, the tail ring, followers.
+//! - [`state`]: instance states and the snapshots `status` prints.
+//!
+//! Shutdown order: TERM → supervisor stops programs by descending priority
+//! (each level waits for the one before) → program actors stop their slots and
+//! end → the control server stops → zdt exits. Every worker also dies with zdt
+//! (PR_SET_PDEATHSIG, set by the spawner thread, which lives as long as zdt).
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
