@@ -75,7 +75,7 @@ pub struct ProcEvent {
 ///
 /// Dropping every handle SIGKILLs the process group: a process nobody can
 /// stop any more must not keep running.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ProcHandle {
     /// To the process task; the task holds the receiver until the process exits.
     cmds: mpsc::UnboundedSender<ProcCmd>,
@@ -104,6 +104,8 @@ pub struct ProcParams {
     pub ready_timeout: Duration,
     /// Kill the process if it sends no WATCHDOG=1 for this long once ready.
     pub watchdog: Option<Duration>,
+    /// Proxy mode: the private address, probed by http/tcp readiness.
+    pub private: Option<std::net::SocketAddr>,
     /// stdout log.
     pub stdout: LogSink,
     /// stderr log.
@@ -224,7 +226,9 @@ async fn run(
         None
     };
     let probe = match &p.ready {
-        Ready::Exec(argv) => Some((argv.clone(), p.spec.directory.clone())),
+        Ready::Exec(argv) => Some(Probe::Exec(argv.clone(), p.spec.directory.clone())),
+        Ready::Http(path) => p.private.map(|a| Probe::Http(a, path.clone())),
+        Ready::Tcp => p.private.map(Probe::Tcp),
         _ => None,
     };
     let spawned = match spawner.spawn(p.spec).await {
@@ -260,19 +264,23 @@ async fn run(
     let ready_at = match p.ready {
         Ready::Startsecs => Some(start + p.startsecs),
         Ready::Delay(d) => Some(start + d),
-        Ready::Notify | Ready::Exec(_) => None,
+        Ready::Notify | Ready::Exec(_) | Ready::Http(_) | Ready::Tcp => None,
     };
     let mut ready_deadline = match p.ready {
         Ready::Startsecs => None,
         _ => Some(start + p.ready_timeout),
     };
-    let mut probe_task = probe.map(|(argv, dir)| {
-        let task = tokio::spawn(probe_until_ready(
-            spawner.clone(),
-            argv,
-            dir,
-            p.stderr.clone(),
-        ));
+    let mut probe_task = probe.map(|probe| {
+        let task = match probe {
+            Probe::Exec(argv, dir) => tokio::spawn(probe_until_ready(
+                spawner.clone(),
+                argv,
+                dir,
+                p.stderr.clone(),
+            )),
+            Probe::Http(addr, path) => tokio::spawn(http_until_ready(addr, path)),
+            Probe::Tcp(addr) => tokio::spawn(tcp_until_ready(addr)),
+        };
         AbortOnDrop(task)
     });
     let mut up_sent = false;
@@ -388,6 +396,52 @@ async fn run(
                 signal_group(pid, Signal::SIGKILL);
             }
         }
+    }
+}
+
+/// A readiness check that runs until it passes.
+enum Probe {
+    Exec(Vec<String>, Option<std::path::PathBuf>),
+    Http(std::net::SocketAddr, String),
+    Tcp(std::net::SocketAddr),
+}
+
+/// Interval between readiness probes.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+async fn tcp_until_ready(addr: std::net::SocketAddr) {
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+/// `GET path` on the private address until it answers 2xx.
+async fn http_until_ready(addr: std::net::SocketAddr, path: String) {
+    use http_body_util::Empty;
+    loop {
+        let ok = async {
+            let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            let req = hyper::Request::get(path.as_str())
+                .header(hyper::header::HOST, addr.to_string())
+                .body(Empty::<bytes::Bytes>::new())
+                .ok()?;
+            let resp = send.send_request(req).await.ok()?;
+            resp.status().is_success().then_some(())
+        };
+        if tokio::time::timeout(Duration::from_secs(2), ok)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return;
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 

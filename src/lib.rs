@@ -53,6 +53,7 @@ pub mod listen;
 pub mod logs;
 pub mod notify;
 pub mod program;
+pub mod proxy;
 pub mod signals;
 pub mod spawn;
 pub mod state;

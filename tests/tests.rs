@@ -8,5 +8,6 @@ mod control;
 mod lifecycle;
 mod logs;
 mod pass;
+mod proxy;
 mod reload;
 mod spawning;

@@ -14,7 +14,7 @@ use super::values::{
     AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
 };
 use super::{
-    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, ProgramConfig, Ready, Strategy,
+    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, Mode, ProgramConfig, Ready, Strategy,
     SupervisorConfig,
 };
 
@@ -77,6 +77,7 @@ struct RawProgram {
     ready_timeout: Option<DurationValue>,
     watchdog: Option<Spanned<DurationValue>>,
     strategy: Option<Spanned<String>>,
+    queue_timeout: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +86,8 @@ struct RawReady {
     notify: Option<bool>,
     delay: Option<DurationValue>,
     exec: Option<CommandValue>,
+    http: Option<String>,
+    tcp: Option<bool>,
 }
 
 /// Parses `tcp://IP:PORT` or `unix://PATH`.
@@ -311,37 +314,54 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             }
             listen.push(addr);
         }
-        if let Some(m) = &p.mode {
-            match m.get_ref().as_str() {
-                "pass" => {}
-                "proxy" => {
+        let mode = match p
+            .mode
+            .as_ref()
+            .map(|m| (m.get_ref().as_str(), m.span().start))
+        {
+            None | Some(("pass", _)) => Mode::Pass,
+            Some(("proxy", at)) => {
+                if listen.is_empty() {
                     return Err(err_at(
-                        m.span().start,
-                        "mode = \"proxy\" is not available in this version of zdt; use \"pass\" (socket activation)".to_string(),
-                    ))
+                        at,
+                        "mode = \"proxy\" needs listen addresses for zdt to accept on".to_string(),
+                    ));
                 }
-                other => {
-                    return Err(err_at(m.span().start, format!("invalid mode {other:?}: use \"pass\" or \"proxy\"")))
-                }
+                Mode::Proxy
             }
-        }
+            Some((other, at)) => {
+                return Err(err_at(
+                    at,
+                    format!("invalid mode {other:?}: use \"pass\" or \"proxy\""),
+                ))
+            }
+        };
         let ready = match p.ready {
             None => Ready::Startsecs,
             Some(r) => {
                 let at = r.span().start;
                 let r = r.into_inner();
-                match (r.notify, r.delay, r.exec) {
-                    (Some(true), None, None) => Ready::Notify,
-                    (None, Some(d), None) => Ready::Delay(d.0),
-                    (None, None, Some(c)) => Ready::Exec(c.0),
-                    (Some(false), None, None) => Ready::Startsecs,
+                let ready = match (r.notify, r.delay, r.exec, r.http, r.tcp) {
+                    (Some(true), None, None, None, None) => Ready::Notify,
+                    (None, Some(d), None, None, None) => Ready::Delay(d.0),
+                    (None, None, Some(c), None, None) => Ready::Exec(c.0),
+                    (None, None, None, Some(h), None) if h.starts_with('/') => Ready::Http(h),
+                    (None, None, None, None, Some(true)) => Ready::Tcp,
+                    (Some(false), None, None, None, None) => Ready::Startsecs,
                     _ => {
                         return Err(err_at(
                             at,
-                            "ready needs exactly one of: { notify = true }, { delay = \"1s\" }, { exec = [\"cmd\", ...] }".to_string(),
+                            "ready needs exactly one of: { notify = true }, { delay = \"1s\" }, { exec = [\"cmd\", ...] }, and in proxy mode { http = \"/health\" } or { tcp = true }".to_string(),
                         ))
                     }
+                };
+                if matches!(ready, Ready::Http(_) | Ready::Tcp) && mode != Mode::Proxy {
+                    return Err(err_at(
+                        at,
+                        "ready = { http } and { tcp } probe the worker's private address, which only mode = \"proxy\" has (on a shared socket a probe cannot tell generations apart)".to_string(),
+                    ));
                 }
+                ready
             }
         };
         if let Some(o) = &p.socket_owner {
@@ -422,6 +442,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 .map_or(std::time::Duration::from_secs(30), |d| d.0),
             strategy,
             watchdog: p.watchdog.map(|w| w.into_inner().0),
+            mode,
+            queue_timeout: p
+                .queue_timeout
+                .map_or(std::time::Duration::from_secs(5), |d| d.0),
         };
         programs.insert(name, cfg);
     }

@@ -141,6 +141,19 @@ pub enum Ready {
     Delay(Duration),
     /// Ready when this command exits 0 (run repeatedly until then).
     Exec(Vec<String>),
+    /// Proxy mode: ready when `GET path` on the private address answers 2xx.
+    Http(String),
+    /// Proxy mode: ready when the private address accepts a connection.
+    Tcp,
+}
+
+/// How a worker is put behind the sockets zdt owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Socket activation: the worker accepts on fd 3...
+    Pass,
+    /// zdt accepts and forwards HTTP to the worker's private port.
+    Proxy,
 }
 
 /// How a restart replaces the instances of a program that owns sockets.
@@ -217,12 +230,16 @@ pub struct ProgramConfig {
     pub watchdog: Option<Duration>,
     /// Restart strategy when the program owns sockets. Default all-at-once.
     pub strategy: Strategy,
+    /// pass or proxy. Default pass.
+    pub mode: Mode,
+    /// Proxy mode: how long a request waits for a ready instance before 503.
+    pub queue_timeout: Duration,
 }
 
 impl ProgramConfig {
     /// Whether a restart can overlap generations: only when zdt owns the
     /// sockets (otherwise the new process could not bind the old one's port).
     pub fn overlaps(&self) -> bool {
-        !self.listen.is_empty()
+        self.mode == Mode::Proxy || !self.listen.is_empty()
     }
 }

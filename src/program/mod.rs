@@ -126,12 +126,13 @@ pub type Sockets = Result<Vec<Arc<OwnedFd>>, String>;
 /// Builds the spawn context from the actor's fields (a macro, so the borrow
 /// of the slots stays disjoint from these).
 macro_rules! ctx {
-    ($p:expr) => {
+    ($p:expr, $ports:expr) => {
         SpawnCtx {
             cfg: &$p.config,
             spawner: &$p.spawner,
             events: &$p.events_tx,
             sockets: &$p.sockets,
+            ports_in_use: $ports,
         }
     };
 }
@@ -195,9 +196,11 @@ pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) 
         sockets: Vec::new(),
         bind_error: None,
         queued: None,
+        proxy: None,
         config,
     };
-    actor.set_sockets(sockets);
+    let cfg = actor.config.clone();
+    actor.set_sockets(sockets, &cfg);
     actor.resize_slots();
     actor.publish();
     tokio::spawn(actor.run(rx, events_rx));
@@ -230,6 +233,9 @@ struct Program {
     sockets: Vec<Arc<OwnedFd>>,
     /// Why the sockets could not be bound: starts fail with it.
     bind_error: Option<String>,
+    /// Proxy mode: the component accepting on the sockets; routes are
+    /// published to it after every change.
+    proxy: Option<crate::proxy::ProxyHandle>,
     /// A reload that arrived during a restart, applied when it is over.
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
 }
@@ -241,7 +247,12 @@ pub fn backoff_delay(failures: u32) -> Duration {
 }
 
 impl Program {
-    fn set_sockets(&mut self, sockets: Sockets) {
+    /// Private ports held by live processes (proxy mode).
+    fn ports_in_use(&self) -> Vec<u16> {
+        self.slots.iter().flat_map(Slot::ports).collect()
+    }
+
+    fn set_sockets(&mut self, sockets: Sockets, cfg: &ProgramConfig) {
         match sockets {
             Ok(s) => {
                 self.sockets = s;
@@ -250,6 +261,14 @@ impl Program {
             Err(e) => {
                 self.sockets = Vec::new();
                 self.bind_error = Some(e);
+            }
+        }
+        // A new proxy for new sockets; connections of the old one finish.
+        self.proxy = None;
+        if cfg.mode == config::Mode::Proxy && self.bind_error.is_none() {
+            match crate::proxy::start(&cfg.name, &self.sockets, cfg.queue_timeout) {
+                Ok(p) => self.proxy = Some(p),
+                Err(e) => self.bind_error = Some(format!("cannot accept on the sockets: {e}")),
             }
         }
     }
@@ -417,7 +436,7 @@ impl Program {
             && config.overlaps()
             && self.config.overlaps()
             && config.instances == self.config.instances;
-        self.set_sockets(sockets);
+        self.set_sockets(sockets, &config);
         if overlap {
             self.config = *config;
             self.resize_slots();
@@ -469,7 +488,8 @@ impl Program {
         let rolling = self.config.strategy == config::Strategy::Rolling;
         let first = if rolling { &slots[..1] } else { &slots[..] };
         for &i in first {
-            self.slots[i].begin_replace(&ctx!(self), gen);
+            let ports = self.ports_in_use();
+            self.slots[i].begin_replace(&ctx!(self, &ports), gen);
         }
         let op = Op::new(
             OpKind::Replace {
@@ -549,7 +569,8 @@ impl Program {
                         "{name}:{s}: gen {gen} ready in {ms} ms; old generation stopping"
                     ));
                     if let Some(&n) = todo.first() {
-                        self.slots[n].begin_replace(&ctx!(self), gen);
+                        let ports = self.ports_in_use();
+                        self.slots[n].begin_replace(&ctx!(self, &ports), gen);
                     }
                 }
             }
@@ -662,7 +683,8 @@ impl Program {
                     self.slots[i].fail(&self.config.name, err.clone());
                     continue;
                 }
-                self.slots[i].start(&ctx!(self), self.generation);
+                let ports = self.ports_in_use();
+                self.slots[i].start(&ctx!(self, &ports), self.generation);
             }
         }
         selected
@@ -706,7 +728,10 @@ impl Program {
                             let _ = timers.send(BackoffDone { slot: index, epoch });
                         });
                     }
-                    slot::AfterExit::Restart => self.slots[ev.slot].respawn(&ctx!(self)),
+                    slot::AfterExit::Restart => {
+                        let ports = self.ports_in_use();
+                        self.slots[ev.slot].respawn(&ctx!(self, &ports));
+                    }
                     slot::AfterExit::Nothing => {}
                 }
             }
@@ -716,12 +741,16 @@ impl Program {
     fn on_backoff_done(&mut self, t: BackoffDone) {
         if let Some(s) = self.slots.get_mut(t.slot) {
             if s.state() == InstanceState::Backoff && s.backoff_epoch() == t.epoch {
-                s.respawn(&SpawnCtx {
-                    cfg: &self.config,
-                    spawner: &self.spawner,
-                    events: &self.events_tx,
-                    sockets: &self.sockets,
-                });
+                let ports: Vec<u16> = self.slots.iter().flat_map(Slot::ports).collect();
+                if let Some(s) = self.slots.get_mut(t.slot) {
+                    s.respawn(&SpawnCtx {
+                        cfg: &self.config,
+                        spawner: &self.spawner,
+                        events: &self.events_tx,
+                        sockets: &self.sockets,
+                        ports_in_use: &ports,
+                    });
+                }
             }
         }
     }
@@ -825,6 +854,9 @@ impl Program {
     }
 
     fn publish(&self) {
+        if let Some(p) = &self.proxy {
+            p.set_routes(self.slots.iter().filter_map(Slot::route).collect());
+        }
         let new = ProgramSnapshot {
             name: self.config.name.clone(),
             generation: self.generation,

@@ -23,9 +23,10 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, Notify};
 
-use crate::config::{AutoRestart, LogConfig, ProgramConfig};
+use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig};
 use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcHandle, ProcParams};
 use crate::logs::LogSink;
+use crate::proxy::Upstream;
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 use crate::state::{now_ms, ExitInfo, InstanceSnapshot, InstanceState};
 
@@ -54,6 +55,8 @@ pub(super) enum AfterExit {
 
 struct Proc {
     handle: ProcHandle,
+    /// Proxy mode: the process's private address and its counters.
+    upstream: Option<Arc<Upstream>>,
     gen: u64,
     pid: Option<u32>,
     started_ms: Option<u64>,
@@ -67,6 +70,20 @@ pub(super) struct SpawnCtx<'a> {
     pub spawner: &'a Spawner,
     pub events: &'a mpsc::UnboundedSender<ProcEvent>,
     pub sockets: &'a [Arc<OwnedFd>],
+    /// Private ports of live processes (proxy mode), never handed out twice.
+    pub ports_in_use: &'a [u16],
+}
+
+/// A free loopback port not held by another generation.
+fn private_port(in_use: &[u16]) -> Option<u16> {
+    (0..20).find_map(|_| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        (!in_use.contains(&port)).then_some(port)
+    })
 }
 
 pub(super) struct Slot {
@@ -172,6 +189,23 @@ impl Slot {
         self.proc.is_none() && self.next.is_none() && self.draining.is_empty()
     }
 
+    /// Proxy mode: the upstream of the current process if it is RUNNING.
+    pub fn route(&self) -> Option<Arc<Upstream>> {
+        if self.state != InstanceState::Running {
+            return None;
+        }
+        self.proc.as_ref().and_then(|p| p.upstream.clone())
+    }
+
+    /// Private ports held by this slot's live processes.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.proc
+            .iter()
+            .chain(&self.next)
+            .chain(&self.draining)
+            .filter_map(|p| p.upstream.as_ref().map(|u| u.addr.port()))
+    }
+
     /// Generation of the current process (0 if none).
     pub fn current_gen(&self) -> u64 {
         self.proc.as_ref().map_or(0, |p| p.gen)
@@ -234,10 +268,29 @@ impl Slot {
         };
         if let Some(mut old) = self.proc.replace(next) {
             old.stopping = true;
-            old.handle.send(ProcCmd::Stop {
-                signal: cfg.stop_signal,
-                kill_after: cfg.max_wait,
-            });
+            match &old.upstream {
+                // Proxy: no new requests reach it (the routes changed with this
+                // switch); stop it once its requests are done or max_wait passed.
+                Some(up) => {
+                    let (stats, handle) = (up.stats.clone(), old.handle.clone());
+                    let (signal, kill_after, max_wait) =
+                        (cfg.stop_signal, cfg.kill_timeout, cfg.max_wait);
+                    tokio::spawn(async move {
+                        if tokio::time::timeout(max_wait, stats.wait_idle())
+                            .await
+                            .is_err()
+                        {
+                            tracing::warn!(inflight = stats.inflight(), "max_wait passed with requests in flight; stopping the old generation anyway");
+                        }
+                        handle.send(ProcCmd::Stop { signal, kill_after });
+                    });
+                }
+                // Pass: the app drains itself after the stop signal.
+                None => old.handle.send(ProcCmd::Stop {
+                    signal: cfg.stop_signal,
+                    kill_after: cfg.max_wait,
+                }),
+            }
             tracing::info!(program = %cfg.name, instance = self.index, gen = old.gen, "draining the old generation");
             self.draining.push(old);
         }
@@ -388,6 +441,17 @@ impl Slot {
     /// Starts a process of generation `gen` for this slot and returns it.
     fn launch(&mut self, ctx: &SpawnCtx<'_>, gen: u64) -> Proc {
         let cfg = ctx.cfg;
+        let proxied = cfg.mode == Mode::Proxy;
+        let port = if proxied {
+            private_port(ctx.ports_in_use)
+        } else {
+            None
+        };
+        let private = port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+        let fill = |s: &String| match port {
+            Some(p) => s.replace("{port}", &p.to_string()),
+            None => s.clone(),
+        };
         if self.started_once {
             self.restarts += 1;
         }
@@ -397,20 +461,29 @@ impl Slot {
         let mut env: Vec<(String, String)> = cfg
             .environment
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), fill(v)))
             .collect();
+        if let Some(p) = port {
+            env.push(("PORT".into(), p.to_string()));
+        }
         env.push(("ZDT_PROGRAM".into(), cfg.name.clone()));
         env.push(("ZDT_INSTANCE".into(), self.index.to_string()));
         env.push(("ZDT_GENERATION".into(), gen.to_string()));
         let spec = SpawnSpec {
-            argv: cfg.command.clone(),
+            argv: cfg.command.iter().map(fill).collect(),
             env,
             directory: cfg.directory.clone(),
             user: cfg.user.clone(),
             group: cfg.group.clone(),
             umask: cfg.umask,
             redirect_stderr: cfg.redirect_stderr,
-            fds: ctx.sockets.to_vec(),
+            // In proxy mode the worker binds its private port; the owned
+            // sockets stay with zdt.
+            fds: if proxied {
+                Vec::new()
+            } else {
+                ctx.sockets.to_vec()
+            },
             fdname: cfg.fdname.clone(),
         };
         let handle = instance::launch(
@@ -423,6 +496,7 @@ impl Slot {
                 startsecs: cfg.startsecs,
                 ready_timeout: cfg.ready_timeout,
                 watchdog: cfg.watchdog,
+                private,
                 stdout: self.stdout.clone(),
                 stderr: self.stderr.clone(),
                 prefix: format!("[gen {gen}:{}] ", self.index),
@@ -431,6 +505,7 @@ impl Slot {
         );
         Proc {
             handle,
+            upstream: private.map(Upstream::new),
             gen,
             pid: None,
             started_ms: None,

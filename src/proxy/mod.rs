@@ -1,0 +1,450 @@
+//! Proxy mode: zdt accepts on the sockets it owns and forwards each HTTP
+//! request to a ready instance's private address, so it sees every request.
+//!
+//! The proxy is a component given listening sockets and a routing table: the
+//! program actor publishes the table ([`ProxyHandle::set_routes`], one `watch`
+//! send: the switch between generations is atomic), and each [`Upstream`]
+//! counts its requests in flight with an RAII guard held until the response
+//! body has been sent. The data path never waits on an actor. (Built so that it
+//! can later run in a process of its own, behind the same interface.)
+//!
+//! Routing: least requests in flight among the ready instances of the current
+//! generation, ties broken round-robin. With no ready instance a request waits
+//! up to `queue_timeout` for one, then gets `503` with `Retry-After` and
+//! `Connection: close`. A connect error is retried on another instance for
+//! requests without a body (they cannot have reached the app); any other
+//! upstream failure is a `502`, counted and logged with its path.
+
+mod body;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use body::GuardedBody;
+
+/// Response body type of the proxy.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Counters of one upstream (one process of one generation).
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    inflight: AtomicU64,
+    served: AtomicU64,
+    failed: AtomicU64,
+    /// Woken when `inflight` drops to zero.
+    idle: Notify,
+}
+
+impl UpstreamStats {
+    /// Requests routed to it and not yet fully answered.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Requests answered.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered 502 by zdt (upstream failed or was killed).
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when no request is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.inflight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held while a request is in flight on an upstream.
+#[derive(Debug)]
+pub(crate) struct InflightGuard {
+    stats: Arc<UpstreamStats>,
+}
+
+impl InflightGuard {
+    fn new(stats: Arc<UpstreamStats>) -> Self {
+        stats.inflight.fetch_add(1, Ordering::SeqCst);
+        Self { stats }
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.stats.served.fetch_add(1, Ordering::Relaxed);
+        if self.stats.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.stats.idle.notify_waiters();
+        }
+    }
+}
+
+/// One worker process's private address, with its own connection pool.
+/// Dropping the last reference closes its idle upstream connections.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The private address.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub stats: Arc<UpstreamStats>,
+    client: Client<HttpConnector, ProxyBody>,
+}
+
+impl Upstream {
+    /// An upstream at `addr`.
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Arc::new(Self {
+            addr,
+            stats: Arc::default(),
+            client,
+        })
+    }
+}
+
+/// The ready instances requests may go to.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// In no particular order.
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+/// Handle to a running proxy. Dropping it stops accepting; connections that
+/// are open finish on their own.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    /// Routing table; connection tasks hold receivers.
+    routes: watch::Sender<Arc<Routes>>,
+    /// Cancels the accept loops.
+    stop: CancellationToken,
+    /// Requests answered 503 (no ready instance within queue_timeout).
+    pub unavailable: Arc<AtomicU64>,
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl ProxyHandle {
+    /// Publishes a new routing table, unless it routes to the same upstreams.
+    pub fn set_routes(&self, upstreams: Vec<Arc<Upstream>>) {
+        self.routes.send_if_modified(|r| {
+            let same = r.upstreams.len() == upstreams.len()
+                && r.upstreams
+                    .iter()
+                    .zip(&upstreams)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            if !same {
+                *r = Arc::new(Routes { upstreams });
+            }
+            !same
+        });
+    }
+}
+
+struct Shared {
+    program: String,
+    routes: watch::Receiver<Arc<Routes>>,
+    queue_timeout: Duration,
+    next: AtomicUsize,
+    unavailable: Arc<AtomicU64>,
+}
+
+/// Starts accepting on `sockets` for `program`.
+pub fn start(
+    program: &str,
+    sockets: &[Arc<OwnedFd>],
+    queue_timeout: Duration,
+) -> std::io::Result<ProxyHandle> {
+    let (tx, rx) = watch::channel(Arc::new(Routes::default()));
+    let stop = CancellationToken::new();
+    let unavailable = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(Shared {
+        program: program.to_string(),
+        routes: rx,
+        queue_timeout,
+        next: AtomicUsize::new(0),
+        unavailable: unavailable.clone(),
+    });
+    for fd in sockets {
+        let listener = Listener::from_fd(fd)?;
+        tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+    }
+    Ok(ProxyHandle {
+        routes: tx,
+        stop,
+        unavailable,
+    })
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    fn from_fd(fd: &OwnedFd) -> std::io::Result<Self> {
+        let dup = fd.try_clone()?;
+        let sock = socket2::Socket::from(dup);
+        sock.set_nonblocking(true)?;
+        if sock.local_addr()?.as_unix().is_some() {
+            let std: std::os::unix::net::UnixListener = sock.into();
+            Ok(Self::Unix(tokio::net::UnixListener::from_std(std)?))
+        } else {
+            let std: std::net::TcpListener = sock.into();
+            Ok(Self::Tcp(tokio::net::TcpListener::from_std(std)?))
+        }
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            r = async {
+                match &listener {
+                    Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
+                        let _ = s.set_nodelay(true);
+                        tokio::spawn(serve(TokioIo::new(s), Some(a.ip()), shared.clone()));
+                    }),
+                    Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                        tokio::spawn(serve(TokioIo::new(s), None, shared.clone()));
+                    }),
+                }
+            } => r,
+        };
+        match accepted {
+            Ok(()) => backoff = Duration::from_millis(10),
+            Err(e) => {
+                // Per-connection errors are ignored; running out of fds backs off.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    tracing::warn!(program = %shared.program, cause = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+async fn serve<I>(io: I, peer: Option<std::net::IpAddr>, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, &shared).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(io, svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(cause = %e, "client connection ended with an error");
+    }
+}
+
+/// Hop-by-hop headers, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn unavailable(shared: &Shared) -> Response<ProxyBody> {
+    shared.unavailable.fetch_add(1, Ordering::Relaxed);
+    let mut resp = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "503 Service Unavailable: {} has no ready instance\n",
+            shared.program
+        ),
+    );
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The least loaded upstream not in `skip`, ties round-robin.
+fn pick(shared: &Shared, routes: &Routes, skip: &[SocketAddr]) -> Option<Arc<Upstream>> {
+    let n = routes.upstreams.len();
+    let start = shared.next.fetch_add(1, Ordering::Relaxed);
+    (0..n)
+        .map(|i| &routes.upstreams[(start + i) % n])
+        .filter(|u| !skip.contains(&u.addr))
+        .min_by_key(|u| u.stats.inflight())
+        .cloned()
+}
+
+/// Waits up to `queue_timeout` for an upstream.
+async fn choose(shared: &Shared, skip: &[SocketAddr]) -> Option<Arc<Upstream>> {
+    let mut rx = shared.routes.clone();
+    let deadline = tokio::time::Instant::now() + shared.queue_timeout;
+    loop {
+        let routes = rx.borrow_and_update().clone();
+        if let Some(u) = pick(shared, &routes, skip) {
+            return Some(u);
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn has_body(req: &Request<Incoming>) -> bool {
+    use hyper::body::Body;
+    !req.body().is_end_stream()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    peer: Option<std::net::IpAddr>,
+    shared: &Shared,
+) -> Response<ProxyBody> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    let bodiless = !has_body(&req);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(ip) = peer {
+        let ip = ip.to_string();
+        let xff = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts.headers.insert("x-forwarded-for", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&ip) {
+            parts.headers.insert("x-real-ip", v);
+        }
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let mut body = Some(body.boxed());
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    loop {
+        let Some(up) = choose(shared, &tried).await else {
+            return if tried.is_empty() {
+                unavailable(shared)
+            } else {
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: no instance could be reached\n".into(),
+                )
+            };
+        };
+        let guard = InflightGuard::new(up.stats.clone());
+        let uri = format!("http://{}{}", up.addr, path);
+        let mut builder = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .version(hyper::Version::HTTP_11);
+        if let Some(h) = builder.headers_mut() {
+            h.clone_from(&parts.headers);
+        }
+        let req_body = match body.take() {
+            Some(b) => b,
+            None => Empty::new().map_err(|never| match never {}).boxed(),
+        };
+        let Ok(upstream_req) = builder.body(req_body) else {
+            return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
+        };
+        match up.client.request(upstream_req).await {
+            Ok(resp) => {
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                return Response::from_parts(rparts, GuardedBody::new(rbody, guard).boxed());
+            }
+            Err(e) if e.is_connect() && bodiless => {
+                tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
+                tried.push(up.addr);
+            }
+            Err(e) => {
+                up.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(program = %shared.program, upstream = %up.addr, %path, cause = %e, "request cut: upstream failed; answered 502");
+                drop(guard);
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: the application failed to answer\n".into(),
+                );
+            }
+        }
+    }
+}
