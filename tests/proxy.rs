@@ -153,3 +153,56 @@ fn requests_get_503_when_no_instance_can_serve() {
     let (code, _) = http_get(port, "/").expect("served");
     assert_eq!(code, 200);
 }
+
+#[test]
+fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
+    let port = free_port();
+    let d = Daemon::start(
+        // The worker ignores SIGTERM and is SIGKILLed 300 ms after it: only a
+        // drain by the in-flight count lets the 1.5 s request finish.
+        &(header()
+            + &proxy_program(
+                "web",
+                port,
+                &["--ignore-term"],
+                "queue_timeout = \"200ms\"\nmax_wait = \"10s\"\nkill_timeout = \"300ms\"",
+            )),
+    );
+    let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
+    // Give the long request time to reach the worker: the proxy routes it at once.
+    wait_for("the long request to be routed", T, || {
+        let (_, body) = http_get(port, "/?sleep=0")?;
+        if body.contains("pid") {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    });
+    let stop = {
+        let cfg = d.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin("zdtctl"))
+                .arg("-c")
+                .arg(cfg)
+                .args(["stop", "web"])
+                .output()
+        })
+    };
+    let (code, _) = wait_for("new requests to be refused with 503", T, || {
+        let r = http_get(port, "/")?;
+        if r.0 == 503 {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    assert_eq!(code, 503);
+    assert!(alive(pid), "stopped while a request was in flight");
+    let (code, body) = long.join().expect("join").expect("long request");
+    assert_eq!(code, 200, "{body}");
+    let out = stop.join().expect("join").expect("zdtctl");
+    assert!(out.status.success(), "{out:?}");
+    assert!(!alive(pid));
+}

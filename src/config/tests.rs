@@ -306,6 +306,6 @@ mode = "pass"
         "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\n",
         3,
         8,
-        "not available",
+        "needs listen",
     );
 }

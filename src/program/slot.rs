@@ -74,6 +74,29 @@ pub(super) struct SpawnCtx<'a> {
     pub ports_in_use: &'a [u16],
 }
 
+/// Stops a process: in proxy mode once its requests in flight are done (or
+/// `max_wait` passed), at once otherwise; SIGKILL after `kill_timeout`.
+fn drain_then_stop(p: &Proc, cfg: &ProgramConfig) {
+    let (signal, kill_after) = (cfg.stop_signal, cfg.kill_timeout);
+    let Some(up) = &p.upstream else {
+        p.handle.send(ProcCmd::Stop { signal, kill_after });
+        return;
+    };
+    let (stats, handle, max_wait) = (up.stats.clone(), p.handle.clone(), cfg.max_wait);
+    tokio::spawn(async move {
+        if tokio::time::timeout(max_wait, stats.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                inflight = stats.inflight(),
+                "max_wait passed with requests in flight; stopping anyway (they will be cut)"
+            );
+        }
+        handle.send(ProcCmd::Stop { signal, kill_after });
+    });
+}
+
 /// A free loopback port not held by another generation.
 fn private_port(in_use: &[u16]) -> Option<u16> {
     (0..20).find_map(|_| {
@@ -270,21 +293,8 @@ impl Slot {
             old.stopping = true;
             match &old.upstream {
                 // Proxy: no new requests reach it (the routes changed with this
-                // switch); stop it once its requests are done or max_wait passed.
-                Some(up) => {
-                    let (stats, handle) = (up.stats.clone(), old.handle.clone());
-                    let (signal, kill_after, max_wait) =
-                        (cfg.stop_signal, cfg.kill_timeout, cfg.max_wait);
-                    tokio::spawn(async move {
-                        if tokio::time::timeout(max_wait, stats.wait_idle())
-                            .await
-                            .is_err()
-                        {
-                            tracing::warn!(inflight = stats.inflight(), "max_wait passed with requests in flight; stopping the old generation anyway");
-                        }
-                        handle.send(ProcCmd::Stop { signal, kill_after });
-                    });
-                }
+                // switch): drain by its in-flight count, then stop it.
+                Some(_) => drain_then_stop(&old, cfg),
                 // Pass: the app drains itself after the stop signal.
                 None => old.handle.send(ProcCmd::Stop {
                     signal: cfg.stop_signal,
@@ -531,10 +541,9 @@ impl Slot {
             Some(p) => {
                 if !p.stopping {
                     p.stopping = true;
-                    p.handle.send(ProcCmd::Stop {
-                        signal: cfg.stop_signal,
-                        kill_after: cfg.kill_timeout,
-                    });
+                    // Proxy: it leaves the routes as it leaves RUNNING; its
+                    // requests finish (up to max_wait) before the stop signal.
+                    drain_then_stop(p, cfg);
                 }
                 self.set_state(&cfg.name, InstanceState::Stopping);
             }
