@@ -309,3 +309,29 @@ mode = "pass"
         "needs listen",
     );
 }
+
+#[test]
+fn proxy_mode_and_its_probes() {
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"relay\"\n",
+        3,
+        8,
+        "\"proxy\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:1\"]\nready = { http = \"/health\" }\n",
+        4,
+        9,
+        "only mode = \"proxy\"",
+    );
+    let c = parse(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nready = { http = \"/health\" }\nqueue_timeout = \"2s\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid proxy");
+    let w = &c.programs["web"];
+    assert_eq!(w.mode, Mode::Proxy);
+    assert_eq!(w.ready, Ready::Http("/health".into()));
+    assert_eq!(w.queue_timeout, Duration::from_secs(2));
+    assert!(w.overlaps());
+}
