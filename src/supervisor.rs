@@ -245,6 +245,8 @@ impl Supervisor {
                 let _ = shutdown.try_send(());
             }
             Command::Reload => self.reload(replies),
+            Command::Drain { target } => self.drain(&target, true, replies),
+            Command::Undrain { target } => self.drain(&target, false, replies),
             Command::Start { target } => self.act(Verb::Start, &target, false, replies),
             Command::Stop { target } => self.act(Verb::Stop, &target, false, replies),
             Command::Restart { target, no_wait } => {
@@ -306,6 +308,20 @@ impl Supervisor {
                 ))),
                 Err(e) => reply_now(err(e)),
             },
+        }
+    }
+
+    /// Proxy programs: start or end answering new requests 503.
+    fn drain(&self, target: &str, on: bool, replies: mpsc::Sender<Reply>) {
+        match self.resolve(target) {
+            Ok(list) => {
+                let calls = self.calls(&list, move |_, reply| ProgramMsg::Drain { on, reply });
+                let verb = if on { "draining" } else { "no longer draining" };
+                tokio::spawn(finish_calls(calls, format!("{target}: {verb}"), replies));
+            }
+            Err(e) => {
+                tokio::spawn(async move { send(&replies, err(e)).await });
+            }
         }
     }
 

@@ -206,3 +206,31 @@ fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
     assert!(out.status.success(), "{out:?}");
     assert!(!alive(pid));
 }
+
+#[test]
+fn drain_answers_new_requests_503_at_once_while_in_flight_ones_finish() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "queue_timeout = \"5s\"")));
+    d.wait_state("web", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
+    wait_for("the long request to be routed", T, || http_get(port, "/"));
+    let out = d.ctl(&["drain", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let t0 = Instant::now();
+    let (code, _) = http_get(port, "/").expect("answered");
+    assert_eq!(code, 503);
+    // At once: not after queue_timeout.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "503 took {:?}",
+        t0.elapsed()
+    );
+    let (code, _) = long.join().expect("join").expect("long");
+    assert_eq!(code, 200, "the request in flight was cut");
+    assert!(d.ctl(&["undrain", "web"]).status.success());
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+    // An unknown program is an error.
+    let out = d.ctl(&["drain", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+}

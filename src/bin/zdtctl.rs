@@ -82,6 +82,18 @@ enum Cmd {
         /// NAME or NAME:N (instance 0 by default).
         target: String,
     },
+    /// Proxy mode: answer new requests 503 at once while in-flight ones finish.
+    Drain {
+        /// Program names, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// End a drain.
+    Undrain {
+        /// Program names, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
     /// Read the configuration again and apply the difference.
     Reload,
     /// Stop all programs and exit zdt.
@@ -148,6 +160,14 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             follow: *follow,
             bytes: Some(*bytes),
         }],
+        Cmd::Drain { targets } => targets
+            .iter()
+            .map(|t| Command::Drain { target: t.clone() })
+            .collect(),
+        Cmd::Undrain { targets } => targets
+            .iter()
+            .map(|t| Command::Undrain { target: t.clone() })
+            .collect(),
         Cmd::Reload => vec![Command::Reload],
         Cmd::Shutdown => vec![Command::Shutdown],
         Cmd::Version => vec![Command::Version],

@@ -81,6 +81,17 @@ pub enum Command {
         #[serde(default)]
         bytes: Option<usize>,
     },
+    /// Proxy mode: answer new requests 503 at once (in-flight ones finish),
+    /// so an outer load balancer moves traffic away.
+    Drain {
+        /// Which programs.
+        target: String,
+    },
+    /// End a drain.
+    Undrain {
+        /// Which programs.
+        target: String,
+    },
     /// Read the configuration file again and apply the difference.
     Reload,
     /// Stop everything and exit.

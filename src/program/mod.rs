@@ -112,6 +112,13 @@ pub enum ProgramMsg {
         /// Resolves when the program runs with them.
         reply: oneshot::Sender<OpResult>,
     },
+    /// Proxy mode: start (true) or end (false) a drain.
+    Drain {
+        /// Start or end.
+        on: bool,
+        /// Resolves at once; an error when the program is not in proxy mode.
+        reply: oneshot::Sender<OpResult>,
+    },
     /// Stop everything, then end the actor.
     Shutdown {
         /// Resolves when every process is gone.
@@ -368,6 +375,20 @@ impl Program {
             } => {
                 let sink = self.slots.get(instance as usize).map(|s| s.sink(stderr));
                 let _ = reply.send(sink);
+            }
+            ProgramMsg::Drain { on, reply } => {
+                let result = match &self.proxy {
+                    Some(p) => {
+                        p.set_draining(on);
+                        tracing::info!(program = %self.config.name, draining = on, "drain");
+                        Ok(self.snapshots_of(&(0..self.slots.len()).collect::<Vec<_>>()))
+                    }
+                    None => Err(OpError::plain(format!(
+                        "{} is not in proxy mode: zdt does not see its requests, so it cannot drain them (set mode = \"proxy\")",
+                        self.config.name
+                    ))),
+                };
+                let _ = reply.send(result);
             }
             ProgramMsg::Shutdown { reply } => {
                 // Handled in run(); kept total for the compiler.

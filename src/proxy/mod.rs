@@ -20,7 +20,7 @@ mod body;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,6 +144,8 @@ pub struct ProxyHandle {
     stop: CancellationToken,
     /// Requests answered 503 (no ready instance within queue_timeout).
     pub unavailable: Arc<AtomicU64>,
+    /// Set by `zdtctl drain`: every new request gets 503 at once.
+    draining: Arc<AtomicBool>,
 }
 
 impl Drop for ProxyHandle {
@@ -153,6 +155,11 @@ impl Drop for ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// Starts or ends a drain: while draining, new requests get 503 at once.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::SeqCst);
+    }
+
     /// Publishes a new routing table, unless it routes to the same upstreams.
     pub fn set_routes(&self, upstreams: Vec<Arc<Upstream>>) {
         self.routes.send_if_modified(|r| {
@@ -175,6 +182,7 @@ struct Shared {
     queue_timeout: Duration,
     next: AtomicUsize,
     unavailable: Arc<AtomicU64>,
+    draining: Arc<AtomicBool>,
 }
 
 /// Starts accepting on `sockets` for `program`.
@@ -186,7 +194,9 @@ pub fn start(
     let (tx, rx) = watch::channel(Arc::new(Routes::default()));
     let stop = CancellationToken::new();
     let unavailable = Arc::new(AtomicU64::new(0));
+    let draining = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
+        draining: draining.clone(),
         program: program.to_string(),
         routes: rx,
         queue_timeout,
@@ -201,6 +211,7 @@ pub fn start(
         routes: tx,
         stop,
         unavailable,
+        draining,
     })
 }
 
@@ -370,6 +381,9 @@ async fn handle(
     peer: Option<std::net::IpAddr>,
     shared: &Shared,
 ) -> Response<ProxyBody> {
+    if shared.draining.load(Ordering::SeqCst) {
+        return unavailable(shared);
+    }
     let path = req
         .uri()
         .path_and_query()
