@@ -110,6 +110,26 @@ pub struct InstanceSnapshot {
     pub status_text: Option<String>,
     /// Log bytes that could not be written to the log files (full disk, ...).
     pub log_dropped_bytes: u64,
+    /// Proxy mode: this process's request counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<RequestCounts>,
+}
+
+/// Request counters of a proxy-mode program or of one of its processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    /// Routed and not yet fully answered.
+    pub inflight: u64,
+    /// Answered by the application.
+    pub served: u64,
+    /// Answered 502 by zdt, or whose response broke off (the upstream failed).
+    pub failed: u64,
+    /// Of `failed`: requests still running when zdt stopped their process
+    /// at `max_wait`.
+    pub cut: u64,
+    /// Answered 503 by zdt (no ready instance within queue_timeout, or
+    /// draining); program totals only.
+    pub unavailable: u64,
 }
 
 /// A point-in-time view of one program and its instances.
@@ -121,6 +141,9 @@ pub struct ProgramSnapshot {
     pub generation: u64,
     /// One entry per live or configured instance, newest generation last.
     pub instances: Vec<InstanceSnapshot>,
+    /// Proxy mode: the program's request counters since zdt started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<RequestCounts>,
 }
 
 /// Milliseconds since the Unix epoch, for snapshots.

@@ -224,7 +224,7 @@ impl Supervisor {
                         programs: list
                             .iter()
                             .filter_map(|r| self.programs.get(&r.program))
-                            .map(|e| e.handle.snapshot())
+                            .map(|e| e.handle.status())
                             .collect(),
                     }),
                     Err(e) => err(e),

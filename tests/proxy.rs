@@ -70,16 +70,7 @@ fn a_long_request_finishes_on_the_old_generation_while_new_ones_go_to_the_new() 
     let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/?sleep=3000"));
-    wait_for("the long request to be in flight", T, || {
-        // It is in flight once the worker has it; nothing to observe but time
-        // on the worker's side, so check the proxy still routes to the old one.
-        let (_, body) = http_get(port, "/")?;
-        if body.contains(&format!("\"pid\":{old}")) {
-            Ok(())
-        } else {
-            Err(body)
-        }
-    });
+    d.wait_inflight("web", 1, T);
     let t0 = Instant::now();
     let restart = {
         let cfg = d.config.clone();
@@ -171,15 +162,7 @@ fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
     let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
-    // Give the long request time to reach the worker: the proxy routes it at once.
-    wait_for("the long request to be routed", T, || {
-        let (_, body) = http_get(port, "/?sleep=0")?;
-        if body.contains("pid") {
-            Ok(())
-        } else {
-            Err(body)
-        }
-    });
+    d.wait_inflight("web", 1, T);
     let stop = {
         let cfg = d.config.clone();
         std::thread::spawn(move || {
@@ -214,7 +197,7 @@ fn drain_answers_new_requests_503_at_once_while_in_flight_ones_finish() {
     d.wait_state("web", 0, Running, T);
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
-    wait_for("the long request to be routed", T, || http_get(port, "/"));
+    d.wait_inflight("web", 1, T);
     let out = d.ctl(&["drain", "web"]);
     assert!(out.status.success(), "{out:?}");
     let t0 = Instant::now();
@@ -228,9 +211,62 @@ fn drain_answers_new_requests_503_at_once_while_in_flight_ones_finish() {
     );
     let (code, _) = long.join().expect("join").expect("long");
     assert_eq!(code, 200, "the request in flight was cut");
+    let r = d.requests("web");
+    assert!(r.unavailable >= 1 && r.failed == 0, "{r:?}");
     assert!(d.ctl(&["undrain", "web"]).status.success());
     assert_eq!(http_get(port, "/").expect("served").0, 200);
     // An unknown program is an error.
     let out = d.ctl(&["drain", "nosuch"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &proxy_program(
+                "web",
+                port,
+                &["--ignore-term"],
+                "max_wait = \"1s\"\nkill_timeout = \"300ms\"",
+            )),
+    );
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let long = std::thread::spawn(move || http_get(port, "/slow?sleep=60000"));
+    d.wait_inflight("web", 1, T);
+    let t0 = Instant::now();
+    let out = d.ctl(&["restart", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let (code, body) = long.join().expect("join").expect("long request");
+    assert_eq!(code, 502, "{body}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_secs(15),
+        "cut after {waited:?}, not at max_wait + kill_timeout"
+    );
+    assert!(
+        !alive(old),
+        "the worker that ignored SIGTERM is still alive"
+    );
+    let r = d.requests("web");
+    assert_eq!((r.failed, r.cut, r.inflight), (1, 1, 0), "{r:?}");
+    // The new generation serves, and its row counts what it served.
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+    let row = d.instance("web", 0);
+    assert_eq!(row.generation, 2);
+    let counts = row.requests.expect("per-instance counters");
+    assert!(counts.served >= 1 && counts.cut == 0, "{counts:?}");
+    // The cut is logged with its path, and status prints the counters.
+    let log = d.stderr();
+    assert!(
+        log.contains("request cut") && log.contains("/slow?sleep=60000"),
+        "{log}"
+    );
+    let text = String::from_utf8_lossy(&d.ctl(&["status"]).stdout).to_string();
+    assert!(
+        text.contains("INFLIGHT") && text.contains("1 cut at max_wait"),
+        "{text}"
+    );
 }

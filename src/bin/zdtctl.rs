@@ -186,7 +186,9 @@ fn fmt_duration(ms: u64) -> String {
 
 fn print_status(programs: &[ProgramSnapshot]) {
     let now = now_ms();
-    let mut rows = vec![[
+    // Request columns only when a proxy-mode program is shown.
+    let proxied = programs.iter().any(|p| p.requests.is_some());
+    let mut head = vec![
         "PROGRAM",
         "INST",
         "GEN",
@@ -195,9 +197,12 @@ fn print_status(programs: &[ProgramSnapshot]) {
         "UPTIME",
         "RESTARTS",
         "LAST EXIT",
-        "INFO",
-    ]
-    .map(String::from)];
+    ];
+    if proxied {
+        head.extend(["INFLIGHT", "SERVED", "502", "CUT"]);
+    }
+    head.push("INFO");
+    let mut rows: Vec<Vec<String>> = vec![head.into_iter().map(String::from).collect()];
     for p in programs {
         for i in &p.instances {
             let uptime = i
@@ -217,7 +222,7 @@ fn print_status(programs: &[ProgramSnapshot]) {
             if i.log_dropped_bytes > 0 {
                 info.push(format!("{} log bytes dropped", i.log_dropped_bytes));
             }
-            rows.push([
+            let mut row = vec![
                 p.name.clone(),
                 i.instance.to_string(),
                 i.generation.to_string(),
@@ -226,11 +231,21 @@ fn print_status(programs: &[ProgramSnapshot]) {
                 uptime,
                 i.restarts.to_string(),
                 i.last_exit.as_ref().map_or("-".into(), |e| e.to_string()),
-                info.join("; "),
-            ]);
+            ];
+            if proxied {
+                match &i.requests {
+                    Some(r) => {
+                        row.extend([r.inflight, r.served, r.failed, r.cut].map(|n| n.to_string()))
+                    }
+                    None => row.extend(["-", "-", "-", "-"].map(String::from)),
+                }
+            }
+            row.push(info.join("; "));
+            rows.push(row);
         }
     }
-    let widths: Vec<usize> = (0..9)
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     for r in rows {
@@ -240,6 +255,14 @@ fn print_status(programs: &[ProgramSnapshot]) {
             .map(|(c, v)| format!("{v:<w$}", w = widths[c]))
             .collect();
         println!("{}", line.join("  ").trim_end());
+    }
+    for p in programs {
+        if let Some(r) = &p.requests {
+            println!(
+                "{}: {} in flight, {} served, {} answered 502 ({} cut at max_wait), {} answered 503",
+                p.name, r.inflight, r.served, r.failed, r.cut, r.unavailable
+            );
+        }
     }
 }
 

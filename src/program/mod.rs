@@ -32,6 +32,7 @@ use crate::config::{self, ProgramConfig};
 use crate::control::proto::Reply;
 use crate::instance::{ProcEvent, ProcEventKind};
 use crate::logs::LogSink;
+use crate::proxy::Traffic;
 use crate::spawn::Spawner;
 use crate::state::{InstanceSnapshot, InstanceState, ProgramSnapshot};
 
@@ -140,6 +141,7 @@ macro_rules! ctx {
             events: &$p.events_tx,
             sockets: &$p.sockets,
             ports_in_use: $ports,
+            traffic: &$p.traffic,
         }
     };
 }
@@ -154,12 +156,27 @@ pub struct ProgramHandle {
     tx: mpsc::Sender<ProgramMsg>,
     /// The latest snapshot, published by the actor after every change.
     snapshot: watch::Receiver<ProgramSnapshot>,
+    /// Request counters (proxy mode), read live into status snapshots.
+    traffic: Arc<Traffic>,
 }
 
 impl ProgramHandle {
     /// The latest snapshot.
     pub fn snapshot(&self) -> ProgramSnapshot {
         self.snapshot.borrow().clone()
+    }
+
+    /// The latest snapshot with the request counters as they are now (proxy
+    /// mode), for status.
+    pub fn status(&self) -> ProgramSnapshot {
+        let mut snap = self.snapshot();
+        if self.traffic.is_proxied() {
+            snap.requests = Some(self.traffic.totals());
+            for i in &mut snap.instances {
+                i.requests = self.traffic.of(i.instance, i.generation);
+            }
+        }
+        snap
     }
 
     /// A receiver that sees every new snapshot.
@@ -191,8 +208,11 @@ pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) 
         name: name.clone(),
         generation: 0,
         instances: Vec::new(),
+        requests: None,
     });
+    let traffic = Arc::new(Traffic::default());
     let mut actor = Program {
+        traffic: traffic.clone(),
         slots: Vec::new(),
         generation: 0,
         ops: Vec::new(),
@@ -211,7 +231,12 @@ pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) 
     actor.resize_slots();
     actor.publish();
     tokio::spawn(actor.run(rx, events_rx));
-    ProgramHandle { name, tx, snapshot }
+    ProgramHandle {
+        name,
+        tx,
+        snapshot,
+        traffic,
+    }
 }
 
 /// A backoff of slot `slot` ended; `epoch` tells stale timers apart.
@@ -243,6 +268,8 @@ struct Program {
     /// Proxy mode: the component accepting on the sockets; routes are
     /// published to it after every change.
     proxy: Option<crate::proxy::ProxyHandle>,
+    /// The program's request counters (proxy mode).
+    traffic: Arc<Traffic>,
     /// A reload that arrived during a restart, applied when it is over.
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
 }
@@ -272,8 +299,14 @@ impl Program {
         }
         // A new proxy for new sockets; connections of the old one finish.
         self.proxy = None;
+        self.traffic.set_proxied(cfg.mode == config::Mode::Proxy);
         if cfg.mode == config::Mode::Proxy && self.bind_error.is_none() {
-            match crate::proxy::start(&cfg.name, &self.sockets, cfg.queue_timeout) {
+            match crate::proxy::start(
+                &cfg.name,
+                &self.sockets,
+                cfg.queue_timeout,
+                self.traffic.clone(),
+            ) {
                 Ok(p) => self.proxy = Some(p),
                 Err(e) => self.bind_error = Some(format!("cannot accept on the sockets: {e}")),
             }
@@ -770,6 +803,7 @@ impl Program {
                         events: &self.events_tx,
                         sockets: &self.sockets,
                         ports_in_use: &ports,
+                        traffic: &self.traffic,
                     });
                 }
             }
@@ -878,7 +912,10 @@ impl Program {
         if let Some(p) = &self.proxy {
             p.set_routes(self.slots.iter().filter_map(Slot::route).collect());
         }
+        self.traffic
+            .set_live(self.slots.iter().flat_map(Slot::upstream_stats).collect());
         let new = ProgramSnapshot {
+            requests: None,
             name: self.config.name.clone(),
             generation: self.generation,
             instances: self

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig};
 use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcHandle, ProcParams};
 use crate::logs::LogSink;
-use crate::proxy::Upstream;
+use crate::proxy::{Traffic, Upstream, UpstreamStats};
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 use crate::state::{now_ms, ExitInfo, InstanceSnapshot, InstanceState};
 
@@ -72,6 +72,8 @@ pub(super) struct SpawnCtx<'a> {
     pub sockets: &'a [Arc<OwnedFd>],
     /// Private ports of live processes (proxy mode), never handed out twice.
     pub ports_in_use: &'a [u16],
+    /// The program's request counters (proxy mode).
+    pub traffic: &'a Arc<Traffic>,
 }
 
 /// Stops a process: in proxy mode once its requests in flight are done (or
@@ -88,6 +90,7 @@ fn drain_then_stop(p: &Proc, cfg: &ProgramConfig) {
             .await
             .is_err()
         {
+            stats.cutting();
             tracing::warn!(
                 inflight = stats.inflight(),
                 "max_wait passed with requests in flight; stopping anyway (they will be cut)"
@@ -515,7 +518,7 @@ impl Slot {
         );
         Proc {
             handle,
-            upstream: private.map(Upstream::new),
+            upstream: private.map(|a| Upstream::new(a, ctx.traffic)),
             gen,
             pid: None,
             started_ms: None,
@@ -684,6 +687,21 @@ impl Slot {
         }
     }
 
+    /// (instance, generation, counters) of each of its processes with a
+    /// private address (proxy mode).
+    pub fn upstream_stats(&self) -> Vec<(u32, u64, Arc<UpstreamStats>)> {
+        self.proc
+            .iter()
+            .chain(self.next.iter())
+            .chain(self.draining.iter())
+            .filter_map(|p| {
+                p.upstream
+                    .as_ref()
+                    .map(|u| (self.index as u32, p.gen, u.stats.clone()))
+            })
+            .collect()
+    }
+
     /// The slot's row, then one row per candidate or draining process.
     pub fn snapshots(&self, program: &str) -> Vec<InstanceSnapshot> {
         let mut rows = vec![self.snapshot(program)];
@@ -715,6 +733,7 @@ impl Slot {
                 error: None,
                 status_text: None,
                 log_dropped_bytes: 0,
+                requests: None,
             });
         }
         rows
@@ -734,6 +753,7 @@ impl Slot {
             error: self.error.clone(),
             status_text: self.status_text.clone(),
             log_dropped_bytes: self.stdout.dropped_bytes() + self.stderr.dropped_bytes(),
+            requests: None,
         }
     }
 }

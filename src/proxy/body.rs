@@ -12,15 +12,12 @@ use super::InflightGuard;
 /// The upstream's body with the request's in-flight guard.
 pub(crate) struct GuardedBody {
     inner: Incoming,
-    _guard: InflightGuard,
+    guard: InflightGuard,
 }
 
 impl GuardedBody {
     pub(crate) fn new(inner: Incoming, guard: InflightGuard) -> Self {
-        Self {
-            inner,
-            _guard: guard,
-        }
+        Self { inner, guard }
     }
 }
 
@@ -32,7 +29,12 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            tracing::warn!(cause = %e, cut = self.guard.is_cut(), "response body broke off");
+            self.guard.fail();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

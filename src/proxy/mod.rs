@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,33 +36,131 @@ use tokio_util::sync::CancellationToken;
 
 use body::GuardedBody;
 
+pub use crate::state::RequestCounts;
+
 /// Response body type of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// Counters of one upstream (one process of one generation).
+/// Request counters of one program, across all its generations, and the
+/// live table of its upstreams' counters for `zdtctl status`.
 #[derive(Debug, Default)]
+pub struct Traffic {
+    served: AtomicU64,
+    failed: AtomicU64,
+    cut: AtomicU64,
+    unavailable: AtomicU64,
+    /// (instance, generation, counters) of every process with a private address.
+    live: Mutex<Vec<(u32, u64, Arc<UpstreamStats>)>>,
+    proxied: AtomicBool,
+}
+
+impl Traffic {
+    /// Marks the program as proxied (its snapshots carry counters) or not.
+    pub fn set_proxied(&self, on: bool) {
+        self.proxied.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the program is proxied.
+    pub fn is_proxied(&self) -> bool {
+        self.proxied.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the table of live upstreams (the program actor calls this
+    /// after every change).
+    pub fn set_live(&self, live: Vec<(u32, u64, Arc<UpstreamStats>)>) {
+        if let Ok(mut l) = self.live.lock() {
+            *l = live;
+        }
+    }
+
+    /// The program's totals; `inflight` summed over its live upstreams.
+    pub fn totals(&self) -> RequestCounts {
+        let inflight = self
+            .live
+            .lock()
+            .map(|l| l.iter().map(|(_, _, s)| s.inflight()).sum())
+            .unwrap_or(0);
+        RequestCounts {
+            inflight,
+            served: self.served.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            cut: self.cut.load(Ordering::Relaxed),
+            unavailable: self.unavailable.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The counters of one live process, if it has a private address.
+    pub fn of(&self, instance: u32, generation: u64) -> Option<RequestCounts> {
+        let live = self.live.lock().ok()?;
+        let (_, _, s) = live
+            .iter()
+            .find(|(i, g, _)| *i == instance && *g == generation)?;
+        Some(s.counts())
+    }
+}
+
+/// Counters of one upstream (one process of one generation).
+#[derive(Debug)]
 pub struct UpstreamStats {
     inflight: AtomicU64,
     served: AtomicU64,
     failed: AtomicU64,
+    cut: AtomicU64,
+    /// Set when zdt stops the process with requests still in flight: their
+    /// failures are counted as cut.
+    cutting: AtomicBool,
     /// Woken when `inflight` drops to zero.
     idle: Notify,
+    program: Arc<Traffic>,
 }
 
 impl UpstreamStats {
+    fn new(program: Arc<Traffic>) -> Self {
+        Self {
+            inflight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            cut: AtomicU64::new(0),
+            cutting: AtomicBool::new(false),
+            idle: Notify::new(),
+            program,
+        }
+    }
+
     /// Requests routed to it and not yet fully answered.
     pub fn inflight(&self) -> u64 {
         self.inflight.load(Ordering::SeqCst)
     }
 
-    /// Requests answered.
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
+    /// Its counters.
+    pub fn counts(&self) -> RequestCounts {
+        RequestCounts {
+            inflight: self.inflight(),
+            served: self.served.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            cut: self.cut.load(Ordering::Relaxed),
+            unavailable: 0,
+        }
     }
 
-    /// Requests answered 502 by zdt (upstream failed or was killed).
-    pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
+    /// Marks the requests still in flight as about to be cut: zdt stops the
+    /// process before they finished (max_wait passed).
+    pub fn cutting(&self) {
+        self.cutting.store(true, Ordering::SeqCst);
+    }
+
+    fn record(&self, ok: bool) {
+        let (mine, total) = if ok {
+            (&self.served, &self.program.served)
+        } else {
+            (&self.failed, &self.program.failed)
+        };
+        mine.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(1, Ordering::Relaxed);
+        if !ok && self.cutting.load(Ordering::SeqCst) {
+            self.cut.fetch_add(1, Ordering::Relaxed);
+            self.program.cut.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Resolves when no request is in flight.
@@ -77,22 +175,42 @@ impl UpstreamStats {
     }
 }
 
-/// Held while a request is in flight on an upstream.
+/// Held while a request is in flight on an upstream; counts it as served
+/// when dropped, unless [`InflightGuard::fail`] counted it as failed.
 #[derive(Debug)]
 pub(crate) struct InflightGuard {
     stats: Arc<UpstreamStats>,
+    failed: bool,
 }
 
 impl InflightGuard {
     fn new(stats: Arc<UpstreamStats>) -> Self {
         stats.inflight.fetch_add(1, Ordering::SeqCst);
-        Self { stats }
+        Self {
+            stats,
+            failed: false,
+        }
+    }
+
+    /// Counts the request as failed (502, or its response body broke off).
+    pub(crate) fn fail(&mut self) {
+        if !self.failed {
+            self.failed = true;
+            self.stats.record(false);
+        }
+    }
+
+    /// Whether zdt is cutting this upstream's requests.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.stats.cutting.load(Ordering::SeqCst)
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.stats.served.fetch_add(1, Ordering::Relaxed);
+        if !self.failed {
+            self.stats.record(true);
+        }
         if self.stats.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.stats.idle.notify_waiters();
         }
@@ -112,7 +230,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// An upstream at `addr`.
-    pub fn new(addr: SocketAddr) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, program: &Arc<Traffic>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -121,7 +239,7 @@ impl Upstream {
             .build(connector);
         Arc::new(Self {
             addr,
-            stats: Arc::default(),
+            stats: Arc::new(UpstreamStats::new(program.clone())),
             client,
         })
     }
@@ -142,8 +260,6 @@ pub struct ProxyHandle {
     routes: watch::Sender<Arc<Routes>>,
     /// Cancels the accept loops.
     stop: CancellationToken,
-    /// Requests answered 503 (no ready instance within queue_timeout).
-    pub unavailable: Arc<AtomicU64>,
     /// Set by `zdtctl drain`: every new request gets 503 at once.
     draining: Arc<AtomicBool>,
 }
@@ -181,7 +297,7 @@ struct Shared {
     routes: watch::Receiver<Arc<Routes>>,
     queue_timeout: Duration,
     next: AtomicUsize,
-    unavailable: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
     draining: Arc<AtomicBool>,
 }
 
@@ -190,10 +306,10 @@ pub fn start(
     program: &str,
     sockets: &[Arc<OwnedFd>],
     queue_timeout: Duration,
+    traffic: Arc<Traffic>,
 ) -> std::io::Result<ProxyHandle> {
     let (tx, rx) = watch::channel(Arc::new(Routes::default()));
     let stop = CancellationToken::new();
-    let unavailable = Arc::new(AtomicU64::new(0));
     let draining = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
         draining: draining.clone(),
@@ -201,7 +317,7 @@ pub fn start(
         routes: rx,
         queue_timeout,
         next: AtomicUsize::new(0),
-        unavailable: unavailable.clone(),
+        traffic,
     });
     for fd in sockets {
         let listener = Listener::from_fd(fd)?;
@@ -210,7 +326,6 @@ pub fn start(
     Ok(ProxyHandle {
         routes: tx,
         stop,
-        unavailable,
         draining,
     })
 }
@@ -330,7 +445,7 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
 }
 
 fn unavailable(shared: &Shared) -> Response<ProxyBody> {
-    shared.unavailable.fetch_add(1, Ordering::Relaxed);
+    shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
     let mut resp = text(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
@@ -424,7 +539,7 @@ async fn handle(
                 )
             };
         };
-        let guard = InflightGuard::new(up.stats.clone());
+        let mut guard = InflightGuard::new(up.stats.clone());
         let uri = format!("http://{}{}", up.addr, path);
         let mut builder = Request::builder()
             .method(parts.method.clone())
@@ -451,8 +566,12 @@ async fn handle(
                 tried.push(up.addr);
             }
             Err(e) => {
-                up.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(program = %shared.program, upstream = %up.addr, %path, cause = %e, "request cut: upstream failed; answered 502");
+                guard.fail();
+                if guard.is_cut() {
+                    tracing::warn!(program = %shared.program, upstream = %up.addr, %path, "request cut: the instance was stopped at max_wait; answered 502");
+                } else {
+                    tracing::warn!(program = %shared.program, upstream = %up.addr, %path, cause = %e, "upstream failed; answered 502");
+                }
                 drop(guard);
                 return text(
                     StatusCode::BAD_GATEWAY,

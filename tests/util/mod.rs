@@ -231,6 +231,31 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no {program}:{instance} in status"))
     }
 
+    /// A proxy-mode program's request counters.
+    pub fn requests(&self, program: &str) -> zdt::state::RequestCounts {
+        self.status()
+            .into_iter()
+            .find(|p| p.name == program)
+            .and_then(|p| p.requests)
+            .unwrap_or_else(|| panic!("no request counters for {program} in status"))
+    }
+
+    /// Waits until `program` has `n` requests in flight.
+    pub fn wait_inflight(&self, program: &str, n: u64, timeout: Duration) {
+        wait_for(
+            &format!("{program} to have {n} requests in flight"),
+            timeout,
+            || {
+                let r = self.requests(program);
+                if r.inflight == n {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+    }
+
     /// Waits until `program:instance` is in `state`; returns its snapshot.
     pub fn wait_state(
         &self,
