@@ -270,3 +270,107 @@ fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
         "{text}"
     );
 }
+
+/// Sends `request` as is and returns what zdt answers until it closes the
+/// connection (or 10 s passed).
+fn raw_exchange(port: u16, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // zdt may answer and close before reading everything: ignore write errors.
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[test]
+fn bad_requests_are_answered_by_zdt_and_never_forwarded() {
+    let port = free_port();
+    let d =
+        Daemon::start(&(header() + &proxy_program("web", port, &[], "max_header_bytes = \"8KB\"")));
+    d.wait_state("web", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let served = d.requests("web").served;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let answer = raw_exchange(port, big.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    for bad in [
+        // Two different lengths: which one frames the body is ambiguous.
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x1\r\n\r\nab",
+        // A transfer coding that does not end in chunked cannot be framed.
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nab",
+        // HTTP/1.0 has no chunked coding.
+        "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+    ] {
+        let answer = raw_exchange(port, bad.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad:?} -> {answer:?}");
+    }
+    assert_eq!(
+        d.requests("web").served,
+        served,
+        "a bad request reached the worker"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+#[test]
+fn a_slowloris_client_is_closed_at_the_header_timeout_while_others_are_served() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let d =
+        Daemon::start(&(header() + &proxy_program("web", port, &[], "header_timeout = \"1s\"")));
+    d.wait_state("web", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let t0 = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        .expect("write");
+    let mut served_meanwhile = 0;
+    let closed_after = loop {
+        assert!(t0.elapsed() < T, "the slow client was never closed");
+        // One header byte at a time, as a slowloris client does.
+        if slow.write_all(b"X").is_err() {
+            break t0.elapsed();
+        }
+        let mut buf = [0u8; 256];
+        match slow.read(&mut buf) {
+            Ok(0) => break t0.elapsed(),
+            Ok(_) => panic!("answered a request whose header never ended"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break t0.elapsed(),
+        }
+        if http_get(port, "/").map(|r| r.0) == Ok(200) {
+            served_meanwhile += 1;
+        }
+    };
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "closed after {closed_after:?}, before header_timeout"
+    );
+    assert!(served_meanwhile >= 3, "others were not served meanwhile");
+    // An idle keep-alive connection is closed by the same timer.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    idle.set_read_timeout(Some(T)).expect("timeout");
+    let t1 = Instant::now();
+    let mut out = Vec::new();
+    let _ = idle.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        t1.elapsed() >= Duration::from_millis(900) && t1.elapsed() < Duration::from_secs(10),
+        "idle keep-alive connection closed after {:?}",
+        t1.elapsed()
+    );
+}

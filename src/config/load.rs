@@ -78,6 +78,9 @@ struct RawProgram {
     watchdog: Option<Spanned<DurationValue>>,
     strategy: Option<Spanned<String>>,
     queue_timeout: Option<DurationValue>,
+    header_timeout: Option<DurationValue>,
+    max_header_bytes: Option<Spanned<SizeValue>>,
+    forward_headers: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -402,6 +405,19 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 ));
             }
         };
+        let max_header_bytes = match p.max_header_bytes {
+            None => 64 * 1024,
+            Some(m) => {
+                let n = m.get_ref().0;
+                if !(1024..=16 * 1024 * 1024).contains(&n) {
+                    return Err(err_at(
+                        m.span().start,
+                        format!("max_header_bytes {n} is out of range: use 1KB to 16MB"),
+                    ));
+                }
+                n as usize
+            }
+        };
         let cfg = ProgramConfig {
             name: name.clone(),
             command: command.0,
@@ -446,6 +462,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             queue_timeout: p
                 .queue_timeout
                 .map_or(std::time::Duration::from_secs(5), |d| d.0),
+            header_timeout: p
+                .header_timeout
+                .map_or(std::time::Duration::from_secs(30), |d| d.0),
+            max_header_bytes,
+            forward_headers: p.forward_headers.unwrap_or(true),
         };
         programs.insert(name, cfg);
     }

@@ -234,6 +234,14 @@ pub struct ProgramConfig {
     pub mode: Mode,
     /// Proxy mode: how long a request waits for a ready instance before 503.
     pub queue_timeout: Duration,
+    /// Proxy mode: a client must send a request's whole header within this
+    /// time after connecting or after its previous response (so it also
+    /// closes idle keep-alive connections). Default 30s.
+    pub header_timeout: Duration,
+    /// Proxy mode: larger request headers are answered 431. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Proxy mode: add X-Forwarded-For, X-Real-IP, X-Forwarded-Proto. Default true.
+    pub forward_headers: bool,
 }
 
 impl ProgramConfig {

@@ -334,4 +334,13 @@ fn proxy_mode_and_its_probes() {
     assert_eq!(w.ready, Ready::Http("/health".into()));
     assert_eq!(w.queue_timeout, Duration::from_secs(2));
     assert!(w.overlaps());
+    assert_eq!(w.header_timeout, Duration::from_secs(30));
+    assert_eq!(w.max_header_bytes, 64 * 1024);
+    assert!(w.forward_headers);
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nmax_header_bytes = 100\n",
+        5,
+        20,
+        "out of range",
+    );
 }

@@ -304,7 +304,7 @@ impl Program {
             match crate::proxy::start(
                 &cfg.name,
                 &self.sockets,
-                cfg.queue_timeout,
+                crate::proxy::Options::of(cfg),
                 self.traffic.clone(),
             ) {
                 Ok(p) => self.proxy = Some(p),

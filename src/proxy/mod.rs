@@ -295,17 +295,42 @@ impl ProxyHandle {
 struct Shared {
     program: String,
     routes: watch::Receiver<Arc<Routes>>,
-    queue_timeout: Duration,
+    options: Options,
     next: AtomicUsize,
     traffic: Arc<Traffic>,
     draining: Arc<AtomicBool>,
+}
+
+/// How the proxy treats clients (from the program's config).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long a request waits for a ready instance before 503.
+    pub queue_timeout: Duration,
+    /// Time for a request's whole header, from connect or the previous response.
+    pub header_timeout: Duration,
+    /// Larger request headers get 431.
+    pub max_header_bytes: usize,
+    /// Add X-Forwarded-For, X-Real-IP and X-Forwarded-Proto.
+    pub forward_headers: bool,
+}
+
+impl Options {
+    /// The proxy options of a program.
+    pub fn of(cfg: &crate::config::ProgramConfig) -> Self {
+        Self {
+            queue_timeout: cfg.queue_timeout,
+            header_timeout: cfg.header_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+            forward_headers: cfg.forward_headers,
+        }
+    }
 }
 
 /// Starts accepting on `sockets` for `program`.
 pub fn start(
     program: &str,
     sockets: &[Arc<OwnedFd>],
-    queue_timeout: Duration,
+    options: Options,
     traffic: Arc<Traffic>,
 ) -> std::io::Result<ProxyHandle> {
     let (tx, rx) = watch::channel(Arc::new(Routes::default()));
@@ -315,7 +340,7 @@ pub fn start(
         draining: draining.clone(),
         program: program.to_string(),
         routes: rx,
-        queue_timeout,
+        options,
         next: AtomicUsize::new(0),
         traffic,
     });
@@ -388,13 +413,20 @@ async fn serve<I>(io: I, peer: Option<std::net::IpAddr>, shared: Arc<Shared>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let (header_timeout, max_header) = (
+        shared.options.header_timeout,
+        shared.options.max_header_bytes,
+    );
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(req, peer, &shared).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(header_timeout)
+        .max_header_size(max_header)
+        // Room for the header plus some body; never below hyper's minimum.
+        .max_buf_size((max_header + 16 * 1024).max(8192))
         .serve_connection(io, svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -473,7 +505,7 @@ fn pick(shared: &Shared, routes: &Routes, skip: &[SocketAddr]) -> Option<Arc<Ups
 /// Waits up to `queue_timeout` for an upstream.
 async fn choose(shared: &Shared, skip: &[SocketAddr]) -> Option<Arc<Upstream>> {
     let mut rx = shared.routes.clone();
-    let deadline = tokio::time::Instant::now() + shared.queue_timeout;
+    let deadline = tokio::time::Instant::now() + shared.options.queue_timeout;
     loop {
         let routes = rx.borrow_and_update().clone();
         if let Some(u) = pick(shared, &routes, skip) {
@@ -506,7 +538,7 @@ async fn handle(
     let bodiless = !has_body(&req);
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(ip) = peer {
+    if let Some(ip) = peer.filter(|_| shared.options.forward_headers) {
         let ip = ip.to_string();
         let xff = match parts
             .headers
@@ -523,9 +555,11 @@ async fn handle(
             parts.headers.insert("x-real-ip", v);
         }
     }
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if shared.options.forward_headers {
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
     let mut body = Some(body.boxed());
     let mut tried: Vec<SocketAddr> = Vec::new();
     loop {
