@@ -374,3 +374,91 @@ fn a_slowloris_client_is_closed_at_the_header_timeout_while_others_are_served() 
         t1.elapsed()
     );
 }
+
+/// Reads from `s` until what was read contains `needle`; returns all of it.
+fn read_until(s: &mut std::net::TcpStream, needle: &str) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match s.read(&mut buf) {
+            Ok(0) => panic!(
+                "closed before {needle:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "reading for {needle:?}: {e}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+#[test]
+fn an_upgrade_tunnel_survives_a_restart_until_max_wait() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &proxy_program(
+                "web",
+                port,
+                &[],
+                "max_wait = \"2s\"\nkill_timeout = \"500ms\"",
+            )),
+    );
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let mut ws = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    ws.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+        .expect("write");
+    let hello = read_until(&mut ws, &format!("pid {old}\n"));
+    assert!(hello.starts_with("HTTP/1.1 101"), "{hello}");
+    ws.write_all(b"before\n").expect("write");
+    read_until(&mut ws, "before\n");
+    d.wait_inflight("web", 1, T);
+    let t0 = Instant::now();
+    let restart = {
+        let cfg = d.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin("zdtctl"))
+                .arg("-c")
+                .arg(cfg)
+                .args(["restart", "web"])
+                .output()
+        })
+    };
+    wait_for("a request answered by the new generation", T, || {
+        let (_, body) = http_get(port, "/")?;
+        if body.contains("\"generation\":2") {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    });
+    // The tunnel still reaches the old generation after the switch.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "switch took {:?}",
+        t0.elapsed()
+    );
+    ws.write_all(b"after\n").expect("write");
+    read_until(&mut ws, "after\n");
+    // At max_wait the old generation is stopped and the tunnel ends.
+    ws.set_read_timeout(Some(T)).expect("timeout");
+    let mut rest = Vec::new();
+    let _ = ws.read_to_end(&mut rest);
+    let closed = t0.elapsed();
+    assert!(
+        closed >= Duration::from_millis(1900) && closed < Duration::from_secs(10),
+        "tunnel closed after {closed:?}; max_wait is 2s"
+    );
+    let out = restart.join().expect("join").expect("zdtctl");
+    assert!(out.status.success(), "{out:?}");
+    assert!(!alive(old));
+    let r = d.requests("web");
+    assert_eq!((r.cut, r.inflight), (1, 0), "{r:?}");
+}

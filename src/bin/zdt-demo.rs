@@ -8,6 +8,8 @@
 //! `{"pid","generation","instance","path","received"}`; `?sleep=MS` delays the
 //! answer; `?bytes=N` answers N bytes, streamed; `GET /health` answers "ok";
 //! `GET /log?n=N&stream=stdout|stderr` writes N lines to that stream.
+//! `GET /echo` with `Upgrade: echo` switches protocols (101), writes
+//! "generation G pid P\n" and echoes bytes until the client closes.
 //!
 //! On SIGTERM/SIGINT it drains lazily (the keep-alive race, PITFALLS item 5):
 //! it stops accepting, answers every further request with `Connection: close`,
@@ -104,8 +106,50 @@ fn full(s: impl Into<Bytes>) -> Body {
     Full::new(s.into()).boxed()
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+/// `GET /echo` with `Upgrade: echo`: switches protocols, writes one line
+/// naming its generation and pid, then echoes bytes until the client closes.
+/// The worker stays alive while a tunnel is open.
+fn echo_tunnel(req: Request<Incoming>, shared: &Shared, alive: mpsc::Sender<()>) -> Response<Body> {
+    let hello = format!("generation {} pid {}\n", shared.generation, shared.pid);
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _alive = alive;
+        let Ok(upgraded) = on.await else { return };
+        let mut io = TokioIo::new(upgraded);
+        if io.write_all(hello.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = io.read(&mut buf).await {
+            if io.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(full(""));
+    *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static("echo"),
+    );
+    h.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    resp
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    alive: mpsc::Sender<()>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if path == "/echo" && req.headers().contains_key(hyper::header::UPGRADE) {
+        return echo_tunnel(req, &shared, alive);
+    }
     let sleep = query(&req, "sleep");
     let bytes = query(&req, "bytes");
     let lines = query(&req, "n");
@@ -175,7 +219,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
 }
 
 /// Serves one connection; after the stop signal, closes it once idle for `grace`.
-async fn serve<I>(io: I, shared: Arc<Shared>, grace: Duration, _alive: mpsc::Sender<()>)
+async fn serve<I>(io: I, shared: Arc<Shared>, grace: Duration, alive: mpsc::Sender<()>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -183,19 +227,22 @@ where
     let since = |s: &Shared| s.started.elapsed().as_millis() as u64;
     state.last_active_ms.store(since(&shared), Ordering::SeqCst);
     let svc = {
-        let (shared, state) = (shared.clone(), state.clone());
+        let (shared, state, alive) = (shared.clone(), state.clone(), alive.clone());
         hyper::service::service_fn(move |req| {
-            let (shared, state) = (shared.clone(), state.clone());
+            let (shared, state, alive) = (shared.clone(), state.clone(), alive.clone());
             state.inflight.fetch_add(1, Ordering::SeqCst);
             async move {
-                let resp = handle(req, shared.clone()).await;
+                let resp = handle(req, shared.clone(), alive).await;
                 state.last_active_ms.store(since(&shared), Ordering::SeqCst);
                 state.inflight.fetch_sub(1, Ordering::SeqCst);
                 Ok::<_, Infallible>(resp)
             }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let _alive = alive;
     tokio::pin!(conn);
     let mut closing = false;
     loop {

@@ -518,6 +518,44 @@ async fn choose(shared: &Shared, skip: &[SocketAddr]) -> Option<Arc<Upstream>> {
     }
 }
 
+/// Copies bytes both ways between an upgraded client connection and its
+/// upstream until the upstream side ends (closed, or killed at `max_wait`);
+/// the client closing its side is passed on as a half-close.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    mut guard: InflightGuard,
+    program: String,
+    path: String,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (TokioIo::new(c), TokioIo::new(u)),
+        (c, u) => {
+            let cause = c.err().or(u.err()).map(|e| e.to_string());
+            tracing::warn!(%program, %path, ?cause, "upgrade failed");
+            guard.fail();
+            return;
+        }
+    };
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = async {
+        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+        let _ = uw.shutdown().await;
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::io::copy(&mut ur, &mut cw) => {}
+        () = up => {}
+    }
+    let _ = cw.shutdown().await;
+    if guard.is_cut() {
+        tracing::warn!(%program, %path, "tunnel cut: the instance was stopped at max_wait");
+        guard.fail();
+    }
+}
+
 fn has_body(req: &Request<Incoming>) -> bool {
     use hyper::body::Body;
     !req.body().is_end_stream()
@@ -536,8 +574,19 @@ async fn handle(
         .path_and_query()
         .map_or("/".to_string(), |p| p.as_str().to_string());
     let bodiless = !has_body(&req);
+    let mut req = req;
+    // An Upgrade (WebSocket) request keeps its Upgrade header and, on 101,
+    // becomes a tunnel that counts as in flight until it closes.
+    let upgrade = req.headers().get(header::UPGRADE).cloned();
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        parts.headers.insert(header::UPGRADE, u.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     if let Some(ip) = peer.filter(|_| shared.options.forward_headers) {
         let ip = ip.to_string();
         let xff = match parts
@@ -590,7 +639,24 @@ async fn handle(
             return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
         };
         match up.client.request(upstream_req).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client) = client_upgrade {
+                        let upstream = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(
+                            client,
+                            upstream,
+                            guard,
+                            shared.program.clone(),
+                            path,
+                        ));
+                        let (rparts, _) = resp.into_parts();
+                        return Response::from_parts(
+                            rparts,
+                            Empty::new().map_err(|never| match never {}).boxed(),
+                        );
+                    }
+                }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 return Response::from_parts(rparts, GuardedBody::new(rbody, guard).boxed());
