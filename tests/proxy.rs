@@ -19,41 +19,46 @@ fn proxy_program(name: &str, port: u16, args: &[&str], extra: &str) -> String {
     )
 }
 
-#[test]
-fn proxy_restart_under_load_fails_zero_requests() {
-    let port = free_port();
-    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "instances = 2")));
-    d.wait_state("web", 0, Running, T);
-    d.wait_state("web", 1, Running, T);
+/// Restarts `program` `restarts` times under 64 clients (32 keep-alive, 32
+/// with a new connection per request; handlers of 0, 20 and 200 ms) and
+/// asserts that not one request failed and every generation served.
+fn restart_under_load(d: &Daemon, program: &str, port: u16, restarts: usize) {
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let load = Load::start(port, 32, 32, &[0, 0, 20, 200]);
-    for i in 0..10 {
+    let wait_load = |what: &str| {
         let before = load.ok_so_far();
-        wait_for("load between restarts", T, || {
+        wait_for(what, T, || {
             if load.ok_so_far() > before + 200 {
                 Ok(())
             } else {
                 Err("slow".into())
             }
         });
-        let out = d.ctl(&["restart", "web"]);
+    };
+    for i in 0..restarts {
+        wait_load("load between restarts");
+        let out = d.ctl(&["restart", program]);
         assert!(out.status.success(), "restart {i}: {out:?}");
     }
-    let before = load.ok_so_far();
-    wait_for("load after the last restart", T, || {
-        if load.ok_so_far() > before + 200 {
-            Ok(())
-        } else {
-            Err("slow".into())
-        }
-    });
+    wait_load("load after the last restart");
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
     assert!(
-        report.generations.len() >= 10,
+        report.generations.len() > restarts,
         "generations seen: {:?}",
         report.generations
     );
+    let r = d.requests(program);
+    assert_eq!((r.failed, r.unavailable), (0, 0), "{r:?}");
+}
+
+#[test]
+fn proxy_restart_under_load_fails_zero_requests() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "instances = 2")));
+    d.wait_state("web", 0, Running, T);
+    d.wait_state("web", 1, Running, T);
+    restart_under_load(&d, "web", port, 20);
     // The workers listen on private ports, not on the public one.
     let pid = d.instance("web", 0).pid.expect("pid");
     let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
@@ -61,6 +66,42 @@ fn proxy_restart_under_load_fails_zero_requests() {
     let private: Vec<&str> = env.split('\0').filter(|v| v.starts_with("PORT=")).collect();
     assert_eq!(private.len(), 1);
     assert_ne!(private[0], format!("PORT={port}"));
+}
+
+#[test]
+fn php_builtin_server_restarts_under_load_fail_zero_requests() {
+    let php = std::process::Command::new("php").arg("-v").output();
+    assert!(
+        php.is_ok_and(|o| o.status.success()),
+        "this test needs php-cli (apt-get install php-cli); .ci/run installs it"
+    );
+    let app = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/php/app.php");
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "{}[program.php]\ncommand = [\"php\", \"-S\", \"127.0.0.1:{{port}}\", {:?}]\n\
+         environment = {{ PHP_CLI_SERVER_WORKERS = \"4\" }}\nmode = \"proxy\"\n\
+         listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ http = \"/health\" }}\ninstances = 2\n\
+         # Longer than the wait below: only the group's stop signal ends the workers in time.\n\
+         kill_timeout = \"30s\"\n",
+        header(),
+        app.display().to_string()
+    ));
+    let first: Vec<u32> = [0, 1]
+        .map(|i| d.wait_state("php", i, Running, T).pid.expect("pid"))
+        .to_vec();
+    restart_under_load(&d, "php", port, 20);
+    // php -S forks its PHP_CLI_SERVER_WORKERS; zdt signals the whole process
+    // group, so no worker outlives its generation.
+    for leader in first {
+        wait_for("the first generation's php workers to be gone", T, || {
+            // SAFETY: kill(2) with signal 0 only checks the process group.
+            if unsafe { libc::kill(-(leader as i32), 0) } == 0 {
+                Err(format!("process group {leader} still has processes"))
+            } else {
+                Ok(())
+            }
+        });
+    }
 }
 
 #[test]

@@ -65,6 +65,7 @@ fn request(conn: &mut Conn, path: &str, close: bool) -> Result<(String, bool), S
         return Err(format!("status line {:?}", line.trim_end()));
     }
     let mut len = None;
+    let mut chunked = false;
     let mut server_close = false;
     loop {
         line.clear();
@@ -78,16 +79,44 @@ fn request(conn: &mut Conn, path: &str, close: bool) -> Result<(String, bool), S
         if let Some(v) = h.strip_prefix("content-length:") {
             len = v.trim().parse::<usize>().ok();
         }
+        if h == "transfer-encoding: chunked" {
+            chunked = true;
+        }
         if h == "connection: close" {
             server_close = true;
         }
     }
-    let len = len.ok_or("no content-length")?;
-    let mut body = vec![0; len];
-    conn.reader
-        .read_exact(&mut body)
-        .map_err(|e| format!("read body: {e}"))?;
+    let body = if chunked {
+        read_chunked(&mut conn.reader)?
+    } else {
+        let len = len.ok_or("no content-length")?;
+        let mut body = vec![0; len];
+        conn.reader
+            .read_exact(&mut body)
+            .map_err(|e| format!("read body: {e}"))?;
+        body
+    };
     Ok((String::from_utf8_lossy(&body).into_owned(), server_close))
+}
+
+/// Reads a chunked body (no trailers expected).
+fn read_chunked(r: &mut BufReader<TcpStream>) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)
+            .map_err(|e| format!("read chunk size: {e}"))?;
+        let size = usize::from_str_radix(line.trim_end().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| format!("bad chunk size {line:?}"))?;
+        let mut chunk = vec![0; size + 2];
+        r.read_exact(&mut chunk)
+            .map_err(|e| format!("read chunk: {e}"))?;
+        if size == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
 }
 
 fn field(body: &str, key: &str) -> Option<u64> {

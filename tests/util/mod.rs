@@ -312,6 +312,31 @@ fn dump_dir(dir: &Path) {
     }
 }
 
+impl Daemon {
+    /// Pids of the live workers, from status; empty if zdt does not answer.
+    fn worker_pids(&self) -> Vec<u32> {
+        let Ok(out) = Command::new(bin("zdtctl"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(["--json", "status"])
+            .output()
+        else {
+            return Vec::new();
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap_or(""))
+        else {
+            return Vec::new();
+        };
+        let programs: Vec<ProgramSnapshot> =
+            serde_json::from_value(v["programs"].clone()).unwrap_or_default();
+        programs
+            .iter()
+            .flat_map(|p| p.instances.iter().filter_map(|i| i.pid))
+            .collect()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -319,9 +344,16 @@ impl Drop for Daemon {
             dump_dir(self.dir.path());
         }
         if let Some(mut child) = self.child.take() {
-            // SIGKILL: PR_SET_PDEATHSIG takes the workers with it.
+            // The workers' process groups, to end their own children too.
+            let leaders = self.worker_pids();
+            // SIGKILL: PR_SET_PDEATHSIG takes the workers with it, but not
+            // what they forked (php -S workers, for one).
             let _ = child.kill();
             let _ = child.wait();
+            for pid in leaders {
+                // SAFETY: kill(2) with a negative pid signals that process group.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
         }
     }
 }
