@@ -23,8 +23,17 @@ fn proxy_program(name: &str, port: u16, args: &[&str], extra: &str) -> String {
 /// with a new connection per request; handlers of 0, 20 and 200 ms) and
 /// asserts that not one request failed and every generation served.
 fn restart_under_load(d: &Daemon, program: &str, port: u16, restarts: usize) {
+    restart_under(
+        d,
+        program,
+        port,
+        restarts,
+        Load::start(port, 32, 32, &[0, 0, 20, 200]),
+    );
+}
+
+fn restart_under(d: &Daemon, program: &str, port: u16, restarts: usize, load: Load) {
     wait_for("the proxy to answer", T, || http_get(port, "/"));
-    let load = Load::start(port, 32, 32, &[0, 0, 20, 200]);
     let wait_load = |what: &str| {
         let before = load.ok_so_far();
         wait_for(what, T, || {
@@ -502,4 +511,75 @@ fn an_upgrade_tunnel_survives_a_restart_until_max_wait() {
     assert!(!alive(old));
     let r = d.requests("web");
     assert_eq!((r.cut, r.inflight), (1, 0), "{r:?}");
+}
+
+#[test]
+fn tcp_proxy_moves_new_connections_and_drains_open_ones() {
+    use std::io::Write;
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &demo_program(
+                "raw",
+                &[],
+                &format!(
+                    "mode = \"proxy\"\nprotocol = \"tcp\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                     ready = {{ tcp = true }}\ninstances = 2\nmax_wait = \"20s\""
+                ),
+            )),
+    );
+    d.wait_state("raw", 0, Running, T);
+    d.wait_state("raw", 1, Running, T);
+    // New connections under restarts: none fails.
+    restart_under(&d, "raw", port, 5, Load::start(port, 0, 64, &[0, 20, 200]));
+    // An open connection stays with its generation across a restart, and the
+    // old generation is stopped once it closes, not at max_wait.
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let first = read_until(&mut conn, "}");
+    let pid = first
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .expect("pid in the answer");
+    d.wait_inflight("raw", 1, T);
+    let restart = {
+        let cfg = d.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin("zdtctl"))
+                .arg("-c")
+                .arg(cfg)
+                .args(["restart", "raw"])
+                .output()
+        })
+    };
+    wait_for("new connections to reach the new generation", T, || {
+        let (_, body) = http_get(port, "/")?;
+        if body.contains("\"generation\":7") {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    });
+    conn.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let again = read_until(&mut conn, "/again");
+    assert!(again.contains(&format!("\"pid\":{pid}")), "{again}");
+    assert!(
+        alive(pid),
+        "the old generation stopped with a connection open"
+    );
+    let closed = Instant::now();
+    drop(conn);
+    let out = restart.join().expect("join").expect("zdtctl");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(10),
+        "the old generation waited {:?} after its last connection closed",
+        closed.elapsed()
+    );
+    let r = d.requests("raw");
+    assert_eq!((r.failed, r.cut, r.inflight), (0, 0, 0), "{r:?}");
 }

@@ -14,8 +14,8 @@ use super::values::{
     AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
 };
 use super::{
-    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, Mode, ProgramConfig, Ready, Strategy,
-    SupervisorConfig,
+    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, Mode, ProgramConfig, Protocol, Ready,
+    Strategy, SupervisorConfig,
 };
 
 #[derive(Deserialize, Default)]
@@ -81,6 +81,7 @@ struct RawProgram {
     header_timeout: Option<DurationValue>,
     max_header_bytes: Option<Spanned<SizeValue>>,
     forward_headers: Option<bool>,
+    protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +340,28 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let protocol = match p
+            .protocol
+            .as_ref()
+            .map(|m| (m.get_ref().as_str(), m.span().start))
+        {
+            None | Some(("http", _)) => Protocol::Http,
+            Some(("tcp", at)) => {
+                if mode != Mode::Proxy {
+                    return Err(err_at(
+                        at,
+                        "protocol = \"tcp\" needs mode = \"proxy\"".to_string(),
+                    ));
+                }
+                Protocol::Tcp
+            }
+            Some((other, at)) => {
+                return Err(err_at(
+                    at,
+                    format!("invalid protocol {other:?}: use \"http\" or \"tcp\""),
+                ))
+            }
+        };
         let ready = match p.ready {
             None => Ready::Startsecs,
             Some(r) => {
@@ -467,6 +490,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 .map_or(std::time::Duration::from_secs(30), |d| d.0),
             max_header_bytes,
             forward_headers: p.forward_headers.unwrap_or(true),
+            protocol,
         };
         programs.insert(name, cfg);
     }

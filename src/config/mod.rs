@@ -156,6 +156,15 @@ pub enum Mode {
     Proxy,
 }
 
+/// What the proxy forwards (proxy mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1, request by request.
+    Http,
+    /// Bytes, connection by connection.
+    Tcp,
+}
+
 /// How a restart replaces the instances of a program that owns sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -242,6 +251,8 @@ pub struct ProgramConfig {
     pub max_header_bytes: usize,
     /// Proxy mode: add X-Forwarded-For, X-Real-IP, X-Forwarded-Proto. Default true.
     pub forward_headers: bool,
+    /// Proxy mode: http (default) or tcp.
+    pub protocol: Protocol,
 }
 
 impl ProgramConfig {

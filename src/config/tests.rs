@@ -343,4 +343,22 @@ fn proxy_mode_and_its_probes() {
         20,
         "out of range",
     );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nprotocol = \"udp\"\n",
+        5,
+        12,
+        "invalid protocol \"udp\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:1\"]\nprotocol = \"tcp\"\n",
+        4,
+        12,
+        "needs mode = \"proxy\"",
+    );
+    let c = parse(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nprotocol = \"tcp\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid tcp proxy");
+    assert_eq!(c.programs["web"].protocol, Protocol::Tcp);
 }

@@ -180,7 +180,8 @@ impl UpstreamStats {
 #[derive(Debug)]
 pub(crate) struct InflightGuard {
     stats: Arc<UpstreamStats>,
-    failed: bool,
+    /// Already counted (as failed), or not to be counted.
+    recorded: bool,
 }
 
 impl InflightGuard {
@@ -188,16 +189,22 @@ impl InflightGuard {
         stats.inflight.fetch_add(1, Ordering::SeqCst);
         Self {
             stats,
-            failed: false,
+            recorded: false,
         }
     }
 
     /// Counts the request as failed (502, or its response body broke off).
     pub(crate) fn fail(&mut self) {
-        if !self.failed {
-            self.failed = true;
+        if !self.recorded {
+            self.recorded = true;
             self.stats.record(false);
         }
+    }
+
+    /// Ends the guard without counting the request as served or failed
+    /// (it never reached this upstream and goes elsewhere).
+    pub(crate) fn discard(mut self) {
+        self.recorded = true;
     }
 
     /// Whether zdt is cutting this upstream's requests.
@@ -208,7 +215,7 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if !self.failed {
+        if !self.recorded {
             self.stats.record(true);
         }
         if self.stats.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -233,7 +240,7 @@ impl Upstream {
     pub fn new(addr: SocketAddr, program: &Arc<Traffic>) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -312,6 +319,8 @@ pub struct Options {
     pub max_header_bytes: usize,
     /// Add X-Forwarded-For, X-Real-IP and X-Forwarded-Proto.
     pub forward_headers: bool,
+    /// Forward HTTP requests, or TCP connections as bytes.
+    pub protocol: crate::config::Protocol,
 }
 
 impl Options {
@@ -322,6 +331,7 @@ impl Options {
             header_timeout: cfg.header_timeout,
             max_header_bytes: cfg.max_header_bytes,
             forward_headers: cfg.forward_headers,
+            protocol: cfg.protocol,
         }
     }
 }
@@ -376,6 +386,7 @@ impl Listener {
 }
 
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: CancellationToken) {
+    let tcp = shared.options.protocol == crate::config::Protocol::Tcp;
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -384,10 +395,18 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: Cancellation
                 match &listener {
                     Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
-                        tokio::spawn(serve(TokioIo::new(s), Some(a.ip()), shared.clone()));
+                        if tcp {
+                            tokio::spawn(serve_tcp(s, shared.clone()));
+                        } else {
+                            tokio::spawn(serve(TokioIo::new(s), Some(a.ip()), shared.clone()));
+                        }
                     }),
                     Listener::Unix(l) => l.accept().await.map(|(s, _)| {
-                        tokio::spawn(serve(TokioIo::new(s), None, shared.clone()));
+                        if tcp {
+                            tokio::spawn(serve_tcp(s, shared.clone()));
+                        } else {
+                            tokio::spawn(serve(TokioIo::new(s), None, shared.clone()));
+                        }
                     }),
                 }
             } => r,
@@ -433,6 +452,59 @@ where
         tracing::debug!(cause = %e, "client connection ended with an error");
     }
 }
+
+/// `protocol = "tcp"`: forwards one client connection, as bytes, to the
+/// least loaded ready instance. The connection counts as in flight until
+/// it closes. With no instance ready within `queue_timeout` (or while
+/// draining) the client connection is closed: TCP has no 503.
+async fn serve_tcp<S>(mut client: S, shared: Arc<Shared>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if shared.draining.load(Ordering::SeqCst) {
+        shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let (mut upstream, mut guard) = loop {
+        let Some(up) = choose(&shared, &tried).await else {
+            if tried.is_empty() {
+                shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(program = %shared.program, "no ready instance within queue_timeout; connection closed");
+            } else {
+                tracing::warn!(program = %shared.program, "no instance could be reached; connection closed");
+            }
+            return;
+        };
+        // Counted from before the connect, so a drain cannot miss it.
+        let guard = InflightGuard::new(up.stats.clone());
+        // Nothing was sent yet: a connect failure is always safe to retry.
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(up.addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                break (s, guard);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance")
+            }
+            Err(_) => {
+                tracing::warn!(program = %shared.program, upstream = %up.addr, "connect timed out; trying another instance")
+            }
+        }
+        guard.discard();
+        tried.push(up.addr);
+    };
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    if guard.is_cut() {
+        tracing::warn!(program = %shared.program, "connection cut: the instance was stopped at max_wait");
+        guard.fail();
+    } else if let Err(e) = copied {
+        tracing::debug!(program = %shared.program, cause = %e, "connection ended with an error");
+    }
+}
+
+/// Bound on connecting to a private address.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Hop-by-hop headers, never forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [

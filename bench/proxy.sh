@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# bench/proxy.sh - the demo worker direct, behind zdt proxy mode, and behind
+# nginx (proxy_pass with upstream keepalive), same run, alternated rounds, wrk
+# with keep-alive and a 0 ms handler. Prints requests/s, p50 and p99 and the
+# ratios zdt/direct and zdt/nginx; then zdt's RSS with 10,000 idle keep-alive
+# client connections.
+#
+# Needs wrk, nginx, curl, python3 (apt-get install wrk nginx-light curl) and a
+# release build (cargo build --release). Starts its own nginx on a free port.
+# Usage: bench/proxy.sh [SECONDS] [CONNECTIONS] [ROUNDS] [IDLE_CONNECTIONS]
+set -u
+DUR=${1:-10}; CONN=${2:-64}; ROUNDS=${3:-3}; IDLE=${4:-10000}
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="$ROOT/target/release"
+for t in wrk nginx curl python3; do
+  command -v "$t" >/dev/null || { echo "$t not found (apt-get install wrk nginx-light curl python3)" >&2; exit 2; }
+done
+[ -x "$BIN/zdt" ] || { echo "build first: cargo build --release" >&2; exit 2; }
+WORK=$(mktemp -d /tmp/zdt-bench-proxy.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; }
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || true
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_up() { for _ in $(seq 200); do curl -sf -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.05; done; echo "port $1 not up" >&2; exit 2; }
+
+APP=$(free_port); ZDT=$(free_port); NGX=$(free_port)
+PORT=$APP "$BIN/zdt-demo" >/dev/null 2>&1 & PIDS+=($!)
+
+cat >"$WORK/supervisor.toml" <<TOML
+[supervisor]
+control = "zdt.sock"
+log_dir = "logs"
+[program.demo]
+command = ["$BIN/zdt-demo"]
+mode = "proxy"
+listen = ["tcp://127.0.0.1:$ZDT"]
+ready = { http = "/health" }
+TOML
+"$BIN/zdt" -c "$WORK/supervisor.toml" 2>"$WORK/zdt.log" & ZDT_PID=$!; PIDS+=($ZDT_PID)
+
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<NGINX
+worker_processes auto;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  upstream app { server 127.0.0.1:$APP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Real-IP \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }
+}
+NGINX
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx/stderr" & PIDS+=($!)
+wait_up "$APP"; wait_up "$ZDT"; wait_up "$NGX"
+
+run() { # run PORT -> "rps p50_ms p99_ms"
+  wrk -t2 -c"$CONN" -d"${DUR}s" --latency "http://127.0.0.1:$1/" 2>/dev/null | awk '
+    function ms(v) { if (v ~ /us$/) {sub(/us/,"",v); return v/1000} if (v ~ /ms$/) {sub(/ms/,"",v); return v+0} sub(/s/,"",v); return v*1000 }
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=ms($2)}
+    /^ +99%/ {p99=ms($2)}
+    END {printf "%.0f %.3f %.3f\n", rps, p50, p99}'
+}
+declare -A RPS P50 P99
+for k in direct zdt nginx; do RPS[$k]=0; P50[$k]=0; P99[$k]=0; done
+for r in $(seq "$ROUNDS"); do
+  for k in direct zdt nginx; do
+    case $k in direct) p=$APP;; zdt) p=$ZDT;; nginx) p=$NGX;; esac
+    read -r a b c < <(run "$p")
+    RPS[$k]=$((RPS[$k] + a))
+    P50[$k]=$(awk -v x="${P50[$k]}" -v y="$b" 'BEGIN{print x+y}')
+    P99[$k]=$(awk -v x="${P99[$k]}" -v y="$c" 'BEGIN{print x+y}')
+    echo "round $r $k: $a req/s p50 $b ms p99 $c ms" >&2
+  done
+done
+
+# zdt's memory with IDLE idle keep-alive client connections (one request each).
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+RSS0=$(rss "$ZDT_PID")
+IDLE_OUT=$(python3 - "$ZDT" "$IDLE" "$ZDT_PID" <<'PY'
+import socket, sys
+port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+socks, ok = [], 0
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(rest) < length:
+        rest += s.recv(4096)
+    ok += head.startswith(b"HTTP/1.1 200")
+    socks.append(s)
+rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0]
+print(ok, rss)
+PY
+)
+read -r IDLE_OK RSS1 <<<"$IDLE_OUT"
+
+awk -v c="$CONN" -v s="$DUR" -v n="$ROUNDS" \
+    -v dr="${RPS[direct]}" -v zr="${RPS[zdt]}" -v nr="${RPS[nginx]}" \
+    -v d5="${P50[direct]}" -v z5="${P50[zdt]}" -v n5="${P50[nginx]}" \
+    -v d9="${P99[direct]}" -v z9="${P99[zdt]}" -v n9="${P99[nginx]}" \
+    -v idle="$IDLE" -v ok="$IDLE_OK" -v r0="$RSS0" -v r1="$RSS1" 'BEGIN{
+  printf "wrk -t2 -c%d -d%ss, %d alternated rounds (means), demo worker, 0 ms handler, keep-alive\n", c, s, n
+  printf "%-34s %12s %9s %9s\n", "", "requests/s", "p50 ms", "p99 ms"
+  printf "%-34s %12.0f %9.3f %9.3f\n", "direct to the worker", dr/n, d5/n, d9/n
+  printf "%-34s %12.0f %9.3f %9.3f\n", "zdt proxy mode", zr/n, z5/n, z9/n
+  printf "%-34s %12.0f %9.3f %9.3f\n", "nginx proxy_pass, upstream keepalive", nr/n, n5/n, n9/n
+  printf "zdt/direct: throughput %.3f, p99 %.3f\n", zr/dr, z9/d9
+  printf "zdt/nginx:  throughput %.3f, p99 %.3f\n", zr/nr, z9/n9
+  printf "zdt RSS: %d KiB idle, %d KiB with %d idle keep-alive client connections (%d answered 200)\n", r0, r1, idle, ok
+  printf "RESULT direct_rps=%.0f zdt_rps=%.0f nginx_rps=%.0f zdt_vs_nginx=%.3f zdt_p99_vs_nginx=%.3f rss_idle_kib=%d rss_%d_conns_kib=%d\n", dr/n, zr/n, nr/n, zr/nr, z9/n9, r0, idle, r1 }'
