@@ -583,3 +583,69 @@ fn tcp_proxy_moves_new_connections_and_drains_open_ones() {
     let r = d.requests("raw");
     assert_eq!((r.failed, r.cut, r.inflight), (0, 0, 0), "{r:?}");
 }
+
+/// zdt's peak resident memory so far, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn a_1_gib_upload_and_download_stream_through_in_bounded_memory() {
+    use std::io::{Read, Write};
+    const GIB: u64 = 1 << 30;
+    let port = free_port();
+    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    for _ in 0..20 {
+        wait_for("the proxy to answer", T, || http_get(port, "/"));
+    }
+    let before = peak_rss_kib(d.pid());
+
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /?bytes={GIB} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) => panic!("download broke off after {got} bytes: {e}"),
+        }
+    }
+    assert!(got > GIB, "downloaded {got} bytes");
+
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {GIB}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let chunk = vec![b'u'; 256 * 1024];
+    for _ in 0..GIB / chunk.len() as u64 {
+        s.write_all(&chunk).expect("upload");
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(&format!("\"received\":{GIB}")), "{answer}");
+
+    let after = peak_rss_kib(d.pid());
+    eprintln!("zdt peak RSS: {before} KiB before, {after} KiB after 2 GiB streamed");
+    assert!(
+        after.saturating_sub(before) < 8 * 1024,
+        "zdt's peak RSS grew from {before} KiB to {after} KiB"
+    );
+}
