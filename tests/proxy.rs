@@ -649,3 +649,48 @@ fn a_1_gib_upload_and_download_stream_through_in_bounded_memory() {
         "zdt's peak RSS grew from {before} KiB to {after} KiB"
     );
 }
+
+#[test]
+fn a_request_with_a_body_goes_to_another_instance_when_one_refuses_connections() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header() + &proxy_program("web", port, &["--close-on-usr1"], "instances = 2")),
+    );
+    d.wait_state("web", 0, Running, T);
+    let good = d.wait_state("web", 1, Running, T).pid.expect("pid");
+    // Before any request: instance 0 has no pooled connection, so every
+    // request routed to it meets a refused connect.
+    assert!(d.ctl(&["signal", "web:0", "USR1"]).status.success());
+    wait_for("instance 0 to refuse connections", T, || {
+        let private = std::fs::read(format!(
+            "/proc/{}/environ",
+            d.instance("web", 0).pid.expect("pid")
+        ))
+        .map_err(|e| e.to_string())?;
+        let private = String::from_utf8_lossy(&private);
+        let port: u16 = private
+            .split('\0')
+            .find_map(|v| v.strip_prefix("PORT="))
+            .and_then(|p| p.parse().ok())
+            .ok_or("no PORT")?;
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Err(_) => Ok(()),
+            Ok(_) => Err("still accepting".to_string()),
+        }
+    });
+    for i in 0..10 {
+        let answer = raw_exchange(
+            port,
+            format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbody{i}")
+                .as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+        assert!(answer.contains("\"received\":5"), "{answer}");
+        assert!(answer.contains(&format!("\"pid\":{good}")), "{answer}");
+    }
+    let r = d.requests("web");
+    assert_eq!((r.served, r.failed), (10, 0), "{r:?}");
+    assert!(d
+        .stderr()
+        .contains("connect failed; trying another instance"));
+}

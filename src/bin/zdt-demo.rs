@@ -19,7 +19,8 @@
 //! Flags for tests: `--ignore-term`, `--never-ready`, `--crash-after MS`
 //! (exit 3), `--exit-after MS` with `--exit-code N` (0 ms = before listening),
 //! `--start-delay MS`, `--stderr-line TEXT`, and for bad releases
-//! `--crash-if FILE` / `--unready-if FILE` (fail only when FILE exists at start).
+//! `--crash-if FILE` / `--unready-if FILE` (fail only when FILE exists at start),
+//! `--close-on-usr1` (close the listening socket on SIGUSR1, keep running).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -48,6 +49,10 @@ struct Opts {
     /// Ignore SIGTERM entirely.
     #[arg(long)]
     ignore_term: bool,
+    /// On SIGUSR1 close the listening socket but keep running and serving
+    /// open connections (a worker whose port refuses connections).
+    #[arg(long)]
+    close_on_usr1: bool,
     /// Never send READY=1.
     #[arg(long)]
     never_ready: bool,
@@ -406,9 +411,18 @@ async fn run(opts: Opts) -> Result<(), String> {
     };
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| e.to_string())?;
+    let mut usr1 = if opts.close_on_usr1 {
+        Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     let grace = Duration::from_millis(opts.drain_grace);
     // Each connection task holds a sender; recv() returns None when all are gone.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut listener = Some(listener);
     loop {
         let stop = async {
             match term.as_mut() {
@@ -418,10 +432,15 @@ async fn run(opts: Opts) -> Result<(), String> {
         };
         tokio::select! {
             _ = stop => break,
+            Some(()) = async { usr1.as_mut()?.recv().await } => {
+                listener = None;
+                println!("zdt-demo pid={} closed its listening socket", shared.pid);
+            }
             r = async {
                 match &listener {
-                    Listener::Tcp(l) => l.accept().await.map(|(s, _)| tokio::spawn(serve(s, shared.clone(), grace, alive_tx.clone()))),
-                    Listener::Unix(l) => l.accept().await.map(|(s, _)| tokio::spawn(serve(s, shared.clone(), grace, alive_tx.clone()))),
+                    Some(Listener::Tcp(l)) => l.accept().await.map(|(s, _)| tokio::spawn(serve(s, shared.clone(), grace, alive_tx.clone()))),
+                    Some(Listener::Unix(l)) => l.accept().await.map(|(s, _)| tokio::spawn(serve(s, shared.clone(), grace, alive_tx.clone()))),
+                    None => std::future::pending().await,
                 }
             } => if let Err(e) = r {
                 eprintln!("zdt-demo: accept: {e}");

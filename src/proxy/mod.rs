@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use body::GuardedBody;
+use body::{BodySlot, GuardedBody};
 
 pub use crate::state::RequestCounts;
 
@@ -628,11 +628,6 @@ async fn tunnel(
     }
 }
 
-fn has_body(req: &Request<Incoming>) -> bool {
-    use hyper::body::Body;
-    !req.body().is_end_stream()
-}
-
 async fn handle(
     req: Request<Incoming>,
     peer: Option<std::net::IpAddr>,
@@ -645,7 +640,6 @@ async fn handle(
         .uri()
         .path_and_query()
         .map_or("/".to_string(), |p| p.as_str().to_string());
-    let bodiless = !has_body(&req);
     let mut req = req;
     // An Upgrade (WebSocket) request keeps its Upgrade header and, on 101,
     // becomes a tunnel that counts as in flight until it closes.
@@ -681,7 +675,7 @@ async fn handle(
             .headers
             .insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-    let mut body = Some(body.boxed());
+    let body = BodySlot::new(body);
     let mut tried: Vec<SocketAddr> = Vec::new();
     loop {
         let Some(up) = choose(shared, &tried).await else {
@@ -703,10 +697,15 @@ async fn handle(
         if let Some(h) = builder.headers_mut() {
             h.clone_from(&parts.headers);
         }
-        let req_body = match body.take() {
-            Some(b) => b,
-            None => Empty::new().map_err(|never| match never {}).boxed(),
+        let Some(req_body) = body.attempt() else {
+            // Unreachable: an attempt that took the body is never retried.
+            guard.discard();
+            return text(
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: no instance could be reached\n".into(),
+            );
         };
+        let req_body = req_body.boxed();
         let Ok(upstream_req) = builder.body(req_body) else {
             return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
         };
@@ -733,8 +732,10 @@ async fn handle(
                 strip_hop_by_hop(&mut rparts.headers);
                 return Response::from_parts(rparts, GuardedBody::new(rbody, guard).boxed());
             }
-            Err(e) if e.is_connect() && bodiless => {
+            // Not one byte reached the app (the body is still here): try another.
+            Err(e) if e.is_connect() && body.attempt().is_some() => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
+                guard.discard();
                 tried.push(up.addr);
             }
             Err(e) => {
