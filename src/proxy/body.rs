@@ -109,7 +109,7 @@ impl Body for ReplayBody {
     fn size_hint(&self) -> SizeHint {
         match &self.taken {
             Some(b) => b.size_hint(),
-            None => self.hint.clone(),
+            None => self.hint,
         }
     }
 }
