@@ -16,6 +16,7 @@
 //! upstream failure is a `502`, counted and logged with its path.
 
 mod body;
+mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -232,7 +233,10 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Its counters.
     pub stats: Arc<UpstreamStats>,
-    client: Client<HttpConnector, ProxyBody>,
+    /// Where requests go: `http://ADDR`.
+    authority: hyper::http::uri::Authority,
+    /// One connection pool per proxy thread, used only on that thread.
+    clients: Vec<Client<HttpConnector, ProxyBody>>,
 }
 
 impl Upstream {
@@ -241,14 +245,31 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let clients = (0..workers::count())
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build(connector.clone())
+            })
+            .collect();
+        // A socket address always forms a valid authority; the fallback is
+        // never used.
+        let authority = addr
+            .to_string()
+            .parse()
+            .unwrap_or_else(|_| hyper::http::uri::Authority::from_static("127.0.0.1"));
         Arc::new(Self {
             addr,
             stats: Arc::new(UpstreamStats::new(program.clone())),
-            client,
+            authority,
+            clients,
         })
+    }
+
+    /// The connection pool of the current proxy thread.
+    fn client(&self) -> &Client<HttpConnector, ProxyBody> {
+        let i = workers::current();
+        &self.clients[i % self.clients.len()]
     }
 }
 
@@ -354,9 +375,17 @@ pub fn start(
         next: AtomicUsize::new(0),
         traffic,
     });
+    let threads = workers::handles();
+    if threads.is_empty() {
+        return Err(std::io::Error::other("no proxy thread could be started"));
+    }
     for fd in sockets {
-        let listener = Listener::from_fd(fd)?;
-        tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+        for rt in threads {
+            // Registered with that thread's reactor.
+            let _in = rt.enter();
+            let listener = Listener::from_fd(fd)?;
+            rt.spawn(accept_loop(listener, shared.clone(), stop.clone()));
+        }
     }
     Ok(ProxyHandle {
         routes: tx,
@@ -428,6 +457,10 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: Cancellation
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 async fn serve<I>(io: I, peer: Option<std::net::IpAddr>, shared: Arc<Shared>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -436,9 +469,12 @@ where
         shared.options.header_timeout,
         shared.options.max_header_bytes,
     );
+    // The client's address as a header value, once per connection.
+    let peer = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, &shared).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -507,15 +543,15 @@ where
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Hop-by-hop headers, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -529,7 +565,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         headers.remove(h);
     }
 }
@@ -630,16 +666,18 @@ async fn tunnel(
 
 async fn handle(
     req: Request<Incoming>,
-    peer: Option<std::net::IpAddr>,
+    peer: &Option<HeaderValue>,
     shared: &Shared,
 ) -> Response<ProxyBody> {
     if shared.draining.load(Ordering::SeqCst) {
         return unavailable(shared);
     }
-    let path = req
+    let path_and_query = req
         .uri()
         .path_and_query()
-        .map_or("/".to_string(), |p| p.as_str().to_string());
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    let path = path_and_query.as_str();
     let mut req = req;
     // An Upgrade (WebSocket) request keeps its Upgrade header and, on 101,
     // becomes a tunnel that counts as in flight until it closes.
@@ -653,27 +691,30 @@ async fn handle(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if let Some(ip) = peer.filter(|_| shared.options.forward_headers) {
-        let ip = ip.to_string();
-        let xff = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.clone(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            parts.headers.insert("x-forwarded-for", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&ip) {
-            parts.headers.insert("x-real-ip", v);
-        }
-    }
     if shared.options.forward_headers {
+        if let Some(ip) = peer {
+            let xff = match parts
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .map(HeaderValue::as_bytes)
+            {
+                Some(prev) => {
+                    let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+                    v.extend_from_slice(prev);
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(ip.as_bytes());
+                    HeaderValue::from_bytes(&v).ok()
+                }
+                None => Some(ip.clone()),
+            };
+            if let Some(v) = xff {
+                parts.headers.insert(X_FORWARDED_FOR, v);
+            }
+            parts.headers.insert(X_REAL_IP, ip.clone());
+        }
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     let body = BodySlot::new(body);
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -689,7 +730,10 @@ async fn handle(
             };
         };
         let mut guard = InflightGuard::new(up.stats.clone());
-        let uri = format!("http://{}{}", up.addr, path);
+        let mut uri = hyper::http::uri::Parts::default();
+        uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        uri.authority = Some(up.authority.clone());
+        uri.path_and_query = Some(path_and_query.clone());
         let mut builder = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
@@ -709,7 +753,7 @@ async fn handle(
         let Ok(upstream_req) = builder.body(req_body) else {
             return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
         };
-        match up.client.request(upstream_req).await {
+        match up.client().request(upstream_req).await {
             Ok(mut resp) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
@@ -719,7 +763,7 @@ async fn handle(
                             upstream,
                             guard,
                             shared.program.clone(),
-                            path,
+                            path.to_string(),
                         ));
                         let (rparts, _) = resp.into_parts();
                         return Response::from_parts(
