@@ -61,7 +61,7 @@ http {
   }
 }
 NGINX
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx/stderr" & PIDS+=($!)
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx/stderr" & NGX_PID=$!; PIDS+=($NGX_PID)
 wait_up "$APP"; wait_up "$ZDT"; wait_up "$NGX"
 
 run() { # run PORT -> "rps p50_ms p99_ms"
@@ -88,9 +88,11 @@ done
 # zdt's memory with IDLE idle keep-alive client connections (one request each).
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 RSS0=$(rss "$ZDT_PID")
-IDLE_OUT=$(python3 - "$ZDT" "$IDLE" "$ZDT_PID" <<'PY'
+# Holds N keep-alive connections that each made one request, then prints how
+# many were answered 200 and the summed RSS of the given pids.
+idle_conns() { python3 - "$@" <<'PY'
 import socket, sys
-port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+port, n, pids = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 req = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 socks, ok = [], 0
 for _ in range(n):
@@ -105,17 +107,21 @@ for _ in range(n):
         rest += s.recv(4096)
     ok += head.startswith(b"HTTP/1.1 200")
     socks.append(s)
-rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0]
+rss = sum(int(l.split()[1]) for p in pids for l in open(f"/proc/{p}/status") if l.startswith("VmRSS"))
 print(ok, rss)
 PY
-)
-read -r IDLE_OK RSS1 <<<"$IDLE_OUT"
+}
+read -r IDLE_OK RSS1 < <(idle_conns "$ZDT" "$IDLE" "$ZDT_PID")
+NGX_WORKERS=$(pgrep -P "$NGX_PID")
+NGX_RSS0=0; for p in $NGX_WORKERS; do NGX_RSS0=$((NGX_RSS0 + $(rss "$p"))); done
+read -r NGX_OK NGX_RSS1 < <(idle_conns "$NGX" "$IDLE" $NGX_WORKERS)
 
 awk -v c="$CONN" -v s="$DUR" -v n="$ROUNDS" \
     -v dr="${RPS[direct]}" -v zr="${RPS[zdt]}" -v nr="${RPS[nginx]}" \
     -v d5="${P50[direct]}" -v z5="${P50[zdt]}" -v n5="${P50[nginx]}" \
     -v d9="${P99[direct]}" -v z9="${P99[zdt]}" -v n9="${P99[nginx]}" \
-    -v idle="$IDLE" -v ok="$IDLE_OK" -v r0="$RSS0" -v r1="$RSS1" 'BEGIN{
+    -v idle="$IDLE" -v ok="$IDLE_OK" -v r0="$RSS0" -v r1="$RSS1" \
+    -v gok="$NGX_OK" -v g0="$NGX_RSS0" -v g1="$NGX_RSS1" 'BEGIN{
   printf "wrk -t2 -c%d -d%ss, %d alternated rounds (means), demo worker, 0 ms handler, keep-alive\n", c, s, n
   printf "%-34s %12s %9s %9s\n", "", "requests/s", "p50 ms", "p99 ms"
   printf "%-34s %12.0f %9.3f %9.3f\n", "direct to the worker", dr/n, d5/n, d9/n
@@ -124,4 +130,5 @@ awk -v c="$CONN" -v s="$DUR" -v n="$ROUNDS" \
   printf "zdt/direct: throughput %.3f, p99 %.3f\n", zr/dr, z9/d9
   printf "zdt/nginx:  throughput %.3f, p99 %.3f\n", zr/nr, z9/n9
   printf "zdt RSS: %d KiB idle, %d KiB with %d idle keep-alive client connections (%d answered 200)\n", r0, r1, idle, ok
+  printf "nginx workers RSS: %d KiB idle, %d KiB with %d idle keep-alive client connections (%d answered 200)\n", g0, g1, idle, gok
   printf "RESULT direct_rps=%.0f zdt_rps=%.0f nginx_rps=%.0f zdt_vs_nginx=%.3f zdt_p99_vs_nginx=%.3f rss_idle_kib=%d rss_%d_conns_kib=%d\n", dr/n, zr/n, nr/n, zr/nr, z9/n9, r0, idle, r1 }'

@@ -68,6 +68,8 @@ fn proxy_restart_under_load_fails_zero_requests() {
     d.wait_state("web", 0, Running, T);
     d.wait_state("web", 1, Running, T);
     restart_under_load(&d, "web", port, 20);
+    // Each restart counted once.
+    assert_eq!(d.instance("web", 0).restarts, 20);
     // The workers listen on private ports, not on the public one.
     let pid = d.instance("web", 0).pid.expect("pid");
     let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");

@@ -307,7 +307,7 @@ impl Slot {
             tracing::info!(program = %cfg.name, instance = self.index, gen = old.gen, "draining the old generation");
             self.draining.push(old);
         }
-        self.restarts += 1;
+        // (launch() counted the restart when it started the candidate.)
         self.failures = 0;
         self.error = None;
         self.set_state(&cfg.name, InstanceState::Running);
