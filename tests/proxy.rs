@@ -696,3 +696,77 @@ fn a_request_with_a_body_goes_to_another_instance_when_one_refuses_connections()
         .stderr()
         .contains("connect failed; trying another instance"));
 }
+
+/// zdt's established connections to a worker's private port (from
+/// /proc/net/tcp: the sockets whose remote end is that port).
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+fn private_port(pid: u32) -> u16 {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    String::from_utf8_lossy(&env)
+        .split('\0')
+        .find_map(|v| v.strip_prefix("PORT="))
+        .and_then(|p| p.parse().ok())
+        .expect("PORT in the worker's environment")
+}
+
+#[test]
+fn idle_upstream_connections_to_the_old_generation_close_at_the_switch() {
+    let port = free_port();
+    // The old worker ignores SIGTERM and may live 30 s more: only zdt closing
+    // its pooled connections at the switch ends them before that.
+    let d = Daemon::start(
+        &(header() + &proxy_program("web", port, &["--ignore-term"], "kill_timeout = \"30s\"")),
+    );
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    let old_port = private_port(old);
+    let clients: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || http_get(port, "/?sleep=300")))
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().expect("join").expect("request").0, 200);
+    }
+    let pooled = connections_to(old_port);
+    assert!(pooled >= 2, "{pooled} pooled connections to the worker");
+    let restart = {
+        let cfg = d.config.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(bin("zdtctl"))
+                .arg("-c")
+                .arg(cfg)
+                .args(["restart", "web"])
+                .output()
+        })
+    };
+    wait_for(
+        "zdt to close its idle connections to the old generation",
+        Duration::from_secs(10),
+        || match connections_to(old_port) {
+            0 => Ok(()),
+            n => Err(format!("{n} still open")),
+        },
+    );
+    assert!(
+        alive(old),
+        "the old worker is gone: the test proves nothing"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+    // The restart is still waiting for the old worker; the fixture ends both.
+    drop(restart);
+}

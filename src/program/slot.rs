@@ -55,8 +55,12 @@ pub(super) enum AfterExit {
 
 struct Proc {
     handle: ProcHandle,
-    /// Proxy mode: the process's private address and its counters.
+    /// Proxy mode: the process's private address and connection pools, while
+    /// requests may be routed to it. Dropped when it starts to drain, so its
+    /// idle upstream connections close once no request holds them.
     upstream: Option<Arc<Upstream>>,
+    /// Proxy mode: its private port and request counters, for its whole life.
+    private: Option<(u16, Arc<UpstreamStats>)>,
     gen: u64,
     pid: Option<u32>,
     started_ms: Option<u64>,
@@ -78,13 +82,14 @@ pub(super) struct SpawnCtx<'a> {
 
 /// Stops a process: in proxy mode once its requests in flight are done (or
 /// `max_wait` passed), at once otherwise; SIGKILL after `kill_timeout`.
-fn drain_then_stop(p: &Proc, cfg: &ProgramConfig) {
+fn drain_then_stop(p: &mut Proc, cfg: &ProgramConfig) {
     let (signal, kill_after) = (cfg.stop_signal, cfg.kill_timeout);
-    let Some(up) = &p.upstream else {
+    p.upstream = None;
+    let Some((_, stats)) = &p.private else {
         p.handle.send(ProcCmd::Stop { signal, kill_after });
         return;
     };
-    let (stats, handle, max_wait) = (up.stats.clone(), p.handle.clone(), cfg.max_wait);
+    let (stats, handle, max_wait) = (stats.clone(), p.handle.clone(), cfg.max_wait);
     tokio::spawn(async move {
         if tokio::time::timeout(max_wait, stats.wait_idle())
             .await
@@ -229,7 +234,7 @@ impl Slot {
             .iter()
             .chain(&self.next)
             .chain(&self.draining)
-            .filter_map(|p| p.upstream.as_ref().map(|u| u.addr.port()))
+            .filter_map(|p| p.private.as_ref().map(|(port, _)| *port))
     }
 
     /// Generation of the current process (0 if none).
@@ -294,10 +299,10 @@ impl Slot {
         };
         if let Some(mut old) = self.proc.replace(next) {
             old.stopping = true;
-            match &old.upstream {
+            match &old.private {
                 // Proxy: no new requests reach it (the routes changed with this
                 // switch): drain by its in-flight count, then stop it.
-                Some(_) => drain_then_stop(&old, cfg),
+                Some(_) => drain_then_stop(&mut old, cfg),
                 // Pass: the app drains itself after the stop signal.
                 None => old.handle.send(ProcCmd::Stop {
                     signal: cfg.stop_signal,
@@ -516,9 +521,11 @@ impl Slot {
             },
             ctx.events.clone(),
         );
+        let upstream = private.map(|a| Upstream::new(a, ctx.traffic));
         Proc {
             handle,
-            upstream: private.map(|a| Upstream::new(a, ctx.traffic)),
+            upstream: upstream.clone(),
+            private: upstream.map(|u| (u.addr.port(), u.stats.clone())),
             gen,
             pid: None,
             started_ms: None,
@@ -695,9 +702,9 @@ impl Slot {
             .chain(self.next.iter())
             .chain(self.draining.iter())
             .filter_map(|p| {
-                p.upstream
+                p.private
                     .as_ref()
-                    .map(|u| (self.index as u32, p.gen, u.stats.clone()))
+                    .map(|(_, stats)| (self.index as u32, p.gen, stats.clone()))
             })
             .collect()
     }
