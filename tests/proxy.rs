@@ -770,3 +770,39 @@ fn idle_upstream_connections_to_the_old_generation_close_at_the_switch() {
     // The restart is still waiting for the old worker; the fixture ends both.
     drop(restart);
 }
+
+#[test]
+fn http_1_0_chunked_uploads_and_100_continue_pass_through() {
+    use std::io::Write;
+    let port = free_port();
+    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    // HTTP/1.0: answered, then closed (raw_exchange reads to the close).
+    let answer = raw_exchange(port, b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(answer.contains("\"path\":\"/old\""), "{answer}");
+    // A chunked upload reaches the worker whole.
+    let answer = raw_exchange(
+        port,
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"received\":11"), "{answer}");
+    // Expect: 100-continue: zdt says continue, then the body goes through.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .expect("write");
+    let interim = read_until(&mut s, "\r\n\r\n");
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    s.write_all(b"hello").expect("write body");
+    let answer = read_until(&mut s, "}");
+    assert!(answer.contains("\"received\":5"), "{answer}");
+    // And the connection stays open for the next request (keep-alive).
+    s.write_all(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    let next = read_until(&mut s, "\"path\":\"/next\"");
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+}
