@@ -105,7 +105,7 @@ pub struct ProcParams {
     /// Kill the process if it sends no WATCHDOG=1 for this long once ready.
     pub watchdog: Option<Duration>,
     /// Proxy mode: the private address, probed by http/tcp readiness.
-    pub private: Option<std::net::SocketAddr>,
+    pub private: Option<crate::proxy::PrivateAddr>,
     /// stdout log.
     pub stdout: LogSink,
     /// stderr log.
@@ -227,8 +227,8 @@ async fn run(
     };
     let probe = match &p.ready {
         Ready::Exec(argv) => Some(Probe::Exec(argv.clone(), p.spec.directory.clone())),
-        Ready::Http(path) => p.private.map(|a| Probe::Http(a, path.clone())),
-        Ready::Tcp => p.private.map(Probe::Tcp),
+        Ready::Http(path) => p.private.clone().map(|a| Probe::Http(a, path.clone())),
+        Ready::Tcp => p.private.clone().map(Probe::Tcp),
         _ => None,
     };
     let spawned = match spawner.spawn(p.spec).await {
@@ -402,32 +402,32 @@ async fn run(
 /// A readiness check that runs until it passes.
 enum Probe {
     Exec(Vec<String>, Option<std::path::PathBuf>),
-    Http(std::net::SocketAddr, String),
-    Tcp(std::net::SocketAddr),
+    Http(crate::proxy::PrivateAddr, String),
+    Tcp(crate::proxy::PrivateAddr),
 }
 
 /// Interval between readiness probes.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
-async fn tcp_until_ready(addr: std::net::SocketAddr) {
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
+async fn tcp_until_ready(addr: crate::proxy::PrivateAddr) {
+    while addr.connect().await.is_err() {
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 
 /// `GET path` on the private address until it answers 2xx.
-async fn http_until_ready(addr: std::net::SocketAddr, path: String) {
+async fn http_until_ready(addr: crate::proxy::PrivateAddr, path: String) {
     use http_body_util::Empty;
     loop {
         let ok = async {
-            let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let stream = addr.connect().await.ok()?;
             let (mut send, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                     .await
                     .ok()?;
             tokio::spawn(conn);
             let req = hyper::Request::get(path.as_str())
-                .header(hyper::header::HOST, addr.to_string())
+                .header(hyper::header::HOST, addr.authority().as_str())
                 .body(Empty::<bytes::Bytes>::new())
                 .ok()?;
             let resp = send.send_request(req).await.ok()?;

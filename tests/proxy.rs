@@ -806,3 +806,41 @@ fn http_1_0_chunked_uploads_and_100_continue_pass_through() {
     let next = read_until(&mut s, "\"path\":\"/next\"");
     assert!(next.starts_with("HTTP/1.1 200"), "{next}");
 }
+
+#[test]
+fn workers_can_listen_on_unix_sockets_zdt_names() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header() + &proxy_program("web", port, &[], "instances = 2\nupstream = \"unix\"")),
+    );
+    let first = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    d.wait_state("web", 1, Running, T);
+    let env =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{first}/environ")).expect("environ"))
+            .to_string();
+    let socket = env
+        .split('\0')
+        .find_map(|v| v.strip_prefix("SOCKET="))
+        .expect("SOCKET in the worker's environment")
+        .to_string();
+    assert!(!env.split('\0').any(|v| v.starts_with("PORT=")), "{env}");
+    assert_eq!(
+        std::path::Path::new(&socket),
+        d.path("run/web.0.1.sock"),
+        "sockets go beside the control socket"
+    );
+    restart_under_load(&d, "web", port, 5);
+    // The old generations' socket files went with them.
+    wait_for(
+        "the first generation's socket file to be removed",
+        T,
+        || {
+            if std::path::Path::new(&socket).exists() {
+                Err(format!("{socket} still exists"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    assert!(d.path("run/web.0.6.sock").exists());
+}

@@ -1,7 +1,8 @@
 //! `zdt-demo`: a small HTTP/1.1 worker for the demo config and the tests.
 //!
 //! Listens on an inherited socket (fd 3 with LISTEN_FDS/LISTEN_PID, the systemd
-//! protocol), else on `--port`/`$PORT` at `--host` (127.0.0.1). Sends `READY=1`
+//! protocol), else on the unix socket `$SOCKET`, else on `--port`/`$PORT` at
+//! `--host` (127.0.0.1). Sends `READY=1`
 //! to `$NOTIFY_SOCKET` once listening (unless `--never-ready`).
 //!
 //! Endpoints: `GET /` (and any other path) answers JSON
@@ -352,8 +353,15 @@ async fn run(opts: Opts) -> Result<(), String> {
     if opts.start_delay > 0 {
         tokio::time::sleep(Duration::from_millis(opts.start_delay)).await;
     }
+    let socket = std::env::var_os("SOCKET").filter(|_| opts.port.is_none());
     let listener = match inherited_listener()? {
         Some(l) => l,
+        None if socket.is_some() => {
+            let path = std::path::PathBuf::from(socket.unwrap_or_default());
+            let l = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+            Listener::Unix(l)
+        }
         None => {
             let port = opts
                 .port

@@ -15,7 +15,7 @@ use super::values::{
 };
 use super::{
     AutoRestart, Config, ConfigError, ListenAddr, LogConfig, Mode, ProgramConfig, Protocol, Ready,
-    Strategy, SupervisorConfig,
+    Strategy, SupervisorConfig, UpstreamKind,
 };
 
 #[derive(Deserialize, Default)]
@@ -82,6 +82,7 @@ struct RawProgram {
     max_header_bytes: Option<Spanned<SizeValue>>,
     forward_headers: Option<bool>,
     protocol: Option<Spanned<String>>,
+    upstream: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +363,24 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let upstream = match p.upstream.as_ref().map(|m| (m.get_ref().as_str(), m.span().start)) {
+            None | Some(("tcp", _)) => UpstreamKind::Tcp,
+            Some(("unix", at)) => {
+                if mode != Mode::Proxy {
+                    return Err(err_at(
+                        at,
+                        "upstream = \"unix\" needs mode = \"proxy\"".to_string(),
+                    ));
+                }
+                UpstreamKind::Unix
+            }
+            Some((other, at)) => {
+                return Err(err_at(
+                    at,
+                    format!("invalid upstream {other:?}: use \"tcp\" (a loopback port) or \"unix\" (a socket)"),
+                ))
+            }
+        };
         let ready = match p.ready {
             None => Ready::Startsecs,
             Some(r) => {
@@ -491,6 +510,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             max_header_bytes,
             forward_headers: p.forward_headers.unwrap_or(true),
             protocol,
+            upstream,
+            socket_dir: supervisor
+                .control
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
         };
         programs.insert(name, cfg);
     }

@@ -165,6 +165,15 @@ pub enum Protocol {
     Tcp,
 }
 
+/// Where a proxied worker listens (proxy mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// A free loopback port: `PORT`, `{port}`.
+    Tcp,
+    /// A unix socket zdt names: `SOCKET`, `{socket}`.
+    Unix,
+}
+
 /// How a restart replaces the instances of a program that owns sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -253,6 +262,10 @@ pub struct ProgramConfig {
     pub forward_headers: bool,
     /// Proxy mode: http (default) or tcp.
     pub protocol: Protocol,
+    /// Proxy mode: the worker listens on a loopback port (default) or a unix socket.
+    pub upstream: UpstreamKind,
+    /// Where zdt puts the workers' unix sockets: the control socket's directory.
+    pub socket_dir: PathBuf,
 }
 
 impl ProgramConfig {

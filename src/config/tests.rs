@@ -361,4 +361,17 @@ fn proxy_mode_and_its_probes() {
     )
     .expect("valid tcp proxy");
     assert_eq!(c.programs["web"].protocol, Protocol::Tcp);
+    assert_eq!(c.programs["web"].upstream, UpstreamKind::Tcp);
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:1\"]\nupstream = \"unix\"\n",
+        4,
+        12,
+        "needs mode = \"proxy\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nupstream = \"pipe\"\n",
+        5,
+        12,
+        "invalid upstream \"pipe\"",
+    );
 }

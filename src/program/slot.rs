@@ -23,10 +23,10 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, Notify};
 
-use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig};
+use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig, UpstreamKind};
 use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcHandle, ProcParams};
 use crate::logs::LogSink;
-use crate::proxy::{Traffic, Upstream, UpstreamStats};
+use crate::proxy::{PrivateAddr, Traffic, Upstream, UpstreamStats};
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 use crate::state::{now_ms, ExitInfo, InstanceSnapshot, InstanceState};
 
@@ -59,13 +59,24 @@ struct Proc {
     /// requests may be routed to it. Dropped when it starts to drain, so its
     /// idle upstream connections close once no request holds them.
     upstream: Option<Arc<Upstream>>,
-    /// Proxy mode: its private port and request counters, for its whole life.
-    private: Option<(u16, Arc<UpstreamStats>)>,
+    /// Proxy mode: its private port (none for a unix socket) and request
+    /// counters, for its whole life.
+    private: Option<(Option<u16>, Arc<UpstreamStats>)>,
+    /// Proxy mode with `upstream = "unix"`: the socket file, removed with the process.
+    socket_path: Option<std::path::PathBuf>,
     gen: u64,
     pid: Option<u32>,
     started_ms: Option<u64>,
     stopping: bool,
     ready: bool,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// What a slot needs to spawn a process.
@@ -234,7 +245,7 @@ impl Slot {
             .iter()
             .chain(&self.next)
             .chain(&self.draining)
-            .filter_map(|p| p.private.as_ref().map(|(port, _)| *port))
+            .filter_map(|p| p.private.as_ref().and_then(|(port, _)| *port))
     }
 
     /// Generation of the current process (0 if none).
@@ -460,14 +471,22 @@ impl Slot {
     fn launch(&mut self, ctx: &SpawnCtx<'_>, gen: u64) -> Proc {
         let cfg = ctx.cfg;
         let proxied = cfg.mode == Mode::Proxy;
-        let port = if proxied {
-            private_port(ctx.ports_in_use)
-        } else {
-            None
+        let private = match (proxied, cfg.upstream) {
+            (false, _) => None,
+            (true, UpstreamKind::Tcp) => private_port(ctx.ports_in_use)
+                .map(|p| PrivateAddr::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], p)))),
+            (true, UpstreamKind::Unix) => {
+                let path = cfg
+                    .socket_dir
+                    .join(format!("{}.{}.{gen}.sock", cfg.name, self.index));
+                // A leftover of an earlier zdt would make the worker's bind fail.
+                let _ = std::fs::remove_file(&path);
+                Some(PrivateAddr::Unix(path))
+            }
         };
-        let private = port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
-        let fill = |s: &String| match port {
-            Some(p) => s.replace("{port}", &p.to_string()),
+        let fill = |s: &String| match &private {
+            Some(PrivateAddr::Tcp(a)) => s.replace("{port}", &a.port().to_string()),
+            Some(PrivateAddr::Unix(p)) => s.replace("{socket}", &p.to_string_lossy()),
             None => s.clone(),
         };
         if self.started_once {
@@ -481,8 +500,12 @@ impl Slot {
             .iter()
             .map(|(k, v)| (k.clone(), fill(v)))
             .collect();
-        if let Some(p) = port {
-            env.push(("PORT".into(), p.to_string()));
+        match &private {
+            Some(PrivateAddr::Tcp(a)) => env.push(("PORT".into(), a.port().to_string())),
+            Some(PrivateAddr::Unix(p)) => {
+                env.push(("SOCKET".into(), p.to_string_lossy().into_owned()));
+            }
+            None => {}
         }
         env.push(("ZDT_PROGRAM".into(), cfg.name.clone()));
         env.push(("ZDT_INSTANCE".into(), self.index.to_string()));
@@ -514,18 +537,23 @@ impl Slot {
                 startsecs: cfg.startsecs,
                 ready_timeout: cfg.ready_timeout,
                 watchdog: cfg.watchdog,
-                private,
+                private: private.clone(),
                 stdout: self.stdout.clone(),
                 stderr: self.stderr.clone(),
                 prefix: format!("[gen {gen}:{}] ", self.index),
             },
             ctx.events.clone(),
         );
+        let socket_path = match &private {
+            Some(PrivateAddr::Unix(p)) => Some(p.clone()),
+            _ => None,
+        };
         let upstream = private.map(|a| Upstream::new(a, ctx.traffic));
         Proc {
-            handle,
             upstream: upstream.clone(),
-            private: upstream.map(|u| (u.addr.port(), u.stats.clone())),
+            socket_path,
+            handle,
+            private: upstream.as_ref().map(|u| (u.addr.port(), u.stats.clone())),
             gen,
             pid: None,
             started_ms: None,

@@ -15,11 +15,13 @@
 //! requests without a body (they cannot have reached the app); any other
 //! upstream failure is a `502`, counted and logged with its path.
 
+mod addr;
 mod body;
 mod workers;
 
+pub use addr::PrivateAddr;
+
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +32,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -225,26 +227,24 @@ impl Drop for InflightGuard {
     }
 }
 
-/// One worker process's private address, with its own connection pool.
+/// One worker process's private address, with its own connection pools.
 /// Dropping the last reference closes its idle upstream connections.
 #[derive(Debug)]
 pub struct Upstream {
     /// The private address.
-    pub addr: SocketAddr,
+    pub addr: PrivateAddr,
     /// Its counters.
     pub stats: Arc<UpstreamStats>,
-    /// Where requests go: `http://ADDR`.
+    /// `Host` for a request that came without one.
     authority: hyper::http::uri::Authority,
     /// One connection pool per proxy thread, used only on that thread.
-    clients: Vec<Client<HttpConnector, ProxyBody>>,
+    clients: Vec<Client<addr::Connector, ProxyBody>>,
 }
 
 impl Upstream {
     /// An upstream at `addr`.
-    pub fn new(addr: SocketAddr, program: &Arc<Traffic>) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    pub fn new(addr: PrivateAddr, program: &Arc<Traffic>) -> Arc<Self> {
+        let connector = addr::Connector::new(addr.clone(), CONNECT_TIMEOUT);
         let clients = (0..workers::count())
             .map(|_| {
                 Client::builder(TokioExecutor::new())
@@ -252,22 +252,16 @@ impl Upstream {
                     .build(connector.clone())
             })
             .collect();
-        // A socket address always forms a valid authority; the fallback is
-        // never used.
-        let authority = addr
-            .to_string()
-            .parse()
-            .unwrap_or_else(|_| hyper::http::uri::Authority::from_static("127.0.0.1"));
         Arc::new(Self {
+            authority: addr.authority(),
             addr,
             stats: Arc::new(UpstreamStats::new(program.clone())),
-            authority,
             clients,
         })
     }
 
     /// The connection pool of the current proxy thread.
-    fn client(&self) -> &Client<HttpConnector, ProxyBody> {
+    fn client(&self) -> &Client<addr::Connector, ProxyBody> {
         let i = workers::current();
         &self.clients[i % self.clients.len()]
     }
@@ -501,7 +495,7 @@ where
         shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tried: Vec<PrivateAddr> = Vec::new();
     let (mut upstream, mut guard) = loop {
         let Some(up) = choose(&shared, &tried).await else {
             if tried.is_empty() {
@@ -515,11 +509,8 @@ where
         // Counted from before the connect, so a drain cannot miss it.
         let guard = InflightGuard::new(up.stats.clone());
         // Nothing was sent yet: a connect failure is always safe to retry.
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(up.addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                break (s, guard);
-            }
+        match tokio::time::timeout(CONNECT_TIMEOUT, up.addr.connect()).await {
+            Ok(Ok(s)) => break (s, guard),
             Ok(Err(e)) => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance")
             }
@@ -528,7 +519,7 @@ where
             }
         }
         guard.discard();
-        tried.push(up.addr);
+        tried.push(up.addr.clone());
     };
     let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     if guard.is_cut() {
@@ -600,7 +591,7 @@ fn unavailable(shared: &Shared) -> Response<ProxyBody> {
 }
 
 /// The least loaded upstream not in `skip`, ties round-robin.
-fn pick(shared: &Shared, routes: &Routes, skip: &[SocketAddr]) -> Option<Arc<Upstream>> {
+fn pick(shared: &Shared, routes: &Routes, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
     let n = routes.upstreams.len();
     let start = shared.next.fetch_add(1, Ordering::Relaxed);
     (0..n)
@@ -611,7 +602,7 @@ fn pick(shared: &Shared, routes: &Routes, skip: &[SocketAddr]) -> Option<Arc<Ups
 }
 
 /// Waits up to `queue_timeout` for an upstream.
-async fn choose(shared: &Shared, skip: &[SocketAddr]) -> Option<Arc<Upstream>> {
+async fn choose(shared: &Shared, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
     let mut rx = shared.routes.clone();
     let deadline = tokio::time::Instant::now() + shared.options.queue_timeout;
     loop {
@@ -717,7 +708,7 @@ async fn handle(
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     let body = BodySlot::new(body);
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tried: Vec<PrivateAddr> = Vec::new();
     loop {
         let Some(up) = choose(shared, &tried).await else {
             return if tried.is_empty() {
@@ -780,7 +771,7 @@ async fn handle(
             Err(e) if e.is_connect() && body.attempt().is_some() => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
                 guard.discard();
-                tried.push(up.addr);
+                tried.push(up.addr.clone());
             }
             Err(e) => {
                 guard.fail();
