@@ -844,3 +844,72 @@ fn workers_can_listen_on_unix_sockets_zdt_names() {
     );
     assert!(d.path("run/web.0.6.sock").exists());
 }
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
+}
+
+#[test]
+fn tcp_proxy_moves_large_transfers_whole_and_leaks_no_descriptors() {
+    use std::io::{Read, Write};
+    const SIZE: u64 = 256 << 20;
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &demo_program(
+                "raw",
+                &[],
+                &format!(
+                    "mode = \"proxy\"\nprotocol = \"tcp\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\nready = {{ tcp = true }}"
+                ),
+            )),
+    );
+    d.wait_state("raw", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let fds = fd_count(d.pid());
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /?bytes={SIZE} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) => panic!("download broke off after {got} bytes: {e}"),
+        }
+    }
+    assert!(got > SIZE, "downloaded {got} bytes");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let chunk = vec![b'u'; 256 * 1024];
+    for _ in 0..SIZE / chunk.len() as u64 {
+        s.write_all(&chunk).expect("upload");
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    assert!(answer.contains(&format!("\"received\":{SIZE}")), "{answer}");
+    // Pipes and sockets of finished connections are closed.
+    wait_for("zdt's descriptors to return to where they were", T, || {
+        let now = fd_count(d.pid());
+        if now <= fds {
+            Ok(())
+        } else {
+            Err(format!("{now} open, {fds} before"))
+        }
+    });
+    assert_eq!(d.requests("raw").inflight, 0);
+}

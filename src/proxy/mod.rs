@@ -17,6 +17,7 @@
 
 mod addr;
 mod body;
+mod splice;
 mod workers;
 
 pub use addr::PrivateAddr;
@@ -487,16 +488,13 @@ where
 /// least loaded ready instance. The connection counts as in flight until
 /// it closes. With no instance ready within `queue_timeout` (or while
 /// draining) the client connection is closed: TCP has no 503.
-async fn serve_tcp<S>(mut client: S, shared: Arc<Shared>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared>) {
     if shared.draining.load(Ordering::SeqCst) {
         shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let mut tried: Vec<PrivateAddr> = Vec::new();
-    let (mut upstream, mut guard) = loop {
+    let (upstream, mut guard) = loop {
         let Some(up) = choose(&shared, &tried).await else {
             if tried.is_empty() {
                 shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
@@ -521,7 +519,16 @@ where
         guard.discard();
         tried.push(up.addr.clone());
     };
-    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    // Until the upstream side ends; the client ending its side is passed on
+    // as a half-close.
+    let up = async {
+        let _ = splice::pump(&client, &upstream).await;
+        std::future::pending::<()>().await;
+    };
+    let copied = tokio::select! {
+        r = splice::pump(&upstream, &client) => r,
+        () = up => Ok(0),
+    };
     if guard.is_cut() {
         tracing::warn!(program = %shared.program, "connection cut: the instance was stopped at max_wait");
         guard.fail();
