@@ -124,16 +124,7 @@ fn a_long_request_finishes_on_the_old_generation_while_new_ones_go_to_the_new() 
     let long = std::thread::spawn(move || http_get(port, "/?sleep=5000"));
     d.wait_inflight("web", 1, T);
     let t0 = Instant::now();
-    let restart = {
-        let cfg = d.config.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin("zdtctl"))
-                .arg("-c")
-                .arg(cfg)
-                .args(["restart", "web"])
-                .output()
-        })
-    };
+    let restart = d.ctl_in_background(&["restart", "web"]);
     // New requests are answered by the new generation while the old one drains.
     let new_pid = wait_for("a request answered by the new generation", T, || {
         let (_, body) = http_get(port, "/")?;
@@ -151,7 +142,7 @@ fn a_long_request_finishes_on_the_old_generation_while_new_ones_go_to_the_new() 
     let (code, body) = long.join().expect("join").expect("long request");
     assert_eq!(code, 200);
     assert!(body.contains(&format!("\"pid\":{old}")), "{body}");
-    let out = restart.join().expect("join").expect("zdtctl");
+    let out = restart.join().expect("join");
     assert!(out.status.success(), "{out:?}");
     assert!(
         t0.elapsed() >= Duration::from_millis(4000),
@@ -215,16 +206,7 @@ fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
     d.wait_inflight("web", 1, T);
-    let stop = {
-        let cfg = d.config.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin("zdtctl"))
-                .arg("-c")
-                .arg(cfg)
-                .args(["stop", "web"])
-                .output()
-        })
-    };
+    let stop = d.ctl_in_background(&["stop", "web"]);
     let (code, _) = wait_for("new requests to be refused with 503", T, || {
         let r = http_get(port, "/")?;
         if r.0 == 503 {
@@ -237,7 +219,7 @@ fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
     assert!(alive(pid), "stopped while a request was in flight");
     let (code, body) = long.join().expect("join").expect("long request");
     assert_eq!(code, 200, "{body}");
-    let out = stop.join().expect("join").expect("zdtctl");
+    let out = stop.join().expect("join");
     assert!(out.status.success(), "{out:?}");
     assert!(!alive(pid));
 }
@@ -473,16 +455,7 @@ fn an_upgrade_tunnel_survives_a_restart_until_max_wait() {
     read_until(&mut ws, "before\n");
     d.wait_inflight("web", 1, T);
     let t0 = Instant::now();
-    let restart = {
-        let cfg = d.config.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin("zdtctl"))
-                .arg("-c")
-                .arg(cfg)
-                .args(["restart", "web"])
-                .output()
-        })
-    };
+    let restart = d.ctl_in_background(&["restart", "web"]);
     wait_for("a request answered by the new generation", T, || {
         let (_, body) = http_get(port, "/")?;
         if body.contains("\"generation\":2") {
@@ -508,7 +481,7 @@ fn an_upgrade_tunnel_survives_a_restart_until_max_wait() {
         closed >= Duration::from_millis(1900) && closed < Duration::from_secs(10),
         "tunnel closed after {closed:?}; max_wait is 2s"
     );
-    let out = restart.join().expect("join").expect("zdtctl");
+    let out = restart.join().expect("join");
     assert!(out.status.success(), "{out:?}");
     assert!(!alive(old));
     let r = d.requests("web");
@@ -547,16 +520,7 @@ fn tcp_proxy_moves_new_connections_and_drains_open_ones() {
         .and_then(|p| p.parse::<u32>().ok())
         .expect("pid in the answer");
     d.wait_inflight("raw", 1, T);
-    let restart = {
-        let cfg = d.config.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin("zdtctl"))
-                .arg("-c")
-                .arg(cfg)
-                .args(["restart", "raw"])
-                .output()
-        })
-    };
+    let restart = d.ctl_in_background(&["restart", "raw"]);
     wait_for("new connections to reach the new generation", T, || {
         let (_, body) = http_get(port, "/")?;
         if body.contains("\"generation\":7") {
@@ -575,7 +539,7 @@ fn tcp_proxy_moves_new_connections_and_drains_open_ones() {
     );
     let closed = Instant::now();
     drop(conn);
-    let out = restart.join().expect("join").expect("zdtctl");
+    let out = restart.join().expect("join");
     assert!(out.status.success(), "{out:?}");
     assert!(
         closed.elapsed() < Duration::from_secs(10),
@@ -596,24 +560,16 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .expect("VmHWM")
 }
 
-#[test]
-fn a_1_gib_upload_and_download_stream_through_in_bounded_memory() {
+/// Downloads `size` bytes (`GET /?bytes=`) and uploads as many
+/// (`Content-Length`) through the proxy at `port`, checking both arrive whole.
+fn download_and_upload(port: u16, size: u64) {
     use std::io::{Read, Write};
-    const GIB: u64 = 1 << 30;
-    let port = free_port();
-    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
-    d.wait_state("web", 0, Running, T);
-    for _ in 0..20 {
-        wait_for("the proxy to answer", T, || http_get(port, "/"));
-    }
-    let before = peak_rss_kib(d.pid());
-
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
     write!(
         s,
-        "GET /?bytes={GIB} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        "GET /?bytes={size} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
     .expect("write");
     let mut buf = vec![0u8; 256 * 1024];
@@ -625,24 +581,38 @@ fn a_1_gib_upload_and_download_stream_through_in_bounded_memory() {
             Err(e) => panic!("download broke off after {got} bytes: {e}"),
         }
     }
-    assert!(got > GIB, "downloaded {got} bytes");
-
+    // The body and the response head and chunk framing around it.
+    assert!(got > size, "downloaded {got} bytes");
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
     write!(
         s,
-        "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {GIB}\r\nConnection: close\r\n\r\n"
+        "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
     )
     .expect("write");
     let chunk = vec![b'u'; 256 * 1024];
-    for _ in 0..GIB / chunk.len() as u64 {
+    for _ in 0..size / chunk.len() as u64 {
         s.write_all(&chunk).expect("upload");
     }
     let mut answer = String::new();
     s.read_to_string(&mut answer).expect("answer");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains(&format!("\"received\":{GIB}")), "{answer}");
+    assert!(answer.contains(&format!("\"received\":{size}")), "{answer}");
+}
+
+#[test]
+fn a_1_gib_upload_and_download_stream_through_in_bounded_memory() {
+    const GIB: u64 = 1 << 30;
+    let port = free_port();
+    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    for _ in 0..20 {
+        wait_for("the proxy to answer", T, || http_get(port, "/"));
+    }
+    let before = peak_rss_kib(d.pid());
+
+    download_and_upload(port, GIB);
 
     let after = peak_rss_kib(d.pid());
     eprintln!("zdt peak RSS: {before} KiB before, {after} KiB after 2 GiB streamed");
@@ -744,16 +714,7 @@ fn idle_upstream_connections_to_the_old_generation_close_at_the_switch() {
     }
     let pooled = connections_to(old_port);
     assert!(pooled >= 2, "{pooled} pooled connections to the worker");
-    let restart = {
-        let cfg = d.config.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new(bin("zdtctl"))
-                .arg("-c")
-                .arg(cfg)
-                .args(["restart", "web"])
-                .output()
-        })
-    };
+    let restart = d.ctl_in_background(&["restart", "web"]);
     wait_for(
         "zdt to close its idle connections to the old generation",
         Duration::from_secs(10),
@@ -853,7 +814,6 @@ fn fd_count(pid: u32) -> usize {
 
 #[test]
 fn tcp_proxy_moves_large_transfers_whole_and_leaks_no_descriptors() {
-    use std::io::{Read, Write};
     const SIZE: u64 = 256 << 20;
     let port = free_port();
     let d = Daemon::start(
@@ -869,39 +829,7 @@ fn tcp_proxy_moves_large_transfers_whole_and_leaks_no_descriptors() {
     d.wait_state("raw", 0, Running, T);
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let fds = fd_count(d.pid());
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET /?bytes={SIZE} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0u64;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got += n as u64,
-            Err(e) => panic!("download broke off after {got} bytes: {e}"),
-        }
-    }
-    assert!(got > SIZE, "downloaded {got} bytes");
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    write!(
-        s,
-        "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {SIZE}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let chunk = vec![b'u'; 256 * 1024];
-    for _ in 0..SIZE / chunk.len() as u64 {
-        s.write_all(&chunk).expect("upload");
-    }
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("answer");
-    assert!(answer.contains(&format!("\"received\":{SIZE}")), "{answer}");
+    download_and_upload(port, SIZE);
     // Pipes and sockets of finished connections are closed.
     wait_for("zdt's descriptors to return to where they were", T, || {
         let now = fd_count(d.pid());

@@ -200,6 +200,17 @@ impl Daemon {
             .expect("run zdtctl")
     }
 
+    /// Starts `zdtctl ARGS` in a thread (for orders that wait, such as a
+    /// restart that drains); join it for the output.
+    pub fn ctl_in_background(&self, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let mut cmd = Command::new(bin("zdtctl"));
+        cmd.arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null());
+        std::thread::spawn(move || cmd.output().expect("run zdtctl"))
+    }
+
     /// Runs `zdtctl --json ARGS` and parses stdout.
     pub fn ctl_json(&self, args: &[&str]) -> (i32, serde_json::Value) {
         let mut all = vec!["--json"];
