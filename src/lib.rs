@@ -3,7 +3,8 @@
 //! # Architecture
 //!
 //! Actors own their state; messages change it; observers read `watch`
-//! snapshots. Nothing is shared behind a lock except the reaper's pid table.
+//! snapshots. Nothing is shared behind a lock except the reaper's pid table
+//! (and, in proxy mode, the table of live upstream counters status reads).
 //!
 //! ```text
 //!  zdtctl ──NDJSON──► control::server ──ControlRequest──► supervisor (root actor)
@@ -37,6 +38,14 @@
 //!   happens before fork.
 //! - [`logs`]: per-instance log files with rotation, the tail ring, followers.
 //! - [`state`]: instance states and the snapshots `status` prints.
+//! - [`proxy`]: proxy mode. One current-thread runtime per CPU (nginx's worker
+//!   model) accepts on every proxied socket; a client connection, its requests
+//!   and the upstream pools they use stay on one thread. The program actor
+//!   publishes the routes (a `watch`: the switch is atomic) and reads the
+//!   counters (`proxy::Traffic`, atomics) into status; nothing on the data
+//!   path waits on an actor. HTTP requests go through hyper (per-thread
+//!   pools per upstream, request bodies that survive a failed connect,
+//!   Upgrade tunnels); `protocol = "tcp"` copies, then splices, bytes.
 //!
 //! Shutdown order: TERM → supervisor stops programs by descending priority
 //! (each level waits for the one before) → program actors stop their slots and
