@@ -841,3 +841,34 @@ fn tcp_proxy_moves_large_transfers_whole_and_leaks_no_descriptors() {
     });
     assert_eq!(d.requests("raw").inflight, 0);
 }
+
+#[test]
+fn sigterm_to_zdt_drains_proxied_requests_before_it_exits() {
+    let port = free_port();
+    // The worker ignores SIGTERM and is SIGKILLed 300 ms after it: only a
+    // drain by the in-flight count lets the 1.5 s request finish.
+    let mut d = Daemon::start(
+        &(header()
+            + &proxy_program(
+                "web",
+                port,
+                &["--ignore-term"],
+                "queue_timeout = \"200ms\"\nmax_wait = \"10s\"\nkill_timeout = \"300ms\"",
+            )),
+    );
+    let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
+    d.wait_inflight("web", 1, T);
+    let t0 = Instant::now();
+    d.signal(libc::SIGTERM);
+    let (code, body) = long.join().expect("join").expect("long request");
+    assert_eq!(code, 200, "{body}");
+    let status = d.wait_exit(T);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "exited before the drain"
+    );
+    assert!(!alive(pid));
+}
