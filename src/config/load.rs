@@ -31,7 +31,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawSupervisor {
     control: Option<String>,
-    control_mode: Option<OctalValue>,
+    control_mode: Option<Spanned<OctalValue>>,
     control_group: Option<String>,
     log_dir: Option<String>,
     pidfile: Option<String>,
@@ -46,7 +46,7 @@ struct RawProgram {
     environment: BTreeMap<String, EnvValue>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
-    umask: Option<OctalValue>,
+    umask: Option<Spanned<OctalValue>>,
     #[serde(alias = "numprocs")]
     instances: Option<Spanned<i64>>,
     autostart: Option<bool>,
@@ -69,7 +69,7 @@ struct RawProgram {
     stderr_logfile_backups: Option<u32>,
     listen: Option<Vec<Spanned<String>>>,
     backlog: Option<u32>,
-    socket_mode: Option<OctalValue>,
+    socket_mode: Option<Spanned<OctalValue>>,
     socket_owner: Option<Spanned<String>>,
     fdname: Option<String>,
     mode: Option<Spanned<String>>,
@@ -170,10 +170,29 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             base.join(p)
         }
     };
+    // A mode written as a bare TOML integer is read in decimal: `600` would be
+    // 0o1130. Only 0o-prefixed integers and strings say octal.
+    let octal = |m: Option<Spanned<OctalValue>>, key: &str| -> Result<Option<u32>, ConfigError> {
+        let Some(m) = m else { return Ok(None) };
+        let literal = text.get(m.span()).unwrap_or("").trim();
+        let bare = literal.starts_with(|c: char| c.is_ascii_digit())
+            && !literal.starts_with("0o")
+            && m.get_ref().0 != 0;
+        if bare {
+            return Err(err_at(
+                m.span().start,
+                format!(
+                    "{key} = {literal} is a decimal number (octal {:o}): write the mode as a string, \"0{literal}\", or as 0o{literal}",
+                    m.get_ref().0
+                ),
+            ));
+        }
+        Ok(Some(m.into_inner().0))
+    };
     let s = raw.supervisor;
     let supervisor = SupervisorConfig {
         control: resolve(s.control.as_deref().unwrap_or("run/zdt.sock")),
-        control_mode: s.control_mode.map_or(0o600, |m| m.0),
+        control_mode: octal(s.control_mode, "control_mode")?.unwrap_or(0o600),
         control_group: s.control_group,
         log_dir: resolve(s.log_dir.as_deref().unwrap_or("logs")),
         pidfile: s.pidfile.as_deref().map(resolve),
@@ -467,7 +486,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             environment: p.environment.into_iter().map(|(k, v)| (k, v.0)).collect(),
             user: p.user.map(Spanned::into_inner),
             group: p.group.map(Spanned::into_inner),
-            umask: p.umask.map(|m| m.0),
+            umask: octal(p.umask, "umask")?,
             instances,
             autostart: p.autostart.unwrap_or(true),
             autorestart: p.autorestart.map_or(AutoRestart::Unexpected, |a| a.0),
@@ -491,7 +510,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             stderr_log,
             listen,
             backlog: p.backlog,
-            socket_mode: p.socket_mode.map_or(0o660, |m| m.0),
+            socket_mode: octal(p.socket_mode, "socket_mode")?.unwrap_or(0o660),
             socket_owner: p.socket_owner.map(Spanned::into_inner),
             fdname: p.fdname.unwrap_or_else(|| name.clone()),
             ready,

@@ -375,3 +375,28 @@ fn proxy_mode_and_its_probes() {
         "invalid upstream \"pipe\"",
     );
 }
+
+#[test]
+fn a_mode_written_as_a_decimal_integer_is_refused() {
+    assert_bad(
+        "[supervisor]\ncontrol_mode = 600\n",
+        2,
+        16,
+        "control_mode = 600 is a decimal number (octal 1130)",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\numask = 22\n",
+        3,
+        9,
+        "\"022\"",
+    );
+    // Octal integers, strings and zero say what they mean.
+    let c = parse(
+        "[supervisor]\ncontrol_mode = 0o640\n[program.web]\ncommand = [\"x\"]\numask = 0\nlisten = [\"unix:///tmp/x.sock\"]\nsocket_mode = \"0666\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid");
+    assert_eq!(c.supervisor.control_mode, 0o640);
+    assert_eq!(c.programs["web"].umask, Some(0));
+    assert_eq!(c.programs["web"].socket_mode, 0o666);
+}
