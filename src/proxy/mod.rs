@@ -714,7 +714,8 @@ async fn handle(
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    let body = BodySlot::new(body);
+    // A request without a body needs no slot: each attempt gets an empty one.
+    let body = (!hyper::body::Body::is_end_stream(&body)).then(|| BodySlot::new(body));
     let mut tried: Vec<PrivateAddr> = Vec::new();
     loop {
         let Some(up) = choose(shared, &tried).await else {
@@ -739,15 +740,18 @@ async fn handle(
         if let Some(h) = builder.headers_mut() {
             h.clone_from(&parts.headers);
         }
-        let Some(req_body) = body.attempt() else {
-            // Unreachable: an attempt that took the body is never retried.
-            guard.discard();
-            return text(
-                StatusCode::BAD_GATEWAY,
-                "502 Bad Gateway: no instance could be reached\n".into(),
-            );
+        let req_body = match body.as_ref().map(BodySlot::attempt) {
+            None => Empty::new().map_err(|never| match never {}).boxed(),
+            Some(Some(b)) => b.boxed(),
+            Some(None) => {
+                // Unreachable: an attempt that took the body is never retried.
+                guard.discard();
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: no instance could be reached\n".into(),
+                );
+            }
         };
-        let req_body = req_body.boxed();
         let Ok(upstream_req) = builder.body(req_body) else {
             return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
         };
@@ -775,7 +779,7 @@ async fn handle(
                 return Response::from_parts(rparts, GuardedBody::new(rbody, guard).boxed());
             }
             // Not one byte reached the app (the body is still here): try another.
-            Err(e) if e.is_connect() && body.attempt().is_some() => {
+            Err(e) if e.is_connect() && body.as_ref().is_none_or(|b| b.attempt().is_some()) => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
                 guard.discard();
                 tried.push(up.addr.clone());
