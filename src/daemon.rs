@@ -46,6 +46,7 @@ pub async fn run(
         tracing::warn!(cause = %std::io::Error::last_os_error(), "cannot become a child subreaper");
     }
     let sup = &config.supervisor;
+    crate::proxy::set_threads(sup.proxy_threads);
     let group = match &sup.control_group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)

@@ -38,7 +38,7 @@
 //!   happens before fork.
 //! - [`logs`]: per-instance log files with rotation, the tail ring, followers.
 //! - [`state`]: instance states and the snapshots `status` prints.
-//! - [`proxy`]: proxy mode. One current-thread runtime per CPU (nginx's worker
+//! - [`proxy`]: proxy mode. A few current-thread runtimes (nginx's worker
 //!   model) accepts on every proxied socket; a client connection, its requests
 //!   and the upstream pools they use stay on one thread. The program actor
 //!   publishes the routes (a `watch`: the switch is atomic) and reads the

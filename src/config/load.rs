@@ -35,6 +35,7 @@ struct RawSupervisor {
     control_group: Option<String>,
     log_dir: Option<String>,
     pidfile: Option<String>,
+    proxy_threads: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +197,18 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         control_group: s.control_group,
         log_dir: resolve(s.log_dir.as_deref().unwrap_or("logs")),
         pidfile: s.pidfile.as_deref().map(resolve),
+        proxy_threads: match s.proxy_threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(v @ 1..=64) => v,
+                _ => {
+                    return Err(err_at(
+                        n.span().start,
+                        format!("proxy_threads = {}: use 1 to 64", n.get_ref()),
+                    ))
+                }
+            },
+        },
     };
     let is_root = nix::unistd::geteuid().is_root();
     let mut programs = BTreeMap::new();

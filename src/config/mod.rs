@@ -86,6 +86,8 @@ pub struct SupervisorConfig {
     pub log_dir: PathBuf,
     /// Write zdt's pid here, if set.
     pub pidfile: Option<PathBuf>,
+    /// Threads of the proxy (proxy mode). Default: half the CPUs, at least 1.
+    pub proxy_threads: usize,
 }
 
 /// When an exited instance is started again.

@@ -21,6 +21,7 @@ mod splice;
 mod workers;
 
 pub use addr::PrivateAddr;
+pub use workers::set_threads;
 
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;

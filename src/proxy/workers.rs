@@ -1,10 +1,12 @@
-//! The proxy's threads, one current-thread tokio runtime each (nginx's
-//! worker model). Every thread accepts on every proxied socket; a client
+//! The proxy's threads (`[supervisor] proxy_threads`, by default half the
+//! CPUs: the workers behind the proxy need the rest), one current-thread
+//! tokio runtime each (nginx's worker model). Every thread accepts on every proxied socket; a client
 //! connection, its requests and the upstream connections they use then stay
 //! on that thread, so the data path has no cross-thread wake-ups and no
 //! shared connection pool.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
@@ -16,11 +18,20 @@ thread_local! {
 
 static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
 
-/// Handles of the proxy threads, started on first use: one per CPU
-/// (at most 64). Empty if not one could be started.
+/// How many threads to start (`[supervisor] proxy_threads`).
+static WANTED: AtomicUsize = AtomicUsize::new(1);
+
+/// Sets how many proxy threads start on first use; later calls have no effect
+/// once they run.
+pub fn set_threads(n: usize) {
+    WANTED.store(n.clamp(1, 64), Ordering::Relaxed);
+}
+
+/// Handles of the proxy threads, started on first use. Empty if not one
+/// could be started.
 pub(super) fn handles() -> &'static [Handle] {
     WORKERS.get_or_init(|| {
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get().min(64));
+        let n = WANTED.load(Ordering::Relaxed);
         (0..n).filter_map(start).collect()
     })
 }
