@@ -9,17 +9,38 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use super::pool::Lease;
 use super::InflightGuard;
 
-/// The upstream's body with the request's in-flight guard.
+/// The upstream's body with the request's in-flight guard and the
+/// connection it came on, given back to the pool once the body has ended.
 pub(crate) struct GuardedBody {
     inner: Incoming,
     guard: InflightGuard,
+    lease: Option<Lease>,
 }
 
 impl GuardedBody {
-    pub(crate) fn new(inner: Incoming, guard: InflightGuard) -> Self {
-        Self { inner, guard }
+    pub(crate) fn new(inner: Incoming, guard: InflightGuard, lease: Lease) -> Self {
+        let lease = if inner.is_end_stream() {
+            lease.release();
+            None
+        } else {
+            Some(lease)
+        };
+        Self {
+            inner,
+            guard,
+            lease,
+        }
+    }
+}
+
+impl GuardedBody {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
     }
 }
 
@@ -32,9 +53,16 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            tracing::warn!(cause = %e, cut = self.guard.is_cut(), "response body broke off");
-            self.guard.fail();
+        match &polled {
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(cause = %e, cut = self.guard.is_cut(), "response body broke off");
+                self.guard.fail();
+                self.lease = None;
+            }
+            // The end; hyper also stops polling a body that says it has ended.
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
         }
         polled
     }

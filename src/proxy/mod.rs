@@ -17,6 +17,7 @@
 
 mod addr;
 mod body;
+mod pool;
 mod splice;
 mod workers;
 
@@ -34,8 +35,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -229,7 +229,7 @@ impl Drop for InflightGuard {
     }
 }
 
-/// One worker process's private address, with its own connection pools.
+/// One worker process's private address, with its own connection pool.
 /// Dropping the last reference closes its idle upstream connections.
 #[derive(Debug)]
 pub struct Upstream {
@@ -238,34 +238,21 @@ pub struct Upstream {
     /// Its counters.
     pub stats: Arc<UpstreamStats>,
     /// `Host` for a request that came without one.
-    authority: hyper::http::uri::Authority,
-    /// One connection pool per proxy thread, used only on that thread.
-    clients: Vec<Client<addr::Connector, ProxyBody>>,
+    authority: HeaderValue,
+    /// Idle connections, per proxy thread.
+    pool: Arc<pool::Pool>,
 }
 
 impl Upstream {
     /// An upstream at `addr`.
     pub fn new(addr: PrivateAddr, program: &Arc<Traffic>) -> Arc<Self> {
-        let connector = addr::Connector::new(addr.clone(), CONNECT_TIMEOUT);
-        let clients = (0..workers::count())
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(30))
-                    .build(connector.clone())
-            })
-            .collect();
         Arc::new(Self {
-            authority: addr.authority(),
+            authority: HeaderValue::from_str(addr.authority().as_str())
+                .unwrap_or(HeaderValue::from_static("localhost")),
+            pool: pool::Pool::new(addr.clone()),
             addr,
             stats: Arc::new(UpstreamStats::new(program.clone())),
-            clients,
         })
-    }
-
-    /// The connection pool of the current proxy thread.
-    fn client(&self) -> &Client<addr::Connector, ProxyBody> {
-        let i = workers::current();
-        &self.clients[i % self.clients.len()]
     }
 }
 
@@ -730,16 +717,15 @@ async fn handle(
             };
         };
         let mut guard = InflightGuard::new(up.stats.clone());
-        let mut uri = hyper::http::uri::Parts::default();
-        uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-        uri.authority = Some(up.authority.clone());
-        uri.path_and_query = Some(path_and_query.clone());
         let mut builder = Request::builder()
             .method(parts.method.clone())
-            .uri(uri)
+            .uri(hyper::Uri::from(path_and_query.clone()))
             .version(hyper::Version::HTTP_11);
         if let Some(h) = builder.headers_mut() {
             h.clone_from(&parts.headers);
+            if !h.contains_key(header::HOST) {
+                h.insert(header::HOST, up.authority.clone());
+            }
         }
         let req_body = match body.as_ref().map(BodySlot::attempt) {
             None => Empty::new().map_err(|never| match never {}).boxed(),
@@ -756,8 +742,8 @@ async fn handle(
         let Ok(upstream_req) = builder.body(req_body) else {
             return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
         };
-        match up.client().request(upstream_req).await {
-            Ok(mut resp) => {
+        match up.pool.send(upstream_req).await {
+            Ok((mut resp, lease)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
                         let upstream = hyper::upgrade::on(&mut resp);
@@ -768,6 +754,8 @@ async fn handle(
                             shared.program.clone(),
                             path.to_string(),
                         ));
+                        // The connection is the tunnel now, never pooled again.
+                        drop(lease);
                         let (rparts, _) = resp.into_parts();
                         return Response::from_parts(
                             rparts,
@@ -777,10 +765,12 @@ async fn handle(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                return Response::from_parts(rparts, GuardedBody::new(rbody, guard).boxed());
+                return Response::from_parts(rparts, GuardedBody::new(rbody, guard, lease).boxed());
             }
             // Not one byte reached the app (the body is still here): try another.
-            Err(e) if e.is_connect() && body.as_ref().is_none_or(|b| b.attempt().is_some()) => {
+            Err(e @ pool::SendError::Connect(_))
+                if body.as_ref().is_none_or(|b| b.attempt().is_some()) =>
+            {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
                 guard.discard();
                 tried.push(up.addr.clone());

@@ -1,0 +1,150 @@
+//! Upstream connections to one private address, kept per proxy thread.
+//!
+//! A connection is taken for one request and given back only once its
+//! response body has been read to the end, so an idle connection is always
+//! between requests. One the worker closed meanwhile (its keep-alive
+//! timeout) hands the request back unsent, and the request goes out on
+//! another connection: the keep-alive close race never reaches the client.
+
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use super::{workers, PrivateAddr, ProxyBody, CONNECT_TIMEOUT};
+
+/// Idle connections kept per proxy thread; more are closed.
+const MAX_IDLE: usize = 512;
+
+/// Why a request could not be sent.
+pub(crate) enum SendError {
+    /// No connection could be made: nothing reached the worker.
+    Connect(io::Error),
+    /// The connection failed after the request may have reached the worker.
+    Upstream(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(e) => write!(f, "connect: {e}"),
+            Self::Upstream(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Connections to one private address.
+pub(crate) struct Pool {
+    addr: PrivateAddr,
+    /// One list per proxy thread, each used only by its thread.
+    idle: Vec<Mutex<Vec<SendRequest<ProxyBody>>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("addr", &self.addr).finish()
+    }
+}
+
+/// A connection lent to one request; [`Lease::release`] gives it back.
+pub(crate) struct Lease {
+    sender: SendRequest<ProxyBody>,
+    pool: Weak<Pool>,
+}
+
+impl Lease {
+    /// The response was read to the end: the connection may serve another.
+    pub(crate) fn release(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put(self.sender);
+        }
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(addr: PrivateAddr) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            idle: (0..workers::count()).map(|_| Mutex::default()).collect(),
+        })
+    }
+
+    fn mine(&self) -> &Mutex<Vec<SendRequest<ProxyBody>>> {
+        &self.idle[workers::current() % self.idle.len()]
+    }
+
+    fn put(&self, sender: SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.mine().lock() {
+            if idle.len() < MAX_IDLE {
+                idle.push(sender);
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still open.
+    async fn idle(&self) -> Option<SendRequest<ProxyBody>> {
+        loop {
+            let mut sender = self.mine().lock().ok()?.pop()?;
+            // Normally at once: the connection finished its last response.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Sends `req` on an idle connection or a new one.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        while let Some(mut sender) = self.idle().await {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, self.lease(sender))),
+                Err(mut e) => match e.take_message() {
+                    // Closed before the request was written: try another.
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError::Upstream(e.into_error())),
+                },
+            }
+        }
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, self.addr.connect()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(SendError::Connect(e)),
+            Err(_) => {
+                return Err(SendError::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {} timed out", self.addr),
+                )))
+            }
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| SendError::Connect(io::Error::other(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(cause = %e, "upstream connection ended with an error");
+            }
+        });
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, self.lease(sender))),
+            // Not written at all on a fresh connection: as good as a failed connect.
+            Err(e) if e.message().is_some() => {
+                Err(SendError::Connect(io::Error::other(e.into_error())))
+            }
+            Err(e) => Err(SendError::Upstream(e.into_error())),
+        }
+    }
+
+    fn lease(self: &Arc<Self>, sender: SendRequest<ProxyBody>) -> Lease {
+        Lease {
+            sender,
+            pool: Arc::downgrade(self),
+        }
+    }
+}
