@@ -339,6 +339,10 @@ fn bad_requests_are_answered_by_zdt_and_never_forwarded() {
         "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: x1\r\n\r\nab",
         // A transfer coding that does not end in chunked cannot be framed.
         "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nab",
+        // Both a length and chunked, in either order: which one frames the
+        // body is ambiguous (request smuggling).
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         // HTTP/1.0 has no chunked coding.
         "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         "GET / HTTP/1.1\r\nHost a\r\n\r\n",

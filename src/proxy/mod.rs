@@ -17,6 +17,7 @@
 
 mod addr;
 mod body;
+mod framing;
 mod pool;
 mod splice;
 mod workers;
@@ -410,14 +411,16 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: Cancellation
                         if tcp {
                             tokio::spawn(serve_tcp(s, shared.clone()));
                         } else {
-                            tokio::spawn(serve(TokioIo::new(s), Some(a.ip()), shared.clone()));
+                            let io = TokioIo::new(framing::Framing::new(s));
+                            tokio::spawn(serve(io, Some(a.ip()), shared.clone()));
                         }
                     }),
                     Listener::Unix(l) => l.accept().await.map(|(s, _)| {
                         if tcp {
                             tokio::spawn(serve_tcp(s, shared.clone()));
                         } else {
-                            tokio::spawn(serve(TokioIo::new(s), None, shared.clone()));
+                            let io = TokioIo::new(framing::Framing::new(s));
+                            tokio::spawn(serve(io, None, shared.clone()));
                         }
                     }),
                 }
