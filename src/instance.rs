@@ -427,7 +427,7 @@ async fn http_until_ready(addr: crate::proxy::PrivateAddr, path: String) {
                     .ok()?;
             tokio::spawn(conn);
             let req = hyper::Request::get(path.as_str())
-                .header(hyper::header::HOST, addr.authority().as_str())
+                .header(hyper::header::HOST, addr.host())
                 .body(Empty::<bytes::Bytes>::new())
                 .ok()?;
             let resp = send.send_request(req).await.ok()?;

@@ -876,3 +876,22 @@ fn sigterm_to_zdt_drains_proxied_requests_before_it_exits() {
     );
     assert!(!alive(pid));
 }
+
+#[test]
+fn several_proxy_threads_keep_restarts_at_zero_failures() {
+    // The default is half the CPUs (one thread on a 2-core CI machine); this
+    // runs accept loops and upstream pools on several threads at once.
+    let port = free_port();
+    let config = header().replace("[supervisor]\n", "[supervisor]\nproxy_threads = 3\n")
+        + &proxy_program("web", port, &[], "instances = 2");
+    let d = Daemon::start(&config);
+    d.wait_state("web", 0, Running, T);
+    d.wait_state("web", 1, Running, T);
+    let threads = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .expect("tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("zdt-proxy"))
+        .count();
+    assert_eq!(threads, 3, "proxy threads running");
+    restart_under_load(&d, "web", port, 5);
+}

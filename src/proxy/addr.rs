@@ -40,6 +40,17 @@ impl PrivateAddr {
         }
     }
 
+    /// Connects, giving up after `limit`.
+    pub async fn connect_within(&self, limit: std::time::Duration) -> io::Result<Stream> {
+        match tokio::time::timeout(limit, self.connect()).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {self} timed out"),
+            )),
+        }
+    }
+
     /// The port, for a TCP address.
     pub fn port(&self) -> Option<u16> {
         match self {
@@ -49,11 +60,13 @@ impl PrivateAddr {
     }
 
     /// The `Host` a request gets when the client sent none.
-    pub fn authority(&self) -> hyper::http::uri::Authority {
-        let fallback = hyper::http::uri::Authority::from_static("localhost");
+    pub fn host(&self) -> hyper::header::HeaderValue {
+        let fallback = hyper::header::HeaderValue::from_static("localhost");
         match self {
-            // A socket address always forms a valid authority.
-            Self::Tcp(a) => a.to_string().parse().unwrap_or(fallback),
+            // A socket address is always a valid header value.
+            Self::Tcp(a) => {
+                hyper::header::HeaderValue::from_str(&a.to_string()).unwrap_or(fallback)
+            }
             Self::Unix(_) => fallback,
         }
     }

@@ -248,8 +248,7 @@ impl Upstream {
     /// An upstream at `addr`.
     pub fn new(addr: PrivateAddr, program: &Arc<Traffic>) -> Arc<Self> {
         Arc::new(Self {
-            authority: HeaderValue::from_str(addr.authority().as_str())
-                .unwrap_or(HeaderValue::from_static("localhost")),
+            authority: addr.host(),
             pool: pool::Pool::new(addr.clone()),
             addr,
             stats: Arc::new(UpstreamStats::new(program.clone())),
@@ -398,6 +397,25 @@ impl Listener {
     }
 }
 
+/// Serves an accepted client connection on this proxy thread.
+fn dispatch<S>(s: S, peer: Option<std::net::IpAddr>, tcp: bool, shared: &Arc<Shared>)
+where
+    S: splice::SpliceIo
+        + tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + Unpin
+        + Send
+        + Sync
+        + 'static,
+{
+    if tcp {
+        tokio::spawn(serve_tcp(s, shared.clone()));
+    } else {
+        let io = TokioIo::new(framing::Framing::new(s));
+        tokio::spawn(serve(io, peer, shared.clone()));
+    }
+}
+
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: CancellationToken) {
     let tcp = shared.options.protocol == crate::config::Protocol::Tcp;
     let mut backoff = Duration::from_millis(10);
@@ -408,21 +426,9 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: Cancellation
                 match &listener {
                     Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
-                        if tcp {
-                            tokio::spawn(serve_tcp(s, shared.clone()));
-                        } else {
-                            let io = TokioIo::new(framing::Framing::new(s));
-                            tokio::spawn(serve(io, Some(a.ip()), shared.clone()));
-                        }
+                        dispatch(s, Some(a.ip()), tcp, &shared);
                     }),
-                    Listener::Unix(l) => l.accept().await.map(|(s, _)| {
-                        if tcp {
-                            tokio::spawn(serve_tcp(s, shared.clone()));
-                        } else {
-                            let io = TokioIo::new(framing::Framing::new(s));
-                            tokio::spawn(serve(io, None, shared.clone()));
-                        }
-                    }),
+                    Listener::Unix(l) => l.accept().await.map(|(s, _)| dispatch(s, None, tcp, &shared)),
                 }
             } => r,
         };
@@ -498,13 +504,10 @@ async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared>) {
         // Counted from before the connect, so a drain cannot miss it.
         let guard = InflightGuard::new(up.stats.clone());
         // Nothing was sent yet: a connect failure is always safe to retry.
-        match tokio::time::timeout(CONNECT_TIMEOUT, up.addr.connect()).await {
-            Ok(Ok(s)) => break (s, guard),
-            Ok(Err(e)) => {
+        match up.addr.connect_within(CONNECT_TIMEOUT).await {
+            Ok(s) => break (s, guard),
+            Err(e) => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance")
-            }
-            Err(_) => {
-                tracing::warn!(program = %shared.program, upstream = %up.addr, "connect timed out; trying another instance")
             }
         }
         guard.discard();

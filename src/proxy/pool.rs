@@ -113,16 +113,11 @@ impl Pool {
                 },
             }
         }
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, self.addr.connect()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(SendError::Connect(e)),
-            Err(_) => {
-                return Err(SendError::Connect(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connecting to {} timed out", self.addr),
-                )))
-            }
-        };
+        let stream = self
+            .addr
+            .connect_within(CONNECT_TIMEOUT)
+            .await
+            .map_err(SendError::Connect)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| SendError::Connect(io::Error::other(e)))?;

@@ -24,7 +24,8 @@ pub(super) trait SpliceIo {
     /// Its file descriptor.
     fn fd(&self) -> BorrowedFd<'_>;
     /// Waits until it may be read or written.
-    fn ready(&self, interest: Interest) -> impl std::future::Future<Output = io::Result<()>>;
+    fn ready(&self, interest: Interest)
+        -> impl std::future::Future<Output = io::Result<()>> + Send;
     /// Runs `f`, clearing readiness when it would block.
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
     /// A non-blocking read.
