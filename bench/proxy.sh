@@ -16,6 +16,8 @@ for t in wrk nginx curl python3; do
   command -v "$t" >/dev/null || { echo "$t not found (apt-get install wrk nginx-light curl python3)" >&2; exit 2; }
 done
 [ -x "$BIN/zdt" ] || { echo "build first: cargo build --release" >&2; exit 2; }
+# PROXY_THREADS=N sets zdt's [supervisor] proxy_threads (default: half the CPUs).
+THREADS_LINE=${PROXY_THREADS:+proxy_threads = $PROXY_THREADS}
 WORK=$(mktemp -d /tmp/zdt-bench-proxy.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; }
@@ -31,6 +33,7 @@ cat >"$WORK/supervisor.toml" <<TOML
 [supervisor]
 control = "zdt.sock"
 log_dir = "logs"
+$THREADS_LINE
 [program.demo]
 command = ["$BIN/zdt-demo"]
 mode = "proxy"
