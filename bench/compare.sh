@@ -7,9 +7,9 @@
 #                    in turn with a wait for HTTP 200 (the common recipe)
 #   pm2-fork         `pm2 restart` of one copy
 #   pm2-cluster      `pm2 reload` of 2 cluster workers (Node only)
-#   zdt-pass         `zdtctl restart`, 2 instances on zdt's socket (Node only:
+#   zdt-pass         `zdtctl restart` of one copy on zdt's socket (Node only:
 #                    php -S cannot take an inherited socket)
-#   zdt-proxy        `zdtctl restart`, 2 instances behind zdt's proxy
+#   zdt-proxy        `zdtctl restart` of one copy behind zdt's proxy
 #
 # Each approach runs twice: keep-alive clients, then a new connection per
 # request. The load is target/release/zdt-load (every request counts: refused,
@@ -178,7 +178,7 @@ zdt_start() { # APP DIR MODE
     node/pass) cmd="\"node\", \"$NODE_APP\""; ready='{ notify = true }'; env="ZDT_BIN = \"$BIN/zdt\"" ;;
     node/proxy) cmd="\"node\", \"$NODE_APP\""; ready='{ http = "/health" }'; env='PORT = "{port}"' ;;
     php/proxy) cmd="\"php\", \"-S\", \"127.0.0.1:{port}\", \"$PHP_APP\""; ready='{ http = "/health" }'
-               env="PHP_CLI_SERVER_WORKERS = \"$((PHP_WORKERS / 2))\"" ;;
+               env="PHP_CLI_SERVER_WORKERS = \"$PHP_WORKERS\"" ;;
   esac
   cat >"$2/supervisor.toml" <<EOF
 [supervisor]
@@ -189,13 +189,13 @@ command = [$cmd]
 mode = "$3"
 listen = ["tcp://127.0.0.1:$PORT"]
 ready = $ready
-instances = 2
+instances = 1
 environment = { $env }
 EOF
   "$BIN/zdt" -c "$2/supervisor.toml" 2>"$2/zdt.log" & PIDS+=($!)
   STOP="kill $!"
   RESTART="$BIN/zdtctl -c $2/supervisor.toml restart app"
-  WORKERS=2
+  WORKERS=1
 }
 start_zdt_pass() { zdt_start "$1" "$2" pass; }
 start_zdt_proxy() { zdt_start "$1" "$2" proxy; }
@@ -275,7 +275,7 @@ if command -v gnuplot >/dev/null; then
         echo "set datafile separator ','"
         echo "set multiplot layout ${#rows[@]},1 title '$app, $( [ "$mode" = close ] && echo 'a new connection per request' || echo 'keep-alive clients'), $CLIENTS clients, $K restarts (dashed lines)'"
         echo "set logscale y; set yrange [1:1e6]; set ylabel 'per second'; set y2label 'p99 ms'; set y2tics; set logscale y2; set y2range [1:1e4]"
-        echo "set xrange [0:$DUR]; set key outside right; set grid"
+        echo "set xrange [0:$DUR]; set xlabel 'seconds' offset 0,0.6; set key outside right; set grid"
         for a in "${rows[@]}"; do
           local_start=$(kv start_epoch_ms "$(grep "^LOAD label=$mode" "$OUT/$app-$a/load-$mode.txt")")
           echo "unset arrow"

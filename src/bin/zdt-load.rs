@@ -14,9 +14,9 @@
 //! by the server before it was sent) is sent again on a new connection, as
 //! every HTTP client does, and is not counted.
 //!
-//! Prints one `LOAD key=value ...` line; `--series FILE` writes a CSV with one
-//! row per BUCKET_MS: time, good answers, failures and p99 latency of the
-//! good answers in the bucket.
+//! SIGINT or SIGTERM ends the load early. Prints one `LOAD key=value ...`
+//! line; `--series FILE` writes a CSV with one row per BUCKET_MS: time, good
+//! answers, failures and p99 latency of the good answers in the bucket.
 
 use std::collections::HashSet;
 use std::io::Write as _;
@@ -191,9 +191,15 @@ struct Clock {
     start: Instant,
     end: Instant,
     timeout: Duration,
+    /// Set by SIGINT or SIGTERM: the load ends early, results are printed.
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl Clock {
+    fn running(&self) -> bool {
+        Instant::now() < self.end && !self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn sample(&self, began: Instant, outcome: Result<u16, Failure>) -> Sample {
         let now = Instant::now();
         Sample {
@@ -208,7 +214,7 @@ async fn client(t: &Target, clock: &Clock, mode: Mode) -> (Vec<Sample>, HashSet<
     let mut samples = Vec::new();
     let mut pids = HashSet::new();
     let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
-    while Instant::now() < clock.end {
+    while clock.running() {
         let began = Instant::now();
         let one = async {
             loop {
@@ -251,7 +257,7 @@ async fn probe(t: &Target, clock: &Clock, every: Duration) -> (Vec<Sample>, u64,
     loop {
         tick.tick().await;
         let began = Instant::now();
-        if began >= clock.end {
+        if !clock.running() {
             break;
         }
         let one = async {
@@ -279,9 +285,13 @@ async fn probe(t: &Target, clock: &Clock, every: Duration) -> (Vec<Sample>, u64,
         samples.push(clock.sample(began, outcome));
     }
     if let Some(since) = down_since {
-        longest = longest.max(clock.end.saturating_duration_since(since));
+        longest = longest.max(since.elapsed());
     }
-    (samples, u64::try_from(longest.as_millis()).unwrap_or(u64::MAX), outages)
+    (
+        samples,
+        u64::try_from(longest.as_millis()).unwrap_or(u64::MAX),
+        outages,
+    )
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -293,13 +303,22 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[rank - 1]) / 1000.0
 }
 
-fn write_series(path: &PathBuf, samples: &[Sample], bucket_ms: u64, duration_ms: u64) -> std::io::Result<()> {
-    let n = usize::try_from(duration_ms.div_ceil(bucket_ms)).unwrap_or(0).max(1);
+fn write_series(
+    path: &PathBuf,
+    samples: &[Sample],
+    bucket_ms: u64,
+    duration_ms: u64,
+) -> std::io::Result<()> {
+    let n = usize::try_from(duration_ms.div_ceil(bucket_ms))
+        .unwrap_or(0)
+        .max(1);
     let mut ok = vec![0u64; n];
     let mut failed = vec![0u64; n];
     let mut lat: Vec<Vec<u32>> = vec![Vec::new(); n];
     for s in samples {
-        let i = usize::try_from(u64::from(s.end_ms) / bucket_ms).unwrap_or(usize::MAX).min(n - 1);
+        let i = usize::try_from(u64::from(s.end_ms) / bucket_ms)
+            .unwrap_or(usize::MAX)
+            .min(n - 1);
         match s.outcome {
             Ok(_) => {
                 ok[i] += 1;
@@ -357,9 +376,22 @@ fn main() -> std::process::ExitCode {
         start,
         end: start + Duration::from_secs_f64(args.duration),
         timeout: Duration::from_secs_f64(args.timeout),
+        stop: std::sync::atomic::AtomicBool::new(false),
     });
     let target = std::sync::Arc::new(target);
     let (mut samples, pids, probe) = rt.block_on(async {
+        for kind in [
+            tokio::signal::unix::SignalKind::interrupt(),
+            tokio::signal::unix::SignalKind::terminate(),
+        ] {
+            if let Ok(mut sig) = tokio::signal::unix::signal(kind) {
+                let c = clock.clone();
+                tokio::spawn(async move {
+                    sig.recv().await;
+                    c.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+        }
         let clients: Vec<_> = (0..args.connections)
             .map(|_| {
                 let (t, c) = (target.clone(), clock.clone());
@@ -385,6 +417,8 @@ fn main() -> std::process::ExitCode {
         (samples, pids, probe)
     });
     let (probe_samples, longest, outages) = probe.unwrap_or_default();
+    // The load ran this long (less than asked when stopped by a signal).
+    let elapsed = start.elapsed().as_secs_f64().min(args.duration);
     let probe_failed = probe_samples.iter().filter(|s| s.outcome.is_err()).count();
     let count = |f: Failure| samples.iter().filter(|s| s.outcome == Err(f)).count();
     let (connect, broken, status, timeout) = (
@@ -405,7 +439,7 @@ fn main() -> std::process::ExitCode {
     if let Some(path) = &args.series {
         // The probe's failures are failures too.
         samples.extend(probe_samples.into_iter().filter(|s| s.outcome.is_err()));
-        let ms = (args.duration * 1000.0) as u64;
+        let ms = (elapsed * 1000.0) as u64;
         if let Err(e) = write_series(path, &samples, args.bucket_ms, ms) {
             eprintln!("zdt-load: {}: {e}", path.display());
             return std::process::ExitCode::from(2);
@@ -425,12 +459,46 @@ fn main() -> std::process::ExitCode {
         percentile(&lat, 0.50),
         percentile(&lat, 0.99),
         lat.last().map_or(0.0, |v| f64::from(*v) / 1000.0),
-        good as f64 / args.duration,
+        good as f64 / elapsed,
         pids.len(),
     );
     if failed + probe_failed == 0 {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_pid_in_a_json_body() {
+        assert_eq!(pid_of(br#"{"pid":4242,"generation":3}"#), Some(4242));
+        assert_eq!(pid_of(br#"{"pid": 17}"#), Some(17));
+        assert_eq!(pid_of(br#"{"ppid":"x"}"#), None);
+        assert_eq!(pid_of(b"ok\n"), None);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u32> = (1..=100).map(|ms| ms * 1000).collect();
+        assert!((percentile(&v, 0.99) - 99.0).abs() < f64::EPSILON);
+        assert!((percentile(&v, 0.50) - 50.0).abs() < f64::EPSILON);
+        assert!((percentile(&[7000], 0.99) - 7.0).abs() < f64::EPSILON);
+        assert!(percentile(&[], 0.99).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn only_loopback_http_targets() {
+        let t = parse_url("http://127.0.0.1:8080/?sleep=20").expect("loopback");
+        assert_eq!(t.addr, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(t.path, "/?sleep=20");
+        assert!(parse_url("http://localhost/").is_ok());
+        assert!(parse_url("http://[::1]:9/").is_ok());
+        assert!(parse_url("http://10.1.2.3/").is_err());
+        assert!(parse_url("http://example.com/").is_err());
+        assert!(parse_url("https://127.0.0.1/").is_err());
     }
 }
