@@ -63,7 +63,8 @@ wait_up() { # wait_up PORT [SECONDS]
   local end=$(( $(date +%s) + ${2:-30} ))
   until up "$1"; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 0.05; done
 }
-kv() { sed -n "s/.*[ ^]$1=\([^ ]*\).*/\1/p" <<<" $2"; }
+# kv KEY LINE -> the value of KEY=value in LINE (also inside "(a=1,b=2)").
+kv() { sed -n "s/.*[ (,]$1=\([^ ,)]*\).*/\1/p" <<<" $2"; }
 
 # What each approach needs; prints the missing tool, if any.
 missing() { # missing APPROACH APP

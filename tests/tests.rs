@@ -3,6 +3,7 @@
 
 mod util;
 
+mod bench_tools;
 mod config;
 mod control;
 mod lifecycle;

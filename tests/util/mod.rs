@@ -22,6 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
         "zdt" => PathBuf::from(env!("CARGO_BIN_EXE_zdt")),
         "zdtctl" => PathBuf::from(env!("CARGO_BIN_EXE_zdtctl")),
         "zdt-demo" => PathBuf::from(env!("CARGO_BIN_EXE_zdt-demo")),
+        "zdt-load" => PathBuf::from(env!("CARGO_BIN_EXE_zdt-load")),
         other => panic!("no binary {other}"),
     }
 }
