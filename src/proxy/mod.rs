@@ -40,7 +40,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use body::{BodySlot, GuardedBody};
+use body::GuardedBody;
 
 pub use crate::state::RequestCounts;
 
@@ -547,6 +547,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually none is there: one pass over the names instead of a lookup each.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -708,8 +712,16 @@ async fn handle(
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    // A request without a body needs no slot: each attempt gets an empty one.
-    let body = (!hyper::body::Body::is_end_stream(&body)).then(|| BodySlot::new(body));
+    // The client's request goes upstream as it is, head and body: only the
+    // headers above change, an absolute-form target becomes origin-form, and
+    // a request without Host gets the instance's address.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = hyper::Uri::from(path_and_query.clone());
+    }
+    parts.version = hyper::Version::HTTP_11;
+    parts.extensions.clear();
+    let host_given = parts.headers.contains_key(header::HOST);
+    let mut req = Request::from_parts(parts, body);
     let mut tried: Vec<PrivateAddr> = Vec::new();
     loop {
         let Some(up) = choose(shared, &tried).await else {
@@ -723,32 +735,10 @@ async fn handle(
             };
         };
         let mut guard = InflightGuard::new(up.stats.clone());
-        let mut builder = Request::builder()
-            .method(parts.method.clone())
-            .uri(hyper::Uri::from(path_and_query.clone()))
-            .version(hyper::Version::HTTP_11);
-        if let Some(h) = builder.headers_mut() {
-            h.clone_from(&parts.headers);
-            if !h.contains_key(header::HOST) {
-                h.insert(header::HOST, up.authority.clone());
-            }
+        if !host_given {
+            req.headers_mut().insert(header::HOST, up.authority.clone());
         }
-        let req_body = match body.as_ref().map(BodySlot::attempt) {
-            None => Empty::new().map_err(|never| match never {}).boxed(),
-            Some(Some(b)) => b.boxed(),
-            Some(None) => {
-                // Unreachable: an attempt that took the body is never retried.
-                guard.discard();
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    "502 Bad Gateway: no instance could be reached\n".into(),
-                );
-            }
-        };
-        let Ok(upstream_req) = builder.body(req_body) else {
-            return text(StatusCode::BAD_REQUEST, "400 Bad Request\n".into());
-        };
-        match up.pool.send(upstream_req).await {
+        match up.pool.send(req).await {
             Ok((mut resp, lease)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
@@ -773,15 +763,15 @@ async fn handle(
                 strip_hop_by_hop(&mut rparts.headers);
                 return Response::from_parts(rparts, GuardedBody::new(rbody, guard, lease).boxed());
             }
-            // Not one byte reached the app (the body is still here): try another.
-            Err(e @ pool::SendError::Connect(_))
-                if body.as_ref().is_none_or(|b| b.attempt().is_some()) =>
-            {
-                tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
+            // Not one byte reached the app, and the request came back whole
+            // (its body too): try another instance.
+            Err(pool::SendError::Connect(cause, unsent)) => {
+                tracing::warn!(program = %shared.program, upstream = %up.addr, %cause, "connect failed; trying another instance");
                 guard.discard();
                 tried.push(up.addr.clone());
+                req = *unsent;
             }
-            Err(e) => {
+            Err(pool::SendError::Upstream(e)) => {
                 guard.fail();
                 if guard.is_cut() {
                     tracing::warn!(program = %shared.program, upstream = %up.addr, %path, "request cut: the instance was stopped at max_wait; answered 502");

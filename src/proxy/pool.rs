@@ -14,33 +14,29 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use super::{workers, PrivateAddr, ProxyBody, CONNECT_TIMEOUT};
+use super::{workers, PrivateAddr, CONNECT_TIMEOUT};
 
 /// Idle connections kept per proxy thread; more are closed.
 const MAX_IDLE: usize = 512;
 
+/// The client's request as it goes upstream: its own head and body, never
+/// copied.
+pub(crate) type UpstreamRequest = Request<Incoming>;
+
 /// Why a request could not be sent.
 pub(crate) enum SendError {
-    /// No connection could be made: nothing reached the worker.
-    Connect(io::Error),
+    /// No connection could be made: nothing reached the worker, and the
+    /// request comes back whole (body included) to go elsewhere.
+    Connect(io::Error, Box<UpstreamRequest>),
     /// The connection failed after the request may have reached the worker.
     Upstream(hyper::Error),
-}
-
-impl std::fmt::Display for SendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Connect(e) => write!(f, "connect: {e}"),
-            Self::Upstream(e) => write!(f, "{e}"),
-        }
-    }
 }
 
 /// Connections to one private address.
 pub(crate) struct Pool {
     addr: PrivateAddr,
     /// One list per proxy thread, each used only by its thread.
-    idle: Vec<Mutex<Vec<SendRequest<ProxyBody>>>>,
+    idle: Vec<Mutex<Vec<SendRequest<Incoming>>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -51,7 +47,7 @@ impl std::fmt::Debug for Pool {
 
 /// A connection lent to one request; [`Lease::release`] gives it back.
 pub(crate) struct Lease {
-    sender: SendRequest<ProxyBody>,
+    sender: SendRequest<Incoming>,
     pool: Weak<Pool>,
 }
 
@@ -72,11 +68,11 @@ impl Pool {
         })
     }
 
-    fn mine(&self) -> &Mutex<Vec<SendRequest<ProxyBody>>> {
+    fn mine(&self) -> &Mutex<Vec<SendRequest<Incoming>>> {
         &self.idle[workers::current() % self.idle.len()]
     }
 
-    fn put(&self, sender: SendRequest<ProxyBody>) {
+    fn put(&self, sender: SendRequest<Incoming>) {
         if sender.is_closed() {
             return;
         }
@@ -88,7 +84,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open.
-    async fn idle(&self) -> Option<SendRequest<ProxyBody>> {
+    async fn idle(&self) -> Option<SendRequest<Incoming>> {
         loop {
             let mut sender = self.mine().lock().ok()?.pop()?;
             // Normally at once: the connection finished its last response.
@@ -101,7 +97,7 @@ impl Pool {
     /// Sends `req` on an idle connection or a new one.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
+        mut req: UpstreamRequest,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         while let Some(mut sender) = self.idle().await {
             match sender.try_send_request(req).await {
@@ -113,14 +109,15 @@ impl Pool {
                 },
             }
         }
-        let stream = self
-            .addr
-            .connect_within(CONNECT_TIMEOUT)
-            .await
-            .map_err(SendError::Connect)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| SendError::Connect(io::Error::other(e)))?;
+        let stream = match self.addr.connect_within(CONNECT_TIMEOUT).await {
+            Ok(s) => s,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(c) => c,
+                Err(e) => return Err(SendError::Connect(io::Error::other(e), Box::new(req))),
+            };
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(cause = %e, "upstream connection ended with an error");
@@ -128,15 +125,18 @@ impl Pool {
         });
         match sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, self.lease(sender))),
-            // Not written at all on a fresh connection: as good as a failed connect.
-            Err(e) if e.message().is_some() => {
-                Err(SendError::Connect(io::Error::other(e.into_error())))
-            }
-            Err(e) => Err(SendError::Upstream(e.into_error())),
+            Err(mut e) => match e.take_message() {
+                // Not written at all on a fresh connection: as good as a failed connect.
+                Some(unsent) => Err(SendError::Connect(
+                    io::Error::other(e.into_error()),
+                    Box::new(unsent),
+                )),
+                None => Err(SendError::Upstream(e.into_error())),
+            },
         }
     }
 
-    fn lease(self: &Arc<Self>, sender: SendRequest<ProxyBody>) -> Lease {
+    fn lease(self: &Arc<Self>, sender: SendRequest<Incoming>) -> Lease {
         Lease {
             sender,
             pool: Arc::downgrade(self),
