@@ -68,8 +68,12 @@ NGINX
 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx/stderr" & NGX_PID=$!; PIDS+=($NGX_PID)
 wait_up "$APP"; wait_up "$ZDT"; wait_up "$NGX"
 
-# CPU time (user + system, clock ticks) the given processes have used so far.
-cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+# CPU time (clock ticks) the given processes have used so far: "user system".
+cpu_ticks() {
+  local u=0 s=0 p a b
+  for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done
+  echo "$u $s"
+}
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 NGX_WORKERS=$(pgrep -P "$NGX_PID" | tr '\n' ' ')
 run() { # run PORT -> "rps p50_ms p99_ms requests"
@@ -81,18 +85,21 @@ run() { # run PORT -> "rps p50_ms p99_ms requests"
     /requests in/ {n=$1}
     END {printf "%.0f %.3f %.3f %d\n", rps, p50, p99, n}'
 }
-declare -A RPS P50 P99 CPU NREQ
-for k in direct zdt nginx; do RPS[$k]=0; P50[$k]=0; P99[$k]=0; CPU[$k]=0; NREQ[$k]=0; done
+declare -A RPS P50 P99 USR SYS NREQ
+for k in direct zdt nginx; do RPS[$k]=0; P50[$k]=0; P99[$k]=0; USR[$k]=0; SYS[$k]=0; NREQ[$k]=0; done
 for r in $(seq "$ROUNDS"); do
   for k in direct zdt nginx; do
     case $k in direct) p=$APP;; zdt) p=$ZDT;; nginx) p=$NGX;; esac
     # The proxy's own CPU time over the round (zdt: the whole daemon; nginx: its workers).
     case $k in direct) procs="";; zdt) procs=$ZDT_PID;; nginx) procs=$NGX_WORKERS;; esac
     # shellcheck disable=SC2086
-    [ -n "$procs" ] && t0=$(cpu_ticks $procs)
+    [ -n "$procs" ] && read -r u0 s0 < <(cpu_ticks $procs)
     read -r a b c n < <(run "$p")
     # shellcheck disable=SC2086
-    [ -n "$procs" ] && CPU[$k]=$((CPU[$k] + $(cpu_ticks $procs) - t0)) && NREQ[$k]=$((NREQ[$k] + n))
+    if [ -n "$procs" ]; then
+      read -r u1 s1 < <(cpu_ticks $procs)
+      USR[$k]=$((USR[$k] + u1 - u0)); SYS[$k]=$((SYS[$k] + s1 - s0)); NREQ[$k]=$((NREQ[$k] + n))
+    fi
     RPS[$k]=$((RPS[$k] + a))
     P50[$k]=$(awk -v x="${P50[$k]}" -v y="$b" 'BEGIN{print x+y}')
     P99[$k]=$(awk -v x="${P99[$k]}" -v y="$c" 'BEGIN{print x+y}')
@@ -136,8 +143,10 @@ awk -v c="$CONN" -v s="$DUR" -v n="$ROUNDS" \
     -v d9="${P99[direct]}" -v z9="${P99[zdt]}" -v n9="${P99[nginx]}" \
     -v idle="$IDLE" -v ok="$IDLE_OK" -v r0="$RSS0" -v r1="$RSS1" \
     -v gok="$NGX_OK" -v g0="$NGX_RSS0" -v g1="$NGX_RSS1" -v tick="$TICK_US" \
-    -v zc="${CPU[zdt]}" -v zq="${NREQ[zdt]}" -v nc="${CPU[nginx]}" -v nq="${NREQ[nginx]}" 'BEGIN{
-  zcpu = zq ? zc * tick / zq : 0; ncpu = nq ? nc * tick / nq : 0
+    -v zu="${USR[zdt]}" -v zs="${SYS[zdt]}" -v zq="${NREQ[zdt]}" \
+    -v nu="${USR[nginx]}" -v ns="${SYS[nginx]}" -v nq="${NREQ[nginx]}" 'BEGIN{
+  zcpu = zq ? (zu + zs) * tick / zq : 0; ncpu = nq ? (nu + ns) * tick / nq : 0
+  zusr = zq ? zu * tick / zq : 0; nusr = nq ? nu * tick / nq : 0
   printf "wrk -t2 -c%d -d%ss, %d alternated rounds (means), demo worker, 0 ms handler, keep-alive\n", c, s, n
   printf "%-34s %12s %9s %9s\n", "", "requests/s", "p50 ms", "p99 ms"
   printf "%-34s %12.0f %9.3f %9.3f\n", "direct to the worker", dr/n, d5/n, d9/n
@@ -145,7 +154,7 @@ awk -v c="$CONN" -v s="$DUR" -v n="$ROUNDS" \
   printf "%-34s %12.0f %9.3f %9.3f\n", "nginx proxy_pass, upstream keepalive", nr/n, n5/n, n9/n
   printf "zdt/direct: throughput %.3f, p99 %.3f\n", zr/dr, z9/d9
   printf "zdt/nginx:  throughput %.3f, p99 %.3f\n", zr/nr, z9/n9
-  printf "CPU per proxied request (user + system): zdt %.2f us, nginx %.2f us, zdt/nginx %.3f\n", zcpu, ncpu, (ncpu ? zcpu/ncpu : 0)
+  printf "CPU per proxied request: zdt %.2f us (user %.2f, system %.2f), nginx %.2f us (user %.2f, system %.2f), zdt/nginx %.3f\n", zcpu, zusr, zcpu - zusr, ncpu, nusr, ncpu - nusr, (ncpu ? zcpu/ncpu : 0)
   printf "zdt RSS: %d KiB idle, %d KiB with %d idle keep-alive client connections (%d answered 200)\n", r0, r1, idle, ok
   printf "nginx workers RSS: %d KiB idle, %d KiB with %d idle keep-alive client connections (%d answered 200)\n", g0, g1, idle, gok
   printf "RESULT direct_rps=%.0f zdt_rps=%.0f nginx_rps=%.0f zdt_vs_nginx=%.3f zdt_p99_vs_nginx=%.3f zdt_cpu_us=%.2f nginx_cpu_us=%.2f rss_idle_kib=%d rss_%d_conns_kib=%d\n", dr/n, zr/n, nr/n, zr/nr, z9/n9, zcpu, ncpu, r0, idle, r1 }'
