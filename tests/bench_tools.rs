@@ -118,3 +118,31 @@ fn zdt_load_counts_refused_requests_and_the_outage_of_a_dead_worker() {
         "last 100 ms failed: {csv}"
     );
 }
+
+#[test]
+fn zdt_load_counts_new_connections_closed_before_an_answer() {
+    // A server that accepts and closes at once, as a dying worker's accept
+    // queue does: every request fails, none is retried away.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    listener.set_nonblocking(true).expect("nonblocking");
+    let server = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((conn, _)) => drop(conn),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    for mode in ["close", "keepalive"] {
+        let (code, line) = load(port, &["-d", "1", "-c", "2", "-m", mode, "--probe-ms", "0"]);
+        assert_eq!(code, 1, "{line}");
+        assert!(field(&line, "broken") > 0, "{line}");
+        assert_eq!(field(&line, "ok"), 0, "{line}");
+        assert_eq!(field(&line, "timeout"), 0, "{line}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().expect("server thread");
+}

@@ -8,11 +8,12 @@
 //! the service could not be reached (an outage runs from the first failed
 //! probe to the next good one).
 //!
-//! A request fails when it cannot connect, the connection breaks after the
-//! request was written, the answer is not 2xx, or no full answer came within
-//! TIMEOUT. A request hyper never wrote (its idle connection had been closed
-//! by the server before it was sent) is sent again on a new connection, as
-//! every HTTP client does, and is not counted.
+//! A request fails when it cannot connect, its new connection is closed or
+//! reset before or after the request was written, the answer is not 2xx, or
+//! no full answer came within TIMEOUT. Only a request hyper never wrote on a
+//! reused keep-alive connection (the server had closed it while it sat idle)
+//! is sent again on a new connection, as every HTTP client does, and is not
+//! counted.
 //!
 //! SIGINT or SIGTERM ends the load early. Prints one `LOAD key=value ...`
 //! line; `--series FILE` writes a CSV with one row per BUCKET_MS: time, good
@@ -218,12 +219,16 @@ async fn client(t: &Target, clock: &Clock, mode: Mode) -> (Vec<Sample>, HashSet<
         let began = Instant::now();
         let one = async {
             loop {
-                let mut sender = match conn.take() {
-                    Some(s) if mode == Mode::Keepalive && !s.is_closed() => s,
-                    _ => connect(t).await?,
+                let (mut sender, reused) = match conn.take() {
+                    Some(s) if mode == Mode::Keepalive && !s.is_closed() => (s, true),
+                    _ => (connect(t).await?, false),
                 };
                 match exchange(&mut sender, request(t, mode == Mode::Close), &mut pids).await {
-                    Ok(None) => continue,
+                    // An idle keep-alive connection the server had closed: the
+                    // request goes out again on a new one.
+                    Ok(None) if reused => continue,
+                    // A new connection closed before it could carry the request.
+                    Ok(None) => return Err(Failure::Broken),
                     Ok(Some(status)) => {
                         conn = Some(sender);
                         return Ok(status);
