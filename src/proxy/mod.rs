@@ -466,7 +466,10 @@ where
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
+        // Boxed: hyper keeps a slot for this future in every connection, idle
+        // or not, and the request's state is a few KiB; boxed, the slot is a
+        // pointer and the state exists only while a request is in flight.
+        Box::pin(async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) })
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
