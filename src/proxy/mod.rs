@@ -466,10 +466,7 @@ where
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let peer = peer.clone();
-        // Boxed: hyper keeps a slot for this future in every connection, idle
-        // or not, and the request's state is a few KiB; boxed, the slot is a
-        // pointer and the state exists only while a request is in flight.
-        Box::pin(async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) })
+        async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -611,6 +608,16 @@ fn pick(shared: &Shared, routes: &Routes, skip: &[PrivateAddr]) -> Option<Arc<Up
 
 /// Waits up to `queue_timeout` for an upstream.
 async fn choose(shared: &Shared, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
+    let picked = pick(shared, &shared.routes.borrow(), skip);
+    match picked {
+        Some(u) => Some(u),
+        // Boxed: waiting is the rare path; its timer stays out of every request.
+        None => Box::pin(wait_for_upstream(shared, skip)).await,
+    }
+}
+
+/// Waits up to `queue_timeout` for an upstream to become ready.
+async fn wait_for_upstream(shared: &Shared, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
     let mut rx = shared.routes.clone();
     let deadline = tokio::time::Instant::now() + shared.options.queue_timeout;
     loop {

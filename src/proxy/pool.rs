@@ -109,20 +109,12 @@ impl Pool {
                 },
             }
         }
-        let stream = match self.addr.connect_within(CONNECT_TIMEOUT).await {
+        // Boxed: connecting is the rare path, and its state would otherwise
+        // sit in every request's future (and in every client connection).
+        let mut sender = match Box::pin(self.open()).await {
             Ok(s) => s,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(c) => c,
-                Err(e) => return Err(SendError::Connect(io::Error::other(e), Box::new(req))),
-            };
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(cause = %e, "upstream connection ended with an error");
-            }
-        });
         match sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, self.lease(sender))),
             Err(mut e) => match e.take_message() {
@@ -134,6 +126,20 @@ impl Pool {
                 None => Err(SendError::Upstream(e.into_error())),
             },
         }
+    }
+
+    /// A new connection, its driver running as a task of this thread.
+    async fn open(&self) -> io::Result<SendRequest<Incoming>> {
+        let stream = self.addr.connect_within(CONNECT_TIMEOUT).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(cause = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     fn lease(self: &Arc<Self>, sender: SendRequest<Incoming>) -> Lease {
