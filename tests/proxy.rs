@@ -255,6 +255,37 @@ fn drain_answers_new_requests_503_at_once_while_in_flight_ones_finish() {
 }
 
 #[test]
+fn a_drain_stays_in_force_across_a_reload() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    assert!(d.ctl(&["drain", "web"]).status.success());
+    assert_eq!(http_get(port, "/").expect("answered").0, 503);
+    // A changed program is replaced on the same sockets by the reload.
+    d.write_config(
+        &(header() + &proxy_program("web", port, &[], "environment = { CHANGED = \"1\" }")),
+    );
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the new generation", T, || {
+        let i = d.instance("web", 0);
+        if i.generation >= 2 && i.state == Running {
+            Ok(())
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    assert_eq!(
+        http_get(port, "/").expect("answered").0,
+        503,
+        "the reload ended the drain"
+    );
+    assert!(d.ctl(&["undrain", "web"]).status.success());
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+#[test]
 fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
     let port = free_port();
     let d = Daemon::start(

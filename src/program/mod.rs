@@ -297,7 +297,9 @@ impl Program {
                 self.bind_error = Some(e);
             }
         }
-        // A new proxy for new sockets; connections of the old one finish.
+        // A new proxy for new sockets; connections of the old one finish. A
+        // drain in force stays in force: only `undrain` ends it.
+        let draining = self.proxy.as_ref().is_some_and(|p| p.is_draining());
         self.proxy = None;
         self.traffic.set_proxied(cfg.mode == config::Mode::Proxy);
         if cfg.mode == config::Mode::Proxy && self.bind_error.is_none() {
@@ -307,7 +309,10 @@ impl Program {
                 crate::proxy::Options::of(cfg),
                 self.traffic.clone(),
             ) {
-                Ok(p) => self.proxy = Some(p),
+                Ok(p) => {
+                    p.set_draining(draining);
+                    self.proxy = Some(p);
+                }
                 Err(e) => self.bind_error = Some(format!("cannot accept on the sockets: {e}")),
             }
         }

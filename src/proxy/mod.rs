@@ -287,6 +287,11 @@ impl ProxyHandle {
         self.draining.store(on, Ordering::SeqCst);
     }
 
+    /// Whether a drain is in force.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Publishes a new routing table, unless it routes to the same upstreams.
     pub fn set_routes(&self, upstreams: Vec<Arc<Upstream>>) {
         self.routes.send_if_modified(|r| {
