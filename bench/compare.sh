@@ -164,7 +164,7 @@ pm2_start() { # APP DIR PM2-ARGS...
   export PM2_HOME="$dir/pm2"
   case $app in
     node) PORT=$PORT pm2 start "$NODE_APP" --name app "$@" >"$dir/pm2-start.log" 2>&1 ;;
-    php) PORT=$PORT PHP_CLI_SERVER_WORKERS=$PHP_WORKERS pm2 start "$(command -v php)" --name app \
+    php) PHP_CLI_SERVER_WORKERS=$PHP_WORKERS pm2 start "$(command -v php)" --name app \
            --interpreter none "$@" -- -S "127.0.0.1:$PORT" "$PHP_APP" >"$dir/pm2-start.log" 2>&1 ;;
   esac
   STOP="PM2_HOME=$dir/pm2 pm2 kill"

@@ -37,7 +37,7 @@ run() { # run PORT -> "rps p99_ms"
     END {printf "%.0f %.2f\n", rps, p99}'
 }
 d_rps=0; p_rps=0; d_p99=0; p_p99=0
-for r in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
   read -r a b < <(run "$DIRECT"); d_rps=$((d_rps + a)); d_p99=$(awk -v x="$d_p99" -v y="$b" 'BEGIN{print x+y}')
   read -r a b < <(run "$PASS");   p_rps=$((p_rps + a)); p_p99=$(awk -v x="$p_p99" -v y="$b" 'BEGIN{print x+y}')
 done

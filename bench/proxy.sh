@@ -41,7 +41,7 @@ mode = "proxy"
 listen = ["tcp://127.0.0.1:$ZDT"]
 ready = { http = "/health" }
 TOML
-"$BIN/zdt" -c "$WORK/supervisor.toml" 2>"$WORK/zdt.log" & ZDT_PID=$!; PIDS+=($ZDT_PID)
+"$BIN/zdt" -c "$WORK/supervisor.toml" 2>"$WORK/zdt.log" & ZDT_PID=$!; PIDS+=("$ZDT_PID")
 
 mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx/nginx.conf" <<NGINX
@@ -65,7 +65,7 @@ http {
   }
 }
 NGINX
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx/stderr" & NGX_PID=$!; PIDS+=($NGX_PID)
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -g 'daemon off;' 2>"$WORK/nginx/stderr" & NGX_PID=$!; PIDS+=("$NGX_PID")
 wait_up "$APP"; wait_up "$ZDT"; wait_up "$NGX"
 
 # CPU time (clock ticks) the given processes have used so far: "user system".

@@ -70,13 +70,13 @@ listen = ["tcp://127.0.0.1:$PORT"]
 ready = $ready
 instances = 2
 EOF
-  "$BIN/zdt" -c "$CONF" 2>"$dir/zdt.log" & ZDT=$!; PIDS+=($ZDT)
+  "$BIN/zdt" -c "$CONF" 2>"$dir/zdt.log" & ZDT=$!; PIDS+=("$ZDT")
   for _ in $(seq 200); do curl -sf -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.05; done
   URL="http://127.0.0.1:$PORT/?sleep=20"
 
   # --- part 1: restarts ---
   "$BIN/zdt-load" "$URL" -d 36000 -c "$CLIENTS" --label "$mode-restarts" --series "$dir/series-restarts.csv" \
-    >"$dir/load-restarts.txt" 2>&1 & LOAD=$!; PIDS+=($LOAD)
+    >"$dir/load-restarts.txt" 2>&1 & LOAD=$!; PIDS+=("$LOAD")
   log "$mode: $N restarts under $CLIENTS keep-alive clients; zdt pid $ZDT"
   printf "%-6s %9s %10s %5s %9s\n" mode restarts "rss KiB" fds seconds | tee "$dir/samples.txt"
   t0=$(date +%s.%N); rfail=0
@@ -102,7 +102,7 @@ EOF
   # --- part 2: kill -9 of a worker every KILL_EVERY seconds ---
   if [ "$KILL_S" -gt 0 ]; then
     "$BIN/zdt-load" "$URL" -d "$KILL_S" -c "$CLIENTS" --label "$mode-kill" --series "$dir/series-kill.csv" \
-      >"$dir/load-kill.txt" 2>&1 & LOAD=$!; PIDS+=($LOAD)
+      >"$dir/load-kill.txt" 2>&1 & LOAD=$!; PIDS+=("$LOAD")
     start_ms=$(date +%s%3N); allowed=0; kills=0; : >"$dir/kills.txt"
     zdt_502_before=$(status_py "print(sum((p.get('requests') or {}).get('failed', 0) for p in s['programs']))")
     sleep "$KILL_EVERY"
