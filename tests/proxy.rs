@@ -19,6 +19,15 @@ fn proxy_program(name: &str, port: u16, args: &[&str], extra: &str) -> String {
     )
 }
 
+/// zdt with one proxied demo program, "web" on `port`, running and
+/// answering through the proxy; returns the daemon and the worker's pid.
+fn serving(port: u16, args: &[&str], extra: &str) -> (Daemon, u32) {
+    let d = Daemon::start(&(header() + &proxy_program("web", port, args, extra)));
+    let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    (d, pid)
+}
+
 /// Restarts `program` `restarts` times under 64 clients (32 keep-alive, 32
 /// with a new connection per request; handlers of 0, 20 and 200 ms) and
 /// asserts that not one request failed and every generation served.
@@ -118,9 +127,7 @@ fn php_builtin_server_restarts_under_load_fail_zero_requests() {
 #[test]
 fn a_long_request_finishes_on_the_old_generation_while_new_ones_go_to_the_new() {
     let port = free_port();
-    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "max_wait = \"10s\"")));
-    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, old) = serving(port, &[], "max_wait = \"10s\"");
     let long = std::thread::spawn(move || http_get(port, "/?sleep=5000"));
     d.wait_inflight("web", 1, T);
     let t0 = Instant::now();
@@ -191,19 +198,13 @@ fn requests_get_503_when_no_instance_can_serve() {
 #[test]
 fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
     let port = free_port();
-    let d = Daemon::start(
-        // The worker ignores SIGTERM and is SIGKILLed 300 ms after it: only a
-        // drain by the in-flight count lets the 1.5 s request finish.
-        &(header()
-            + &proxy_program(
-                "web",
-                port,
-                &["--ignore-term"],
-                "queue_timeout = \"200ms\"\nmax_wait = \"10s\"\nkill_timeout = \"300ms\"",
-            )),
+    // The worker ignores SIGTERM and is SIGKILLed 300 ms after it: only a
+    // drain by the in-flight count lets the 1.5 s request finish.
+    let (d, pid) = serving(
+        port,
+        &["--ignore-term"],
+        "queue_timeout = \"200ms\"\nmax_wait = \"10s\"\nkill_timeout = \"300ms\"",
     );
-    let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
     d.wait_inflight("web", 1, T);
     let stop = d.ctl_in_background(&["stop", "web"]);
@@ -227,9 +228,7 @@ fn stop_lets_requests_in_flight_finish_and_answers_new_ones_503() {
 #[test]
 fn drain_answers_new_requests_503_at_once_while_in_flight_ones_finish() {
     let port = free_port();
-    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "queue_timeout = \"5s\"")));
-    d.wait_state("web", 0, Running, T);
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, _) = serving(port, &[], "queue_timeout = \"5s\"");
     let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
     d.wait_inflight("web", 1, T);
     let out = d.ctl(&["drain", "web"]);
@@ -257,9 +256,7 @@ fn drain_answers_new_requests_503_at_once_while_in_flight_ones_finish() {
 #[test]
 fn a_drain_stays_in_force_across_a_reload() {
     let port = free_port();
-    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
-    d.wait_state("web", 0, Running, T);
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, _) = serving(port, &[], "");
     assert!(d.ctl(&["drain", "web"]).status.success());
     assert_eq!(http_get(port, "/").expect("answered").0, 503);
     // A changed program is replaced on the same sockets by the reload.
@@ -288,17 +285,11 @@ fn a_drain_stays_in_force_across_a_reload() {
 #[test]
 fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
     let port = free_port();
-    let d = Daemon::start(
-        &(header()
-            + &proxy_program(
-                "web",
-                port,
-                &["--ignore-term"],
-                "max_wait = \"1s\"\nkill_timeout = \"300ms\"",
-            )),
+    let (d, old) = serving(
+        port,
+        &["--ignore-term"],
+        "max_wait = \"1s\"\nkill_timeout = \"300ms\"",
     );
-    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/slow?sleep=60000"));
     d.wait_inflight("web", 1, T);
     let t0 = Instant::now();
@@ -353,10 +344,7 @@ fn raw_exchange(port: u16, request: &[u8]) -> String {
 #[test]
 fn bad_requests_are_answered_by_zdt_and_never_forwarded() {
     let port = free_port();
-    let d =
-        Daemon::start(&(header() + &proxy_program("web", port, &[], "max_header_bytes = \"8KB\"")));
-    d.wait_state("web", 0, Running, T);
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, _) = serving(port, &[], "max_header_bytes = \"8KB\"");
     let served = d.requests("web").served;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
@@ -393,10 +381,7 @@ fn bad_requests_are_answered_by_zdt_and_never_forwarded() {
 fn a_slowloris_client_is_closed_at_the_header_timeout_while_others_are_served() {
     use std::io::{Read, Write};
     let port = free_port();
-    let d =
-        Daemon::start(&(header() + &proxy_program("web", port, &[], "header_timeout = \"1s\"")));
-    d.wait_state("web", 0, Running, T);
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (_d, _) = serving(port, &[], "header_timeout = \"1s\"");
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     slow.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
@@ -470,17 +455,7 @@ fn read_until(s: &mut std::net::TcpStream, needle: &str) -> String {
 fn an_upgrade_tunnel_survives_a_restart_until_max_wait() {
     use std::io::{Read, Write};
     let port = free_port();
-    let d = Daemon::start(
-        &(header()
-            + &proxy_program(
-                "web",
-                port,
-                &[],
-                "max_wait = \"2s\"\nkill_timeout = \"500ms\"",
-            )),
-    );
-    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, old) = serving(port, &[], "max_wait = \"2s\"\nkill_timeout = \"500ms\"");
     let mut ws = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     ws.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
         .expect("write");
@@ -771,9 +746,7 @@ fn idle_upstream_connections_to_the_old_generation_close_at_the_switch() {
 fn http_1_0_chunked_uploads_and_100_continue_pass_through() {
     use std::io::Write;
     let port = free_port();
-    let d = Daemon::start(&(header() + &proxy_program("web", port, &[], "")));
-    d.wait_state("web", 0, Running, T);
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (_d, _) = serving(port, &[], "");
     // HTTP/1.0: answered, then closed (raw_exchange reads to the close).
     let answer = raw_exchange(port, b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
@@ -882,17 +855,11 @@ fn sigterm_to_zdt_drains_proxied_requests_before_it_exits() {
     let port = free_port();
     // The worker ignores SIGTERM and is SIGKILLed 300 ms after it: only a
     // drain by the in-flight count lets the 1.5 s request finish.
-    let mut d = Daemon::start(
-        &(header()
-            + &proxy_program(
-                "web",
-                port,
-                &["--ignore-term"],
-                "queue_timeout = \"200ms\"\nmax_wait = \"10s\"\nkill_timeout = \"300ms\"",
-            )),
+    let (mut d, pid) = serving(
+        port,
+        &["--ignore-term"],
+        "queue_timeout = \"200ms\"\nmax_wait = \"10s\"\nkill_timeout = \"300ms\"",
     );
-    let pid = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
     let long = std::thread::spawn(move || http_get(port, "/?sleep=1500"));
     d.wait_inflight("web", 1, T);
     let t0 = Instant::now();
