@@ -19,6 +19,7 @@ mod addr;
 mod body;
 mod framing;
 mod pool;
+mod relay;
 mod splice;
 mod workers;
 
@@ -240,8 +241,10 @@ pub struct Upstream {
     pub stats: Arc<UpstreamStats>,
     /// `Host` for a request that came without one.
     authority: HeaderValue,
-    /// Idle connections, per proxy thread.
+    /// Idle connections for the hyper path, per proxy thread.
     pool: Arc<pool::Pool>,
+    /// Idle connections for the relay path, per proxy thread.
+    idle: relay::Idle,
 }
 
 impl Upstream {
@@ -250,6 +253,7 @@ impl Upstream {
         Arc::new(Self {
             authority: addr.host(),
             pool: pool::Pool::new(addr.clone()),
+            idle: relay::Idle::new(),
             addr,
             stats: Arc::new(UpstreamStats::new(program.clone())),
         })
@@ -416,8 +420,7 @@ where
     if tcp {
         tokio::spawn(serve_tcp(s, shared.clone()));
     } else {
-        let io = TokioIo::new(framing::Framing::new(s));
-        tokio::spawn(serve(io, peer, shared.clone()));
+        tokio::spawn(relay::serve(s, peer, shared.clone()));
     }
 }
 
@@ -598,6 +601,20 @@ fn unavailable(shared: &Shared) -> Response<ProxyBody> {
     h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
+}
+
+/// The 503 of a program without a ready instance, as bytes (relay path).
+fn unavailable_text(shared: &Shared) -> Vec<u8> {
+    shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
+    let body = format!(
+        "503 Service Unavailable: {} has no ready instance\n",
+        shared.program
+    );
+    relay::text(
+        "503 Service Unavailable",
+        &body,
+        "Retry-After: 1\r\nConnection: close\r\n",
+    )
 }
 
 /// The least loaded upstream not in `skip`, ties round-robin.

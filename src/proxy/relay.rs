@@ -1,0 +1,918 @@
+//! The proxy's HTTP/1.1 path for ordinary requests: one task per client
+//! connection reads a request head, writes it (rewritten) and the body to a
+//! pooled upstream connection, reads the response head and relays the
+//! response body by its framing. There is no second codec, no header map,
+//! no task per upstream connection and no channel between them: each byte
+//! is read once and written once, and the only copies are of heads.
+//!
+//! Anything else is handed to the hyper-based path at a request boundary,
+//! with the bytes read so far: HTTP/1.0, Upgrade, Expect, CONNECT, an
+//! absolute-form target, hop-by-hop headers other than `Connection:
+//! keep-alive/close`, and every head hyper refuses (400, 431). So the
+//! protection and the rare features stay where they are tested, and this
+//! path only has to be right for requests that are well formed.
+//!
+//! An idle client connection holds no buffer: it is freed while the
+//! connection waits for its next request.
+
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::time::Instant;
+
+use super::addr::Stream;
+use super::splice::SpliceIo;
+use super::{choose, framing, workers, InflightGuard, PrivateAddr, Shared, CONNECT_TIMEOUT};
+
+/// Read buffer of a client connection while a request is being read.
+const IN_BUF: usize = 8 * 1024;
+
+/// Read buffer for a response from an upstream.
+const OUT_BUF: usize = 16 * 1024;
+
+/// Most headers in a request or response head; more go to the hyper path
+/// (requests) or are a 502 (responses).
+const MAX_HEADERS: usize = 64;
+
+/// Longest response head accepted from a worker.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Idle upstream connections kept per proxy thread; more are closed.
+const MAX_IDLE: usize = 512;
+
+/// Idle connections to one upstream, one list per proxy thread. Dropping it
+/// (with its upstream, at the switch) closes them.
+#[derive(Debug)]
+pub(crate) struct Idle {
+    lists: Vec<Mutex<Vec<Stream>>>,
+}
+
+impl Idle {
+    pub(crate) fn new() -> Self {
+        Self {
+            lists: (0..workers::count()).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn mine(&self) -> &Mutex<Vec<Stream>> {
+        &self.lists[workers::current() % self.lists.len()]
+    }
+
+    /// The most recently used idle connection the worker has not closed.
+    fn take(&self) -> Option<Stream> {
+        loop {
+            let s = self.mine().lock().ok()?.pop()?;
+            // An idle connection has nothing to read: readable means closed
+            // (or a protocol error). No syscall unless the reactor saw an event.
+            let mut probe = [0u8; 1];
+            match s.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(s),
+                _ => continue,
+            }
+        }
+    }
+
+    fn put(&self, s: Stream) {
+        if let Ok(mut l) = self.mine().lock() {
+            if l.len() < MAX_IDLE {
+                l.push(s);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp(_) => "Stream::Tcp",
+            Self::Unix(_) => "Stream::Unix",
+        })
+    }
+}
+
+/// How a message body is framed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    /// No body.
+    Empty,
+    /// This many bytes.
+    Length(u64),
+    /// Chunked, followed to its last chunk and trailers.
+    Chunked(Chunks),
+    /// Until the upstream closes the connection (responses only).
+    Close,
+}
+
+/// Follows a chunked body byte by byte (chunk data in bulk) to find its end.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Chunks {
+    /// In a chunk-size line: the size so far and how many digits.
+    Size(u64, u8),
+    /// In a chunk extension, until the line ends.
+    Ext(u64),
+    /// After the `\r` of a size line.
+    SizeLf(u64),
+    /// In chunk data: bytes left.
+    Data(u64),
+    /// After chunk data: its `\r`, then its `\n`.
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line or of the final empty line.
+    LineStart,
+    /// In a trailer line.
+    Trailer,
+    /// After a trailer line's `\r`.
+    TrailerLf,
+    /// After the final empty line's `\r`.
+    EndLf,
+    /// The body has ended.
+    Done,
+}
+
+impl Chunks {
+    const START: Self = Self::Size(0, 0);
+
+    /// Follows `buf`; returns how many of its bytes belong to the body (all of
+    /// them unless it ends inside `buf`), or `None` if the framing is broken.
+    fn advance(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            *self = match *self {
+                Self::Done => return Some(i),
+                Self::Data(n) => {
+                    let take = n.min((buf.len() - i) as u64);
+                    // `take` is at most buf.len() - i, so it fits in usize.
+                    i += take as usize;
+                    *self = if take == n {
+                        Self::DataCr
+                    } else {
+                        Self::Data(n - take)
+                    };
+                    continue;
+                }
+                Self::Size(size, digits) => match (b as char).to_digit(16) {
+                    Some(d) if digits < 15 => Self::Size(size << 4 | u64::from(d), digits + 1),
+                    Some(_) => return None,
+                    None if digits == 0 => return None,
+                    None => match b {
+                        b'\r' => Self::SizeLf(size),
+                        b';' | b' ' | b'\t' => Self::Ext(size),
+                        _ => return None,
+                    },
+                },
+                Self::Ext(size) => match b {
+                    b'\r' => Self::SizeLf(size),
+                    b'\n' => return None,
+                    _ => Self::Ext(size),
+                },
+                Self::SizeLf(0) if b == b'\n' => Self::LineStart,
+                Self::SizeLf(size) if b == b'\n' => Self::Data(size),
+                Self::DataCr if b == b'\r' => Self::DataLf,
+                Self::DataLf if b == b'\n' => Self::START,
+                Self::LineStart if b == b'\r' => Self::EndLf,
+                Self::LineStart | Self::Trailer if b == b'\n' => return None,
+                Self::LineStart | Self::Trailer if b == b'\r' => Self::TrailerLf,
+                Self::LineStart | Self::Trailer => Self::Trailer,
+                Self::TrailerLf if b == b'\n' => Self::LineStart,
+                Self::EndLf if b == b'\n' => Self::Done,
+                _ => return None,
+            };
+            i += 1;
+        }
+        Some(i)
+    }
+}
+
+impl Framing {
+    /// Follows `buf`: how many of its bytes belong to the body, and whether
+    /// the body ends there. `None` if the framing is broken.
+    fn take(&mut self, buf: &[u8]) -> Option<(usize, bool)> {
+        match self {
+            Self::Empty => Some((0, true)),
+            Self::Length(n) => {
+                let k = (*n).min(buf.len() as u64);
+                *n -= k;
+                // `k` is at most buf.len().
+                Some((k as usize, *n == 0))
+            }
+            Self::Chunked(c) => {
+                let k = c.advance(buf)?;
+                Some((k, *c == Chunks::Done))
+            }
+            Self::Close => Some((buf.len(), false)),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(
+            self,
+            Self::Empty | Self::Length(0) | Self::Chunked(Chunks::Done)
+        )
+    }
+}
+
+/// Header names zdt treats specially, by their length first.
+#[derive(Clone, Copy, PartialEq)]
+enum Name {
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    XForwardedFor,
+    XRealIp,
+    XForwardedProto,
+    /// Hop-by-hop headers other than Connection, and Expect.
+    HopByHop,
+    Other,
+}
+
+fn name_of(n: &str) -> Name {
+    let is = |s: &str| n.eq_ignore_ascii_case(s);
+    match n.len() {
+        2 if is("te") => Name::HopByHop,
+        4 if is("host") => Name::Host,
+        6 if is("expect") => Name::HopByHop,
+        7 if is("upgrade") || is("trailer") => Name::HopByHop,
+        9 if is("x-real-ip") => Name::XRealIp,
+        10 if is("connection") => Name::Connection,
+        10 if is("keep-alive") => Name::HopByHop,
+        14 if is("content-length") => Name::ContentLength,
+        15 if is("x-forwarded-for") => Name::XForwardedFor,
+        16 if is("proxy-connection") => Name::HopByHop,
+        17 if is("transfer-encoding") => Name::TransferEncoding,
+        17 if is("x-forwarded-proto") => Name::XForwardedProto,
+        18 if is("proxy-authenticate") => Name::HopByHop,
+        19 if is("proxy-authorization") => Name::HopByHop,
+        _ => Name::Other,
+    }
+}
+
+/// A Content-Length value: digits only.
+fn length_of(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Whether a Transfer-Encoding value ends in `chunked`.
+fn ends_chunked(v: &[u8]) -> bool {
+    v.rsplit(|b| *b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A request head this path forwards.
+struct Request {
+    /// Bytes of the head in the client's buffer.
+    len: usize,
+    body: Framing,
+    /// HEAD: the response has no body whatever its headers say.
+    head: bool,
+    /// The client asked to close after this request.
+    close: bool,
+    /// The client sent a Host.
+    host: bool,
+    /// Where the target sits in the rewritten head.
+    target: (usize, usize),
+}
+
+enum Parsed {
+    Request(Request),
+    /// The head is not complete yet.
+    Partial,
+    /// Not for this path: the hyper path answers it.
+    Elsewhere,
+}
+
+/// Parses a request head in `buf` and writes its upstream form into `out`,
+/// without the blank line that ends it (Host may still be added).
+fn parse_request(
+    buf: &[u8],
+    out: &mut Vec<u8>,
+    peer: Option<&[u8]>,
+    forward: bool,
+    max_header: usize,
+) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_header => n,
+        Ok(httparse::Status::Partial) if buf.len() <= max_header => return Parsed::Partial,
+        _ => return Parsed::Elsewhere,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Elsewhere;
+    };
+    if method == "CONNECT" || !target.starts_with('/') {
+        return Parsed::Elsewhere;
+    }
+    out.clear();
+    out.reserve(len + 128);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    let t0 = out.len();
+    out.extend_from_slice(target.as_bytes());
+    let target = (t0, out.len());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let (mut length, mut chunked, mut close, mut host) = (None, false, false, false);
+    let mut xff: Option<&[u8]> = None;
+    for h in req.headers.iter() {
+        let value = h.value.trim_ascii();
+        match name_of(h.name) {
+            Name::Other => {}
+            Name::Host => host = true,
+            Name::ContentLength => match length_of(value) {
+                Some(n) if length.is_none_or(|l| l == n) => {
+                    length = Some(n);
+                    continue;
+                }
+                _ => return Parsed::Elsewhere,
+            },
+            Name::TransferEncoding if !chunked && value.eq_ignore_ascii_case(b"chunked") => {
+                chunked = true;
+                continue;
+            }
+            Name::Connection => {
+                for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        return Parsed::Elsewhere;
+                    }
+                }
+                continue;
+            }
+            Name::XForwardedFor if forward && peer.is_some() => {
+                xff = xff.or(Some(value));
+                continue;
+            }
+            Name::XRealIp if forward && peer.is_some() => continue,
+            Name::XForwardedProto if forward => continue,
+            Name::XForwardedFor | Name::XRealIp | Name::XForwardedProto => {}
+            Name::TransferEncoding | Name::HopByHop => return Parsed::Elsewhere,
+        }
+        push_header(out, h.name.as_bytes(), h.value);
+    }
+    let body = match (chunked, length) {
+        (true, Some(_)) => return Parsed::Elsewhere,
+        (true, None) => Framing::Chunked(Chunks::START),
+        (false, Some(n)) if n > 0 => {
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+            Framing::Length(n)
+        }
+        (false, _) => Framing::Empty,
+    };
+    if chunked {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    if forward {
+        if let Some(ip) = peer {
+            out.extend_from_slice(b"X-Forwarded-For: ");
+            if let Some(prev) = xff {
+                out.extend_from_slice(prev);
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(ip);
+            out.extend_from_slice(b"\r\n");
+            push_header(out, b"X-Real-IP", ip);
+        }
+        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    }
+    Parsed::Request(Request {
+        len,
+        body,
+        head: method == "HEAD",
+        close,
+        host,
+        target,
+    })
+}
+
+/// A response head from a worker.
+struct Response {
+    /// Bytes of the head in the upstream buffer.
+    len: usize,
+    body: Framing,
+    /// The upstream connection may serve another request after this one.
+    reusable: bool,
+}
+
+enum ParsedResponse {
+    Response(Response),
+    /// An interim (1xx) response of this many bytes: skipped.
+    Interim(usize),
+    Partial,
+    Bad(&'static str),
+}
+
+/// Parses a response head in `buf` and writes the client's form of it into
+/// `out`, with the blank line.
+fn parse_response(buf: &[u8], out: &mut Vec<u8>, head: bool, close: bool) -> ParsedResponse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {
+            return ParsedResponse::Partial
+        }
+        Ok(httparse::Status::Partial) => return ParsedResponse::Bad("response head too large"),
+        Err(_) => return ParsedResponse::Bad("malformed response head"),
+    };
+    let (Some(version), Some(code)) = (resp.version, resp.code) else {
+        return ParsedResponse::Bad("malformed response head");
+    };
+    match code {
+        101 => return ParsedResponse::Bad("101 to a request without Upgrade"),
+        100..=199 => return ParsedResponse::Interim(len),
+        _ => {}
+    }
+    // First the headers that decide how the rest is treated.
+    let (mut length, mut te, mut upstream_close) = (None, None::<&[u8]>, version == 0);
+    let mut named = false;
+    for h in resp.headers.iter() {
+        let value = h.value.trim_ascii();
+        match name_of(h.name) {
+            Name::ContentLength => match length_of(value) {
+                Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                _ => return ParsedResponse::Bad("bad Content-Length"),
+            },
+            Name::TransferEncoding if te.is_none() => te = Some(value),
+            Name::TransferEncoding => return ParsedResponse::Bad("Transfer-Encoding twice"),
+            Name::Connection => {
+                for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        upstream_close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        named = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let body = if head || code == 204 || code == 304 {
+        Framing::Empty
+    } else {
+        match (te, length) {
+            (Some(v), _) if ends_chunked(v) => Framing::Chunked(Chunks::START),
+            (Some(_), _) | (None, None) => Framing::Close,
+            (None, Some(n)) => Framing::Length(n),
+        }
+    };
+    out.clear();
+    out.reserve(len + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(code.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let connection_names: Vec<&[u8]> = if named {
+        resp.headers
+            .iter()
+            .filter(|h| name_of(h.name) == Name::Connection)
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for h in resp.headers.iter() {
+        match name_of(h.name) {
+            Name::Connection | Name::HopByHop | Name::TransferEncoding => continue,
+            // A length beside a transfer coding is not the message's length.
+            Name::ContentLength if te.is_some() => continue,
+            _ if named
+                && connection_names
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(h.name.as_bytes())) =>
+            {
+                continue
+            }
+            _ => push_header(out, h.name.as_bytes(), h.value),
+        }
+    }
+    match (te, body) {
+        (Some(v), Framing::Chunked(_)) => push_header(out, b"Transfer-Encoding", v),
+        // Re-framed as chunked, so the client connection outlives the
+        // response (and a client that closes still gets a framed body).
+        (Some(v), Framing::Close) => {
+            out.extend_from_slice(b"Transfer-Encoding: ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", chunked\r\n");
+        }
+        (None, Framing::Close) => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+        }
+        _ => {}
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    ParsedResponse::Response(Response {
+        len,
+        body,
+        reusable: !upstream_close && body != Framing::Close,
+    })
+}
+
+/// A plain-text answer of zdt's own; `headers` are added as they are.
+pub(super) fn text(status: &str, body: &str, headers: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const CLOSE: &str = "Connection: close\r\n";
+
+/// What the client connection does after a request.
+enum Outcome {
+    /// It may carry another request.
+    KeepAlive,
+    /// It is closed.
+    Close,
+}
+
+/// A client connection on this path.
+struct Client<S> {
+    io: S,
+    /// Bytes read and not yet used: the next head, or body bytes.
+    buf: BytesMut,
+    /// The client's address as text, for X-Forwarded-For.
+    peer: Option<Box<[u8]>>,
+    shared: Arc<Shared>,
+}
+
+/// Serves a client connection: ordinary requests here, the rest handed to
+/// the hyper path with the bytes already read.
+pub(super) async fn serve<S>(io: S, peer: Option<IpAddr>, shared: Arc<Shared>)
+where
+    S: SpliceIo + AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let mut c = Client {
+        io,
+        buf: BytesMut::new(),
+        peer: peer.map(|ip| ip.to_string().into_bytes().into_boxed_slice()),
+        shared,
+    };
+    let timeout = c.shared.options.header_timeout;
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
+    loop {
+        // The header timeout runs from connect or from the previous response.
+        sleep.as_mut().reset(Instant::now() + timeout);
+        let mut out = Vec::new();
+        let req = loop {
+            if c.buf.is_empty() {
+                // Idle: no buffer is held while the client thinks.
+                c.buf = BytesMut::new();
+                tokio::select! {
+                    biased;
+                    r = c.io.ready(Interest::READABLE) => if r.is_err() { return },
+                    () = &mut sleep => return,
+                }
+            } else {
+                // What is here first: a pipelined request may be whole.
+                let options = &c.shared.options;
+                match parse_request(
+                    &c.buf,
+                    &mut out,
+                    c.peer.as_deref(),
+                    options.forward_headers,
+                    options.max_header_bytes,
+                ) {
+                    Parsed::Request(r) => break r,
+                    Parsed::Partial => {}
+                    Parsed::Elsewhere => return Box::pin(elsewhere(c, peer)).await,
+                }
+            }
+            c.buf.reserve(IN_BUF);
+            tokio::select! {
+                biased;
+                r = c.io.read_buf(&mut c.buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                () = &mut sleep => return,
+            }
+        };
+        if let Outcome::Close = forward(&mut c, req, out).await {
+            let _ = c.io.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Hands the connection to the hyper path, the bytes read so far first.
+async fn elsewhere<S>(c: Client<S>, peer: Option<IpAddr>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+{
+    let io = Prefixed {
+        head: c.buf,
+        inner: c.io,
+    };
+    super::serve(TokioIo::new(framing::Framing::new(io)), peer, c.shared).await;
+}
+
+/// Writes an answer of zdt's own.
+async fn answer<S: AsyncWrite + Unpin>(c: &mut Client<S>, bytes: &[u8], close: bool) -> Outcome {
+    match c.io.write_all(bytes).await {
+        Ok(()) if !close => Outcome::KeepAlive,
+        _ => Outcome::Close,
+    }
+}
+
+/// Forwards one request (its head rewritten in `out`) and relays its response.
+async fn forward<S>(c: &mut Client<S>, req: Request, mut out: Vec<u8>) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let shared = c.shared.clone();
+    if shared.draining.load(Ordering::SeqCst) {
+        return answer(c, &super::unavailable_text(&shared), true).await;
+    }
+    c.buf.advance(req.len);
+    let mut body = req.body;
+    // Body bytes already read go out with the head.
+    let Some((pre, mut body_done)) = body.take(&c.buf) else {
+        let bad = text(
+            "400 Bad Request",
+            "400 Bad Request: bad chunked framing\n",
+            CLOSE,
+        );
+        return answer(c, &bad, true).await;
+    };
+    let mark = out.len();
+    let mut tried: Vec<PrivateAddr> = Vec::new();
+    let (up, mut guard, mut upstream) = loop {
+        let Some(up) = choose(&shared, &tried).await else {
+            let resp = if tried.is_empty() {
+                super::unavailable_text(&shared)
+            } else {
+                let why = "502 Bad Gateway: no instance could be reached\n";
+                text("502 Bad Gateway", why, CLOSE)
+            };
+            return answer(c, &resp, true).await;
+        };
+        let guard = InflightGuard::new(up.stats.clone());
+        out.truncate(mark);
+        if !req.host {
+            push_header(&mut out, b"Host", up.authority.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&c.buf[..pre]);
+        // An idle connection the worker closed meanwhile fails at once, and
+        // the next one is tried. A new connection that cannot be made or
+        // written means the instance cannot be reached: nothing reached the
+        // app, so another instance is tried.
+        let mut sent = None;
+        while let Some(mut s) = up.idle.take() {
+            if s.write_all(&out).await.is_ok() {
+                sent = Some(s);
+                break;
+            }
+        }
+        if sent.is_none() {
+            let connected = Box::pin(up.addr.connect_within(CONNECT_TIMEOUT)).await;
+            let written = match connected {
+                Ok(mut s) => s.write_all(&out).await.map(|()| s),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(s) => sent = Some(s),
+                Err(e) => {
+                    tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
+                }
+            }
+        }
+        match sent {
+            Some(s) => break (up, guard, s),
+            None => {
+                guard.discard();
+                tried.push(up.addr.clone());
+            }
+        }
+    };
+    c.buf.advance(pre);
+    let target = req.target;
+    let path = move |out: &[u8]| String::from_utf8_lossy(&out[target.0..target.1]).into_owned();
+    // The rest of the request body.
+    let mut body_broken = false;
+    while !body_done {
+        c.buf.clear();
+        c.buf.reserve(IN_BUF);
+        if !matches!(c.io.read_buf(&mut c.buf).await, Ok(n) if n > 0) {
+            tracing::debug!(program = %shared.program, path = %path(&out), "client closed during the request body");
+            guard.fail();
+            return Outcome::Close;
+        }
+        let Some((k, done)) = body.take(&c.buf) else {
+            guard.fail();
+            let bad = text(
+                "400 Bad Request",
+                "400 Bad Request: bad chunked framing\n",
+                CLOSE,
+            );
+            return answer(c, &bad, true).await;
+        };
+        body_done = done;
+        if upstream.write_all(&c.buf[..k]).await.is_err() {
+            // The worker may have answered early (and closed): read that.
+            body_broken = true;
+            break;
+        }
+        c.buf.advance(k);
+    }
+    // The response head.
+    let close = req.close || !body_done;
+    let mut rbuf = BytesMut::with_capacity(OUT_BUF);
+    let mut head = Vec::new();
+    let resp = match read_response(&mut upstream, &mut rbuf, &mut head, req.head, close).await {
+        Ok(r) => r,
+        Err(cause) => {
+            guard.fail();
+            if guard.is_cut() {
+                tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), "request cut: the instance was stopped at max_wait; answered 502");
+            } else {
+                tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), %cause, "upstream failed; answered 502");
+            }
+            drop(guard);
+            let why = "502 Bad Gateway: the application failed to answer\n";
+            let headers = if close { CLOSE } else { "" };
+            return answer(c, &text("502 Bad Gateway", why, headers), close).await;
+        }
+    };
+    rbuf.advance(resp.len);
+    // The response body: the head and what is at hand go out in one write.
+    let mut framing = resp.body;
+    let rechunk = framing == Framing::Close;
+    let mut ended = framing.is_done();
+    let mut pending = head;
+    loop {
+        let Some((k, done)) = framing.take(&rbuf) else {
+            tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), "response body broke off: bad chunked framing");
+            guard.fail();
+            return Outcome::Close;
+        };
+        ended |= done;
+        let data = &rbuf[..k];
+        // Small pieces join the head (or each other) in one write; bulk
+        // data is written from the read buffer.
+        let written = if rechunk {
+            if k > 0 {
+                pending.extend_from_slice(format!("{k:x}\r\n").as_bytes());
+                pending.extend_from_slice(data);
+                pending.extend_from_slice(b"\r\n");
+            }
+            if ended {
+                pending.extend_from_slice(b"0\r\n\r\n");
+            }
+            c.io.write_all(&pending).await
+        } else if pending.len() + k <= OUT_BUF {
+            pending.extend_from_slice(data);
+            c.io.write_all(&pending).await
+        } else {
+            match c.io.write_all(&pending).await {
+                Ok(()) => c.io.write_all(data).await,
+                e => e,
+            }
+        };
+        if written.is_err() {
+            // The client went away; the worker's answer counts as served.
+            return Outcome::Close;
+        }
+        pending.clear();
+        rbuf.advance(k);
+        if ended {
+            break;
+        }
+        rbuf.clear();
+        rbuf.reserve(OUT_BUF);
+        match upstream.read_buf(&mut rbuf).await {
+            Ok(n) if n > 0 => {}
+            // A body framed by the connection's end has ended.
+            Ok(_) if framing == Framing::Close => ended = true,
+            r => {
+                let cause = r.err().map(|e| e.to_string());
+                let cut = guard.is_cut();
+                tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), ?cause, cut, "response body broke off");
+                guard.fail();
+                return Outcome::Close;
+            }
+        }
+    }
+    // Extra bytes after the response: the worker broke the framing.
+    if resp.reusable && rbuf.is_empty() && body_done && !body_broken {
+        up.idle.put(upstream);
+    }
+    drop(guard);
+    if close {
+        Outcome::Close
+    } else {
+        Outcome::KeepAlive
+    }
+}
+
+/// Reads a response head into `rbuf`, skipping interim responses, and
+/// writes its client form into `head`.
+async fn read_response(
+    upstream: &mut Stream,
+    rbuf: &mut BytesMut,
+    head: &mut Vec<u8>,
+    head_request: bool,
+    close: bool,
+) -> Result<Response, String> {
+    loop {
+        match upstream.read_buf(rbuf).await {
+            Ok(0) => return Err("connection closed before the response".into()),
+            Err(e) => return Err(e.to_string()),
+            Ok(_) => {}
+        }
+        loop {
+            match parse_response(rbuf, head, head_request, close) {
+                ParsedResponse::Response(r) => return Ok(r),
+                ParsedResponse::Interim(n) => rbuf.advance(n),
+                ParsedResponse::Partial => break,
+                ParsedResponse::Bad(why) => return Err(why.into()),
+            }
+            if rbuf.is_empty() {
+                break;
+            }
+        }
+        rbuf.reserve(OUT_BUF);
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Prefixed<S> {
+    head: BytesMut,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.head.is_empty() {
+            let n = this.head.len().min(buf.remaining());
+            buf.put_slice(&this.head[..n]);
+            this.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
