@@ -198,7 +198,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         log_dir: resolve(s.log_dir.as_deref().unwrap_or("logs")),
         pidfile: s.pidfile.as_deref().map(resolve),
         proxy_threads: match s.proxy_threads {
-            None => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get().min(64)),
             Some(n) => match usize::try_from(*n.get_ref()) {
                 Ok(v @ 1..=64) => v,
                 _ => {

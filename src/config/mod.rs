@@ -86,7 +86,7 @@ pub struct SupervisorConfig {
     pub log_dir: PathBuf,
     /// Write zdt's pid here, if set.
     pub pidfile: Option<PathBuf>,
-    /// Threads of the proxy (proxy mode). Default: half the CPUs, at least 1.
+    /// Threads of the proxy (proxy mode). Default: one per CPU (at most 64).
     pub proxy_threads: usize,
 }
 

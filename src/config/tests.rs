@@ -402,10 +402,10 @@ fn a_mode_written_as_a_decimal_integer_is_refused() {
 }
 
 #[test]
-fn proxy_threads_default_to_half_the_cpus_and_are_bounded() {
+fn proxy_threads_default_to_the_cpus_and_are_bounded() {
     let c = parse("[program.web]\ncommand = [\"x\"]\n", Path::new(FILE)).expect("valid");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert_eq!(c.supervisor.proxy_threads, cpus.div_ceil(2));
+    assert_eq!(c.supervisor.proxy_threads, cpus.min(64));
     let c = parse("[supervisor]\nproxy_threads = 3\n", Path::new(FILE)).expect("valid");
     assert_eq!(c.supervisor.proxy_threads, 3);
     assert_bad("[supervisor]\nproxy_threads = 0\n", 2, 17, "use 1 to 64");

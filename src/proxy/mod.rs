@@ -406,21 +406,76 @@ impl Listener {
     }
 }
 
-/// Serves an accepted client connection on this proxy thread.
-fn dispatch<S>(s: S, peer: Option<std::net::IpAddr>, tcp: bool, shared: &Arc<Shared>)
-where
-    S: splice::SpliceIo
-        + tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + Unpin
-        + Send
-        + Sync
-        + 'static,
+/// A client connection that can move from the proxy thread that accepted it
+/// to another one (deregistered from one reactor, registered with the other).
+trait ClientIo:
+    splice::SpliceIo
+    + tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + Unpin
+    + Send
+    + Sync
+    + Sized
+    + 'static
 {
+    type Std: Send + 'static;
+    fn into_std(self) -> std::io::Result<Self::Std>;
+    fn from_std(s: Self::Std) -> std::io::Result<Self>;
+}
+
+impl ClientIo for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
+    }
+}
+
+impl ClientIo for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
+    }
+}
+
+/// Serves an accepted client connection on this proxy thread, or on a less
+/// loaded one.
+fn dispatch<S: ClientIo>(s: S, peer: Option<std::net::IpAddr>, tcp: bool, shared: &Arc<Shared>) {
+    let here = workers::current();
+    let there = workers::for_new_connection();
+    let shared = shared.clone();
+    if there == here {
+        tokio::spawn(serve_client(s, peer, tcp, shared, workers::Open::on(here)));
+        return;
+    }
+    let (Some(rt), Ok(std)) = (workers::handles().get(there), s.into_std()) else {
+        return;
+    };
+    let open = workers::Open::on(there);
+    rt.spawn(async move {
+        match S::from_std(std) {
+            Ok(s) => serve_client(s, peer, tcp, shared, open).await,
+            Err(e) => tracing::warn!(cause = %e, "cannot move a client connection"),
+        }
+    });
+}
+
+async fn serve_client<S: ClientIo>(
+    s: S,
+    peer: Option<std::net::IpAddr>,
+    tcp: bool,
+    shared: Arc<Shared>,
+    _open: workers::Open,
+) {
     if tcp {
-        tokio::spawn(serve_tcp(s, shared.clone()));
+        serve_tcp(s, shared).await;
     } else {
-        tokio::spawn(relay::serve(s, peer, shared.clone()));
+        relay::serve(s, peer, shared).await;
     }
 }
 
