@@ -893,3 +893,217 @@ fn several_proxy_threads_keep_restarts_at_zero_failures() {
     assert_eq!(threads, 3, "proxy threads running");
     restart_under_load(&d, "web", port, 5);
 }
+
+/// zdt proxying `tests/util/raw_worker.py` as "raw" on `port`, answering.
+fn serving_raw_worker(port: u16) -> Daemon {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/util/raw_worker.py");
+    let d = Daemon::start(&format!(
+        "{}[program.raw]\ncommand = [\"python3\", {:?}]\nmode = \"proxy\"\n\
+         listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ tcp = true }}\n",
+        header(),
+        script.display().to_string()
+    ));
+    d.wait_state("raw", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/echo"));
+    d
+}
+
+/// One response read off a client connection: status line, headers (names
+/// lowercased), body (chunked decoded) and trailers.
+struct Answer {
+    status: String,
+    headers: Vec<(String, String)>,
+    body: String,
+    trailers: Vec<String>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_answer(r: &mut std::io::BufReader<std::net::TcpStream>, head: bool) -> Answer {
+    use std::io::{BufRead, Read};
+    let line = |r: &mut std::io::BufReader<std::net::TcpStream>| {
+        let mut l = String::new();
+        r.read_line(&mut l).expect("read a line");
+        assert!(!l.is_empty(), "connection closed");
+        l.trim_end().to_string()
+    };
+    let status = line(r);
+    let mut headers = Vec::new();
+    loop {
+        let h = line(r);
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':').expect("a header line");
+        headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut a = Answer {
+        status,
+        headers,
+        body: String::new(),
+        trailers: Vec::new(),
+    };
+    if head {
+        return a;
+    }
+    if a.header("transfer-encoding")
+        .is_some_and(|v| v.ends_with("chunked"))
+    {
+        loop {
+            let size = usize::from_str_radix(&line(r), 16).expect("chunk size");
+            if size == 0 {
+                loop {
+                    let t = line(r);
+                    if t.is_empty() {
+                        break;
+                    }
+                    a.trailers.push(t);
+                }
+                break;
+            }
+            let mut data = vec![0; size + 2];
+            r.read_exact(&mut data).expect("chunk");
+            a.body.push_str(&String::from_utf8_lossy(&data[..size]));
+        }
+    } else {
+        let n: usize = a
+            .header("content-length")
+            .expect("a length")
+            .parse()
+            .expect("length");
+        let mut data = vec![0; n];
+        r.read_exact(&mut data).expect("body");
+        a.body = String::from_utf8_lossy(&data).to_string();
+    }
+    a
+}
+
+#[test]
+fn the_relay_rewrites_heads_frames_every_body_and_keeps_the_client_connection() {
+    use std::io::Write;
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    let served = d.requests("raw").served;
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = std::io::BufReader::new(s);
+    let mut ask = |req: &str, head: bool| {
+        w.write_all(req.as_bytes()).expect("write");
+        read_answer(&mut r, head)
+    };
+
+    // Forwarded headers: the client's chain extended, its own X-Real-IP
+    // replaced; hop-by-hop headers not forwarded.
+    let a = ask("GET /echo HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\nX-Real-IP: spoofed\r\nConnection: keep-alive\r\n\r\n", false);
+    assert!(a.status.starts_with("HTTP/1.1 200"), "{}", a.status);
+    for line in [
+        "Host: a\n",
+        "X-Forwarded-For: 10.0.0.1, 127.0.0.1\n",
+        "X-Real-IP: 127.0.0.1\n",
+        "X-Forwarded-Proto: http\n",
+    ] {
+        assert!(a.body.contains(line), "{line:?} not in {:?}", a.body);
+    }
+    assert!(
+        !a.body.contains("spoofed") && !a.body.contains("Connection"),
+        "{:?}",
+        a.body
+    );
+    // Bodies, by length (zero too) and chunked with a trailer.
+    let a = ask(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        false,
+    );
+    assert!(
+        a.body.ends_with("body=hello") && a.body.contains("Content-Length: 5"),
+        "{:?}",
+        a.body
+    );
+    let a = ask(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+        false,
+    );
+    assert!(
+        a.body.contains("Content-Length: 0") && a.body.ends_with("body="),
+        "{:?}",
+        a.body
+    );
+    let a = ask("POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Up: 1\r\n\r\n", false);
+    assert!(a.body.ends_with("body=hello world"), "{:?}", a.body);
+    // A body ended by the worker closing its connection reaches the client
+    // chunked, and the client's connection stays open.
+    let a = ask("GET /eof HTTP/1.1\r\nHost: a\r\n\r\n", false);
+    assert_eq!(
+        a.header("transfer-encoding"),
+        Some("chunked"),
+        "{:?}",
+        a.headers
+    );
+    assert_eq!(a.body, "close-delimited");
+    assert_eq!(a.header("connection"), None, "{:?}", a.headers);
+    // A chunked body and its trailer pass through.
+    let a = ask("GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n", false);
+    assert_eq!(
+        (a.body.as_str(), a.trailers.clone()),
+        ("hello world", vec!["X-T: 1".to_string()])
+    );
+    // Hop-by-hop response headers, and those Connection names, stay behind.
+    let a = ask("GET /hop HTTP/1.1\r\nHost: a\r\n\r\n", false);
+    assert_eq!(a.header("x-kept"), Some("1"), "{:?}", a.headers);
+    for gone in ["x-secret", "keep-alive", "connection"] {
+        assert_eq!(a.header(gone), None, "{gone} in {:?}", a.headers);
+    }
+    // An interim response is dropped; the final one follows.
+    let a = ask("GET /early HTTP/1.1\r\nHost: a\r\n\r\n", false);
+    assert!(
+        a.status.starts_with("HTTP/1.1 200") && a.body == "later",
+        "{} {:?}",
+        a.status,
+        a.body
+    );
+    // HEAD: a length but no body; the connection goes on.
+    let a = ask("HEAD /echo HTTP/1.1\r\nHost: a\r\n\r\n", true);
+    assert!(a.status.starts_with("HTTP/1.1 200") && a.header("content-length").is_some());
+    // Two requests in one write: two answers, in order.
+    let a = ask(
+        "GET /echo?1 HTTP/1.1\r\nHost: one\r\n\r\nGET /echo?2 HTTP/1.1\r\nHost: two\r\n\r\n",
+        false,
+    );
+    assert!(a.body.contains("Host: one"), "{:?}", a.body);
+    let b = read_answer(&mut r, false);
+    assert!(b.body.contains("Host: two"), "{:?}", b.body);
+    assert_eq!(d.requests("raw").served, served + 11);
+}
+
+#[test]
+fn a_worker_closing_keep_alive_connections_unannounced_fails_no_request() {
+    use std::io::Write;
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    // Every connection zdt reuses was closed by the worker after its last
+    // answer, without Connection: close.
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let mut r = std::io::BufReader::new(s);
+    for i in 0..200 {
+        w.write_all(format!("GET /silent HTTP/1.1\r\nHost: a\r\nX-N: {i}\r\n\r\n").as_bytes())
+            .expect("write");
+        let a = read_answer(&mut r, false);
+        assert!(
+            a.status.starts_with("HTTP/1.1 200") && a.body == "silent",
+            "request {i}: {} {:?}",
+            a.status,
+            a.body
+        );
+    }
+    assert_eq!(d.requests("raw").failed, 0);
+}

@@ -284,6 +284,9 @@ struct Request {
     body: Framing,
     /// HEAD: the response has no body whatever its headers say.
     head: bool,
+    /// GET, HEAD or OPTIONS without a body: safe to send again when a reused
+    /// upstream connection turns out to have been closed under it.
+    resendable: bool,
     /// The client asked to close after this request.
     close: bool,
     /// The client sent a Host.
@@ -372,13 +375,17 @@ fn parse_request(
     let body = match (chunked, length) {
         (true, Some(_)) => return Parsed::Elsewhere,
         (true, None) => Framing::Chunked(Chunks::START),
-        (false, Some(n)) if n > 0 => {
+        (false, Some(n)) => {
             out.extend_from_slice(b"Content-Length: ");
             out.extend_from_slice(n.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
-            Framing::Length(n)
+            if n > 0 {
+                Framing::Length(n)
+            } else {
+                Framing::Empty
+            }
         }
-        (false, _) => Framing::Empty,
+        (false, None) => Framing::Empty,
     };
     if chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
@@ -398,6 +405,7 @@ fn parse_request(
     }
     Parsed::Request(Request {
         len,
+        resendable: body == Framing::Empty && matches!(method, "GET" | "HEAD" | "OPTIONS"),
         body,
         head: method == "HEAD",
         close,
@@ -551,6 +559,10 @@ enum Outcome {
     KeepAlive,
     /// It is closed.
     Close,
+    /// It is closed, with bytes of the request maybe still unread: they are
+    /// read and dropped for a moment first, so that closing does not reset
+    /// the connection before the client has read the answer.
+    CloseUnread,
 }
 
 /// A client connection on this path.
@@ -616,11 +628,34 @@ where
                 () = &mut sleep => return,
             }
         };
-        if let Outcome::Close = forward(&mut c, req, out).await {
-            let _ = c.io.shutdown().await;
-            return;
+        match forward(&mut c, req, out).await {
+            Outcome::KeepAlive => {}
+            Outcome::Close => {
+                let _ = c.io.shutdown().await;
+                return;
+            }
+            Outcome::CloseUnread => {
+                let _ = c.io.shutdown().await;
+                return Box::pin(linger(c.io)).await;
+            }
         }
     }
+}
+
+/// Reads and drops what the client still sends, for up to a second or
+/// 1 MiB, until it closes (nginx's lingering close).
+async fn linger<S: AsyncRead + Unpin>(mut io: S) {
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut left = 1usize << 20;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n),
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// Hands the connection to the hyper path, the bytes read so far first.
@@ -635,11 +670,12 @@ where
     super::serve(TokioIo::new(framing::Framing::new(io)), peer, c.shared).await;
 }
 
-/// Writes an answer of zdt's own.
+/// Writes an answer of zdt's own; `close` if the connection ends after it.
 async fn answer<S: AsyncWrite + Unpin>(c: &mut Client<S>, bytes: &[u8], close: bool) -> Outcome {
     match c.io.write_all(bytes).await {
         Ok(()) if !close => Outcome::KeepAlive,
-        _ => Outcome::Close,
+        Ok(()) => Outcome::CloseUnread,
+        Err(_) => Outcome::Close,
     }
 }
 
@@ -665,6 +701,7 @@ where
     };
     let mark = out.len();
     let mut tried: Vec<PrivateAddr> = Vec::new();
+    let mut reused = false;
     let (up, mut guard, mut upstream) = loop {
         let Some(up) = choose(&shared, &tried).await else {
             let resp = if tried.is_empty() {
@@ -690,6 +727,7 @@ where
         while let Some(mut s) = up.idle.take() {
             if s.write_all(&out).await.is_ok() {
                 sent = Some(s);
+                reused = true;
                 break;
             }
         }
@@ -748,9 +786,32 @@ where
     let close = req.close || !body_done;
     let mut rbuf = BytesMut::with_capacity(OUT_BUF);
     let mut head = Vec::new();
-    let resp = match read_response(&mut upstream, &mut rbuf, &mut head, req.head, close).await {
+    let mut resp = read_response(&mut upstream, &mut rbuf, &mut head, req.head, close).await;
+    if let Err(Failed { silent: true, .. }) = resp {
+        // The keep-alive close race: the worker closed this idle connection
+        // as the request went out on it, and said nothing. A request that is
+        // safe to send twice goes out once more on a new connection.
+        if reused && req.resendable && !guard.is_cut() {
+            tracing::debug!(program = %shared.program, upstream = %up.addr, "a reused connection was closed under a request; sending it again");
+            let again = match Box::pin(up.addr.connect_within(CONNECT_TIMEOUT)).await {
+                Ok(mut s) => s.write_all(&out).await.map(|()| s),
+                Err(e) => Err(e),
+            };
+            resp = match again {
+                Ok(s) => {
+                    upstream = s;
+                    read_response(&mut upstream, &mut rbuf, &mut head, req.head, close).await
+                }
+                Err(e) => Err(Failed {
+                    cause: e.to_string(),
+                    silent: false,
+                }),
+            };
+        }
+    }
+    let resp = match resp {
         Ok(r) => r,
-        Err(cause) => {
+        Err(Failed { cause, .. }) => {
             guard.fail();
             if guard.is_cut() {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), "request cut: the instance was stopped at max_wait; answered 502");
@@ -834,6 +895,13 @@ where
     }
 }
 
+/// Why no response head came.
+struct Failed {
+    cause: String,
+    /// The connection ended (closed or reset) before a single byte came.
+    silent: bool,
+}
+
 /// Reads a response head into `rbuf`, skipping interim responses, and
 /// writes its client form into `head`.
 async fn read_response(
@@ -842,19 +910,32 @@ async fn read_response(
     head: &mut Vec<u8>,
     head_request: bool,
     close: bool,
-) -> Result<Response, String> {
+) -> Result<Response, Failed> {
+    let mut received = false;
     loop {
-        match upstream.read_buf(rbuf).await {
-            Ok(0) => return Err("connection closed before the response".into()),
-            Err(e) => return Err(e.to_string()),
-            Ok(_) => {}
+        let cause = match upstream.read_buf(rbuf).await {
+            Ok(0) => "connection closed before the response".to_string(),
+            Err(e) => e.to_string(),
+            Ok(_) => String::new(),
+        };
+        if !cause.is_empty() {
+            return Err(Failed {
+                cause,
+                silent: !received,
+            });
         }
+        received = true;
         loop {
             match parse_response(rbuf, head, head_request, close) {
                 ParsedResponse::Response(r) => return Ok(r),
                 ParsedResponse::Interim(n) => rbuf.advance(n),
                 ParsedResponse::Partial => break,
-                ParsedResponse::Bad(why) => return Err(why.into()),
+                ParsedResponse::Bad(why) => {
+                    return Err(Failed {
+                        cause: why.into(),
+                        silent: false,
+                    })
+                }
             }
             if rbuf.is_empty() {
                 break;
@@ -914,5 +995,146 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(head: &str) -> (Parsed, String) {
+        let mut out = Vec::new();
+        let p = parse_request(head.as_bytes(), &mut out, Some(b"127.0.0.1"), true, 8192);
+        (p, String::from_utf8_lossy(&out).to_string())
+    }
+
+    #[test]
+    fn ordinary_requests_are_rewritten_and_the_rest_go_elsewhere() {
+        let (p, out) = request("GET /a?b HTTP/1.1\r\nHost: h\r\nConnection: close\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n\r\n");
+        let Parsed::Request(r) = p else {
+            panic!("not relayed")
+        };
+        assert!(r.close && r.host && r.resendable && r.body == Framing::Empty);
+        assert_eq!(&out[r.target.0..r.target.1], "/a?b");
+        assert_eq!(out, "GET /a?b HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1, 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n");
+        let (p, _) = request("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(
+            p,
+            Parsed::Request(Request {
+                body: Framing::Chunked(_),
+                resendable: false,
+                host: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            request("GET / HTTP/1.1\r\nHost: h\r\n").0,
+            Parsed::Partial
+        ));
+        for elsewhere in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET http://h/ HTTP/1.1\r\n\r\n",
+            "CONNECT h:443 HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nTE: trailers\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+        ] {
+            assert!(
+                matches!(request(elsewhere).0, Parsed::Elsewhere),
+                "{elsewhere:?}"
+            );
+        }
+        // Longer than max_header_bytes, complete or not: hyper answers 431.
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
+        assert!(matches!(request(&big).0, Parsed::Elsewhere));
+    }
+
+    fn response(head: &str, head_request: bool, close: bool) -> (Response, String) {
+        let mut out = Vec::new();
+        match parse_response(head.as_bytes(), &mut out, head_request, close) {
+            ParsedResponse::Response(r) => (r, String::from_utf8_lossy(&out).to_string()),
+            _ => panic!("{head:?} not parsed"),
+        }
+    }
+
+    #[test]
+    fn responses_are_framed_by_their_headers_and_lose_hop_by_hop_ones() {
+        let (r, out) = response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive, X-A\r\nX-A: 1\r\nKeep-Alive: 5\r\n\r\n", false, false);
+        assert!(r.reusable && r.body == Framing::Length(3));
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n");
+        let (r, out) = response("HTTP/1.0 200 OK\r\n\r\n", false, true);
+        assert!(!r.reusable && r.body == Framing::Close);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+            false,
+        );
+        assert!(r.reusable && matches!(r.body, Framing::Chunked(_)));
+        let (r, _) = response("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false);
+        assert_eq!(r.body, Framing::Empty);
+        let (r, _) = response("HTTP/1.1 304 Not Modified\r\n\r\n", false, false);
+        assert!(r.reusable && r.body == Framing::Empty);
+        let (r, _) = response(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+            false,
+            false,
+        );
+        assert!(!r.reusable);
+        let mut out = Vec::new();
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 103 Early\r\n\r\n", &mut out, false, false),
+            ParsedResponse::Interim(22)
+        ));
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 101 Switching\r\n\r\n",
+            "nonsense\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_response(bad.as_bytes(), &mut out, false, false),
+                    ParsedResponse::Bad(_)
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_is_followed_to_its_end_in_any_pieces() {
+        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\n";
+        let mut stream = body.to_vec();
+        stream.extend_from_slice(b"GET /next");
+        for step in [1, 2, 3, 7, stream.len()] {
+            let mut c = Chunks::START;
+            let mut taken = 0;
+            for piece in stream.chunks(step) {
+                let k = c.advance(piece).expect("good framing");
+                taken += k;
+                if c == Chunks::Done {
+                    break;
+                }
+            }
+            assert_eq!((taken, c), (body.len(), Chunks::Done), "step {step}");
+        }
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"1ffffffffffffffff\r\n",
+            b"5\nhello",
+        ] {
+            let mut c = Chunks::START;
+            assert_eq!(c.advance(bad), None, "{bad:?}");
+        }
     }
 }

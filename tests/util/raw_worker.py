@@ -1,0 +1,104 @@
+# A worker for the proxy tests that answers the way real servers sometimes
+# do and zdt-demo (hyper) never does: bodies ended by closing the connection,
+# chunked bodies with trailers, hop-by-hop headers, interim 103 responses,
+# and keep-alive connections closed without a word. Listens on $PORT.
+#
+#   /echo      200, the request's header lines and body back as text
+#   /eof       200 without a length, ended by closing the connection
+#   /chunked   200 chunked, with a trailer
+#   /hop       200 with Connection-named and other hop-by-hop headers
+#   /early     103 Early Hints, then 200
+#   /silent    200 with a length, then the connection is closed unannounced
+import os
+import socket
+import threading
+
+
+def read_request(f):
+    line = f.readline()
+    while line in (b"\r\n", b"\n"):
+        line = f.readline()
+    if not line:
+        return None
+    method, target, _ = line.decode().split(" ", 2)
+    headers = []
+    while True:
+        h = f.readline()
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, value = h.decode().split(":", 1)
+        headers.append((name.strip(), value.strip()))
+    lower = {k.lower(): v for k, v in headers}
+    body = b""
+    if lower.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int(f.readline().split(b";")[0], 16)
+            if size == 0:
+                while f.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            body += f.read(size)
+            f.readline()
+    elif "content-length" in lower:
+        body = f.read(int(lower["content-length"]))
+    return method, target, headers, body
+
+
+def respond(conn, method, target, headers, body):
+    """Answers one request; returns False when the connection is to close."""
+    if target == "/eof":
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nclose-delimited")
+        return False
+    if target == "/chunked":
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"
+        )
+        return True
+    if target == "/hop":
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n"
+            b"Keep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
+        )
+        return True
+    if target == "/early":
+        conn.sendall(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater"
+        )
+        return True
+    if target == "/silent":
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsilent")
+        return False
+    text = "".join(f"{k}: {v}\n" for k, v in headers) + "body=" + body.decode()
+    data = text.encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    conn.sendall(head if method == "HEAD" else head + data)
+    return True
+
+
+def serve(conn):
+    f = conn.makefile("rb")
+    try:
+        while True:
+            req = read_request(f)
+            if req is None or not respond(conn, *req):
+                break
+    except (OSError, ValueError):
+        pass
+    finally:
+        f.close()
+        conn.close()
+
+
+def main():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(os.environ["PORT"])))
+    s.listen(128)
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+main()
