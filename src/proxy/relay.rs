@@ -31,11 +31,74 @@ use super::addr::Stream;
 use super::splice::SpliceIo;
 use super::{choose, framing, workers, InflightGuard, PrivateAddr, Shared, CONNECT_TIMEOUT};
 
-/// Read buffer of a client connection while a request is being read.
-const IN_BUF: usize = 8 * 1024;
+/// Size of the read buffers, for requests and for responses.
+const BUF: usize = 16 * 1024;
 
-/// Read buffer for a response from an upstream.
-const OUT_BUF: usize = 16 * 1024;
+/// Spare read buffers kept per proxy thread.
+const SPARE_MAX: usize = 64;
+
+thread_local! {
+    /// Read buffers between uses. Taking a buffer for each request and
+    /// freeing it after made glibc give the pages back and fault them in
+    /// again: 0.28 page faults per request, nginx none.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer from this thread's spares, given back when dropped.
+#[derive(Default)]
+struct Buffer(BytesMut);
+
+impl Buffer {
+    fn take() -> Self {
+        let spare = SPARE.with(|s| s.borrow_mut().pop());
+        Self(spare.unwrap_or_else(|| BytesMut::with_capacity(BUF)))
+    }
+
+    /// Room for a read, from the spares if it holds no memory yet.
+    fn room(&mut self) {
+        if self.0.capacity() == 0 {
+            *self = Self::take();
+        }
+        self.0.reserve(BUF);
+    }
+
+    /// Gives the memory back to the spares; the buffer is empty after.
+    fn release(&mut self) {
+        let mut b = std::mem::take(&mut self.0);
+        b.clear();
+        // After clear, reserve only moves the start back: no allocation.
+        b.reserve(BUF);
+        if b.capacity() == BUF {
+            SPARE.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < SPARE_MAX {
+                    s.push(b);
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if self.0.capacity() > 0 {
+            self.release();
+        }
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = BytesMut;
+    fn deref(&self) -> &BytesMut {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.0
+    }
+}
 
 /// Most headers in a request or response head; more go to the hyper path
 /// (requests) or are a 502 (responses).
@@ -569,7 +632,7 @@ enum Outcome {
 struct Client<S> {
     io: S,
     /// Bytes read and not yet used: the next head, or body bytes.
-    buf: BytesMut,
+    buf: Buffer,
     /// The client's address as text, for X-Forwarded-For.
     peer: Option<Box<[u8]>>,
     shared: Arc<Shared>,
@@ -583,7 +646,7 @@ where
 {
     let mut c = Client {
         io,
-        buf: BytesMut::new(),
+        buf: Buffer::default(),
         peer: peer.map(|ip| ip.to_string().into_bytes().into_boxed_slice()),
         shared,
     };
@@ -597,7 +660,7 @@ where
         let req = loop {
             if c.buf.is_empty() {
                 // Idle: no buffer is held while the client thinks.
-                c.buf = BytesMut::new();
+                c.buf.release();
                 tokio::select! {
                     biased;
                     r = c.io.ready(Interest::READABLE) => if r.is_err() { return },
@@ -618,10 +681,10 @@ where
                     Parsed::Elsewhere => return Box::pin(elsewhere(c, peer)).await,
                 }
             }
-            c.buf.reserve(IN_BUF);
+            c.buf.room();
             tokio::select! {
                 biased;
-                r = c.io.read_buf(&mut c.buf) => match r {
+                r = c.io.read_buf(&mut c.buf.0) => match r {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 },
@@ -659,12 +722,12 @@ async fn linger<S: AsyncRead + Unpin>(mut io: S) {
 }
 
 /// Hands the connection to the hyper path, the bytes read so far first.
-async fn elsewhere<S>(c: Client<S>, peer: Option<IpAddr>)
+async fn elsewhere<S>(mut c: Client<S>, peer: Option<IpAddr>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
     let io = Prefixed {
-        head: c.buf,
+        head: std::mem::take(&mut c.buf.0),
         inner: c.io,
     };
     super::serve(TokioIo::new(framing::Framing::new(io)), peer, c.shared).await;
@@ -759,8 +822,8 @@ where
     let mut body_broken = false;
     while !body_done {
         c.buf.clear();
-        c.buf.reserve(IN_BUF);
-        if !matches!(c.io.read_buf(&mut c.buf).await, Ok(n) if n > 0) {
+        c.buf.room();
+        if !matches!(c.io.read_buf(&mut c.buf.0).await, Ok(n) if n > 0) {
             tracing::debug!(program = %shared.program, path = %path(&out), "client closed during the request body");
             guard.fail();
             return Outcome::Close;
@@ -784,9 +847,9 @@ where
     }
     // The response head.
     let close = req.close || !body_done;
-    let mut rbuf = BytesMut::with_capacity(OUT_BUF);
+    let mut rbuf = Buffer::take();
     let mut head = Vec::new();
-    let mut resp = read_response(&mut upstream, &mut rbuf, &mut head, req.head, close).await;
+    let mut resp = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await;
     if let Err(Failed { silent: true, .. }) = resp {
         // The keep-alive close race: the worker closed this idle connection
         // as the request went out on it, and said nothing. A request that is
@@ -800,7 +863,7 @@ where
             resp = match again {
                 Ok(s) => {
                     upstream = s;
-                    read_response(&mut upstream, &mut rbuf, &mut head, req.head, close).await
+                    read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await
                 }
                 Err(e) => Err(Failed {
                     cause: e.to_string(),
@@ -850,7 +913,7 @@ where
                 pending.extend_from_slice(b"0\r\n\r\n");
             }
             c.io.write_all(&pending).await
-        } else if pending.len() + k <= OUT_BUF {
+        } else if pending.len() + k <= BUF {
             pending.extend_from_slice(data);
             c.io.write_all(&pending).await
         } else {
@@ -869,8 +932,8 @@ where
             break;
         }
         rbuf.clear();
-        rbuf.reserve(OUT_BUF);
-        match upstream.read_buf(&mut rbuf).await {
+        rbuf.room();
+        match upstream.read_buf(&mut rbuf.0).await {
             Ok(n) if n > 0 => {}
             // A body framed by the connection's end has ended.
             Ok(_) if framing == Framing::Close => ended = true,
@@ -941,7 +1004,7 @@ async fn read_response(
                 break;
             }
         }
-        rbuf.reserve(OUT_BUF);
+        rbuf.reserve(BUF);
     }
 }
 
