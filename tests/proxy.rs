@@ -1072,6 +1072,12 @@ fn the_relay_rewrites_heads_frames_every_body_and_keeps_the_client_connection() 
     // HEAD: a length but no body; the connection goes on.
     let a = ask("HEAD /echo HTTP/1.1\r\nHost: a\r\n\r\n", true);
     assert!(a.status.starts_with("HTTP/1.1 200") && a.header("content-length").is_some());
+    // zdt's own answer to HEAD has no body (the worker closed without one),
+    // a broken chunked answer is a 502, and the connection goes on.
+    let a = ask("HEAD /die HTTP/1.1\r\nHost: a\r\n\r\n", true);
+    assert!(a.status.starts_with("HTTP/1.1 502"), "{}", a.status);
+    let a = ask("GET /badchunk HTTP/1.1\r\nHost: a\r\n\r\n", false);
+    assert!(a.status.starts_with("HTTP/1.1 502"), "{}", a.status);
     // Two requests in one write: two answers, in order.
     let a = ask(
         "GET /echo?1 HTTP/1.1\r\nHost: one\r\n\r\nGET /echo?2 HTTP/1.1\r\nHost: two\r\n\r\n",
@@ -1081,6 +1087,43 @@ fn the_relay_rewrites_heads_frames_every_body_and_keeps_the_client_connection() 
     let b = read_answer(&mut r, false);
     assert!(b.body.contains("Host: two"), "{:?}", b.body);
     assert_eq!(d.requests("raw").served, served + 11);
+    assert_eq!(d.requests("raw").failed, 2);
+}
+
+#[test]
+fn a_worker_answering_before_it_reads_an_upload_is_relayed_at_once() {
+    use std::io::Write;
+    let port = free_port();
+    let _d = serving_raw_worker(port);
+    // 64 MiB: far more than the socket buffers between client, zdt and worker.
+    let size = 64u64 << 20;
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let uploader = std::thread::spawn(move || {
+        let _ = w.write_all(
+            format!("POST /early413 HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n")
+                .as_bytes(),
+        );
+        let chunk = vec![b'u'; 1 << 20];
+        let mut sent = 0;
+        while sent < size && w.write_all(&chunk).is_ok() {
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    let mut r = std::io::BufReader::new(s);
+    let a = read_answer(&mut r, false);
+    assert!(
+        a.status.starts_with("HTTP/1.1 413") && a.body == "big",
+        "{} {:?}",
+        a.status,
+        a.body
+    );
+    assert_eq!(a.header("connection"), Some("close"), "{:?}", a.headers);
+    // zdt closes the connection: the upload stops with an error, well short.
+    let sent = uploader.join().expect("join");
+    assert!(sent < size, "the whole upload went through: {sent}");
 }
 
 #[test]

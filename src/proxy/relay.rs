@@ -100,12 +100,12 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// Most headers in a request or response head; more go to the hyper path
-/// (requests) or are a 502 (responses).
-const MAX_HEADERS: usize = 64;
+/// Most headers in a request or response head, as hyper: more go to the
+/// hyper path (requests) or are a 502 (responses).
+const MAX_HEADERS: usize = 100;
 
-/// Longest response head accepted from a worker.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Longest response head accepted from a worker (hyper's client: ~400 KB).
+const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 
 /// Idle upstream connections kept per proxy thread; more are closed.
 const MAX_IDLE: usize = 512;
@@ -173,13 +173,18 @@ enum Framing {
     Close,
 }
 
-/// Follows a chunked body byte by byte (chunk data in bulk) to find its end.
+/// Follows a chunked body byte by byte (chunk data in bulk) to find its end,
+/// as strictly as hyper reads one: a size line is hex digits, optional
+/// whitespace, an optional extension of visible characters, CRLF; trailer
+/// lines are `name: value`; extensions and trailers have size limits.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Chunks {
     /// In a chunk-size line: the size so far and how many digits.
     Size(u64, u8),
-    /// In a chunk extension, until the line ends.
-    Ext(u64),
+    /// Whitespace after the size.
+    SizeWs(u64),
+    /// In a chunk extension: its bytes so far.
+    Ext(u64, u16),
     /// After the `\r` of a size line.
     SizeLf(u64),
     /// In chunk data: bytes left.
@@ -187,16 +192,35 @@ enum Chunks {
     /// After chunk data: its `\r`, then its `\n`.
     DataCr,
     DataLf,
-    /// At the start of a trailer line or of the final empty line.
-    LineStart,
-    /// In a trailer line.
-    Trailer,
+    /// At the start of a trailer line or of the final empty line; each
+    /// trailer state carries the trailer bytes so far.
+    LineStart(u16),
+    /// In a trailer field's name.
+    TrailerName(u16),
+    /// In a trailer field's value.
+    TrailerValue(u16),
     /// After a trailer line's `\r`.
-    TrailerLf,
+    TrailerLf(u16),
     /// After the final empty line's `\r`.
     EndLf,
     /// The body has ended.
     Done,
+}
+
+/// Longest chunk extension followed.
+const MAX_EXTENSION: u16 = 4096;
+
+/// Most trailer bytes followed.
+const MAX_TRAILERS: u16 = 16 * 1024;
+
+/// A character of a header field name (RFC 9110 `tchar`).
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A character of a field value or extension: visible, space, tab, obs-text.
+fn is_text(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
 }
 
 impl Chunks {
@@ -227,24 +251,33 @@ impl Chunks {
                     None if digits == 0 => return None,
                     None => match b {
                         b'\r' => Self::SizeLf(size),
-                        b';' | b' ' | b'\t' => Self::Ext(size),
+                        b';' => Self::Ext(size, 0),
+                        b' ' | b'\t' => Self::SizeWs(size),
                         _ => return None,
                     },
                 },
-                Self::Ext(size) => match b {
+                Self::SizeWs(size) => match b {
+                    b' ' | b'\t' => Self::SizeWs(size),
+                    b';' => Self::Ext(size, 0),
                     b'\r' => Self::SizeLf(size),
-                    b'\n' => return None,
-                    _ => Self::Ext(size),
+                    _ => return None,
                 },
-                Self::SizeLf(0) if b == b'\n' => Self::LineStart,
+                Self::Ext(size, _) if b == b'\r' => Self::SizeLf(size),
+                Self::Ext(size, n) if is_text(b) && n < MAX_EXTENSION => Self::Ext(size, n + 1),
+                Self::SizeLf(0) if b == b'\n' => Self::LineStart(0),
                 Self::SizeLf(size) if b == b'\n' => Self::Data(size),
                 Self::DataCr if b == b'\r' => Self::DataLf,
                 Self::DataLf if b == b'\n' => Self::START,
-                Self::LineStart if b == b'\r' => Self::EndLf,
-                Self::LineStart | Self::Trailer if b == b'\n' => return None,
-                Self::LineStart | Self::Trailer if b == b'\r' => Self::TrailerLf,
-                Self::LineStart | Self::Trailer => Self::Trailer,
-                Self::TrailerLf if b == b'\n' => Self::LineStart,
+                Self::LineStart(_) if b == b'\r' => Self::EndLf,
+                Self::LineStart(n) | Self::TrailerName(n) if is_token(b) && n < MAX_TRAILERS => {
+                    Self::TrailerName(n + 1)
+                }
+                Self::TrailerName(n) if b == b':' => Self::TrailerValue(n),
+                Self::TrailerValue(n) if b == b'\r' => Self::TrailerLf(n),
+                Self::TrailerValue(n) if is_text(b) && n < MAX_TRAILERS => {
+                    Self::TrailerValue(n + 1)
+                }
+                Self::TrailerLf(n) if b == b'\n' => Self::LineStart(n),
                 Self::EndLf if b == b'\n' => Self::Done,
                 _ => return None,
             };
@@ -385,7 +418,13 @@ fn parse_request(
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Elsewhere;
     };
-    if method == "CONNECT" || !target.starts_with('/') {
+    // hyper refuses a target with bytes beyond ASCII (400) or longer than
+    // 65534 (414), and drops a fragment: all of that is the hyper path's.
+    if method == "CONNECT"
+        || !target.starts_with('/')
+        || target.len() > 65534
+        || target.bytes().any(|b| b == b'#' || !b.is_ascii())
+    {
         return Parsed::Elsewhere;
     }
     out.clear();
@@ -570,6 +609,8 @@ fn parse_response(buf: &[u8], out: &mut Vec<u8>, head: bool, close: bool) -> Par
             Name::Connection | Name::HopByHop | Name::TransferEncoding => continue,
             // A length beside a transfer coding is not the message's length.
             Name::ContentLength if te.is_some() => continue,
+            // The framing headers are zdt's to keep, whatever Connection names.
+            Name::ContentLength => push_header(out, h.name.as_bytes(), h.value),
             _ if named
                 && connection_names
                     .iter()
@@ -733,13 +774,180 @@ where
     super::serve(TokioIo::new(framing::Framing::new(io)), peer, c.shared).await;
 }
 
-/// Writes an answer of zdt's own; `close` if the connection ends after it.
-async fn answer<S: AsyncWrite + Unpin>(c: &mut Client<S>, bytes: &[u8], close: bool) -> Outcome {
+/// Writes an answer of zdt's own (only its head to a HEAD request); `close`
+/// if the connection ends after it.
+async fn answer<S: AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    bytes: &[u8],
+    head: bool,
+    close: bool,
+) -> Outcome {
+    let bytes = match bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) if head => &bytes[..end + 4],
+        _ => bytes,
+    };
     match c.io.write_all(bytes).await {
         Ok(()) if !close => Outcome::KeepAlive,
         Ok(()) => Outcome::CloseUnread,
         Err(_) => Outcome::Close,
     }
+}
+
+/// A request on its way: the instance, its in-flight guard, the connection.
+struct Sent {
+    up: Arc<super::Upstream>,
+    guard: InflightGuard,
+    conn: Stream,
+    /// The connection served an earlier request.
+    reused: bool,
+}
+
+/// Why a request could not be sent.
+enum NotSent {
+    /// No instance became ready within queue_timeout (503).
+    NoInstance,
+    /// No ready instance could be reached; nothing reached an app (502).
+    Unreachable,
+    /// Writing failed after the worker may have taken some of the request,
+    /// which is not safe to send twice (502, counted as failed).
+    Broken(Arc<super::Upstream>, InflightGuard, io::Error),
+}
+
+/// Writes all of `data`; on failure says how many bytes the kernel took.
+async fn write_counted(s: &mut Stream, data: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < data.len() {
+        match s.write(&data[done..]).await {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Sends the request head in `out` (rebuilt for each instance from `mark`:
+/// Host if the client sent none, the blank line, then the body bytes `pre`)
+/// to the least loaded ready instance, on an idle connection unless `fresh`.
+/// An idle connection the worker closed meanwhile fails before it takes a
+/// byte, and the next is tried; an instance that cannot be connected to, or
+/// whose new connection fails before it takes a byte, is skipped (added to
+/// `tried`). A request safe to send twice is also retried after a partial
+/// write.
+async fn send(
+    shared: &Shared,
+    req: &Request,
+    out: &mut Vec<u8>,
+    mark: usize,
+    pre: &[u8],
+    tried: &mut Vec<PrivateAddr>,
+    fresh: bool,
+) -> Result<Sent, NotSent> {
+    loop {
+        let Some(up) = choose(shared, tried).await else {
+            return Err(if tried.is_empty() {
+                NotSent::NoInstance
+            } else {
+                NotSent::Unreachable
+            });
+        };
+        let guard = InflightGuard::new(up.stats.clone());
+        out.truncate(mark);
+        if !req.host {
+            push_header(out, b"Host", up.authority.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(pre);
+        while let Some(mut conn) = if fresh { None } else { up.idle.take() } {
+            match write_counted(&mut conn, out).await {
+                Ok(()) => {
+                    return Ok(Sent {
+                        up,
+                        guard,
+                        conn,
+                        reused: true,
+                    })
+                }
+                Err((0, _)) => {}
+                Err(_) if req.resendable => {}
+                Err((_, e)) => return Err(NotSent::Broken(up, guard, e)),
+            }
+        }
+        let cause = match Box::pin(up.addr.connect_within(CONNECT_TIMEOUT)).await {
+            Ok(mut conn) => match write_counted(&mut conn, out).await {
+                Ok(()) => {
+                    return Ok(Sent {
+                        up,
+                        guard,
+                        conn,
+                        reused: false,
+                    })
+                }
+                Err((0, e)) => e,
+                Err((_, e)) if req.resendable => e,
+                Err((_, e)) => return Err(NotSent::Broken(up, guard, e)),
+            },
+            Err(e) => e,
+        };
+        tracing::warn!(program = %shared.program, upstream = %up.addr, %cause, "connect failed; trying another instance");
+        guard.discard();
+        tried.push(up.addr.clone());
+    }
+}
+
+/// Resolves once the worker has something to say (an answer, or the end of
+/// its connection); checked with a peek, so stale readiness does not count.
+async fn answered(s: &Stream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        s.ready(Interest::READABLE).await?;
+        let fd = s.fd().as_raw_fd();
+        let peeked = s.try_io(Interest::READABLE, || {
+            let mut b = 0u8;
+            // SAFETY: recv into one valid byte of our own, on a socket we own.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    (&mut b as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+        match peeked {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Writes body bytes to the worker unless it answers first (`Ok(false)`):
+/// a worker that answers before reading the whole body (413, or an echo)
+/// must not leave zdt waiting to write while it waits to write.
+async fn write_unless_answered(s: &Stream, mut data: &[u8]) -> io::Result<bool> {
+    while !data.is_empty() {
+        match s.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    biased;
+                    r = answered(s) => {
+                        r?;
+                        return Ok(false);
+                    }
+                    r = s.ready(Interest::WRITABLE) => r?,
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// Forwards one request (its head rewritten in `out`) and relays its response.
@@ -749,127 +957,116 @@ where
 {
     let shared = c.shared.clone();
     if shared.draining.load(Ordering::SeqCst) {
-        return answer(c, &super::unavailable_text(&shared), true).await;
+        return answer(c, &super::unavailable_text(&shared), req.head, true).await;
     }
     c.buf.advance(req.len);
     let mut body = req.body;
     // Body bytes already read go out with the head.
     let Some((pre, mut body_done)) = body.take(&c.buf) else {
-        let bad = text(
-            "400 Bad Request",
-            "400 Bad Request: bad chunked framing\n",
-            CLOSE,
-        );
-        return answer(c, &bad, true).await;
+        let bad = text("400 Bad Request", BAD_CHUNKS, CLOSE);
+        return answer(c, &bad, req.head, true).await;
     };
     let mark = out.len();
     let mut tried: Vec<PrivateAddr> = Vec::new();
-    let mut reused = false;
-    let (up, mut guard, mut upstream) = loop {
-        let Some(up) = choose(&shared, &tried).await else {
-            let resp = if tried.is_empty() {
-                super::unavailable_text(&shared)
-            } else {
-                let why = "502 Bad Gateway: no instance could be reached\n";
-                text("502 Bad Gateway", why, CLOSE)
-            };
-            return answer(c, &resp, true).await;
-        };
-        let guard = InflightGuard::new(up.stats.clone());
-        out.truncate(mark);
-        if !req.host {
-            push_header(&mut out, b"Host", up.authority.as_bytes());
+    let sent = send(
+        &shared,
+        &req,
+        &mut out,
+        mark,
+        &c.buf[..pre],
+        &mut tried,
+        false,
+    )
+    .await;
+    let Sent {
+        mut up,
+        mut guard,
+        conn: mut upstream,
+        reused,
+    } = match sent {
+        Ok(s) => s,
+        Err(NotSent::NoInstance) => {
+            return answer(c, &super::unavailable_text(&shared), req.head, true).await
         }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&c.buf[..pre]);
-        // An idle connection the worker closed meanwhile fails at once, and
-        // the next one is tried. A new connection that cannot be made or
-        // written means the instance cannot be reached: nothing reached the
-        // app, so another instance is tried.
-        let mut sent = None;
-        while let Some(mut s) = up.idle.take() {
-            if s.write_all(&out).await.is_ok() {
-                sent = Some(s);
-                reused = true;
-                break;
-            }
+        Err(NotSent::Unreachable) => {
+            let bad = text("502 Bad Gateway", UNREACHABLE, CLOSE);
+            return answer(c, &bad, req.head, true).await;
         }
-        if sent.is_none() {
-            let connected = Box::pin(up.addr.connect_within(CONNECT_TIMEOUT)).await;
-            let written = match connected {
-                Ok(mut s) => s.write_all(&out).await.map(|()| s),
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(s) => sent = Some(s),
-                Err(e) => {
-                    tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance");
-                }
-            }
-        }
-        match sent {
-            Some(s) => break (up, guard, s),
-            None => {
-                guard.discard();
-                tried.push(up.addr.clone());
-            }
+        Err(NotSent::Broken(up, mut guard, cause)) => {
+            guard.fail();
+            let path = String::from_utf8_lossy(&out[req.target.0..req.target.1]).into_owned();
+            tracing::warn!(program = %shared.program, upstream = %up.addr, %path, %cause, "upstream failed; answered 502");
+            let bad = text("502 Bad Gateway", FAILED, CLOSE);
+            return answer(c, &bad, req.head, true).await;
         }
     };
     c.buf.advance(pre);
     let target = req.target;
     let path = move |out: &[u8]| String::from_utf8_lossy(&out[target.0..target.1]).into_owned();
-    // The rest of the request body.
+    // The rest of the request body, unless the worker answers first.
     let mut body_broken = false;
     while !body_done {
         c.buf.clear();
         c.buf.room();
-        if !matches!(c.io.read_buf(&mut c.buf.0).await, Ok(n) if n > 0) {
+        let read = tokio::select! {
+            biased;
+            _ = answered(&upstream) => {
+                body_broken = true;
+                break;
+            }
+            r = c.io.read_buf(&mut c.buf.0) => r,
+        };
+        if !matches!(read, Ok(n) if n > 0) {
             tracing::debug!(program = %shared.program, path = %path(&out), "client closed during the request body");
             guard.fail();
             return Outcome::Close;
         }
         let Some((k, done)) = body.take(&c.buf) else {
             guard.fail();
-            let bad = text(
-                "400 Bad Request",
-                "400 Bad Request: bad chunked framing\n",
-                CLOSE,
-            );
-            return answer(c, &bad, true).await;
+            let bad = text("400 Bad Request", BAD_CHUNKS, CLOSE);
+            return answer(c, &bad, req.head, true).await;
         };
         body_done = done;
-        if upstream.write_all(&c.buf[..k]).await.is_err() {
-            // The worker may have answered early (and closed): read that.
+        if !matches!(
+            write_unless_answered(&upstream, &c.buf[..k]).await,
+            Ok(true)
+        ) {
+            // The worker answered early, or stopped reading: read what it said.
             body_broken = true;
             break;
         }
         c.buf.advance(k);
     }
     // The response head.
-    let close = req.close || !body_done;
+    let close = req.close || !body_done || body_broken;
     let mut rbuf = Buffer::take();
     let mut head = Vec::new();
     let mut resp = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await;
     if let Err(Failed { silent: true, .. }) = resp {
         // The keep-alive close race: the worker closed this idle connection
         // as the request went out on it, and said nothing. A request that is
-        // safe to send twice goes out once more on a new connection.
+        // safe to send twice goes out once more, on a new connection.
         if reused && req.resendable && !guard.is_cut() {
             tracing::debug!(program = %shared.program, upstream = %up.addr, "a reused connection was closed under a request; sending it again");
-            let again = match Box::pin(up.addr.connect_within(CONNECT_TIMEOUT)).await {
-                Ok(mut s) => s.write_all(&out).await.map(|()| s),
-                Err(e) => Err(e),
-            };
-            resp = match again {
+            guard.discard();
+            match send(&shared, &req, &mut out, mark, &[], &mut tried, true).await {
                 Ok(s) => {
-                    upstream = s;
-                    read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await
+                    (up, guard, upstream) = (s.up, s.guard, s.conn);
+                    resp =
+                        read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await;
                 }
-                Err(e) => Err(Failed {
-                    cause: e.to_string(),
-                    silent: false,
-                }),
-            };
+                Err(NotSent::NoInstance | NotSent::Unreachable) => {
+                    let bad = text("502 Bad Gateway", UNREACHABLE, CLOSE);
+                    return answer(c, &bad, req.head, true).await;
+                }
+                Err(NotSent::Broken(u, g, cause)) => {
+                    (up, guard) = (u, g);
+                    resp = Err(Failed {
+                        cause: cause.to_string(),
+                        silent: false,
+                    });
+                }
+            }
         }
     }
     let resp = match resp {
@@ -882,9 +1079,9 @@ where
                 tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), %cause, "upstream failed; answered 502");
             }
             drop(guard);
-            let why = "502 Bad Gateway: the application failed to answer\n";
             let headers = if close { CLOSE } else { "" };
-            return answer(c, &text("502 Bad Gateway", why, headers), close).await;
+            let bad = text("502 Bad Gateway", FAILED, headers);
+            return answer(c, &bad, req.head, close).await;
         }
     };
     rbuf.advance(resp.len);
@@ -893,12 +1090,20 @@ where
     let rechunk = framing == Framing::Close;
     let mut ended = framing.is_done();
     let mut pending = head;
+    let mut first = true;
     loop {
         let Some((k, done)) = framing.take(&rbuf) else {
             tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), "response body broke off: bad chunked framing");
             guard.fail();
+            if first {
+                // Nothing went to the client yet: it gets a 502.
+                let headers = if close { CLOSE } else { "" };
+                let bad = text("502 Bad Gateway", FAILED, headers);
+                return answer(c, &bad, req.head, close).await;
+            }
             return Outcome::Close;
         };
+        first = false;
         ended |= done;
         let data = &rbuf[..k];
         // Small pieces join the head (or each other) in one write; bulk
@@ -933,10 +1138,12 @@ where
         }
         rbuf.clear();
         rbuf.room();
-        match upstream.read_buf(&mut rbuf.0).await {
+        let read = upstream.read_buf(&mut rbuf.0).await;
+        match read {
             Ok(n) if n > 0 => {}
-            // A body framed by the connection's end has ended.
-            Ok(_) if framing == Framing::Close => ended = true,
+            // A body framed by the connection's end has ended, unless zdt
+            // cut the worker at max_wait.
+            Ok(_) if framing == Framing::Close && !guard.is_cut() => ended = true,
             r => {
                 let cause = r.err().map(|e| e.to_string());
                 let cut = guard.is_cut();
@@ -951,12 +1158,16 @@ where
         up.idle.put(upstream);
     }
     drop(guard);
-    if close {
-        Outcome::Close
-    } else {
-        Outcome::KeepAlive
+    match (close, body_done) {
+        (false, _) => Outcome::KeepAlive,
+        (true, true) => Outcome::Close,
+        (true, false) => Outcome::CloseUnread,
     }
 }
+
+const BAD_CHUNKS: &str = "400 Bad Request: bad chunked framing\n";
+const UNREACHABLE: &str = "502 Bad Gateway: no instance could be reached\n";
+const FAILED: &str = "502 Bad Gateway: the application failed to answer\n";
 
 /// Why no response head came.
 struct Failed {

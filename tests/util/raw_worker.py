@@ -9,9 +9,14 @@
 #   /hop       200 with Connection-named and other hop-by-hop headers
 #   /early     103 Early Hints, then 200
 #   /silent    200 with a length, then the connection is closed unannounced
+#   /die       the connection is closed without an answer
+#   /badchunk  200 chunked, with a broken chunk size
+#   /early413  413 at once, without reading the request body, and the
+#              connection held open (not read) for 30 s
 import os
 import socket
 import threading
+import time
 
 
 def read_request(f):
@@ -30,6 +35,8 @@ def read_request(f):
         headers.append((name.strip(), value.strip()))
     lower = {k.lower(): v for k, v in headers}
     body = b""
+    if target == "/early413":
+        return method, target, headers, body
     if lower.get("transfer-encoding", "").lower() == "chunked":
         while True:
             size = int(f.readline().split(b";")[0], 16)
@@ -57,7 +64,7 @@ def respond(conn, method, target, headers, body):
         return True
     if target == "/hop":
         conn.sendall(
-            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\n"
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret, Content-Length\r\nX-Secret: 1\r\n"
             b"Keep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
         )
         return True
@@ -67,6 +74,15 @@ def respond(conn, method, target, headers, body):
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater"
         )
         return True
+    if target == "/die":
+        return False
+    if target == "/badchunk":
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        return True
+    if target == "/early413":
+        conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        time.sleep(30)
+        return False
     if target == "/silent":
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsilent")
         return False
