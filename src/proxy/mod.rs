@@ -874,3 +874,22 @@ async fn handle(
         }
     }
 }
+/// A proxy's shared state with no routes, for unit tests.
+#[cfg(test)]
+fn test_shared() -> Arc<Shared> {
+    let (_tx, rx) = watch::channel(Arc::new(Routes::default()));
+    Arc::new(Shared {
+        program: "t".into(),
+        routes: rx,
+        options: Options {
+            queue_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(1),
+            max_header_bytes: 8192,
+            forward_headers: true,
+            protocol: crate::config::Protocol::Http,
+        },
+        next: AtomicUsize::new(0),
+        traffic: Arc::new(Traffic::default()),
+        draining: Arc::new(AtomicBool::new(false)),
+    })
+}

@@ -732,7 +732,8 @@ where
                 () = &mut sleep => return,
             }
         };
-        match forward(&mut c, req, out).await {
+        // Boxed: an idle connection then holds only what waiting needs.
+        match Box::pin(forward(&mut c, req, out)).await {
             Outcome::KeepAlive => {}
             Outcome::Close => {
                 let _ = c.io.shutdown().await;
@@ -1410,5 +1411,29 @@ mod tests {
             let mut c = Chunks::START;
             assert_eq!(c.advance(bad), None, "{bad:?}");
         }
+        // Trailers beyond 16 KiB stop the body, in whatever pieces they come.
+        let mut c = Chunks::START;
+        assert!(c.advance(b"0\r\nX-T: ").is_some());
+        let long = vec![b'a'; 1024];
+        let broke = (0..20).any(|_| c.advance(&long).is_none());
+        assert!(broke, "17 KiB of trailer accepted");
+    }
+}
+#[cfg(test)]
+mod memory {
+    /// What an idle client connection holds is its task: the serve future
+    /// (plus tokio's task header and registration, and the kernel's socket).
+    /// The request's own state is boxed while a request runs; inline it was
+    /// 1.5 KB and RSS with 10,000 idle connections grew by 5 MiB.
+    #[tokio::test]
+    async fn an_idle_client_connection_holds_a_small_future() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("address");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let serving = super::serve(client, None, super::super::test_shared());
+        let size = std::mem::size_of_val(&serving);
+        assert!(size <= 768, "the serve future takes {size} bytes");
     }
 }
