@@ -42,14 +42,23 @@ pub(super) struct Framing<S> {
     state: State,
     /// The bytes of the head or line being collected.
     line: Vec<u8>,
+    /// Bytes already read from `inner` (by the relay path), read first.
+    prefix: bytes::BytesMut,
 }
 
 impl<S> Framing<S> {
+    #[cfg(test)]
     pub(super) fn new(inner: S) -> Self {
+        Self::with_prefix(inner, bytes::BytesMut::new())
+    }
+
+    /// Follows `inner`, whose first bytes `prefix` were read already.
+    pub(super) fn with_prefix(inner: S, prefix: bytes::BytesMut) -> Self {
         Self {
             inner,
             state: State::Head,
             line: Vec::new(),
+            prefix,
         }
     }
 
@@ -227,7 +236,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let polled = if this.prefix.is_empty() {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            bytes::Buf::advance(&mut this.prefix, n);
+            Poll::Ready(Ok(()))
+        };
         if let Poll::Ready(Ok(())) = polled {
             if this.state != State::Off {
                 let fresh = &mut buf.filled_mut()[before..];
