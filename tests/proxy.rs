@@ -877,8 +877,9 @@ fn sigterm_to_zdt_drains_proxied_requests_before_it_exits() {
 
 #[test]
 fn several_proxy_threads_keep_restarts_at_zero_failures() {
-    // The default is half the CPUs (one thread on a 2-core CI machine); this
-    // runs accept loops and upstream pools on several threads at once.
+    // The default is one per CPU (two on a 2-core CI machine); this runs
+    // accept loops and upstream pools on three threads at once, with new
+    // connections passed to the least loaded thread.
     let port = free_port();
     let config = header().replace("[supervisor]\n", "[supervisor]\nproxy_threads = 3\n")
         + &proxy_program("web", port, &[], "instances = 2");
@@ -892,6 +893,24 @@ fn several_proxy_threads_keep_restarts_at_zero_failures() {
         .count();
     assert_eq!(threads, 3, "proxy threads running");
     restart_under_load(&d, "web", port, 5);
+    // Each thread carried some of the 64 clients: each used CPU time.
+    for task in std::fs::read_dir(format!("/proc/{}/task", d.pid())).expect("tasks") {
+        let task = task.expect("task").path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with("zdt-proxy") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).expect("stat");
+        // utime and stime: fields 14 and 15, counted after the ")" of comm.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let ticks: u64 = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        assert!(ticks > 0, "{} served nothing", comm.trim());
+    }
 }
 
 /// zdt proxying `tests/util/raw_worker.py` as "raw" on `port`, answering.
