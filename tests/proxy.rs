@@ -1169,3 +1169,25 @@ fn a_worker_closing_keep_alive_connections_unannounced_fails_no_request() {
     }
     assert_eq!(d.requests("raw").failed, 0);
 }
+
+#[test]
+fn a_client_that_goes_away_ends_its_request_in_flight() {
+    use std::io::Write;
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let before = d.requests("web");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(b"GET /?sleep=30000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    d.wait_inflight("web", 1, T);
+    drop(s);
+    // Long before the worker would answer: a drain or restart need not wait.
+    d.wait_inflight("web", 0, Duration::from_secs(10));
+    let after = d.requests("web");
+    assert_eq!(
+        (after.served, after.failed),
+        (before.served, before.failed),
+        "an abandoned request counts as neither served nor failed"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}

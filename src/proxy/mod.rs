@@ -208,8 +208,9 @@ impl InflightGuard {
         }
     }
 
-    /// Ends the guard without counting the request as served or failed
-    /// (it never reached this upstream and goes elsewhere).
+    /// Ends the guard without counting the request as served or failed (it
+    /// never reached this upstream and goes elsewhere, or its client went
+    /// away before the answer).
     pub(crate) fn discard(mut self) {
         self.recorded = true;
     }

@@ -892,33 +892,50 @@ async fn send(
     }
 }
 
+/// Peeks at a socket: `Ok(0)` at its end, `Ok(1)` with bytes to read,
+/// `WouldBlock` (readiness cleared) with nothing yet.
+fn peek<S: SpliceIo>(s: &S) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = s.fd().as_raw_fd();
+    s.try_io(Interest::READABLE, || {
+        let mut b = 0u8;
+        // SAFETY: recv into one valid byte of our own, on a socket we own.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    })
+}
+
 /// Resolves once the worker has something to say (an answer, or the end of
 /// its connection); checked with a peek, so stale readiness does not count.
 async fn answered(s: &Stream) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     loop {
         s.ready(Interest::READABLE).await?;
-        let fd = s.fd().as_raw_fd();
-        let peeked = s.try_io(Interest::READABLE, || {
-            let mut b = 0u8;
-            // SAFETY: recv into one valid byte of our own, on a socket we own.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    (&mut b as *mut u8).cast(),
-                    1,
-                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        });
-        match peeked {
+        match peek(s) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             _ => return Ok(()),
+        }
+    }
+}
+
+/// Resolves once the client has closed its connection (or it broke); never
+/// while the client is there, sending more requests or not.
+async fn client_gone<S: SpliceIo>(s: &S) {
+    loop {
+        if s.ready(Interest::READABLE).await.is_err() {
+            return;
+        }
+        match peek(s) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // A pipelined request: the client is there.
+            Ok(n) if n > 0 => return std::future::pending().await,
+            _ => return,
         }
     }
 }
@@ -950,7 +967,7 @@ async fn write_unless_answered(s: &Stream, mut data: &[u8]) -> io::Result<bool> 
 /// Forwards one request (its head rewritten in `out`) and relays its response.
 async fn forward<S>(c: &mut Client<S>, req: Request, mut out: Vec<u8>) -> Outcome
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: SpliceIo + AsyncRead + AsyncWrite + Unpin,
 {
     let shared = c.shared.clone();
     if shared.draining.load(Ordering::SeqCst) {
@@ -1038,7 +1055,18 @@ where
     let close = req.close || !body_done || body_broken;
     let mut rbuf = Buffer::take();
     let mut head = Vec::new();
-    let mut resp = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await;
+    // A client that goes away meanwhile ends the request: the worker's
+    // connection is closed, so it may stop, and a drain does not wait for it
+    // (nginx's 499).
+    let mut resp = tokio::select! {
+        biased;
+        r = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close) => r,
+        () = client_gone(&c.io) => {
+            tracing::debug!(program = %shared.program, upstream = %up.addr, path = %path(&out), "the client closed before the answer; request abandoned");
+            guard.discard();
+            return Outcome::Close;
+        }
+    };
     if let Err(Failed { silent: true, .. }) = resp {
         // The keep-alive close race: the worker closed this idle connection
         // as the request went out on it, and said nothing. A request that is
