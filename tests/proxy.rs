@@ -1191,3 +1191,58 @@ fn a_client_that_goes_away_ends_its_request_in_flight() {
     );
     assert_eq!(http_get(port, "/").expect("served").0, 200);
 }
+
+#[test]
+fn a_worker_that_answers_while_the_body_still_comes_gets_all_of_it() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    let size: usize = 8 << 20;
+    // A 103 before the worker reads the body: the body keeps going, and the
+    // final answer comes on a connection that stays open.
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let uploader = std::thread::spawn(move || {
+        w.write_all(
+            format!("POST /hint HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n").as_bytes(),
+        )
+        .expect("head");
+        w.write_all(&vec![b'u'; size]).expect("body");
+        w
+    });
+    let mut r = std::io::BufReader::new(s);
+    let a = read_answer(&mut r, false);
+    assert!(a.status.starts_with("HTTP/1.1 200"), "{}", a.status);
+    assert_eq!(a.body, format!("received {size}"));
+    let mut w = uploader.join().expect("join");
+    w.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    assert!(read_answer(&mut r, false)
+        .status
+        .starts_with("HTTP/1.1 200"));
+    // An echo that streams each piece back as it reads it: it needs zdt to
+    // read its answer while the body still goes to it.
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let uploader = std::thread::spawn(move || {
+        w.write_all(
+            format!("POST /stream HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("head");
+        w.write_all(&vec![b'e'; size]).expect("body");
+    });
+    let mut r = std::io::BufReader::new(s);
+    let a = read_answer(&mut r, false);
+    assert!(a.status.starts_with("HTTP/1.1 200"), "{}", a.status);
+    assert_eq!(a.body.len(), size);
+    uploader.join().expect("join");
+    // Its answer began before the body was whole: the connection closes.
+    assert_eq!(a.header("connection"), Some("close"), "{:?}", a.headers);
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(d.requests("raw").failed, 0);
+}

@@ -454,8 +454,15 @@ fn dispatch<S: ClientIo>(s: S, peer: Option<std::net::IpAddr>, tcp: bool, shared
         tokio::spawn(serve_client(s, peer, tcp, shared, workers::Open::on(here)));
         return;
     }
-    let (Some(rt), Ok(std)) = (workers::handles().get(there), s.into_std()) else {
+    let Some(rt) = workers::handles().get(there) else {
         return;
+    };
+    let std = match s.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot move a client connection; closed");
+            return;
+        }
     };
     let open = workers::Open::on(there);
     rt.spawn(async move {

@@ -18,7 +18,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
@@ -63,6 +63,9 @@ impl Buffer {
 
     /// Gives the memory back to the spares; the buffer is empty after.
     fn release(&mut self) {
+        if self.0.capacity() == 0 {
+            return;
+        }
         let mut b = std::mem::take(&mut self.0);
         b.clear();
         // After clear, reserve only moves the start back: no allocation.
@@ -80,9 +83,7 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        if self.0.capacity() > 0 {
-            self.release();
-        }
+        self.release();
     }
 }
 
@@ -131,23 +132,33 @@ impl Idle {
     fn take(&self) -> Option<Stream> {
         loop {
             let s = self.mine().lock().ok()?.pop()?;
-            // An idle connection has nothing to read: readable means closed
-            // (or a protocol error). No syscall unless the reactor saw an event.
-            let mut probe = [0u8; 1];
-            match s.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(s),
-                _ => continue,
+            if still_open(&s) {
+                return Some(s);
             }
         }
     }
 
+    /// Keeps `s` for the next request. The least recently used one is
+    /// checked too, so connections the worker closed while they sat at the
+    /// bottom of the list do not pile up (in CLOSE_WAIT) under steady load.
     fn put(&self, s: Stream) {
         if let Ok(mut l) = self.mine().lock() {
+            if l.first().is_some_and(|oldest| !still_open(oldest)) {
+                l.remove(0);
+            }
             if l.len() < MAX_IDLE {
                 l.push(s);
             }
         }
     }
+}
+
+/// Whether an idle upstream connection is still open: it has nothing to
+/// read, so readable means closed (or a protocol error). No syscall unless
+/// the reactor saw an event on it.
+fn still_open(s: &Stream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 impl std::fmt::Debug for Stream {
@@ -912,18 +923,6 @@ fn peek<S: SpliceIo>(s: &S) -> io::Result<usize> {
     })
 }
 
-/// Resolves once the worker has something to say (an answer, or the end of
-/// its connection); checked with a peek, so stale readiness does not count.
-async fn answered(s: &Stream) -> io::Result<()> {
-    loop {
-        s.ready(Interest::READABLE).await?;
-        match peek(s) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            _ => return Ok(()),
-        }
-    }
-}
-
 /// Resolves once the client has closed its connection (or it broke); never
 /// while the client is there, sending more requests or not.
 async fn client_gone<S: SpliceIo>(s: &S) {
@@ -940,31 +939,7 @@ async fn client_gone<S: SpliceIo>(s: &S) {
     }
 }
 
-/// Writes body bytes to the worker unless it answers first (`Ok(false)`):
-/// a worker that answers before reading the whole body (413, or an echo)
-/// must not leave zdt waiting to write while it waits to write.
-async fn write_unless_answered(s: &Stream, mut data: &[u8]) -> io::Result<bool> {
-    while !data.is_empty() {
-        match s.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::select! {
-                    biased;
-                    r = answered(s) => {
-                        r?;
-                        return Ok(false);
-                    }
-                    r = s.ready(Interest::WRITABLE) => r?,
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-/// Forwards one request (its head rewritten in `out`) and relays its response.
+/// Forwards one request (its head rewritten in `out`) and relays its answer.
 async fn forward<S>(c: &mut Client<S>, req: Request, mut out: Vec<u8>) -> Outcome
 where
     S: SpliceIo + AsyncRead + AsyncWrite + Unpin,
@@ -976,7 +951,7 @@ where
     c.buf.advance(req.len);
     let mut body = req.body;
     // Body bytes already read go out with the head.
-    let Some((pre, mut body_done)) = body.take(&c.buf) else {
+    let Some((pre, body_done)) = body.take(&c.buf) else {
         let bad = text("400 Bad Request", BAD_CHUNKS, CLOSE);
         return answer(c, &bad, req.head, true).await;
     };
@@ -1015,55 +990,50 @@ where
         }
     };
     c.buf.advance(pre);
-    let target = req.target;
-    let path = move |out: &[u8]| String::from_utf8_lossy(&out[target.0..target.1]).into_owned();
-    // The rest of the request body, unless the worker answers first.
-    let mut body_broken = false;
-    while !body_done {
-        c.buf.clear();
-        c.buf.room();
-        let read = tokio::select! {
-            biased;
-            _ = answered(&upstream) => {
-                body_broken = true;
-                break;
-            }
-            r = c.io.read_buf(&mut c.buf.0) => r,
-        };
-        if !matches!(read, Ok(n) if n > 0) {
-            tracing::debug!(program = %shared.program, path = %path(&out), "client closed during the request body");
-            guard.fail();
-            return Outcome::Close;
-        }
-        let Some((k, done)) = body.take(&c.buf) else {
-            guard.fail();
-            let bad = text("400 Bad Request", BAD_CHUNKS, CLOSE);
-            return answer(c, &bad, req.head, true).await;
-        };
-        body_done = done;
-        if !matches!(
-            write_unless_answered(&upstream, &c.buf[..k]).await,
-            Ok(true)
-        ) {
-            // The worker answered early, or stopped reading: read what it said.
-            body_broken = true;
-            break;
-        }
-        c.buf.advance(k);
-    }
-    // The response head.
-    let close = req.close || !body_done || body_broken;
     let mut rbuf = Buffer::take();
+    if !body_done {
+        let whole = duplex(
+            c,
+            &mut upstream,
+            &mut rbuf,
+            &req,
+            body,
+            &mut guard,
+            &shared.program,
+            &up.addr,
+            &out,
+        )
+        .await;
+        return match whole {
+            Some(Duplexed {
+                reusable,
+                body_whole,
+                close,
+            }) => {
+                if reusable {
+                    up.idle.put(upstream);
+                }
+                drop(guard);
+                match (close, body_whole) {
+                    (false, _) => Outcome::KeepAlive,
+                    (true, true) => Outcome::Close,
+                    (true, false) => Outcome::CloseUnread,
+                }
+            }
+            None => Outcome::Close,
+        };
+    }
+    // The whole request is with the worker: read its answer's head, while
+    // watching the client. One that goes away meanwhile ends the request:
+    // the worker's connection is closed, so it may stop, and a drain does
+    // not wait for it (nginx's 499).
+    let close = AtomicBool::new(req.close);
     let mut head = Vec::new();
-    // A client that goes away meanwhile ends the request: the worker's
-    // connection is closed, so it may stop, and a drain does not wait for it
-    // (nginx's 499).
     let mut resp = tokio::select! {
         biased;
-        r = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close) => r,
+        r = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, &close) => r,
         () = client_gone(&c.io) => {
-            tracing::debug!(program = %shared.program, upstream = %up.addr, path = %path(&out), "the client closed before the answer; request abandoned");
-            guard.discard();
+            abandoned(&shared.program, &up.addr, &out, req.target, guard);
             return Outcome::Close;
         }
     };
@@ -1077,8 +1047,14 @@ where
             match send(&shared, &req, &mut out, mark, &[], &mut tried, true).await {
                 Ok(s) => {
                     (up, guard, upstream) = (s.up, s.guard, s.conn);
-                    resp =
-                        read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, close).await;
+                    resp = tokio::select! {
+                        biased;
+                        r = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, &close) => r,
+                        () = client_gone(&c.io) => {
+                            abandoned(&shared.program, &up.addr, &out, req.target, guard);
+                            return Outcome::Close;
+                        }
+                    };
                 }
                 Err(NotSent::NoInstance | NotSent::Unreachable) => {
                     let bad = text("502 Bad Gateway", UNREACHABLE, CLOSE);
@@ -1094,45 +1070,129 @@ where
             }
         }
     }
+    let log = Log {
+        program: &shared.program,
+        upstream: &up.addr,
+        out: &out,
+        target: req.target,
+    };
     let resp = match resp {
         Ok(r) => r,
-        Err(Failed { cause, .. }) => {
-            guard.fail();
-            if guard.is_cut() {
-                tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), "request cut: the instance was stopped at max_wait; answered 502");
-            } else {
-                tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), %cause, "upstream failed; answered 502");
-            }
-            drop(guard);
-            let headers = if close { CLOSE } else { "" };
-            let bad = text("502 Bad Gateway", FAILED, headers);
-            return answer(c, &bad, req.head, close).await;
+        Err(failed) => {
+            let bad = log.failed(&mut guard, failed, req.close);
+            return answer(c, &bad, req.head, req.close).await;
         }
     };
     rbuf.advance(resp.len);
-    // The response body: the head and what is at hand go out in one write.
-    let mut framing = resp.body;
+    match relay_body(
+        &mut upstream,
+        &mut c.io,
+        &mut rbuf,
+        head,
+        resp.body,
+        &mut guard,
+        &log,
+    )
+    .await
+    {
+        Relayed::Whole => {}
+        Relayed::NothingSent(bad) => return answer(c, &bad, req.head, req.close).await,
+        Relayed::Broken => return Outcome::Close,
+    }
+    // Extra bytes after the answer: the worker broke the framing.
+    if resp.reusable && rbuf.is_empty() {
+        up.idle.put(upstream);
+    }
+    drop(guard);
+    if req.close {
+        Outcome::Close
+    } else {
+        Outcome::KeepAlive
+    }
+}
+
+/// Ends a request whose client went away before the answer.
+fn abandoned(
+    program: &str,
+    upstream: &PrivateAddr,
+    out: &[u8],
+    target: (usize, usize),
+    guard: InflightGuard,
+) {
+    let path = String::from_utf8_lossy(&out[target.0..target.1]);
+    tracing::debug!(%program, %upstream, %path, "the client closed before the answer; request abandoned");
+    guard.discard();
+}
+
+/// What the log lines of a request name.
+struct Log<'a> {
+    program: &'a str,
+    upstream: &'a PrivateAddr,
+    /// The rewritten head, whose target is the path logged.
+    out: &'a [u8],
+    target: (usize, usize),
+}
+
+impl Log<'_> {
+    fn path(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.out[self.target.0..self.target.1])
+    }
+
+    /// Counts and logs a request that got no answer head; returns zdt's 502.
+    fn failed(&self, guard: &mut InflightGuard, failed: Failed, close: bool) -> Vec<u8> {
+        guard.fail();
+        let (program, upstream, path) = (self.program, self.upstream, self.path());
+        if guard.is_cut() {
+            tracing::warn!(%program, %upstream, %path, "request cut: the instance was stopped at max_wait; answered 502");
+        } else {
+            tracing::warn!(%program, %upstream, %path, cause = %failed.cause, "upstream failed; answered 502");
+        }
+        text("502 Bad Gateway", FAILED, if close { CLOSE } else { "" })
+    }
+}
+
+/// How relaying an answer's body ended.
+enum Relayed {
+    /// All of it reached the client.
+    Whole,
+    /// It broke before a byte reached the client: this 502 is to be sent.
+    NothingSent(Vec<u8>),
+    /// It broke off (counted and logged), or the client went away: close.
+    Broken,
+}
+
+/// Relays an answer: `pending` (its head) and the body framed by `framing`,
+/// from what is in `rbuf` and what `up` sends. Small pieces join the head
+/// (or each other) in one write; bulk data is written from the read buffer.
+async fn relay_body<R, W>(
+    up: &mut R,
+    client: &mut W,
+    rbuf: &mut Buffer,
+    mut pending: Vec<u8>,
+    mut framing: Framing,
+    guard: &mut InflightGuard,
+    log: &Log<'_>,
+) -> Relayed
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let rechunk = framing == Framing::Close;
     let mut ended = framing.is_done();
-    let mut pending = head;
     let mut first = true;
     loop {
-        let Some((k, done)) = framing.take(&rbuf) else {
-            tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), "response body broke off: bad chunked framing");
+        let Some((k, done)) = framing.take(rbuf) else {
+            let (program, upstream, path) = (log.program, log.upstream, log.path());
+            tracing::warn!(%program, %upstream, %path, "response body broke off: bad chunked framing");
             guard.fail();
             if first {
-                // Nothing went to the client yet: it gets a 502.
-                let headers = if close { CLOSE } else { "" };
-                let bad = text("502 Bad Gateway", FAILED, headers);
-                return answer(c, &bad, req.head, close).await;
+                return Relayed::NothingSent(text("502 Bad Gateway", FAILED, ""));
             }
-            return Outcome::Close;
+            return Relayed::Broken;
         };
         first = false;
         ended |= done;
         let data = &rbuf[..k];
-        // Small pieces join the head (or each other) in one write; bulk
-        // data is written from the read buffer.
         let written = if rechunk {
             if k > 0 {
                 pending.extend_from_slice(format!("{k:x}\r\n").as_bytes());
@@ -1142,52 +1202,185 @@ where
             if ended {
                 pending.extend_from_slice(b"0\r\n\r\n");
             }
-            c.io.write_all(&pending).await
+            client.write_all(&pending).await
         } else if pending.len() + k <= BUF {
             pending.extend_from_slice(data);
-            c.io.write_all(&pending).await
+            client.write_all(&pending).await
         } else {
-            match c.io.write_all(&pending).await {
-                Ok(()) => c.io.write_all(data).await,
+            match client.write_all(&pending).await {
+                Ok(()) => client.write_all(data).await,
                 e => e,
             }
         };
         if written.is_err() {
             // The client went away; the worker's answer counts as served.
-            return Outcome::Close;
+            return Relayed::Broken;
         }
         pending.clear();
         rbuf.advance(k);
         if ended {
-            break;
+            return Relayed::Whole;
         }
         rbuf.clear();
         rbuf.room();
-        let read = upstream.read_buf(&mut rbuf.0).await;
-        match read {
+        match up.read_buf(&mut rbuf.0).await {
             Ok(n) if n > 0 => {}
             // A body framed by the connection's end has ended, unless zdt
             // cut the worker at max_wait.
             Ok(_) if framing == Framing::Close && !guard.is_cut() => ended = true,
             r => {
                 let cause = r.err().map(|e| e.to_string());
-                let cut = guard.is_cut();
-                tracing::warn!(program = %shared.program, upstream = %up.addr, path = %path(&out), ?cause, cut, "response body broke off");
+                let (program, upstream, path) = (log.program, log.upstream, log.path());
+                tracing::warn!(%program, %upstream, %path, ?cause, cut = guard.is_cut(), "response body broke off");
                 guard.fail();
-                return Outcome::Close;
+                return Relayed::Broken;
             }
         }
     }
-    // Extra bytes after the response: the worker broke the framing.
-    if resp.reusable && rbuf.is_empty() && body_done && !body_broken {
-        up.idle.put(upstream);
+}
+
+/// How a request whose body was still coming ended.
+struct Duplexed {
+    /// The upstream connection is at a message boundary.
+    reusable: bool,
+    /// The whole request body went to the worker.
+    body_whole: bool,
+    /// The client connection ends after the answer (its head said so).
+    close: bool,
+}
+
+/// Why forwarding a request body stopped.
+enum BodyEnd {
+    /// The client closed or broke its connection mid-body.
+    ClientGone,
+    /// The client's chunked framing is broken.
+    BadChunks,
+    /// The worker stopped taking the body (it closed, or answered and left).
+    WorkerGone,
+}
+
+/// Moves the rest of a request body from the client to the worker.
+async fn forward_body<R, W>(
+    client: &mut R,
+    up: &mut W,
+    buf: &mut Buffer,
+    body: &mut Framing,
+) -> Result<(), BodyEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while !body.is_done() {
+        buf.clear();
+        buf.room();
+        if !matches!(client.read_buf(&mut buf.0).await, Ok(n) if n > 0) {
+            return Err(BodyEnd::ClientGone);
+        }
+        let (k, _) = body.take(buf).ok_or(BodyEnd::BadChunks)?;
+        if up.write_all(&buf[..k]).await.is_err() {
+            return Err(BodyEnd::WorkerGone);
+        }
+        buf.advance(k);
     }
-    drop(guard);
-    match (close, body_done) {
-        (false, _) => Outcome::KeepAlive,
-        (true, true) => Outcome::Close,
-        (true, false) => Outcome::CloseUnread,
-    }
+    Ok(())
+}
+
+/// A request whose body is still coming: the body goes to the worker while
+/// its answer comes back, both at once, as a worker may answer before it
+/// has read all of the body (a 413, an echo, a 103 first). Returns `None`
+/// when the request ended without a whole answer (counted and logged).
+#[allow(clippy::too_many_arguments)]
+async fn duplex<S>(
+    c: &mut Client<S>,
+    upstream: &mut Stream,
+    rbuf: &mut Buffer,
+    req: &Request,
+    mut body: Framing,
+    guard: &mut InflightGuard,
+    program: &str,
+    addr: &PrivateAddr,
+    out: &[u8],
+) -> Option<Duplexed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let log = Log {
+        program,
+        upstream: addr,
+        out,
+        target: req.target,
+    };
+    // The answer says Connection: close unless the body was whole by the
+    // time its head was written.
+    let close = AtomicBool::new(true);
+    let (mut cr, mut cw) = tokio::io::split(&mut c.io);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let answered = {
+        let sending = forward_body(&mut cr, &mut uw, &mut c.buf, &mut body);
+        let answering = async {
+            let mut head = Vec::new();
+            let resp = match read_response(&mut ur, &mut rbuf.0, &mut head, req.head, &close).await
+            {
+                Ok(r) => r,
+                Err(failed) => return Err(log.failed(guard, failed, true)),
+            };
+            rbuf.advance(resp.len);
+            // What the head told the client.
+            let told_close = close.load(Ordering::Relaxed);
+            match relay_body(&mut ur, &mut cw, rbuf, head, resp.body, guard, &log).await {
+                Relayed::Whole => Ok(Some((resp.reusable, told_close))),
+                Relayed::NothingSent(bad) => Err(bad),
+                Relayed::Broken => Ok(None),
+            }
+        };
+        tokio::pin!(sending, answering);
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                r = &mut sending, if !sent => match r {
+                    Ok(()) => {
+                        sent = true;
+                        close.store(req.close, Ordering::Relaxed);
+                    }
+                    // The answer, if any, tells the rest.
+                    Err(BodyEnd::WorkerGone) => sent = true,
+                    Err(end) => break Err(end),
+                },
+                r = &mut answering => break Ok(r),
+            }
+        }
+    };
+    let answered = match answered {
+        Ok(a) => a,
+        Err(end) => {
+            let why = match end {
+                BodyEnd::BadChunks => "bad chunked framing in the request body",
+                _ => "client closed during the request body",
+            };
+            tracing::debug!(%program, path = %log.path(), why);
+            guard.fail();
+            return None;
+        }
+    };
+    let body_whole = body.is_done();
+    let (reusable, told_close) = match answered {
+        Ok(Some(a)) => a,
+        Ok(None) => return None,
+        Err(bad) => {
+            // No byte of an answer went out: zdt's 502, then the close.
+            let _ = cw.write_all(&bad).await;
+            return Some(Duplexed {
+                reusable: false,
+                body_whole,
+                close: true,
+            });
+        }
+    };
+    Some(Duplexed {
+        reusable: reusable && rbuf.is_empty() && body_whole,
+        body_whole,
+        close: told_close || !body_whole,
+    })
 }
 
 const BAD_CHUNKS: &str = "400 Bad Request: bad chunked framing\n";
@@ -1203,12 +1396,12 @@ struct Failed {
 
 /// Reads a response head into `rbuf`, skipping interim responses, and
 /// writes its client form into `head`.
-async fn read_response(
-    upstream: &mut Stream,
+async fn read_response<R: AsyncRead + Unpin>(
+    upstream: &mut R,
     rbuf: &mut BytesMut,
     head: &mut Vec<u8>,
     head_request: bool,
-    close: bool,
+    close: &AtomicBool,
 ) -> Result<Response, Failed> {
     let mut received = false;
     loop {
@@ -1225,7 +1418,7 @@ async fn read_response(
         }
         received = true;
         loop {
-            match parse_response(rbuf, head, head_request, close) {
+            match parse_response(rbuf, head, head_request, close.load(Ordering::Relaxed)) {
                 ParsedResponse::Response(r) => return Ok(r),
                 ParsedResponse::Interim(n) => rbuf.advance(n),
                 ParsedResponse::Partial => break,

@@ -13,6 +13,10 @@
 #   /badchunk  200 chunked, with a broken chunk size
 #   /early413  413 at once, without reading the request body, and the
 #              connection held open (not read) for 30 s
+#   /hint      103 Early Hints before reading the body, then 200 with the
+#              number of body bytes
+#   /stream    200 chunked at once, then each piece of the (Content-Length)
+#              body echoed as a chunk as it is read
 import os
 import socket
 import threading
@@ -35,8 +39,10 @@ def read_request(f):
         headers.append((name.strip(), value.strip()))
     lower = {k.lower(): v for k, v in headers}
     body = b""
-    if target == "/early413":
-        return method, target, headers, body
+    if target in ("/early413", "/stream"):
+        return method, target, headers, f
+    if target == "/hint":
+        return method, target, headers, (lower, f)
     if lower.get("transfer-encoding", "").lower() == "chunked":
         while True:
             size = int(f.readline().split(b";")[0], 16)
@@ -73,6 +79,25 @@ def respond(conn, method, target, headers, body):
             b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater"
         )
+        return True
+    if target == "/hint":
+        lower, f = body
+        conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+        n = len(f.read(int(lower["content-length"])))
+        data = f"received {n}".encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        return True
+    if target == "/stream":
+        f = body
+        left = int({k.lower(): v for k, v in headers}["content-length"])
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while left > 0:
+            piece = f.read1(min(left, 65536))
+            if not piece:
+                return False
+            left -= len(piece)
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.sendall(b"0\r\n\r\n")
         return True
     if target == "/die":
         return False
