@@ -8,12 +8,19 @@
 //! body has been sent. The data path never waits on an actor. (Built so that it
 //! can later run in a process of its own, behind the same interface.)
 //!
+//! Two HTTP paths share this: ordinary HTTP/1.1 requests go through
+//! `relay.rs` (zdt's own head parsing and body relaying), and what it hands
+//! over (HTTP/1.0, Upgrade, Expect, malformed heads) through hyper's server
+//! and client here (`serve`, `handle`).
+//!
 //! Routing: least requests in flight among the ready instances of the current
 //! generation, ties broken round-robin. With no ready instance a request waits
 //! up to `queue_timeout` for one, then gets `503` with `Retry-After` and
-//! `Connection: close`. A connect error is retried on another instance for
-//! requests without a body (they cannot have reached the app); any other
-//! upstream failure is a `502`, counted and logged with its path.
+//! `Connection: close`. A connect error is retried on another instance, body
+//! and all (nothing reached the app); on the relay path a GET, HEAD or
+//! OPTIONS without a body whose reused connection ends before a byte of
+//! answer is sent once more; any other upstream failure is a `502`, counted
+//! and logged with its path.
 
 mod addr;
 mod body;
