@@ -63,11 +63,12 @@ pub(super) fn count() -> usize {
 /// of the long-lived keep-alive connections (seen: 70% on one of two).
 pub(super) fn for_new_connection() -> usize {
     let n = handles().len().min(MAX);
-    let open: Vec<usize> = OPEN[..n]
-        .iter()
-        .map(|o| o.load(Ordering::Relaxed))
-        .collect();
-    thread_for(current(), &open)
+    // On the stack: this runs for every accepted connection.
+    let mut open = [0usize; MAX];
+    for (count, o) in open.iter_mut().zip(&OPEN[..n]) {
+        *count = o.load(Ordering::Relaxed);
+    }
+    thread_for(current(), &open[..n])
 }
 
 /// The thread among those with `open` connections that a connection
