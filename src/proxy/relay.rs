@@ -708,6 +708,8 @@ where
         // The header timeout runs from connect or from the previous response.
         sleep.as_mut().reset(Instant::now() + timeout);
         let mut out = Vec::new();
+        // Where the bytes not yet searched for the end of a head begin.
+        let mut unsearched = 0;
         let req = loop {
             if c.buf.is_empty() {
                 // Idle: no buffer is held while the client thinks.
@@ -717,7 +719,10 @@ where
                     r = c.io.ready(Interest::READABLE) => if r.is_err() { return },
                     () = &mut sleep => return,
                 }
-            } else {
+            } else if unsearched == 0
+                || may_end_head(&c.buf, unsearched)
+                || c.buf.len() > c.shared.options.max_header_bytes
+            {
                 // What is here first: a pipelined request may be whole.
                 let options = &c.shared.options;
                 match parse_request(
@@ -732,6 +737,7 @@ where
                     Parsed::Elsewhere => return Box::pin(elsewhere(c, peer)).await,
                 }
             }
+            unsearched = c.buf.len();
             c.buf.room();
             tokio::select! {
                 biased;
@@ -771,6 +777,16 @@ async fn linger<S: AsyncRead + Unpin>(mut io: S) {
         }
     })
     .await;
+}
+
+/// Whether the bytes of `buf` from `from` on (with the three before, where an
+/// end may have begun) hold the blank line that ends a head. A head that
+/// comes in pieces is parsed again only then, not at every piece: one
+/// byte at a time, parsing each time, costs the square of its length.
+fn may_end_head(buf: &[u8], from: usize) -> bool {
+    buf[from.saturating_sub(3)..]
+        .windows(2)
+        .any(|w| w == b"\n\n" || w == b"\n\r")
 }
 
 /// Hands the connection to the hyper path, the bytes read so far first.
@@ -1546,6 +1562,19 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_head_is_parsed_again_only_when_its_end_may_have_come() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n";
+        let ends: Vec<usize> = (1..=head.len())
+            .filter(|&n| may_end_head(&head[..n], n - 1))
+            .collect();
+        // Byte by byte, only the last byte can end it (and the "\n\r" of
+        // the blank line's start).
+        assert_eq!(ends, vec![head.len() - 1, head.len()]);
+        assert!(may_end_head(b"GET / HTTP/1.1\n\n", 14));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 10));
     }
 
     #[test]
