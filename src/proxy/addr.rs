@@ -73,6 +73,7 @@ impl PrivateAddr {
 }
 
 /// A connection to a private address.
+#[derive(Debug)]
 pub enum Stream {
     /// Over TCP.
     Tcp(tokio::net::TcpStream),

@@ -658,15 +658,17 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp
 }
 
-fn unavailable(shared: &Shared) -> Response<ProxyBody> {
+/// The text of a 503, counted as one.
+fn unavailable_message(shared: &Shared) -> String {
     shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
-    let mut resp = text(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!(
-            "503 Service Unavailable: {} has no ready instance\n",
-            shared.program
-        ),
-    );
+    format!(
+        "503 Service Unavailable: {} has no ready instance\n",
+        shared.program
+    )
+}
+
+fn unavailable(shared: &Shared) -> Response<ProxyBody> {
+    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, unavailable_message(shared));
     let h = resp.headers_mut();
     h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -675,14 +677,9 @@ fn unavailable(shared: &Shared) -> Response<ProxyBody> {
 
 /// The 503 of a program without a ready instance, as bytes (relay path).
 fn unavailable_text(shared: &Shared) -> Vec<u8> {
-    shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
-    let body = format!(
-        "503 Service Unavailable: {} has no ready instance\n",
-        shared.program
-    );
     relay::text(
         "503 Service Unavailable",
-        &body,
+        &unavailable_message(shared),
         "Retry-After: 1\r\nConnection: close\r\n",
     )
 }

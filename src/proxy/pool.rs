@@ -7,7 +7,7 @@
 //! another connection: the keep-alive close race never reaches the client.
 
 use std::io;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -15,9 +15,6 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use super::{workers, PrivateAddr, CONNECT_TIMEOUT};
-
-/// Idle connections kept per proxy thread; more are closed.
-const MAX_IDLE: usize = 512;
 
 /// The client's request as it goes upstream: its own head and body, never
 /// copied.
@@ -36,7 +33,7 @@ pub(crate) enum SendError {
 pub(crate) struct Pool {
     addr: PrivateAddr,
     /// One list per proxy thread, each used only by its thread.
-    idle: Vec<Mutex<Vec<SendRequest<Incoming>>>>,
+    idle: workers::IdleLists<SendRequest<Incoming>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -64,29 +61,21 @@ impl Pool {
     pub(crate) fn new(addr: PrivateAddr) -> Arc<Self> {
         Arc::new(Self {
             addr,
-            idle: (0..workers::count()).map(|_| Mutex::default()).collect(),
+            idle: workers::IdleLists::new(),
         })
-    }
-
-    fn mine(&self) -> &Mutex<Vec<SendRequest<Incoming>>> {
-        &self.idle[workers::current() % self.idle.len()]
     }
 
     fn put(&self, sender: SendRequest<Incoming>) {
         if sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.mine().lock() {
-            if idle.len() < MAX_IDLE {
-                idle.push(sender);
-            }
-        }
+        self.idle.push(sender, |oldest| oldest.is_closed());
     }
 
     /// The most recently used idle connection that is still open.
     async fn idle(&self) -> Option<SendRequest<Incoming>> {
         loop {
-            let mut sender = self.mine().lock().ok()?.pop()?;
+            let mut sender = self.idle.pop()?;
             // Normally at once: the connection finished its last response.
             if sender.ready().await.is_ok() {
                 return Some(sender);

@@ -19,7 +19,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use hyper_util::rt::TokioIo;
@@ -107,31 +107,25 @@ const MAX_HEADERS: usize = 100;
 /// Longest response head accepted from a worker (hyper's client: ~400 KB).
 const MAX_RESPONSE_HEAD: usize = 400 * 1024;
 
-/// Idle upstream connections kept per proxy thread; more are closed.
-const MAX_IDLE: usize = 512;
-
-/// Idle connections to one upstream, one list per proxy thread. Dropping it
+/// Idle relay connections to one upstream, per proxy thread. Dropping it
 /// (with its upstream, at the switch) closes them.
-#[derive(Debug)]
-pub(crate) struct Idle {
-    lists: Vec<Mutex<Vec<Stream>>>,
+pub(crate) struct Idle(workers::IdleLists<Stream>);
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Idle")
+    }
 }
 
 impl Idle {
     pub(crate) fn new() -> Self {
-        Self {
-            lists: (0..workers::count()).map(|_| Mutex::default()).collect(),
-        }
-    }
-
-    fn mine(&self) -> &Mutex<Vec<Stream>> {
-        &self.lists[workers::current() % self.lists.len()]
+        Self(workers::IdleLists::new())
     }
 
     /// The most recently used idle connection the worker has not closed.
     fn take(&self) -> Option<Stream> {
         loop {
-            let s = self.mine().lock().ok()?.pop()?;
+            let s = self.0.pop()?;
             if still_open(&s) {
                 return Some(s);
             }
@@ -142,14 +136,7 @@ impl Idle {
     /// checked too, so connections the worker closed while they sat at the
     /// bottom of the list do not pile up (in CLOSE_WAIT) under steady load.
     fn put(&self, s: Stream) {
-        if let Ok(mut l) = self.mine().lock() {
-            if l.first().is_some_and(|oldest| !still_open(oldest)) {
-                l.remove(0);
-            }
-            if l.len() < MAX_IDLE {
-                l.push(s);
-            }
-        }
+        self.0.push(s, |oldest| !still_open(oldest));
     }
 }
 
@@ -159,15 +146,6 @@ impl Idle {
 fn still_open(s: &Stream) -> bool {
     let mut probe = [0u8; 1];
     matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-}
-
-impl std::fmt::Debug for Stream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Tcp(_) => "Stream::Tcp",
-            Self::Unix(_) => "Stream::Unix",
-        })
-    }
 }
 
 /// How a message body is framed.
@@ -1045,14 +1023,14 @@ where
     // not wait for it (nginx's 499).
     let close = AtomicBool::new(req.close);
     let mut head = Vec::new();
-    let mut resp = tokio::select! {
-        biased;
-        r = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, &close) => r,
-        () = client_gone(&c.io) => {
-            abandoned(&shared.program, &up.addr, &out, req.target, guard);
-            return Outcome::Close;
-        }
-    };
+    let mut resp =
+        match head_unless_gone(&mut upstream, &mut rbuf, &mut head, &req, &close, &c.io).await {
+            Some(r) => r,
+            None => {
+                abandoned(&shared.program, &up.addr, &out, req.target, guard);
+                return Outcome::Close;
+            }
+        };
     if let Err(Failed { silent: true, .. }) = resp {
         // The keep-alive close race: the worker closed this idle connection
         // as the request went out on it, and said nothing. A request that is
@@ -1063,14 +1041,15 @@ where
             match send(&shared, &req, &mut out, mark, &[], &mut tried, true).await {
                 Ok(s) => {
                     (up, guard, upstream) = (s.up, s.guard, s.conn);
-                    resp = tokio::select! {
-                        biased;
-                        r = read_response(&mut upstream, &mut rbuf.0, &mut head, req.head, &close) => r,
-                        () = client_gone(&c.io) => {
+                    let again =
+                        head_unless_gone(&mut upstream, &mut rbuf, &mut head, &req, &close, &c.io);
+                    match again.await {
+                        Some(r) => resp = r,
+                        None => {
                             abandoned(&shared.program, &up.addr, &out, req.target, guard);
                             return Outcome::Close;
                         }
-                    };
+                    }
                 }
                 Err(NotSent::NoInstance | NotSent::Unreachable) => {
                     let bad = text("502 Bad Gateway", UNREACHABLE, CLOSE);
@@ -1124,6 +1103,23 @@ where
         Outcome::Close
     } else {
         Outcome::KeepAlive
+    }
+}
+
+/// Reads the answer's head as [`read_response`] does, unless the client goes
+/// away first (`None`).
+async fn head_unless_gone<S: SpliceIo>(
+    upstream: &mut Stream,
+    rbuf: &mut Buffer,
+    head: &mut Vec<u8>,
+    req: &Request,
+    close: &AtomicBool,
+    client: &S,
+) -> Option<Result<Response, Failed>> {
+    tokio::select! {
+        biased;
+        r = read_response(upstream, &mut rbuf.0, head, req.head, close) => Some(r),
+        () = client_gone(client) => None,
     }
 }
 

@@ -130,6 +130,48 @@ fn start(index: usize) -> Option<Handle> {
     rx.recv().ok()
 }
 
+/// Idle upstream connections kept per proxy thread; more are closed.
+const MAX_IDLE: usize = 512;
+
+/// Idle connections to one upstream, one list per proxy thread, each used
+/// only by its thread (so its lock is never contended). Dropping it closes
+/// them.
+pub(super) struct IdleLists<T> {
+    lists: Vec<std::sync::Mutex<Vec<T>>>,
+}
+
+impl<T> IdleLists<T> {
+    pub(super) fn new() -> Self {
+        Self {
+            lists: (0..count()).map(|_| std::sync::Mutex::default()).collect(),
+        }
+    }
+
+    /// Runs `f` on this thread's list.
+    fn with<R>(&self, f: impl FnOnce(&mut Vec<T>) -> R) -> Option<R> {
+        let mut list = self.lists[current() % self.lists.len()].lock().ok()?;
+        Some(f(&mut list))
+    }
+
+    /// The most recently used idle connection of this thread.
+    pub(super) fn pop(&self) -> Option<T> {
+        self.with(Vec::pop).flatten()
+    }
+
+    /// Keeps `conn` (unless the list is full); first drops the least
+    /// recently used one if `stale` says it is no longer worth keeping.
+    pub(super) fn push(&self, conn: T, stale: impl FnOnce(&T) -> bool) {
+        self.with(|l| {
+            if l.first().is_some_and(stale) {
+                l.remove(0);
+            }
+            if l.len() < MAX_IDLE {
+                l.push(conn);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::thread_for;
