@@ -282,6 +282,56 @@ fn a_drain_stays_in_force_across_a_reload() {
     assert_eq!(http_get(port, "/").expect("served").0, 200);
 }
 
+/// Reloads that change the program replace its generation on the same
+/// sockets; keep-alive clients connected before a reload must follow the live
+/// routes to the new generation (they stayed on the old one's frozen table and
+/// got 502 once it exited).
+#[test]
+fn reloads_that_change_a_proxied_program_fail_zero_requests() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let load = Load::start(port, 16, 4, &[0, 0, 20]);
+    let wait_load = |what: &str| {
+        let before = load.ok_so_far();
+        wait_for(what, T, || {
+            if load.ok_so_far() > before + 200 {
+                Ok(())
+            } else {
+                Err("slow".into())
+            }
+        });
+    };
+    for i in 0..3 {
+        wait_load("load before the reload");
+        d.write_config(
+            &(header()
+                + &proxy_program(
+                    "web",
+                    port,
+                    &[],
+                    &format!("environment = {{ ROUND = \"{i}\" }}"),
+                )),
+        );
+        let out = d.ctl(&["reload"]);
+        assert!(out.status.success(), "reload {i}: {out:?}");
+        wait_for("the reload's generation to serve alone", T, || {
+            let s = d.status();
+            let insts = &s[0].instances;
+            if insts.len() == 1 && insts[0].generation == i + 2 && insts[0].state == Running {
+                Ok(())
+            } else {
+                Err(format!("{insts:?}"))
+            }
+        });
+    }
+    wait_load("load after the last reload");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(report.generations.len() >= 4, "{:?}", report.generations);
+    let r = d.requests("web");
+    assert_eq!((r.failed, r.unavailable), (0, 0), "{r:?}");
+}
+
 #[test]
 fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
     let port = free_port();

@@ -224,6 +224,7 @@ pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) 
         bind_error: None,
         queued: None,
         proxy: None,
+        routes: crate::proxy::RouteTable::new(),
         config,
     };
     let cfg = actor.config.clone();
@@ -268,6 +269,9 @@ struct Program {
     /// Proxy mode: the component accepting on the sockets; routes are
     /// published to it after every change.
     proxy: Option<crate::proxy::ProxyHandle>,
+    /// Proxy mode: the routes and drain flag every proxy of this program
+    /// reads, kept across reloads that replace the proxy.
+    routes: crate::proxy::RouteTable,
     /// The program's request counters (proxy mode).
     traffic: Arc<Traffic>,
     /// A reload that arrived during a restart, applied when it is over.
@@ -297,9 +301,9 @@ impl Program {
                 self.bind_error = Some(e);
             }
         }
-        // A new proxy for new sockets; connections of the old one finish. A
-        // drain in force stays in force: only `undrain` ends it.
-        let draining = self.proxy.as_ref().is_some_and(|p| p.is_draining());
+        // A new proxy for new sockets; connections of the old one finish,
+        // routed by the same live table. A drain in force stays in force:
+        // only `undrain` ends it.
         self.proxy = None;
         self.traffic.set_proxied(cfg.mode == config::Mode::Proxy);
         if cfg.mode == config::Mode::Proxy && self.bind_error.is_none() {
@@ -308,11 +312,9 @@ impl Program {
                 &self.sockets,
                 crate::proxy::Options::of(cfg),
                 self.traffic.clone(),
+                &self.routes,
             ) {
-                Ok(p) => {
-                    p.set_draining(draining);
-                    self.proxy = Some(p);
-                }
+                Ok(p) => self.proxy = Some(p),
                 Err(e) => self.bind_error = Some(format!("cannot accept on the sockets: {e}")),
             }
         }
@@ -416,8 +418,8 @@ impl Program {
             }
             ProgramMsg::Drain { on, reply } => {
                 let result = match &self.proxy {
-                    Some(p) => {
-                        p.set_draining(on);
+                    Some(_) => {
+                        self.routes.set_draining(on);
                         tracing::info!(program = %self.config.name, draining = on, "drain");
                         Ok(self.snapshots_of(&(0..self.slots.len()).collect::<Vec<_>>()))
                     }
@@ -914,9 +916,8 @@ impl Program {
     }
 
     fn publish(&self) {
-        if let Some(p) = &self.proxy {
-            p.set_routes(self.slots.iter().filter_map(Slot::route).collect());
-        }
+        self.routes
+            .set_routes(self.slots.iter().filter_map(Slot::route).collect());
         self.traffic
             .set_live(self.slots.iter().flat_map(Slot::upstream_stats).collect());
         let new = ProgramSnapshot {

@@ -2,7 +2,7 @@
 //! request to a ready instance's private address, so it sees every request.
 //!
 //! The proxy is a component given listening sockets and a routing table: the
-//! program actor publishes the table ([`ProxyHandle::set_routes`], one `watch`
+//! program actor publishes the table ([`RouteTable::set_routes`], one `watch`
 //! send: the switch between generations is atomic), and each [`Upstream`]
 //! counts its requests in flight with an RAII guard held until the response
 //! body has been sent. The data path never waits on an actor. (Built so that it
@@ -275,25 +275,35 @@ pub struct Routes {
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
-/// Handle to a running proxy. Dropping it stops accepting; connections that
-/// are open finish on their own.
+/// The routing state of one program: the table its proxies route by and
+/// its drain flag. The program actor owns it for the program's whole life
+/// and publishes to it; every accept loop and every client connection of
+/// every proxy the program ever started reads it. So a reload that replaces
+/// the program's proxy (new sockets, new options) leaves no client connection
+/// on a frozen table: connections accepted before it follow the live routes.
 #[derive(Debug)]
-pub struct ProxyHandle {
-    /// Routing table; connection tasks hold receivers.
+pub struct RouteTable {
+    /// The table; proxies' connection tasks hold receivers.
     routes: watch::Sender<Arc<Routes>>,
-    /// Cancels the accept loops.
-    stop: CancellationToken,
     /// Set by `zdtctl drain`: every new request gets 503 at once.
     draining: Arc<AtomicBool>,
 }
 
-impl Drop for ProxyHandle {
-    fn drop(&mut self) {
-        self.stop.cancel();
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-impl ProxyHandle {
+impl RouteTable {
+    /// An empty table, not draining.
+    pub fn new() -> Self {
+        Self {
+            routes: watch::channel(Arc::new(Routes::default())).0,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// Starts or ends a drain: while draining, new requests get 503 at once.
     pub fn set_draining(&self, on: bool) {
         self.draining.store(on, Ordering::SeqCst);
@@ -317,6 +327,21 @@ impl ProxyHandle {
             }
             !same
         });
+    }
+}
+
+/// Handle to a running proxy: its accept loops. Dropping it stops accepting;
+/// connections that are open finish on their own, routed by the program's
+/// live [`RouteTable`].
+#[derive(Debug)]
+pub struct ProxyHandle {
+    /// Cancels the accept loops.
+    stop: CancellationToken,
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -357,20 +382,19 @@ impl Options {
     }
 }
 
-/// Starts accepting on `sockets` for `program`.
+/// Starts accepting on `sockets` for `program`, routing by `table`.
 pub fn start(
     program: &str,
     sockets: &[Arc<OwnedFd>],
     options: Options,
     traffic: Arc<Traffic>,
+    table: &RouteTable,
 ) -> std::io::Result<ProxyHandle> {
-    let (tx, rx) = watch::channel(Arc::new(Routes::default()));
     let stop = CancellationToken::new();
-    let draining = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
-        draining: draining.clone(),
+        draining: table.draining.clone(),
         program: program.to_string(),
-        routes: rx,
+        routes: table.routes.subscribe(),
         options,
         next: AtomicUsize::new(0),
         traffic,
@@ -387,11 +411,7 @@ pub fn start(
             rt.spawn(accept_loop(listener, shared.clone(), stop.clone()));
         }
     }
-    Ok(ProxyHandle {
-        routes: tx,
-        stop,
-        draining,
-    })
+    Ok(ProxyHandle { stop })
 }
 
 enum Listener {
