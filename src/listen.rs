@@ -6,12 +6,14 @@
 //! worker receives a dup of the *same* socket, so generations share one accept
 //! queue and nothing queued is lost when an old generation exits (PITFALLS 1-2).
 
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::ListenAddr;
+use crate::config::{ListenAddr, ProgramConfig};
 
 /// Why an address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,91 @@ pub fn bind(
     };
     socket.listen(backlog).map_err(err)?;
     Ok(socket.into())
+}
+
+/// Every listening socket zdt owns, by address. The supervisor and the
+/// program actors hold clones: the supervisor binds what a config or a
+/// reload asks for (all of a reload's new addresses before anything
+/// changes) and releases what no program names any more; a program whose
+/// bind failed binds again on `start`, `restart` and its retry timer. The
+/// lock is held only while binding or looking up, never on the data path.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    owned: Arc<Mutex<BTreeMap<ListenAddr, Arc<OwnedFd>>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<ListenAddr, Arc<OwnedFd>>> {
+        // A panic while holding the lock cannot leave the map half-changed
+        // (every change is one insert or retain), so a poisoned map is fine.
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sockets of `cfg`, binding the ones not owned yet; the first bind
+    /// error otherwise.
+    pub fn sockets_for(&self, cfg: &ProgramConfig) -> Result<Vec<Arc<OwnedFd>>, ListenError> {
+        let mut owned = self.lock();
+        let mut out = Vec::with_capacity(cfg.listen.len());
+        for addr in &cfg.listen {
+            let fd = match owned.get(addr) {
+                Some(fd) => fd.clone(),
+                None => {
+                    let fd = Arc::new(bind(
+                        addr,
+                        cfg.backlog,
+                        cfg.socket_mode,
+                        cfg.socket_owner.as_deref(),
+                    )?);
+                    tracing::info!(program = %cfg.name, %addr, "listening");
+                    owned.insert(addr.clone(), fd.clone());
+                    fd
+                }
+            };
+            out.push(fd);
+        }
+        Ok(out)
+    }
+
+    /// Binds every address of `programs` not owned yet, all or nothing: on
+    /// any error the sockets this call bound are closed again and every
+    /// error is returned.
+    pub fn bind_all<'a>(
+        &self,
+        programs: impl IntoIterator<Item = &'a ProgramConfig>,
+    ) -> Result<(), Vec<ListenError>> {
+        let mut owned = self.lock();
+        let mut fresh: BTreeMap<ListenAddr, Arc<OwnedFd>> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for cfg in programs {
+            for addr in &cfg.listen {
+                if owned.contains_key(addr) || fresh.contains_key(addr) {
+                    continue;
+                }
+                match bind(
+                    addr,
+                    cfg.backlog,
+                    cfg.socket_mode,
+                    cfg.socket_owner.as_deref(),
+                ) {
+                    Ok(fd) => {
+                        fresh.insert(addr.clone(), Arc::new(fd));
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        owned.extend(fresh);
+        Ok(())
+    }
+
+    /// Closes the sockets whose address `keep` rejects (programs still
+    /// using one hold their own reference until they let go).
+    pub fn retain(&self, mut keep: impl FnMut(&ListenAddr) -> bool) {
+        self.lock().retain(|addr, _| keep(addr));
+    }
 }
 
 /// Gives `path` to `owner` (`user` or `user:group`; the group defaults to

@@ -7,13 +7,11 @@
 //! the programs' published snapshots even while a restart runs.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{self, Config, ListenAddr, ProgramConfig};
+use crate::config::{self, Config, ProgramConfig};
 use crate::control::proto::{ErrorBody, Outcome, PidEntry, Reply};
 use crate::control::{proto::Command, ControlRequest};
 use crate::listen;
@@ -42,8 +40,20 @@ pub struct Supervisor {
     spawner: Spawner,
     /// Every listening socket zdt owns, bound once and kept open for zdt's
     /// life (program actors hold clones while they use them). An address
-    /// dropped by a reload is closed once the last program using it let go.
-    sockets: BTreeMap<ListenAddr, Arc<OwnedFd>>,
+    /// dropped by a reload is closed once the reload settled and the last
+    /// program using it let go.
+    registry: listen::Registry,
+    /// Reload tasks report here when every change of theirs settled; the
+    /// supervisor loop holds the receiver.
+    settled_tx: mpsc::UnboundedSender<Settled>,
+    settled_rx: Option<mpsc::UnboundedReceiver<Settled>>,
+}
+
+/// A reload's changes all settled: the programs in `reverted` kept the
+/// settings they had before (their change failed before it went live).
+#[derive(Debug)]
+struct Settled {
+    reverted: Vec<(String, ProgramConfig)>,
 }
 
 fn op_error(e: OpError) -> ErrorBody {
@@ -78,45 +88,33 @@ enum Verb {
 impl Supervisor {
     /// A supervisor for `config`; programs start with [`Supervisor::run`].
     pub fn new(config: Config, spawner: Spawner) -> Self {
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         Self {
             config,
             programs: BTreeMap::new(),
             spawner,
-            sockets: BTreeMap::new(),
+            registry: listen::Registry::default(),
+            settled_tx,
+            settled_rx: Some(settled_rx),
         }
     }
 
     /// The program's sockets, binding the ones not yet owned.
-    fn sockets_for(&mut self, cfg: &ProgramConfig) -> Sockets {
-        let mut out = Vec::new();
-        for addr in &cfg.listen {
-            let fd = match self.sockets.get(addr) {
-                Some(fd) => fd.clone(),
-                None => {
-                    let fd = listen::bind(
-                        addr,
-                        cfg.backlog,
-                        cfg.socket_mode,
-                        cfg.socket_owner.as_deref(),
-                    )
-                    .map_err(|e| {
-                        tracing::error!(program = %cfg.name, cause = %e, "cannot bind");
-                        e.to_string()
-                    })?;
-                    tracing::info!(program = %cfg.name, %addr, "listening");
-                    let fd = Arc::new(fd);
-                    self.sockets.insert(addr.clone(), fd.clone());
-                    fd
-                }
-            };
-            out.push(fd);
-        }
-        Ok(out)
+    fn sockets_for(&self, cfg: &ProgramConfig) -> Sockets {
+        self.registry.sockets_for(cfg).map_err(|e| {
+            tracing::error!(program = %cfg.name, cause = %e, "cannot bind");
+            e.to_string()
+        })
     }
 
     fn add_program(&mut self, cfg: ProgramConfig) {
         let sockets = self.sockets_for(&cfg);
-        let handle = spawn_program(cfg.clone(), sockets, self.spawner.clone());
+        let handle = spawn_program(
+            cfg.clone(),
+            sockets,
+            self.spawner.clone(),
+            self.registry.clone(),
+        );
         self.programs.insert(
             cfg.name.clone(),
             Entry {
@@ -141,13 +139,18 @@ impl Supervisor {
         }
         // Set when a shutdown was asked for through the control socket.
         let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
+        let mut settled = match self.settled_rx.take() {
+            Some(rx) => rx,
+            None => mpsc::unbounded_channel().1,
+        };
         loop {
             tokio::select! {
                 Some(req) = requests.recv() => self.on_request(req, &shutdown_tx),
+                Some(s) = settled.recv() => self.on_settled(s),
                 sig = signals.recv() => match sig {
                     Some(DaemonSignal::Reload) => {
                         let (tx, mut rx) = mpsc::channel(8);
-                        self.reload(tx);
+                        self.reload(tx, false);
                         tokio::spawn(async move {
                             while let Some(r) = rx.recv().await {
                                 if let Reply::Error { error } = r {
@@ -244,7 +247,7 @@ impl Supervisor {
                 reply_now(ok(Outcome::ShuttingDown));
                 let _ = shutdown.try_send(());
             }
-            Command::Reload => self.reload(replies),
+            Command::Reload { allow_empty } => self.reload(replies, allow_empty),
             Command::Drain { target } => self.drain(&target, true, replies),
             Command::Undrain { target } => self.drain(&target, false, replies),
             Command::Start { target } => self.act(Verb::Start, &target, false, replies),
@@ -422,20 +425,48 @@ impl Supervisor {
     }
 
     /// Reads the config file again and applies the difference, or rejects the
-    /// whole file and changes nothing.
-    fn reload(&mut self, replies: mpsc::Sender<Reply>) {
+    /// whole file and changes nothing: a file that does not parse, one with
+    /// no programs (unless `allow_empty`), one naming an address that cannot
+    /// be bound. A changed program whose new generation fails keeps its
+    /// previous settings (see [`Supervisor::on_settled`]).
+    fn reload(&mut self, replies: mpsc::Sender<Reply>, allow_empty: bool) {
+        let reject = |body: ErrorBody| {
+            let replies = replies.clone();
+            tokio::spawn(async move { send(&replies, err(body)).await });
+        };
         let path: PathBuf = self.config.file.clone();
         let new = match config::load(&path) {
             Ok(c) => c,
             Err(e) => {
-                let body = ErrorBody::new("config", e.to_string()).with_hint(format!(
+                return reject(ErrorBody::new("config", e.to_string()).with_hint(format!(
                     "nothing was changed; fix the file and reload again\n{}",
                     e.render()
-                ));
-                tokio::spawn(async move { send(&replies, err(body)).await });
-                return;
+                )));
             }
         };
+        if new.programs.is_empty() && !self.programs.is_empty() && !allow_empty {
+            return reject(
+                ErrorBody::new(
+                    "config",
+                    format!(
+                        "{} has no programs: reloading it would stop all {} running program(s); nothing was changed",
+                        path.display(),
+                        self.programs.len()
+                    ),
+                )
+                .with_hint("if that is what you want, run `zdtctl reload --allow-empty`"),
+            );
+        }
+        if let Err(errors) = self.registry.bind_all(new.programs.values()) {
+            let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return reject(
+                ErrorBody::new(
+                    "failed",
+                    format!("reload rejected: {}; nothing was changed", list.join("; ")),
+                )
+                .with_hint("free the address or choose another one, then reload again"),
+            );
+        }
         if new.supervisor != self.config.supervisor {
             tracing::warn!("[supervisor] settings changed; they take effect when zdt restarts");
         }
@@ -443,7 +474,8 @@ impl Supervisor {
         let mut removed = Vec::new();
         let mut changed = Vec::new();
         let mut unchanged = Vec::new();
-        let mut waits: Vec<(String, oneshot::Receiver<OpResult>)> = Vec::new();
+        let mut waits: Vec<(String, Option<ProgramConfig>, oneshot::Receiver<OpResult>)> =
+            Vec::new();
         let old_names: Vec<String> = self.programs.keys().cloned().collect();
         for name in old_names {
             if !new.programs.contains_key(&name) {
@@ -453,7 +485,7 @@ impl Supervisor {
                     tokio::spawn(async move {
                         let _ = h.tx_send(ProgramMsg::Shutdown { reply: tx }).await;
                     });
-                    waits.push((name.clone(), rx));
+                    waits.push((name.clone(), None, rx));
                 }
                 removed.push(name);
             }
@@ -461,15 +493,18 @@ impl Supervisor {
         let mut order: Vec<&ProgramConfig> = new.programs.values().collect();
         order.sort_by_key(|p| (p.priority, p.name.clone()));
         for cfg in order {
-            match self.programs.get_mut(&cfg.name) {
+            match self.programs.get(&cfg.name) {
                 None => {
                     self.add_program(cfg.clone());
                     added.push(cfg.name.clone());
                 }
                 Some(e) if e.config != *cfg => {
-                    e.config = cfg.clone();
                     let h = e.handle.clone();
+                    let before = e.config.clone();
                     let sockets = self.sockets_for(cfg);
+                    if let Some(e) = self.programs.get_mut(&cfg.name) {
+                        e.config = cfg.clone();
+                    }
                     let (tx, rx) = oneshot::channel();
                     let boxed = Box::new(cfg.clone());
                     tokio::spawn(async move {
@@ -481,28 +516,27 @@ impl Supervisor {
                             })
                             .await;
                     });
-                    waits.push((cfg.name.clone(), rx));
+                    waits.push((cfg.name.clone(), Some(before), rx));
                     changed.push(cfg.name.clone());
                 }
                 Some(_) => unchanged.push(cfg.name.clone()),
             }
         }
         self.config = new;
-        let wanted: Vec<&ListenAddr> = self
-            .config
-            .programs
-            .values()
-            .flat_map(|p| &p.listen)
-            .collect();
-        self.sockets.retain(|addr, _| wanted.contains(&addr));
         tracing::info!(?added, ?removed, ?changed, "configuration reloaded");
+        let settled = self.settled_tx.clone();
         tokio::spawn(async move {
             let mut failures = Vec::new();
-            for (name, rx) in waits {
+            let mut reverted = Vec::new();
+            for (name, before, rx) in waits {
                 if let Ok(Err(e)) = rx.await {
                     failures.push(format!("{name}: {}", e.message));
+                    if let (true, Some(before)) = (e.kept_previous_config, before) {
+                        reverted.push((name, before));
+                    }
                 }
             }
+            let _ = settled.send(Settled { reverted });
             let reply = if failures.is_empty() {
                 ok(Outcome::Reloaded {
                     added,
@@ -518,6 +552,25 @@ impl Supervisor {
             };
             send(&replies, reply).await;
         });
+    }
+
+    /// A reload settled: programs whose change failed keep their previous
+    /// settings as their config (so the next reload of the same file tries
+    /// the change again), and sockets no program names any more are closed.
+    fn on_settled(&mut self, settled: Settled) {
+        for (name, before) in settled.reverted {
+            if let Some(e) = self.programs.get_mut(&name) {
+                tracing::warn!(program = %name, "reload: the change failed; the previous settings stay in force");
+                e.config = before.clone();
+                self.config.programs.insert(name, before);
+            }
+        }
+        let wanted: Vec<config::ListenAddr> = self
+            .programs
+            .values()
+            .flat_map(|e| e.config.listen.iter().cloned())
+            .collect();
+        self.registry.retain(|addr| wanted.contains(addr));
     }
 }
 
@@ -561,6 +614,7 @@ fn collect(results: Vec<(String, Option<OpResult>)>, message: String) -> Reply {
             None => errors.push(OpError {
                 message: format!("{name}: the program was removed while the order ran"),
                 log_tail: None,
+                kept_previous_config: false,
             }),
         }
     }

@@ -208,6 +208,12 @@ fn main() -> ExitCode {
         );
     }
     if let Some(Cmd::Check) = args.command {
+        if config.programs.is_empty() {
+            eprintln!(
+                "warning: {} has no programs; `zdtctl reload` refuses it unless given --allow-empty",
+                config.file.display()
+            );
+        }
         println!(
             "{}: ok ({} program{})",
             config.file.display(),

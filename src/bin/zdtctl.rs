@@ -95,7 +95,11 @@ enum Cmd {
         targets: Vec<String>,
     },
     /// Read the configuration again and apply the difference.
-    Reload,
+    Reload {
+        /// Accept a configuration with no programs (this stops them all).
+        #[arg(long)]
+        allow_empty: bool,
+    },
     /// Stop all programs and exit zdt.
     Shutdown,
     /// Print the daemon's version.
@@ -168,7 +172,9 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             .iter()
             .map(|t| Command::Undrain { target: t.clone() })
             .collect(),
-        Cmd::Reload => vec![Command::Reload],
+        Cmd::Reload { allow_empty } => vec![Command::Reload {
+            allow_empty: *allow_empty,
+        }],
         Cmd::Shutdown => vec![Command::Shutdown],
         Cmd::Version => vec![Command::Version],
     }

@@ -93,7 +93,11 @@ pub enum Command {
         target: String,
     },
     /// Read the configuration file again and apply the difference.
-    Reload,
+    Reload {
+        /// Accept a file with no programs (which stops them all).
+        #[serde(default)]
+        allow_empty: bool,
+    },
     /// Stop everything and exit.
     Shutdown,
     /// The daemon's version.

@@ -46,6 +46,9 @@ pub struct OpError {
     pub message: String,
     /// The last lines the worker wrote, if the failure is the worker's.
     pub log_tail: Option<String>,
+    /// A reload's change failed and the program runs on with the settings
+    /// it had before (the supervisor keeps those as the program's config).
+    pub kept_previous_config: bool,
 }
 
 impl OpError {
@@ -53,6 +56,7 @@ impl OpError {
         Self {
             message,
             log_tail: None,
+            kept_previous_config: false,
         }
     }
 }
@@ -200,7 +204,12 @@ impl ProgramHandle {
 
 /// Starts the actor for one program. It starts its instances at once when
 /// `autostart` is set.
-pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) -> ProgramHandle {
+pub fn spawn_program(
+    config: ProgramConfig,
+    sockets: Sockets,
+    spawner: Spawner,
+    registry: crate::listen::Registry,
+) -> ProgramHandle {
     let (tx, rx) = mpsc::channel(64);
     let name = config.name.clone();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -222,6 +231,8 @@ pub fn spawn_program(config: ProgramConfig, sockets: Sockets, spawner: Spawner) 
         log_drops: Arc::new(Notify::new()),
         sockets: Vec::new(),
         bind_error: None,
+        registry,
+        bind_retry: None,
         queued: None,
         proxy: None,
         routes: crate::proxy::RouteTable::new(),
@@ -264,8 +275,14 @@ struct Program {
     /// The listening sockets every generation gets (shared with the supervisor,
     /// which keeps them open for zdt's life).
     sockets: Vec<Arc<OwnedFd>>,
-    /// Why the sockets could not be bound: starts fail with it.
+    /// Why the sockets could not be bound: starts fail with it (after
+    /// trying again).
     bind_error: Option<String>,
+    /// Where sockets are bound again after a bind error.
+    registry: crate::listen::Registry,
+    /// With `autostart`, a failed bind is tried again at this time; the
+    /// count is the number of tries so far (for the backoff).
+    bind_retry: Option<(tokio::time::Instant, u32)>,
     /// Proxy mode: the component accepting on the sockets; routes are
     /// published to it after every change.
     proxy: Option<crate::proxy::ProxyHandle>,
@@ -276,6 +293,14 @@ struct Program {
     traffic: Arc<Traffic>,
     /// A reload that arrived during a restart, applied when it is over.
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
+}
+
+/// Resolves at `at`, never when None.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Backoff before the next start after `failures` failed starts in a row.
@@ -330,10 +355,13 @@ impl Program {
         let mut shutting_down = false;
         if self.config.autostart {
             self.start_slots(None);
+            self.schedule_bind_retry(0);
         }
         self.publish();
         loop {
+            let retry_at = self.bind_retry.map(|(at, _)| at);
             tokio::select! {
+                () = sleep_until_some(retry_at), if !shutting_down => self.on_bind_retry(),
                 msg = orders.recv(), if !shutting_down => match msg {
                     Some(ProgramMsg::Shutdown { reply }) => {
                         shutting_down = true;
@@ -367,6 +395,43 @@ impl Program {
         tracing::debug!(program = %self.config.name, "program actor ended");
     }
 
+    /// With a bind error and `autostart`, tries the bind again after a
+    /// backoff (`tries` so far).
+    fn schedule_bind_retry(&mut self, tries: u32) {
+        self.bind_retry = match (&self.bind_error, self.config.autostart) {
+            (Some(e), true) => {
+                let delay = backoff_delay(tries + 1);
+                tracing::warn!(program = %self.config.name, cause = %e, retry_in = ?delay, "cannot bind; trying again");
+                Some((tokio::time::Instant::now() + delay, tries + 1))
+            }
+            _ => None,
+        };
+    }
+
+    fn on_bind_retry(&mut self) {
+        let tries = self.bind_retry.take().map_or(0, |(_, n)| n);
+        if self.rebind() {
+            tracing::info!(program = %self.config.name, tries, "bound after a bind error; starting");
+            self.start_slots(None);
+        } else {
+            self.schedule_bind_retry(tries);
+        }
+    }
+
+    /// After a bind error, binds the sockets again; whether they are bound.
+    fn rebind(&mut self) -> bool {
+        if self.bind_error.is_none() {
+            return true;
+        }
+        let sockets = self
+            .registry
+            .sockets_for(&self.config)
+            .map_err(|e| e.to_string());
+        let cfg = self.config.clone();
+        self.set_sockets(sockets, &cfg);
+        self.bind_error.is_none()
+    }
+
     fn handle(&mut self, msg: ProgramMsg) {
         match msg {
             ProgramMsg::Start { instance, reply } => match self.select(instance) {
@@ -379,6 +444,7 @@ impl Program {
             },
             ProgramMsg::Stop { instance, reply } => match self.select(instance) {
                 Ok(slots) => {
+                    self.bind_retry = None;
                     self.supersede(&slots, "stop");
                     let slots = self.stop_slots(instance);
                     self.ops.push(Op::new(OpKind::Stop, slots, reply, None));
@@ -497,11 +563,17 @@ impl Program {
             && config.overlaps()
             && self.config.overlaps()
             && config.instances == self.config.instances;
+        let previous = overlap.then(|| {
+            Box::new(ops::Previous {
+                config: self.config.clone(),
+                sockets: self.sockets.clone(),
+            })
+        });
         self.set_sockets(sockets, &config);
         if overlap {
             self.config = *config;
             self.resize_slots();
-            self.begin_replace(None, None, reply);
+            self.begin_replace(None, None, reply, previous);
         } else {
             self.begin_restart(None, Some(config), None, reply);
         }
@@ -526,6 +598,7 @@ impl Program {
         instance: Option<u32>,
         progress: Option<mpsc::Sender<Reply>>,
         reply: oneshot::Sender<OpResult>,
+        previous: Option<Box<ops::Previous>>,
     ) {
         if let Some(e) = self.restart_busy() {
             let _ = reply.send(Err(e));
@@ -538,8 +611,9 @@ impl Program {
                 return;
             }
         };
-        if let Some(err) = &self.bind_error {
-            let _ = reply.send(Err(OpError::plain(err.clone())));
+        if !self.rebind() {
+            let err = self.bind_error.clone().unwrap_or_default();
+            let _ = reply.send(Err(OpError::plain(err)));
             return;
         }
         self.supersede(&slots, "restart");
@@ -558,6 +632,7 @@ impl Program {
                 rolling,
                 todo: slots.clone(),
                 started: std::time::Instant::now(),
+                previous,
             },
             slots,
             reply,
@@ -582,6 +657,7 @@ impl Program {
             rolling,
             todo,
             started,
+            ..
         } = &self.ops[index].kind
         else {
             return None;
@@ -610,14 +686,29 @@ impl Program {
                 .max()
                 .unwrap_or(gen);
             let switched = slots.len() - todo.len();
-            let kept = if switched == 0 {
+            let mut kept = if switched == 0 {
                 "the old generation keeps serving".to_string()
             } else {
                 format!("{switched} instance(s) already switched stay on gen {gen}; the others keep serving")
             };
+            // A reload's change that went live nowhere is undone whole, so a
+            // crash of an old worker respawns it as it was, not as rejected.
+            let previous = match &mut self.ops[index].kind {
+                OpKind::Replace { previous, .. } if switched == 0 => previous.take(),
+                _ => None,
+            };
+            let reverted = previous.is_some();
+            if let Some(prev) = previous {
+                let ops::Previous { config, sockets } = *prev;
+                self.set_sockets(Ok(sockets), &config);
+                self.config = config;
+                self.resize_slots();
+                kept.push_str(" with its previous settings");
+            }
             return Some(Err(OpError {
                 message: format!("{name}: restart failed: {why}; {kept}"),
                 log_tail: Some(self.slots[s].log_tail(20)),
+                kept_previous_config: reverted,
             }));
         }
         let ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0);
@@ -670,7 +761,7 @@ impl Program {
             && self.config.overlaps()
             && self.slots.iter().any(Slot::wants_running)
         {
-            return self.begin_replace(instance, progress, reply);
+            return self.begin_replace(instance, progress, reply, None);
         }
         if let Some(e) = self.restart_busy() {
             let _ = reply.send(Err(e));
@@ -737,6 +828,7 @@ impl Program {
         let selected = self.select(instance).unwrap_or_default();
         if selected.iter().any(|&i| !self.slots[i].wants_running()) {
             self.generation += 1;
+            self.rebind();
         }
         for &i in &selected {
             if !self.slots[i].wants_running() {
@@ -899,6 +991,7 @@ impl Program {
                     s.reason().map(|r| format!(" ({r})")).unwrap_or_default()
                 ),
                 log_tail: Some(s.log_tail(20)),
+                kept_previous_config: false,
             },
             None => OpError::plain(format!(
                 "{} did not reach the requested state",

@@ -35,7 +35,17 @@ pub(super) enum OpKind {
         rolling: bool,
         todo: Vec<usize>,
         started: std::time::Instant,
+        /// A reload's replace: the settings and sockets in force before it,
+        /// put back if no instance switched when it fails.
+        previous: Option<Box<Previous>>,
     },
+}
+
+/// What a program ran with before a reload's replace.
+#[derive(Debug)]
+pub(super) struct Previous {
+    pub config: ProgramConfig,
+    pub sockets: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// One pending order.
