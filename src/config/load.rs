@@ -74,7 +74,7 @@ struct RawProgram {
     socket_owner: Option<Spanned<String>>,
     fdname: Option<String>,
     mode: Option<Spanned<String>>,
-    ready: Option<Spanned<RawReady>>,
+    ready: Option<Spanned<ReadyValue>>,
     ready_timeout: Option<DurationValue>,
     watchdog: Option<Spanned<DurationValue>>,
     strategy: Option<Spanned<String>>,
@@ -86,7 +86,7 @@ struct RawProgram {
     upstream: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawReady {
     notify: Option<bool>,
@@ -95,6 +95,48 @@ struct RawReady {
     http: Option<String>,
     tcp: Option<bool>,
 }
+
+/// `ready` as a table, or as the name of a check that needs no value
+/// (`ready = "notify"`, the form `zdt run --ready notify` takes).
+struct ReadyValue(RawReady);
+
+impl<'de> Deserialize<'de> for ReadyValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ReadyValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"notify\", \"tcp\", or a table such as { http = \"/health\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ReadyValue, E> {
+                let mut r = RawReady::default();
+                match s {
+                    "notify" => r.notify = Some(true),
+                    "tcp" => r.tcp = Some(true),
+                    _ => {
+                        return Err(E::custom(format!(
+                            "unknown ready {s:?}: use \"notify\", \"tcp\", or a table: {{ notify = true }}, {{ delay = \"1s\" }}, {{ exec = [\"cmd\"] }}, {{ http = \"/health\" }}, {{ tcp = true }}"
+                        )))
+                    }
+                }
+                Ok(ReadyValue(r))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ReadyValue, A::Error> {
+                RawReady::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(ReadyValue)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The most instances a program may have: each is a process with its log
+/// buffers and, in proxy mode, a private port (100,000 took gigabytes and
+/// minutes to reload).
+pub const MAX_INSTANCES: u32 = 1024;
 
 /// Parses `tcp://IP:PORT` or `unix://PATH`.
 fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr, String> {
@@ -130,6 +172,15 @@ pub(super) fn friendly(message: &str) -> String {
         .replace("expected i32", "expected an integer")
         .replace("expected u32", "expected a non-negative integer")
         .replace("expected a boolean", "expected true or false")
+        .replace(
+            "expected struct RawProgram",
+            "expected a [program.NAME] table",
+        )
+        .replace(
+            "expected struct RawSupervisor",
+            "expected the [supervisor] table",
+        )
+        .replace("expected struct RawFile", "expected a configuration file")
 }
 
 /// Reads the file at `path`; returns its absolute path and its text.
@@ -212,6 +263,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     };
     let is_root = nix::unistd::geteuid().is_root();
     let mut programs = BTreeMap::new();
+    // Which program names each listen address, to refuse a second one.
+    let mut listeners: BTreeMap<ListenAddr, String> = BTreeMap::new();
     for (name, p) in raw.program {
         let name_ok = !name.get_ref().is_empty()
             && name.get_ref() != "all"
@@ -242,11 +295,11 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             None => 1,
             Some(n) => u32::try_from(*n.get_ref())
                 .ok()
-                .filter(|&n| n >= 1)
+                .filter(|n| (1..=MAX_INSTANCES).contains(n))
                 .ok_or_else(|| {
                     err_at(
                         n.span().start,
-                        format!("instances must be at least 1, got {}", n.get_ref()),
+                        format!("instances = {}: use 1 to {MAX_INSTANCES}", n.get_ref()),
                     )
                 })?,
         };
@@ -349,6 +402,12 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             if listen.contains(&addr) {
                 return Err(err_at(l.span().start, format!("{addr} is listed twice")));
             }
+            if let Some(other) = listeners.insert(addr.clone(), name.clone()) {
+                return Err(err_at(
+                    l.span().start,
+                    format!("{addr} is already the listen address of program {other:?}: two programs cannot accept on one socket (use instances = N for more processes)"),
+                ));
+            }
             listen.push(addr);
         }
         let mode = match p
@@ -417,7 +476,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             None => Ready::Startsecs,
             Some(r) => {
                 let at = r.span().start;
-                let r = r.into_inner();
+                let r = r.into_inner().0;
                 let ready = match (r.notify, r.delay, r.exec, r.http, r.tcp) {
                     (Some(true), None, None, None, None) => Ready::Notify,
                     (None, Some(d), None, None, None) => Ready::Delay(d.0),

@@ -66,13 +66,13 @@ fn wrong_types_and_values_point_at_the_value() {
         "[program.web]\ncommand = [\"x\"]\ninstances = 0\n",
         3,
         13,
-        "at least 1",
+        "use 1 to 1024",
     );
     assert_bad(
         "[program.web]\ncommand = [\"x\"]\nnumprocs = -2\n",
         3,
         12,
-        "at least 1",
+        "use 1 to 1024",
     );
     assert_bad("[program.web]\ncommand = []\n", 2, 11, "must not be empty");
     assert_bad(
@@ -409,4 +409,52 @@ fn proxy_threads_default_to_the_cpus_and_are_bounded() {
     let c = parse("[supervisor]\nproxy_threads = 3\n", Path::new(FILE)).expect("valid");
     assert_eq!(c.supervisor.proxy_threads, 3);
     assert_bad("[supervisor]\nproxy_threads = 0\n", 2, 17, "use 1 to 64");
+}
+
+#[test]
+fn two_programs_on_one_address_and_too_many_instances_are_refused() {
+    assert_bad(
+        "[program.a]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:9000\"]\n[program.b]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:9001\", \"tcp://127.0.0.1:9000\"]\n",
+        6,
+        35,
+        "already the listen address of program \"a\"",
+    );
+    assert_bad(
+        "[program.a]\ncommand = [\"x\"]\ninstances = 100000\n",
+        3,
+        13,
+        "instances = 100000: use 1 to 1024",
+    );
+    let ok = parse(
+        "[program.a]\ncommand = [\"x\"]\ninstances = 1024\n",
+        Path::new(FILE),
+    )
+    .expect("1024 instances");
+    assert_eq!(ok.programs["a"].instances, 1024);
+}
+
+#[test]
+fn ready_takes_a_name_and_errors_speak_in_config_keys() {
+    let c = parse(
+        "[program.a]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:9000\"]\nready = \"notify\"\n",
+        Path::new(FILE),
+    )
+    .expect("ready = \"notify\"");
+    assert_eq!(c.programs["a"].ready, Ready::Notify);
+    assert_bad(
+        "[program.a]\ncommand = [\"x\"]\nready = \"sometimes\"\n",
+        3,
+        9,
+        "unknown ready \"sometimes\": use \"notify\", \"tcp\", or a table",
+    );
+    for text in [
+        "[program.a]\ncommand = [\"x\"]\nready = 3\n",
+        "program = 3\n",
+        "[program]\na = 3\n",
+        "supervisor = 3\n",
+    ] {
+        let e = bad(text);
+        assert!(!e.message.contains("Raw"), "{text:?} -> {}", e.message);
+        assert!(!e.message.contains("struct"), "{text:?} -> {}", e.message);
+    }
 }
