@@ -477,7 +477,20 @@ impl Supervisor {
         let mut waits: Vec<(String, Option<ProgramConfig>, oneshot::Receiver<OpResult>)> =
             Vec::new();
         let old_names: Vec<String> = self.programs.keys().cloned().collect();
+        let mut renamed = Vec::new();
         for name in old_names {
+            if let Some(to) = self.rename_target(&name, &new, &renamed) {
+                // Same sockets under a new name: the program goes on (its
+                // clients, routes and counters with it) and is changed below.
+                if let Some(mut e) = self.programs.remove(&name) {
+                    tracing::info!(from = %name, %to, "reload: program renamed on the same sockets");
+                    e.handle.name.clone_from(&to);
+                    self.programs.insert(to.clone(), e);
+                }
+                removed.push(format!("{name} (renamed {to})"));
+                renamed.push(to);
+                continue;
+            }
             if !new.programs.contains_key(&name) {
                 if let Some(e) = self.programs.remove(&name) {
                     let (tx, rx) = oneshot::channel();
@@ -552,6 +565,27 @@ impl Supervisor {
             };
             send(&replies, reply).await;
         });
+    }
+
+    /// The program of `new` that `name` (absent from `new`) becomes: a new
+    /// program that listens on exactly the same addresses (a rename; treated
+    /// as a change, so connections and requests on those sockets are not cut).
+    fn rename_target(&self, name: &str, new: &Config, taken: &[String]) -> Option<String> {
+        if new.programs.contains_key(name) {
+            return None;
+        }
+        let old = &self.programs.get(name)?.config;
+        if old.listen.is_empty() {
+            return None;
+        }
+        new.programs
+            .values()
+            .find(|p| {
+                !self.programs.contains_key(&p.name)
+                    && !taken.contains(&p.name)
+                    && p.listen == old.listen
+            })
+            .map(|p| p.name.clone())
     }
 
     /// A reload settled: programs whose change failed keep their previous

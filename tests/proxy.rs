@@ -332,6 +332,54 @@ fn reloads_that_change_a_proxied_program_fail_zero_requests() {
     assert_eq!((r.failed, r.unavailable), (0, 0), "{r:?}");
 }
 
+/// Renaming a program that keeps its listen address is a change, not a
+/// removal and an addition: its clients keep being served (they got 503
+/// from the removed program's drain).
+#[test]
+fn renaming_a_proxied_program_on_the_same_address_fails_zero_requests() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let load = Load::start(port, 16, 4, &[0, 0, 20]);
+    let before = load.ok_so_far();
+    wait_for("load before the rename", T, || {
+        if load.ok_so_far() > before + 200 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    d.write_config(&(header() + &proxy_program("site", port, &[], "")));
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("renamed site"), "{text}");
+    wait_for("site alone, running", T, || {
+        let s = d.status();
+        match s.as_slice() {
+            [p] if p.name == "site"
+                && p.instances.len() == 1
+                && p.instances[0].state == Running
+                && p.instances[0].generation == 2 =>
+            {
+                Ok(())
+            }
+            _ => Err(format!("{s:?}")),
+        }
+    });
+    let after = load.ok_so_far();
+    wait_for("load after the rename", T, || {
+        if load.ok_so_far() > after + 200 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    let r = d.requests("site");
+    assert_eq!((r.failed, r.unavailable), (0, 0), "{r:?}");
+}
+
 #[test]
 fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
     let port = free_port();

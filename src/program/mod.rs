@@ -563,7 +563,9 @@ impl Program {
             && config.overlaps()
             && self.config.overlaps()
             && config.instances == self.config.instances;
-        let previous = overlap.then(|| {
+        // A rename (same sockets, new name) is not undone: the supervisor
+        // already knows the program by its new name.
+        let previous = (overlap && config.name == self.config.name).then(|| {
             Box::new(ops::Previous {
                 config: self.config.clone(),
                 sockets: self.sockets.clone(),
