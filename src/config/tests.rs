@@ -410,3 +410,32 @@ fn proxy_threads_default_to_the_cpus_and_are_bounded() {
     assert_eq!(c.supervisor.proxy_threads, 3);
     assert_bad("[supervisor]\nproxy_threads = 0\n", 2, 17, "use 1 to 64");
 }
+
+#[test]
+fn max_connections_is_a_positive_count_for_proxied_programs() {
+    const PROXY: &str =
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\n";
+    let c = parse(PROXY, Path::new(FILE)).expect("valid proxy");
+    assert_eq!(c.programs["web"].max_connections, None);
+    let c = parse(&format!("{PROXY}max_connections = 500\n"), Path::new(FILE)).expect("valid");
+    assert_eq!(c.programs["web"].max_connections, Some(500));
+    assert_bad(
+        &format!("{PROXY}max_connections = 0\n"),
+        5,
+        19,
+        "max_connections = 0: use 1 to",
+    );
+    assert_bad(&format!("{PROXY}max_connections = -3\n"), 5, 19, "use 1 to");
+    assert_bad(
+        &format!("{PROXY}max_connections = \"many\"\n"),
+        5,
+        19,
+        "expected an integer",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:1\"]\nmax_connections = 10\n",
+        4,
+        19,
+        "needs mode = \"proxy\"",
+    );
+}
