@@ -579,17 +579,25 @@ async fn accept_loop(
     let probe = listener.as_raw_fd();
     // Short of fds: wait this long before checking again.
     let mut pause: Option<Duration> = None;
-    // When "max_connections reached" was last logged.
+    // When "max_connections reached" and "near the open-files limit" were
+    // last logged: at most once a minute each per loop, as both can come at
+    // every connection that closes.
     let mut warned: Option<std::time::Instant> = None;
+    let mut warned_fds: Option<std::time::Instant> = None;
+    let due = |at: &mut Option<std::time::Instant>| {
+        let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            *at = Some(std::time::Instant::now());
+        }
+        due
+    };
     loop {
         // A place under max_connections first: while there is none, nothing
         // is accepted and new clients wait in the backlog.
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                // Once a minute per loop at most: at the cap this comes at every close.
-                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
+                if due(&mut warned) {
                     tracing::warn!(program = %shared.program, "max_connections reached; new connections wait in the listen backlog until one closes");
                 }
                 tokio::select! {
@@ -611,7 +619,7 @@ async fn accept_loop(
                 pause = Some((p * 2).min(PAUSE_MAX));
                 continue;
             }
-            tracing::info!(program = %shared.program, "file descriptors free again; accepting");
+            tracing::debug!(program = %shared.program, "file descriptors free again; accepting");
             pause = None;
         }
         let accepted = tokio::select! {
@@ -620,9 +628,9 @@ async fn accept_loop(
         };
         // The client is served even when its fd is in the reserve; only
         // the next accept waits.
-        let in_reserve = |fd: std::os::fd::RawFd| {
+        let mut in_reserve = |fd: std::os::fd::RawFd| {
             let crowded = fd as u64 >= shared.fd_ceiling;
-            if crowded {
+            if crowded && due(&mut warned_fds) {
                 tracing::warn!(program = %shared.program, fd_ceiling = shared.fd_ceiling, "near the open-files limit: pausing accept to keep file descriptors for the control socket and spawning (new connections wait in the listen backlog)");
             }
             crowded
@@ -646,7 +654,7 @@ async fn accept_loop(
                     e.raw_os_error(),
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 );
-                if short {
+                if short && due(&mut warned_fds) {
                     tracing::warn!(program = %shared.program, cause = %e, "accept failed; pausing (new connections wait in the listen backlog)");
                 }
                 short
