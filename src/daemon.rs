@@ -39,6 +39,7 @@ pub async fn run(
     signals: mpsc::Receiver<DaemonSignal>,
 ) -> Result<(), DaemonError> {
     tokio::spawn(reaper.run());
+    crate::fds::raise_limit();
     // Orphans of workers (double-forked helpers) become zdt's children, so
     // they are reaped here and not left to whatever init the machine has.
     // SAFETY: prctl with integer arguments only.

@@ -45,6 +45,9 @@ pub enum ProcEventKind {
     },
     /// It could not be started at all; no process exists.
     SpawnFailed(String),
+    /// It could not be started for lack of fds or processes (EMFILE, ENFILE,
+    /// EAGAIN); no process exists, and a later attempt may succeed.
+    SpawnShortage(String),
     /// It is ready: up for `startsecs`, sent READY=1, passed its probe.
     Up,
     /// It was not ready within `ready_timeout`.
@@ -122,6 +125,25 @@ pub fn launch(
 ) -> ProcHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(run(spawner, params, events, rx));
+    ProcHandle { cmds: tx }
+}
+
+/// For a process that cannot even be launched for lack of fds (no private
+/// port could be found): reports [`ProcEventKind::SpawnShortage`] with `why`
+/// and returns a handle to nothing.
+pub fn shortage(
+    slot: usize,
+    gen: u64,
+    why: String,
+    events: &mpsc::UnboundedSender<ProcEvent>,
+) -> ProcHandle {
+    let _ = events.send(ProcEvent {
+        slot,
+        gen,
+        kind: ProcEventKind::SpawnShortage(why),
+    });
+    // No task holds the receiver: orders to it are ignored.
+    let (tx, _) = mpsc::unbounded_channel();
     ProcHandle { cmds: tx }
 }
 
@@ -216,9 +238,12 @@ async fn run(
                 Some(sock)
             }
             Err(err) => {
-                send(ProcEventKind::SpawnFailed(format!(
-                    "cannot create NOTIFY_SOCKET: {err}"
-                )));
+                let why = format!("cannot create NOTIFY_SOCKET: {err}");
+                send(if crate::fds::is_shortage(&err) {
+                    ProcEventKind::SpawnShortage(why)
+                } else {
+                    ProcEventKind::SpawnFailed(why)
+                });
                 return;
             }
         }
@@ -233,6 +258,10 @@ async fn run(
     };
     let spawned = match spawner.spawn(p.spec).await {
         Ok(s) => s,
+        Err(err) if err.is_shortage() => {
+            send(ProcEventKind::SpawnShortage(err.to_string()));
+            return;
+        }
         Err(err) => {
             send(ProcEventKind::SpawnFailed(err.to_string()));
             return;

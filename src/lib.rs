@@ -36,6 +36,8 @@
 //! - [`instance`]: one process: spawn, readiness, signals to its process group.
 //! - [`spawn`]: the spawner thread and the reaper; everything that allocates
 //!   happens before fork.
+//! - [`fds`]: the open-files limit, the fds kept for zdt itself, and what
+//!   the proxy may use.
 //! - [`logs`]: per-instance log files with rotation, the tail ring, followers.
 //! - [`state`]: instance states and the snapshots `status` prints.
 //! - [`proxy`]: proxy mode. A few current-thread runtimes (nginx's worker
@@ -57,6 +59,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fds;
 pub mod instance;
 pub mod listen;
 pub mod logs;

@@ -81,6 +81,7 @@ struct RawProgram {
     queue_timeout: Option<DurationValue>,
     header_timeout: Option<DurationValue>,
     max_header_bytes: Option<Spanned<SizeValue>>,
+    max_connections: Option<Spanned<i64>>,
     forward_headers: Option<bool>,
     protocol: Option<Spanned<String>>,
     upstream: Option<Spanned<String>>,
@@ -158,6 +159,9 @@ fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr
         ))
     }
 }
+
+/// Largest `max_connections` accepted (beyond any open-files limit).
+const MAX_CONNECTIONS_LIMIT: usize = 1 << 24;
 
 /// Default rotation size of instance logs (supervisord's).
 const DEFAULT_LOG_MAX_BYTES: u64 = 50 << 20;
@@ -551,6 +555,27 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 n as usize
             }
         };
+        let max_connections = match p.max_connections {
+            None => None,
+            Some(m) => {
+                let n = *m.get_ref();
+                if mode != Mode::Proxy {
+                    return Err(err_at(
+                        m.span().start,
+                        "max_connections needs mode = \"proxy\" (in pass mode the worker accepts the connections)".to_string(),
+                    ));
+                }
+                match usize::try_from(n) {
+                    Ok(v @ 1..=MAX_CONNECTIONS_LIMIT) => Some(v),
+                    _ => {
+                        return Err(err_at(
+                            m.span().start,
+                            format!("max_connections = {n}: use 1 to {MAX_CONNECTIONS_LIMIT} (or leave it out for a default derived from the open-files limit)"),
+                        ))
+                    }
+                }
+            }
+        };
         let cfg = ProgramConfig {
             name: name.clone(),
             command: command.0,
@@ -599,6 +624,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 .header_timeout
                 .map_or(std::time::Duration::from_secs(30), |d| d.0),
             max_header_bytes,
+            max_connections,
             forward_headers: p.forward_headers.unwrap_or(true),
             protocol,
             upstream,

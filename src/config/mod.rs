@@ -260,6 +260,11 @@ pub struct ProgramConfig {
     pub header_timeout: Duration,
     /// Proxy mode: larger request headers are answered 431. Default 64 KiB.
     pub max_header_bytes: usize,
+    /// Proxy mode: open client connections per listening socket; at the cap
+    /// zdt stops accepting until one closes. None: derived from the
+    /// open-files limit when the proxy starts
+    /// ([`crate::fds::default_max_connections`]).
+    pub max_connections: Option<usize>,
     /// Proxy mode: add X-Forwarded-For, X-Real-IP, X-Forwarded-Proto. Default true.
     pub forward_headers: bool,
     /// Proxy mode: http (default) or tcp.

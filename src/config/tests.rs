@@ -458,3 +458,32 @@ fn ready_takes_a_name_and_errors_speak_in_config_keys() {
         assert!(!e.message.contains("struct"), "{text:?} -> {}", e.message);
     }
 }
+
+#[test]
+fn max_connections_is_a_positive_count_for_proxied_programs() {
+    const PROXY: &str =
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\n";
+    let c = parse(PROXY, Path::new(FILE)).expect("valid proxy");
+    assert_eq!(c.programs["web"].max_connections, None);
+    let c = parse(&format!("{PROXY}max_connections = 500\n"), Path::new(FILE)).expect("valid");
+    assert_eq!(c.programs["web"].max_connections, Some(500));
+    assert_bad(
+        &format!("{PROXY}max_connections = 0\n"),
+        5,
+        19,
+        "max_connections = 0: use 1 to",
+    );
+    assert_bad(&format!("{PROXY}max_connections = -3\n"), 5, 19, "use 1 to");
+    assert_bad(
+        &format!("{PROXY}max_connections = \"many\"\n"),
+        5,
+        19,
+        "expected an integer",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:1\"]\nmax_connections = 10\n",
+        4,
+        19,
+        "needs mode = \"proxy\"",
+    );
+}

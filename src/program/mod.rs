@@ -16,7 +16,9 @@
 //! Backoff: a process that exits before `startsecs` is a failed start; after
 //! the n-th failure in a row the slot waits `min(1s * 2^(n-1), 60s)` in
 //! BACKOFF, and after more than `startretries` failures it is FATAL. A command
-//! that cannot be executed at all is FATAL at once.
+//! that cannot be executed at all is FATAL at once; one that cannot be
+//! spawned for lack of fds or processes (EMFILE, ENFILE, EAGAIN) is retried
+//! in BACKOFF (100 ms doubling to 5 s) for as long as that lasts, never FATAL.
 
 mod ops;
 mod slot;
@@ -868,6 +870,17 @@ impl Program {
             ProcEventKind::SpawnFailed(err) => {
                 tracing::error!(program = %self.config.name, instance = ev.slot, cause = %err, "cannot start; FATAL");
                 slot.on_spawn_failed(err);
+            }
+            ProcEventKind::SpawnShortage(err) => {
+                let Some(delay) = slot.on_spawn_shortage(&self.config.name, &err) else {
+                    return;
+                };
+                tracing::warn!(program = %self.config.name, instance = ev.slot, cause = %err, retry_in = ?delay, "cannot start for lack of file descriptors or processes; retrying");
+                let (timers, slot, epoch) = (timers.clone(), ev.slot, slot.backoff_epoch());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = timers.send(BackoffDone { slot, epoch });
+                });
             }
             ProcEventKind::Up => slot.on_up(&self.config.name),
             ProcEventKind::NotReady => slot.on_not_ready(&self.config),

@@ -10,6 +10,7 @@
 //! | STARTING  | up for `startsecs`            | RUNNING                          |
 //! | STARTING  | exited                        | BACKOFF, or FATAL after retries  |
 //! | STARTING  | cannot exec                   | FATAL                            |
+//! | STARTING  | out of fds/processes at spawn | BACKOFF, retried (never FATAL)   |
 //! | BACKOFF   | backoff elapsed               | STARTING                         |
 //! | RUNNING   | exited, autorestart says so   | STARTING                         |
 //! | RUNNING   | exited, otherwise             | EXITED                           |
@@ -145,6 +146,8 @@ pub(super) struct Slot {
     /// Start again as soon as the stopping process is gone.
     pending_start: bool,
     failures: u32,
+    /// Spawns in a row that failed for lack of fds or processes.
+    shortages: u32,
     restarts: u32,
     started_once: bool,
     last_exit: Option<ExitInfo>,
@@ -185,6 +188,7 @@ impl Slot {
             draining: Vec::new(),
             pending_start: false,
             failures: 0,
+            shortages: 0,
             restarts: 0,
             started_once: false,
             last_exit: None,
@@ -359,7 +363,7 @@ impl Slot {
             }
             ProcEventKind::Up => next.ready = true,
             ProcEventKind::Status(text) => self.status_text = Some(text),
-            ProcEventKind::SpawnFailed(err) => {
+            ProcEventKind::SpawnFailed(err) | ProcEventKind::SpawnShortage(err) => {
                 self.next = None;
                 self.next_failed = Some(format!("gen {gen} cannot start: {err}"));
             }
@@ -527,23 +531,33 @@ impl Slot {
             },
             fdname: cfg.fdname.clone(),
         };
-        let handle = instance::launch(
-            ctx.spawner.clone(),
-            ProcParams {
-                slot: self.index,
+        let handle = if proxied && private.is_none() {
+            // The probe for a free port could not be bound: out of fds, most likely.
+            instance::shortage(
+                self.index,
                 gen,
-                spec,
-                ready: cfg.ready.clone(),
-                startsecs: cfg.startsecs,
-                ready_timeout: cfg.ready_timeout,
-                watchdog: cfg.watchdog,
-                private: private.clone(),
-                stdout: self.stdout.clone(),
-                stderr: self.stderr.clone(),
-                prefix: format!("[gen {gen}:{}] ", self.index),
-            },
-            ctx.events.clone(),
-        );
+                "no free loopback port could be found for the private address".into(),
+                ctx.events,
+            )
+        } else {
+            instance::launch(
+                ctx.spawner.clone(),
+                ProcParams {
+                    slot: self.index,
+                    gen,
+                    spec,
+                    ready: cfg.ready.clone(),
+                    startsecs: cfg.startsecs,
+                    ready_timeout: cfg.ready_timeout,
+                    watchdog: cfg.watchdog,
+                    private: private.clone(),
+                    stdout: self.stdout.clone(),
+                    stderr: self.stderr.clone(),
+                    prefix: format!("[gen {gen}:{}] ", self.index),
+                },
+                ctx.events.clone(),
+            )
+        };
         let socket_path = match &private {
             Some(PrivateAddr::Unix(p)) => Some(p.clone()),
             _ => None,
@@ -596,6 +610,7 @@ impl Slot {
     }
 
     pub fn on_spawned(&mut self, pid: u32) {
+        self.shortages = 0;
         if let Some(p) = &mut self.proc {
             p.pid = Some(pid);
             p.started_ms = Some(now_ms());
@@ -633,6 +648,27 @@ impl Slot {
         self.error = Some(err);
         self.state = InstanceState::Fatal;
         self.since_ms = now_ms();
+    }
+
+    /// The current process could not be spawned for lack of fds or
+    /// processes: BACKOFF, and the caller retries after the returned delay
+    /// (None: it was being stopped anyway). Never FATAL: the shortage ends
+    /// when connections or processes do.
+    pub fn on_spawn_shortage(&mut self, program: &str, err: &str) -> Option<Duration> {
+        let stopping = self.proc.take().is_some_and(|p| p.stopping);
+        if stopping && !self.pending_start {
+            self.set_state(program, InstanceState::Stopped);
+            return None;
+        }
+        self.shortages = self.shortages.saturating_add(1);
+        let delay = crate::fds::shortage_retry_delay(self.shortages);
+        self.error = Some(format!(
+            "cannot start for lack of file descriptors or processes ({err}); retry {} in {delay:?}",
+            self.shortages
+        ));
+        self.backoff_epoch += 1;
+        self.set_state(program, InstanceState::Backoff);
+        Some(delay)
     }
 
     pub fn on_up(&mut self, program: &str) {

@@ -21,6 +21,17 @@
 //! OPTIONS without a body whose reused connection ends before a byte of
 //! answer is sent once more; any other upstream failure is a `502`, counted
 //! and logged with its path.
+//!
+//! Accepting (`accept_loop`, one per listening socket per proxy thread)
+//! stops, and never spins, in two cases; clients then wait in the listen
+//! backlog and the listener stays open (nginx's behaviour):
+//! - the listener holds `max_connections` open client connections (a
+//!   semaphore shared by its accept loops; a permit lives as long as the
+//!   connection): it accepts again when one closes;
+//! - zdt is short of fds: accept failed with EMFILE/ENFILE, or the new
+//!   client's fd landed in the reserve kept for the control socket and
+//!   spawning (see [`crate::fds`]): it checks again after 100 ms, then up to
+//!   every second, until the lowest free fd is below the reserve.
 
 mod addr;
 mod body;
@@ -45,7 +56,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use body::GuardedBody;
@@ -352,6 +363,9 @@ struct Shared {
     next: AtomicUsize,
     traffic: Arc<Traffic>,
     draining: Arc<AtomicBool>,
+    /// Client fds numbered this or higher are in zdt's reserve: stop
+    /// accepting (see [`crate::fds`]).
+    fd_ceiling: u64,
 }
 
 /// How the proxy treats clients (from the program's config).
@@ -367,6 +381,9 @@ pub struct Options {
     pub forward_headers: bool,
     /// Forward HTTP requests, or TCP connections as bytes.
     pub protocol: crate::config::Protocol,
+    /// Open client connections per listening socket (None: derived from the
+    /// open-files limit).
+    pub max_connections: Option<usize>,
 }
 
 impl Options {
@@ -378,6 +395,7 @@ impl Options {
             max_header_bytes: cfg.max_header_bytes,
             forward_headers: cfg.forward_headers,
             protocol: cfg.protocol,
+            max_connections: cfg.max_connections,
         }
     }
 }
@@ -391,7 +409,19 @@ pub fn start(
     table: &RouteTable,
 ) -> std::io::Result<ProxyHandle> {
     let stop = CancellationToken::new();
+    let max_connections = options
+        .max_connections
+        .unwrap_or_else(crate::fds::default_max_connections)
+        .min(Semaphore::MAX_PERMITS);
+    let fd_ceiling = crate::fds::proxy_ceiling();
+    tracing::info!(
+        program,
+        max_connections,
+        fd_ceiling,
+        "proxy: at most {max_connections} open client connections per listening socket"
+    );
     let shared = Arc::new(Shared {
+        fd_ceiling,
         draining: table.draining.clone(),
         program: program.to_string(),
         routes: table.routes.subscribe(),
@@ -404,11 +434,18 @@ pub fn start(
         return Err(std::io::Error::other("no proxy thread could be started"));
     }
     for fd in sockets {
+        // Shared by the socket's accept loops on every thread.
+        let slots = Arc::new(Semaphore::new(max_connections));
         for rt in threads {
             // Registered with that thread's reactor.
             let _in = rt.enter();
             let listener = Listener::from_fd(fd)?;
-            rt.spawn(accept_loop(listener, shared.clone(), stop.clone()));
+            rt.spawn(accept_loop(
+                listener,
+                shared.clone(),
+                slots.clone(),
+                stop.clone(),
+            ));
         }
     }
     Ok(ProxyHandle { stop })
@@ -419,7 +456,28 @@ enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
+/// A client connection just accepted.
+enum Accepted {
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
 impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Self::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+            Self::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
     fn from_fd(fd: &OwnedFd) -> std::io::Result<Self> {
         let dup = fd.try_clone()?;
         let sock = socket2::Socket::from(dup);
@@ -472,13 +530,21 @@ impl ClientIo for tokio::net::UnixStream {
 }
 
 /// Serves an accepted client connection on this proxy thread, or on a less
-/// loaded one.
-fn dispatch<S: ClientIo>(s: S, peer: Option<std::net::IpAddr>, tcp: bool, shared: &Arc<Shared>) {
+/// loaded one. `slot` is its place under `max_connections`, held until it
+/// closes.
+fn dispatch<S: ClientIo>(
+    s: S,
+    peer: Option<std::net::IpAddr>,
+    tcp: bool,
+    shared: &Arc<Shared>,
+    slot: OwnedSemaphorePermit,
+) {
     let here = workers::current();
     let there = workers::for_new_connection();
     let shared = shared.clone();
     if there == here {
-        tokio::spawn(serve_client(s, peer, tcp, shared, workers::Open::on(here)));
+        let open = (workers::Open::on(here), slot);
+        tokio::spawn(serve_client(s, peer, tcp, shared, open));
         return;
     }
     let Some(rt) = workers::handles().get(there) else {
@@ -491,7 +557,7 @@ fn dispatch<S: ClientIo>(s: S, peer: Option<std::net::IpAddr>, tcp: bool, shared
             return;
         }
     };
-    let open = workers::Open::on(there);
+    let open = (workers::Open::on(there), slot);
     rt.spawn(async move {
         match S::from_std(std) {
             Ok(s) => serve_client(s, peer, tcp, shared, open).await,
@@ -505,7 +571,7 @@ async fn serve_client<S: ClientIo>(
     peer: Option<std::net::IpAddr>,
     tcp: bool,
     shared: Arc<Shared>,
-    _open: workers::Open,
+    _open: (workers::Open, OwnedSemaphorePermit),
 ) {
     if tcp {
         serve_tcp(s, shared).await;
@@ -514,35 +580,108 @@ async fn serve_client<S: ClientIo>(
     }
 }
 
-async fn accept_loop(listener: Listener, shared: Arc<Shared>, stop: CancellationToken) {
+/// First pause of an accept loop short of fds; it doubles up to [`PAUSE_MAX`].
+const PAUSE_MIN: Duration = Duration::from_millis(100);
+/// Longest pause of an accept loop short of fds.
+const PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts client connections on one socket for one proxy thread until
+/// `stop`, at most as many at once as `slots` has permits (shared by the
+/// socket's loops on every thread). See the module docs for when it pauses.
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    use std::os::fd::AsRawFd;
     let tcp = shared.options.protocol == crate::config::Protocol::Tcp;
-    let mut backoff = Duration::from_millis(10);
+    let probe = listener.as_raw_fd();
+    // Short of fds: wait this long before checking again.
+    let mut pause: Option<Duration> = None;
+    // When "max_connections reached" and "near the open-files limit" were
+    // last logged: at most once a minute each per loop, as both can come at
+    // every connection that closes.
+    let mut warned: Option<std::time::Instant> = None;
+    let mut warned_fds: Option<std::time::Instant> = None;
+    let due = |at: &mut Option<std::time::Instant>| {
+        let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            *at = Some(std::time::Instant::now());
+        }
+        due
+    };
     loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            r = async {
-                match &listener {
-                    Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
-                        let _ = s.set_nodelay(true);
-                        dispatch(s, Some(a.ip()), tcp, &shared);
-                    }),
-                    Listener::Unix(l) => l.accept().await.map(|(s, _)| dispatch(s, None, tcp, &shared)),
+        // A place under max_connections first: while there is none, nothing
+        // is accepted and new clients wait in the backlog.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if due(&mut warned) {
+                    tracing::warn!(program = %shared.program, "max_connections reached; new connections wait in the listen backlog until one closes");
                 }
-            } => r,
-        };
-        match accepted {
-            Ok(()) => backoff = Duration::from_millis(10),
-            Err(e) => {
-                // Per-connection errors are ignored; running out of fds backs off.
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                ) {
-                    tracing::warn!(program = %shared.program, cause = %e, "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        // Never closed; should it be, accepting ends.
+                        Err(_) => return,
+                    },
                 }
             }
+        };
+        if let Some(p) = pause {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(p) => {}
+            }
+            if !crate::fds::has_room(probe, shared.fd_ceiling) {
+                pause = Some((p * 2).min(PAUSE_MAX));
+                continue;
+            }
+            tracing::debug!(program = %shared.program, "file descriptors free again; accepting");
+            pause = None;
+        }
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        // The client is served even when its fd is in the reserve; only
+        // the next accept waits.
+        let mut in_reserve = |fd: std::os::fd::RawFd| {
+            let crowded = fd as u64 >= shared.fd_ceiling;
+            if crowded && due(&mut warned_fds) {
+                tracing::warn!(program = %shared.program, fd_ceiling = shared.fd_ceiling, "near the open-files limit: pausing accept to keep file descriptors for the control socket and spawning (new connections wait in the listen backlog)");
+            }
+            crowded
+        };
+        let crowded = match accepted {
+            Ok(Accepted::Tcp(s, addr)) => {
+                let _ = s.set_nodelay(true);
+                let crowded = in_reserve(s.as_raw_fd());
+                dispatch(s, Some(addr.ip()), tcp, &shared, slot);
+                crowded
+            }
+            Ok(Accepted::Unix(s)) => {
+                let crowded = in_reserve(s.as_raw_fd());
+                dispatch(s, None, tcp, &shared, slot);
+                crowded
+            }
+            // Running out of fds (or kernel memory) pauses; other errors
+            // are the connection's own and are ignored.
+            Err(e) => {
+                let short = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if short && due(&mut warned_fds) {
+                    tracing::warn!(program = %shared.program, cause = %e, "accept failed; pausing (new connections wait in the listen backlog)");
+                }
+                short
+            }
+        };
+        if crowded {
+            pause = Some(PAUSE_MIN);
         }
     }
 }
@@ -919,7 +1058,9 @@ fn test_shared() -> Arc<Shared> {
             max_header_bytes: 8192,
             forward_headers: true,
             protocol: crate::config::Protocol::Http,
+            max_connections: None,
         },
+        fd_ceiling: u64::MAX,
         next: AtomicUsize::new(0),
         traffic: Arc::new(Traffic::default()),
         draining: Arc::new(AtomicBool::new(false)),

@@ -3,8 +3,8 @@
 //!
 //! Everything that allocates or may block (user lookups, PATH search, argv and
 //! the environment as C strings) happens in [`prepare`], before fork. The
-//! `pre_exec` hook only makes async-signal-safe system calls: setgroups,
-//! setgid, setuid, umask, prctl, getppid, fcntl, dup2, execve. It execs the
+//! `pre_exec` hook only makes async-signal-safe system calls: setrlimit,
+//! setgroups, setgid, setuid, umask, prctl, getppid, fcntl, dup2, execve. It execs the
 //! worker itself, after writing the child's own pid into a `LISTEN_PID=`
 //! buffer reserved before fork (the systemd protocol needs the worker's pid,
 //! which exists only after fork). The standard library resets the signal mask
@@ -343,6 +343,15 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         .stderr(Stdio::from(err_w))
         .process_group(0);
     let umask = spec.umask;
+    // zdt raised its own open-files limit; the worker gets the one zdt was
+    // started with (see crate::fds).
+    let nofile = crate::fds::worker_soft_limit().and_then(|soft| {
+        let (_, hard) = crate::fds::limits().ok()?;
+        Some(libc::rlimit {
+            rlim_cur: soft.min(hard) as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        })
+    });
     let parent = nix::unistd::getpid().as_raw();
     // SAFETY: the closure runs in the child between fork and exec. It only makes
     // async-signal-safe system calls on data prepared above; nothing allocates
@@ -351,6 +360,11 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
     // directory and the signal mask when it runs; the closure then execs itself.
     unsafe {
         command.pre_exec(move || {
+            if let Some(rl) = &nofile {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if let Some(u) = &user {
                 if libc::setgroups(u.groups.len() as _, u.groups.as_ptr()) != 0
                     || libc::setgid(u.gid) != 0

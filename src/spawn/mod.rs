@@ -51,6 +51,19 @@ pub enum SpawnError {
     SpawnerGone,
 }
 
+impl SpawnError {
+    /// Whether it failed for lack of fds or processes (EMFILE, ENFILE,
+    /// EAGAIN), which a later attempt may not meet.
+    pub fn is_shortage(&self) -> bool {
+        match self {
+            Self::Exec { source, .. } | Self::Directory { source, .. } => {
+                crate::fds::is_shortage(source)
+            }
+            Self::SpawnerGone => false,
+        }
+    }
+}
+
 /// A freshly spawned worker.
 #[derive(Debug)]
 pub struct Spawned {

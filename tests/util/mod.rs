@@ -96,6 +96,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     child: Option<Child>,
+    /// RLIMIT_NOFILE (soft, hard) zdt is started with, if not ours.
+    nofile: Option<(u64, u64)>,
 }
 
 /// The `[supervisor]` table every test config starts with.
@@ -117,6 +119,12 @@ impl Daemon {
     /// Writes `config` (placeholders: none) and starts zdt on it; waits until
     /// the control socket answers.
     pub fn start(config: &str) -> Daemon {
+        Self::start_with_nofile(config, None)
+    }
+
+    /// Like [`Daemon::start`], with zdt's open-files limit (RLIMIT_NOFILE)
+    /// set to (soft, hard) before it runs.
+    pub fn start_with_nofile(config: &str, nofile: Option<(u64, u64)>) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("supervisor.toml");
         std::fs::write(&path, config).expect("write config");
@@ -124,6 +132,7 @@ impl Daemon {
             dir,
             config: path,
             child: None,
+            nofile,
         };
         d.spawn();
         d
@@ -132,15 +141,30 @@ impl Daemon {
     fn spawn(&mut self) {
         let stderr =
             std::fs::File::create(self.dir.path().join("zdt.stderr")).expect("stderr file");
-        let child = Command::new(bin("zdt"))
-            .arg("-c")
+        let mut cmd = Command::new(bin("zdt"));
+        cmd.arg("-c")
             .arg(&self.config)
             .env("ZDT_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn zdt");
+            .stderr(stderr);
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let rl = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe; `rl` was built before fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn zdt");
         self.child = Some(child);
         wait_for(
             "the control socket to answer",
