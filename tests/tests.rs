@@ -11,4 +11,5 @@ mod logs;
 mod pass;
 mod proxy;
 mod reload;
+mod security;
 mod spawning;
