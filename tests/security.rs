@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use zdt::state::InstanceState::Running;
+
 use crate::util::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -287,4 +289,106 @@ fn a_symlink_planted_at_the_pidfile_is_not_followed() {
         std::fs::read_to_string(&pidfile).expect("pidfile"),
         format!("{}\n", d.pid())
     );
+}
+
+/// The `NOTIFY_SOCKET` zdt gave process `pid` (once it has exec'ed).
+fn notify_socket_of(pid: u32) -> String {
+    wait_for("the worker's NOTIFY_SOCKET", T, || {
+        let raw = std::fs::read(format!("/proc/{pid}/environ")).map_err(|e| e.to_string())?;
+        String::from_utf8_lossy(&raw)
+            .split('\0')
+            .find_map(|v| v.strip_prefix("NOTIFY_SOCKET=").map(String::from))
+            .ok_or_else(|| "not set yet".to_string())
+    })
+}
+
+#[test]
+fn notify_messages_from_outside_the_workers_group_are_ignored() {
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let d = Daemon::start(&header());
+    let flag = d.path("bad-release");
+    let flag_s = flag.display().to_string();
+    d.write_config(
+        &(header()
+            + &demo_program(
+                "web",
+                &["--unready-if", &flag_s],
+                &format!(
+                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n\
+                     ready_timeout = \"3s\""
+                ),
+            )),
+    );
+    assert!(d.ctl(&["reload"]).status.success());
+    // A real worker still becomes ready through its notify socket.
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the service to answer", T, || http_get(port, "/"));
+
+    // A release that never becomes ready; restart it.
+    std::fs::write(&flag, "").expect("flag");
+    let restart = d.ctl_in_background(&["restart", "web"]);
+    let candidate = wait_for("the new generation to be spawned", T, || {
+        let snap = d.status();
+        snap[0]
+            .instances
+            .iter()
+            .filter_map(|i| i.pid)
+            .find(|&p| p != old)
+            .ok_or_else(|| format!("{snap:?}"))
+    });
+    // Another local user finds its socket and claims it is ready.
+    let socket = notify_socket_of(candidate);
+    let forged = Command::new(bin("zdt"))
+        .args(["notify", "READY=1", "STATUS=\x1b[31mevil"])
+        .env("NOTIFY_SOCKET", &socket)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("run zdt notify as nobody");
+    // Sent (abstract sockets have no permissions); zdt had handled it when
+    // the barrier returned.
+    assert!(forged.status.success(), "{forged:?}");
+
+    let out = restart.join().expect("restart");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the forged READY=1 was accepted: {err}"
+    );
+    assert!(err.contains("not ready within ready_timeout"), "{err}");
+    let st = d.instance("web", 0);
+    assert_eq!((st.state, st.pid), (Running, Some(old)));
+    let (code, _) = http_get(port, "/").expect("the old generation serves");
+    assert_eq!(code, 200);
+    for p in d.status() {
+        for i in p.instances {
+            let text = i.status_text.unwrap_or_default();
+            assert!(!text.contains('\x1b') && !text.contains("evil"), "{text:?}");
+        }
+    }
+    let log = d.stderr();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("ignoring a notify message from a process outside"))
+        .unwrap_or_else(|| panic!("no warning about the forged message: {log}"));
+    assert!(warning.contains(&NOBODY.to_string()), "{warning}");
+}
+
+#[test]
+fn a_workers_status_text_has_its_control_characters_escaped() {
+    // `zdt notify` run from a shell exits (and is reaped) right after
+    // sending: its message must count all the same.
+    let script = "\"$ZDT\" notify \"STATUS=$ST\" READY=1 && exec sleep 600";
+    let d = Daemon::start(&format!(
+        "{}[program.sh]\ncommand = [\"sh\", \"-c\", {script:?}]\nready = {{ notify = true }}\n\
+         environment = {{ ZDT = {:?}, ST = \"\\u001b[31mred\\u0007\" }}\n",
+        header(),
+        bin("zdt").display().to_string()
+    ));
+    let i = d.wait_state("sh", 0, Running, T);
+    assert_eq!(i.status_text.as_deref(), Some("\\u{1b}[31mred\\u{7}"));
+    let out = d.ctl(&["status"]);
+    assert!(!out.stdout.contains(&0x1b), "{out:?}");
 }
