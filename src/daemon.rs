@@ -23,8 +23,11 @@ pub enum DaemonError {
         /// Where.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        source: crate::rundir::PathError,
     },
+    /// `log_dir` is in a folder another user could change.
+    #[error("log_dir: {0}")]
+    LogDir(crate::rundir::PathError),
     /// The control group named in the config does not exist.
     #[error("control_group {0:?} does not exist")]
     NoSuchGroup(String),
@@ -58,11 +61,17 @@ pub async fn run(
         ),
         None => None,
     };
+    // logs.rs creates log_dir when it first writes; it must not be (or be
+    // under) a folder another user controls (see crate::rundir).
+    crate::rundir::check_existing(&sup.log_dir).map_err(DaemonError::LogDir)?;
     let listener = server::bind(&sup.control, sup.control_mode, group)?;
     let control_path = sup.control.clone();
     let pidfile = sup.pidfile.clone();
     if let Some(path) = &pidfile {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+        // A new file (O_EXCL|O_NOFOLLOW) in a trusted folder: a link planted
+        // at the path is removed, never written through.
+        let pid = format!("{}\n", std::process::id());
+        crate::rundir::write_new(path, pid.as_bytes(), 0o644).map_err(|source| {
             DaemonError::Pidfile {
                 path: path.clone(),
                 source,

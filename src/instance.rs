@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::Ready;
 use crate::logs::{self, LogSink};
+use crate::notify::NotifySocket;
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 
 /// Orders for a process task.
@@ -171,21 +171,6 @@ const PUMP_DRAIN: Duration = Duration::from_millis(200);
 /// Distinguishes notify sockets of processes of this zdt.
 static NOTIFY_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Binds a datagram socket in the abstract namespace for one process's
-/// sd_notify messages; returns it with the `NOTIFY_SOCKET` value.
-fn notify_socket() -> std::io::Result<(UnixDatagram, String)> {
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!(
-        "zdt-notify/{}/{}",
-        std::process::id(),
-        NOTIFY_SEQ.fetch_add(1, Ordering::Relaxed)
-    );
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    let sock = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
-    sock.set_nonblocking(true)?;
-    Ok((UnixDatagram::from_std(sock)?, format!("@{name}")))
-}
-
 /// Runs the readiness command until it exits 0; its output goes to `log`.
 async fn probe_until_ready(
     spawner: Spawner,
@@ -227,7 +212,7 @@ async fn run(
         });
     };
     let notify = if p.ready == Ready::Notify {
-        match notify_socket() {
+        match NotifySocket::bind(NOTIFY_SEQ.fetch_add(1, Ordering::Relaxed)) {
             Ok((sock, name)) => {
                 p.spec.env.push(("NOTIFY_SOCKET".into(), name));
                 if let Some(w) = p.watchdog {
@@ -319,6 +304,8 @@ async fn run(
     let mut buf = vec![0u8; 4096];
     // Armed once ready; pushed back by every WATCHDOG=1.
     let mut watchdog_at: Option<Instant> = None;
+    // Notify messages dropped because they came from outside the group.
+    let mut foreign = 0u64;
     let status = loop {
         let kill_timer = sleep_until_opt(kill_at);
         let ready_timer = sleep_until_opt(ready_at.filter(|_| !up_sent));
@@ -353,8 +340,21 @@ async fn run(
                 up_sent = true;
                 send(ProcEventKind::NotReady);
             }
-            r = datagram => if let Ok(n) = r {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            r = datagram => if let Ok(d) = r {
+                if !d.sender.is_some_and(|s| s.in_group(pid)) {
+                    foreign += 1;
+                    if foreign == 1 {
+                        tracing::warn!(
+                            pid = pid.as_raw(),
+                            sender_pid = d.sender.map(|s| s.pid),
+                            sender_uid = d.sender.map(|s| s.uid),
+                            "ignoring a notify message from a process outside the worker's process group \
+                             (logged once per worker)"
+                        );
+                    }
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&buf[..d.len]).into_owned();
                 for line in text.lines() {
                     let (key, value) = line.split_once('=').unwrap_or((line, ""));
                     match (key, value) {
@@ -363,7 +363,9 @@ async fn run(
                             watchdog_at = p.watchdog.map(|w| Instant::now() + w);
                             send(ProcEventKind::Up);
                         }
-                        ("STATUS", st) => send(ProcEventKind::Status(st.to_string())),
+                        ("STATUS", st) => {
+                            send(ProcEventKind::Status(crate::notify::escape_control(st)));
+                        }
                         ("WATCHDOG", "1") => {
                             watchdog_at = p.watchdog.map(|w| Instant::now() + w);
                         }
@@ -412,6 +414,13 @@ async fn run(
             }
         }
     };
+    if foreign > 1 {
+        tracing::warn!(
+            pid = pid.as_raw(),
+            ignored = foreign,
+            "notify messages from outside the worker's process group were ignored"
+        );
+    }
     // Let the pumps take the last output first, so a failure report shows
     // it; bounded, since a grandchild may hold the pipes open.
     let _ = tokio::time::timeout(PUMP_DRAIN, futures_util::future::join_all(pumps)).await;

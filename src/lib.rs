@@ -39,6 +39,8 @@
 //! - [`fds`]: the open-files limit, the fds kept for zdt itself, and what
 //!   the proxy may use.
 //! - [`logs`]: per-instance log files with rotation, the tail ring, followers.
+//! - [`rundir`]: the checks on every path zdt creates (private and trusted
+//!   folders, files that never follow a planted link).
 //! - [`state`]: instance states and the snapshots `status` prints.
 //! - [`proxy`]: proxy mode. A few current-thread runtimes (nginx's worker
 //!   model) accepts on every proxied socket; a client connection, its requests
@@ -66,6 +68,7 @@ pub mod logs;
 pub mod notify;
 pub mod program;
 pub mod proxy;
+pub mod rundir;
 pub mod signals;
 pub mod spawn;
 pub mod state;

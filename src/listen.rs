@@ -80,12 +80,10 @@ pub fn bind(
             remove_stale_unix_socket(path).map_err(err)?;
             let s = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
             s.bind(&SockAddr::unix(path).map_err(err)?).map_err(err)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode))
-                .map_err(err)?;
-            if let Some(owner) = unix_owner {
-                chown(path, owner).map_err(err)?;
-            }
+            // Through a descriptor, not the path: the folder may belong to
+            // the service user (see crate::rundir).
+            let owner = unix_owner.map(lookup_owner).transpose().map_err(err)?;
+            crate::rundir::set_socket_file(path, unix_mode, owner).map_err(err)?;
             s
         }
     };
@@ -178,9 +176,9 @@ impl Registry {
     }
 }
 
-/// Gives `path` to `owner` (`user` or `user:group`; the group defaults to
-/// the user's own).
-fn chown(path: &Path, owner: &str) -> std::io::Result<()> {
+/// The uid and gid `owner` names (`user` or `user:group`; the group
+/// defaults to the user's own).
+fn lookup_owner(owner: &str) -> std::io::Result<(nix::unistd::Uid, nix::unistd::Gid)> {
     let (user, group) = owner
         .split_once(':')
         .map_or((owner, None), |(u, g)| (u, Some(g)));
@@ -199,8 +197,7 @@ fn chown(path: &Path, owner: &str) -> std::io::Result<()> {
         }
         None => u.gid,
     };
-    nix::unistd::chown(path, Some(u.uid), Some(gid))?;
-    Ok(())
+    Ok((u.uid, gid))
 }
 
 #[cfg(test)]

@@ -12,4 +12,5 @@ mod logs;
 mod pass;
 mod proxy;
 mod reload;
+mod security;
 mod spawning;

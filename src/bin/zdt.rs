@@ -111,13 +111,23 @@ fn sanitize_fds() {
     }
 }
 
-/// The folder for `zdt run`'s control socket: $XDG_RUNTIME_DIR/zdt, else
-/// /tmp/zdt-UID.
-fn runtime_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d).join("zdt"),
-        None => PathBuf::from(format!("/tmp/zdt-{}", nix::unistd::geteuid())),
-    }
+/// The private folder for `zdt run`'s generated config, control socket and
+/// logs: $XDG_RUNTIME_DIR/zdt, else $TMPDIR/zdt-UID (TMPDIR defaults to
+/// /tmp). Created with mode 0700, or refused when it exists and another user
+/// could have made or changed it (see zdt::rundir).
+fn runtime_dir() -> Result<PathBuf, String> {
+    let (dir, hint) = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => (
+            PathBuf::from(d).join("zdt"),
+            " (from XDG_RUNTIME_DIR; unset it to use TMPDIR or /tmp)",
+        ),
+        None => (
+            std::env::temp_dir().join(format!("zdt-{}", nix::unistd::geteuid())),
+            "",
+        ),
+    };
+    zdt::rundir::private_dir(&dir).map_err(|e| format!("{e}{hint}"))?;
+    Ok(dir)
 }
 
 /// Writes the configuration `zdt run` stands for, so that it goes through
@@ -136,8 +146,7 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
     };
     use toml::{Table, Value};
     let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
-    let dir = runtime_dir();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let dir = runtime_dir()?;
     let pid = std::process::id();
     let mut sup = Table::new();
     sup.insert("control".into(), Value::String(format!("run-{pid}.sock")));
@@ -177,7 +186,7 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
     root.insert("program".into(), Value::Table(programs));
     let text = toml::to_string(&root).map_err(|e| e.to_string())?;
     let file = dir.join(format!("run-{pid}.toml"));
-    std::fs::write(&file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    zdt::rundir::write_new(&file, text.as_bytes(), 0o600).map_err(|e| e.to_string())?;
     Ok(file)
 }
 

@@ -94,8 +94,10 @@ pub fn bind(path: &Path, mode: u32, group: Option<Gid>) -> Result<UnixListener, 
         path: path.to_path_buf(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(bind_err)?;
+    // A folder another user can write to would let them swap the socket
+    // for a symlink between bind and chmod/chown below.
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::rundir::trusted_dir(parent).map_err(|e| bind_err(e.into()))?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
