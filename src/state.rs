@@ -113,6 +113,11 @@ pub struct InstanceSnapshot {
     /// Proxy mode: this process's request counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<RequestCounts>,
+    /// How the last drain of an old generation of this instance went wrong:
+    /// SIGKILLed at `max_wait` (pass mode: whatever it still held was cut) or
+    /// requests cut (proxy mode). None when it drained cleanly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_warning: Option<String>,
 }
 
 /// Request counters of a proxy-mode program or of one of its processes.

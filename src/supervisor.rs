@@ -412,6 +412,7 @@ impl Supervisor {
                         message: format!("{target}: {verb:?} requested (not waiting)")
                             .to_lowercase(),
                         instances: Vec::new(),
+                        warnings: Vec::new(),
                     }),
                 )
                 .await
@@ -419,7 +420,11 @@ impl Supervisor {
         } else {
             tokio::spawn(async move {
                 let results = run_levels(calls).await;
-                send(&replies, collect(results, message)).await;
+                let mut reply = collect(results, message);
+                if verb == Verb::Restart {
+                    add_drain_warnings(&mut reply);
+                }
+                send(&replies, reply).await;
             });
         }
     }
@@ -638,6 +643,27 @@ async fn finish_calls(calls: Vec<(i32, Call)>, message: String, replies: mpsc::S
     send(&replies, collect(results, message)).await;
 }
 
+/// A restart's verdict names every old generation that did not drain in
+/// time (SIGKILLed at max_wait, requests cut): the restart succeeded, but a
+/// script should be able to tell.
+fn add_drain_warnings(reply: &mut Reply) {
+    if let Reply::Ok {
+        result:
+            Outcome::Done {
+                instances,
+                warnings,
+                ..
+            },
+    } = reply
+    {
+        warnings.extend(instances.iter().filter_map(|i| {
+            i.drain_warning
+                .as_ref()
+                .map(|w| format!("{}:{}: {w}", i.program, i.instance))
+        }));
+    }
+}
+
 fn collect(results: Vec<(String, Option<OpResult>)>, message: String) -> Reply {
     let mut instances = Vec::new();
     let mut errors = Vec::new();
@@ -653,7 +679,11 @@ fn collect(results: Vec<(String, Option<OpResult>)>, message: String) -> Reply {
         }
     }
     match errors.len() {
-        0 => ok(Outcome::Done { message, instances }),
+        0 => ok(Outcome::Done {
+            message,
+            instances,
+            warnings: Vec::new(),
+        }),
         1 => err(op_error(errors.remove(0))),
         _ => {
             let tails: Vec<String> = errors.iter().filter_map(|e| e.log_tail.clone()).collect();

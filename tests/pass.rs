@@ -232,9 +232,39 @@ fn an_old_worker_ignoring_sigterm_is_killed_at_max_wait() {
         d.stderr().contains("did not exit within max_wait"),
         "not logged"
     );
+    // Said to the operator too, not only in the log: a warning line, the
+    // status table, --json, and --strict exits 1.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: web:0: gen 1 did not exit within max_wait"),
+        "{out:?}"
+    );
+    let status = d.ctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("last drain: gen 1"),
+        "{status:?}"
+    );
     let (code, body) = http_get(port, "/").expect("served by the new generation");
     assert_eq!(code, 200);
     assert!(body.contains("\"generation\":2"), "{body}");
+    let out = d.ctl(&["--json", "restart", "--strict", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json outcome");
+    let w = v["warnings"][0].as_str().unwrap_or_default();
+    assert!(w.contains("gen 2 did not exit within max_wait"), "{v}");
+}
+
+#[test]
+fn a_clean_restart_passes_strict() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &pass_program("web", port, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    let out = d.ctl(&["restart", "--strict", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -393,6 +393,12 @@ fn a_request_held_past_max_wait_is_cut_answered_502_and_counted() {
     let t0 = Instant::now();
     let out = d.ctl(&["restart", "web"]);
     assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "warning: web:0: gen 1 did not finish its requests within max_wait (1s): 1 request(s) in flight were cut"
+        ),
+        "{out:?}"
+    );
     let (code, body) = long.join().expect("join").expect("long request");
     assert_eq!(code, 502, "{body}");
     let waited = t0.elapsed();

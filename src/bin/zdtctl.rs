@@ -52,6 +52,10 @@ enum Cmd {
         /// Return as soon as the restart was accepted.
         #[arg(long)]
         no_wait: bool,
+        /// Exit 1 when the restart worked but an old generation did not
+        /// drain in time (SIGKILLed at max_wait, requests cut).
+        #[arg(long)]
+        strict: bool,
         /// Program names, NAME:N, globs, or all.
         #[arg(required = true)]
         targets: Vec<String>,
@@ -139,7 +143,9 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             .iter()
             .map(|t| Command::Stop { target: t.clone() })
             .collect(),
-        Cmd::Restart { no_wait, targets } => targets
+        Cmd::Restart {
+            no_wait, targets, ..
+        } => targets
             .iter()
             .map(|t| Command::Restart {
                 target: t.clone(),
@@ -228,6 +234,9 @@ fn print_status(programs: &[ProgramSnapshot]) {
             if i.log_dropped_bytes > 0 {
                 info.push(format!("{} log bytes dropped", i.log_dropped_bytes));
             }
+            if let Some(w) = &i.drain_warning {
+                info.push(format!("last drain: {w}"));
+            }
             let mut row = vec![
                 p.name.clone(),
                 i.instance.to_string(),
@@ -275,7 +284,14 @@ fn print_status(programs: &[ProgramSnapshot]) {
 fn print_outcome(outcome: &Outcome) {
     match outcome {
         Outcome::Status { programs } => print_status(programs),
-        Outcome::Done { message, .. } => println!("{message}"),
+        Outcome::Done {
+            message, warnings, ..
+        } => {
+            println!("{message}");
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+        }
         Outcome::Pids { pids } => {
             for p in pids {
                 println!("{}", p.pid);
@@ -347,6 +363,12 @@ async fn run(args: Args, socket: PathBuf) -> u8 {
             .await;
         match result {
             Ok(Ok(outcome)) => {
+                let strict = matches!(args.command, Cmd::Restart { strict: true, .. });
+                if let Outcome::Done { warnings, .. } = &outcome {
+                    if strict && !warnings.is_empty() {
+                        code = code.max(EXIT_FAILED);
+                    }
+                }
                 if json {
                     match serde_json::to_string(&outcome) {
                         Ok(s) => println!("{s}"),

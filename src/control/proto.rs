@@ -155,6 +155,11 @@ pub enum Outcome {
         message: String,
         /// The affected instances as they are now.
         instances: Vec<InstanceSnapshot>,
+        /// Restart: what went wrong without failing it, e.g. an old
+        /// generation SIGKILLed at `max_wait` (`zdtctl restart --strict`
+        /// exits 1 when there is any).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
     },
     /// For `pid`.
     Pids {

@@ -749,6 +749,11 @@ impl Program {
                 "{name}: old generation gone after {} ms",
                 started.elapsed().as_millis()
             ));
+            for &s in &slots {
+                if let Some(w) = self.slots[s].drain_warning() {
+                    self.ops[index].progress(format!("{name}:{s}: warning: {w}"));
+                }
+            }
             return Some(Ok(self.snapshots_of(&slots)));
         }
         None

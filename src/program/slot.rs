@@ -153,6 +153,8 @@ pub(super) struct Slot {
     last_exit: Option<ExitInfo>,
     error: Option<String>,
     status_text: Option<String>,
+    /// How the last drain of an old generation went wrong, if it did.
+    drain_warning: Option<String>,
     backoff_epoch: u64,
     stdout_cfg: LogConfig,
     stderr_cfg: LogConfig,
@@ -194,6 +196,7 @@ impl Slot {
             last_exit: None,
             error: None,
             status_text: None,
+            drain_warning: None,
             backoff_epoch: 0,
             stdout: sink_for(&cfg.stdout_log, &cfg.name, index, on_drop),
             stderr: sink_for(&cfg.stderr_log, &cfg.name, index, on_drop),
@@ -314,6 +317,7 @@ impl Slot {
         };
         if let Some(mut old) = self.proc.replace(next) {
             old.stopping = true;
+            self.drain_warning = None;
             match &old.private {
                 // Proxy: no new requests reach it (the routes changed with this
                 // switch): drain by its in-flight count, then stop it.
@@ -392,14 +396,43 @@ impl Slot {
             ProcEventKind::Exited { status, killed } => {
                 let old = self.draining.remove(pos);
                 let how = status.map_or("unknown".to_string(), |s| s.to_string());
-                if killed {
-                    tracing::warn!(program = %cfg.name, instance = self.index, gen = old.gen, exit = %how, max_wait = ?cfg.max_wait, "old generation did not exit within max_wait; it was SIGKILLed and its open requests were cut");
+                // Requests of a process that is gone are cut, whether their
+                // failure was counted yet or not.
+                let cut = old
+                    .private
+                    .as_ref()
+                    .map_or(0, |(_, s)| s.counts().cut + s.inflight());
+                if killed || cut > 0 {
+                    let text = match &old.private {
+                        // Pass: SIGKILL came at max_wait.
+                        None => format!(
+                            "gen {} did not exit within max_wait ({:?}) and was SIGKILLed: connections it still held were cut",
+                            old.gen, cfg.max_wait
+                        ),
+                        Some(_) => format!(
+                            "gen {} did not finish its requests within max_wait ({:?}): {cut} request(s) in flight were cut{}",
+                            old.gen,
+                            cfg.max_wait,
+                            if killed {
+                                format!("; SIGKILLed after kill_timeout ({:?})", cfg.kill_timeout)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    };
+                    tracing::warn!(program = %cfg.name, instance = self.index, gen = old.gen, exit = %how, "{text}");
+                    self.drain_warning = Some(text);
                 } else {
                     tracing::info!(program = %cfg.name, instance = self.index, gen = old.gen, exit = %how, "old generation exited");
                 }
             }
             _ => {}
         }
+    }
+
+    /// How the last drain of an old generation went wrong, if it did.
+    pub fn drain_warning(&self) -> Option<&str> {
+        self.drain_warning.as_deref()
     }
 
     /// Whether the slot is meant to have a running process.
@@ -805,6 +838,7 @@ impl Slot {
                 status_text: None,
                 log_dropped_bytes: 0,
                 requests: None,
+                drain_warning: None,
             });
         }
         rows
@@ -825,6 +859,7 @@ impl Slot {
             status_text: self.status_text.clone(),
             log_dropped_bytes: self.stdout.dropped_bytes() + self.stderr.dropped_bytes(),
             requests: None,
+            drain_warning: self.drain_warning.clone(),
         }
     }
 }
