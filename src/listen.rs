@@ -91,6 +91,29 @@ pub fn bind(
     Ok(socket.into())
 }
 
+/// Connections waiting in a listening TCP socket's accept queue (None for
+/// other sockets). For a socket in LISTEN state Linux reports the queue
+/// length as `tcpi_unacked` of TCP_INFO.
+pub fn accept_queue_len(fd: &OwnedFd) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given, and
+    // the fd is open for as long as `fd` is borrowed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // TCP_LISTEN is 10 in the kernel's state numbering.
+    (rc == 0 && info.tcpi_state == 10).then_some(info.tcpi_unacked)
+}
+
 /// Every listening socket zdt owns, by address. The supervisor and the
 /// program actors hold clones: the supervisor binds what a config or a
 /// reload asks for (all of a reload's new addresses before anything

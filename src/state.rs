@@ -149,6 +149,10 @@ pub struct ProgramSnapshot {
     /// Proxy mode: the program's request counters since zdt started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<RequestCounts>,
+    /// Pass mode: a listening socket whose accept queue has stayed non-empty
+    /// while the program runs (nobody accepts on the socket zdt passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_warning: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch, for snapshots.

@@ -403,6 +403,7 @@ impl Supervisor {
         };
         let message = format!("{past} {target}");
         let target = target.to_string();
+        let handles: Vec<ProgramHandle> = calls.iter().map(|(_, c)| c.handle.clone()).collect();
         if no_wait {
             tokio::spawn(run_levels(calls));
             tokio::spawn(async move {
@@ -422,7 +423,7 @@ impl Supervisor {
                 let results = run_levels(calls).await;
                 let mut reply = collect(results, message);
                 if verb == Verb::Restart {
-                    add_drain_warnings(&mut reply);
+                    add_drain_warnings(&mut reply, &handles);
                 }
                 send(&replies, reply).await;
             });
@@ -644,9 +645,9 @@ async fn finish_calls(calls: Vec<(i32, Call)>, message: String, replies: mpsc::S
 }
 
 /// A restart's verdict names every old generation that did not drain in
-/// time (SIGKILLed at max_wait, requests cut): the restart succeeded, but a
-/// script should be able to tell.
-fn add_drain_warnings(reply: &mut Reply) {
+/// time (SIGKILLed at max_wait, requests cut) and every socket nobody
+/// accepts on: the restart succeeded, but a script should be able to tell.
+fn add_drain_warnings(reply: &mut Reply, handles: &[ProgramHandle]) {
     if let Reply::Ok {
         result:
             Outcome::Done {
@@ -660,6 +661,11 @@ fn add_drain_warnings(reply: &mut Reply) {
             i.drain_warning
                 .as_ref()
                 .map(|w| format!("{}:{}: {w}", i.program, i.instance))
+        }));
+        warnings.extend(handles.iter().filter_map(|h| {
+            h.snapshot()
+                .socket_warning
+                .map(|w| format!("{}: {w}", h.name))
         }));
     }
 }

@@ -587,3 +587,39 @@ fn a_reload_during_a_restart_is_applied_after_it() {
         "queued settings not applied"
     );
 }
+
+/// A worker that never accepts on the socket zdt passed (it bound its own,
+/// as gunicorn --reuse-port does): zdt shows RUNNING, but connections pile
+/// up in the queue; status, the log and the restart's verdict say so.
+#[test]
+fn a_socket_nobody_accepts_on_is_reported() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.web]\ncommand = [\"sleep\", \"1000\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\nmax_wait = \"1s\"\n"
+            )),
+    );
+    d.wait_state("web", 0, Running, T);
+    // The kernel completes the handshake and queues it; nobody accepts.
+    let _waiting = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let warning = wait_for("the socket warning", T, || {
+        d.status()[0]
+            .socket_warning
+            .clone()
+            .ok_or_else(|| "none yet".to_string())
+    });
+    assert!(
+        warning.contains(&format!("tcp://127.0.0.1:{port}")) && warning.contains("LISTEN_FDS"),
+        "{warning}"
+    );
+    let text = String::from_utf8_lossy(&d.ctl(&["status"]).stdout).to_string();
+    assert!(text.contains("web: warning: "), "{text}");
+    assert!(d.stderr().contains("waiting in the accept queue"));
+    let out = d.ctl(&["restart", "--strict", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waiting in the accept queue"),
+        "{out:?}"
+    );
+}

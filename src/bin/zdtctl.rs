@@ -272,6 +272,9 @@ fn print_status(programs: &[ProgramSnapshot]) {
         println!("{}", line.join("  ").trim_end());
     }
     for p in programs {
+        if let Some(w) = &p.socket_warning {
+            println!("{}: warning: {w}", p.name);
+        }
         if let Some(r) = &p.requests {
             println!(
                 "{}: {} in flight, {} served, {} answered 502 ({} cut at max_wait), {} answered 503",

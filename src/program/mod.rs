@@ -220,6 +220,7 @@ pub fn spawn_program(
         generation: 0,
         instances: Vec::new(),
         requests: None,
+        socket_warning: None,
     });
     let traffic = Arc::new(Traffic::default());
     let mut actor = Program {
@@ -235,6 +236,8 @@ pub fn spawn_program(
         bind_error: None,
         registry,
         bind_retry: None,
+        queued_ticks: Vec::new(),
+        socket_warning: None,
         queued: None,
         proxy: None,
         routes: crate::proxy::RouteTable::new(),
@@ -285,6 +288,11 @@ struct Program {
     /// With `autostart`, a failed bind is tried again at this time; the
     /// count is the number of tries so far (for the backoff).
     bind_retry: Option<(tokio::time::Instant, u32)>,
+    /// Pass mode: per socket, how many checks in a row found connections
+    /// waiting in its accept queue while an instance was RUNNING.
+    queued_ticks: Vec<u32>,
+    /// Set when one socket's queue stayed non-empty (see [`QUEUE_CHECKS`]).
+    socket_warning: Option<String>,
     /// Proxy mode: the component accepting on the sockets; routes are
     /// published to it after every change.
     proxy: Option<crate::proxy::ProxyHandle>,
@@ -296,6 +304,11 @@ struct Program {
     /// A reload that arrived during a restart, applied when it is over.
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
 }
+
+/// How often pass-mode accept queues are looked at.
+const QUEUE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Checks in a row with connections waiting before it is reported.
+const QUEUE_CHECKS: u32 = 3;
 
 /// Resolves at `at`, never when None.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
@@ -360,9 +373,13 @@ impl Program {
             self.schedule_bind_retry(0);
         }
         self.publish();
+        let mut queue_check = tokio::time::interval(QUEUE_CHECK_EVERY);
+        queue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry_at = self.bind_retry.map(|(at, _)| at);
+            let watch_queue = self.config.mode == config::Mode::Pass && !self.sockets.is_empty();
             tokio::select! {
+                _ = queue_check.tick(), if watch_queue => self.check_accept_queues(),
                 () = sleep_until_some(retry_at), if !shutting_down => self.on_bind_retry(),
                 msg = orders.recv(), if !shutting_down => match msg {
                     Some(ProgramMsg::Shutdown { reply }) => {
@@ -395,6 +412,39 @@ impl Program {
             }
         }
         tracing::debug!(program = %self.config.name, "program actor ended");
+    }
+
+    /// Pass mode: a socket whose accept queue stays non-empty while an
+    /// instance runs has nobody accepting on it (a worker that bound its own
+    /// socket: gunicorn --reuse-port, a hard-coded port). zdt cannot see
+    /// requests in pass mode, but it can see that.
+    fn check_accept_queues(&mut self) {
+        let running = self
+            .slots
+            .iter()
+            .any(|s| s.state() == InstanceState::Running);
+        self.queued_ticks.resize(self.sockets.len(), 0);
+        let mut warning = None;
+        for (i, fd) in self.sockets.iter().enumerate() {
+            let queued = crate::listen::accept_queue_len(fd).unwrap_or(0);
+            let ticks = &mut self.queued_ticks[i];
+            *ticks = if running && queued > 0 { *ticks + 1 } else { 0 };
+            if *ticks >= QUEUE_CHECKS && warning.is_none() {
+                let addr = self
+                    .config
+                    .listen
+                    .get(i)
+                    .map_or_else(|| "a listening socket".to_string(), |a| a.to_string());
+                warning = Some(format!(
+                    "{addr}: {queued} connection(s) waiting in the accept queue for {}s while the program runs: is the worker accepting on the socket zdt passes (fd 3, LISTEN_FDS)? A server that binds its own socket (gunicorn --reuse-port, a fixed port) never sees them",
+                    (QUEUE_CHECK_EVERY * *ticks).as_secs()
+                ));
+            }
+        }
+        if warning.is_some() && self.socket_warning.is_none() {
+            tracing::warn!(program = %self.config.name, "{}", warning.as_deref().unwrap_or_default());
+        }
+        self.socket_warning = warning;
     }
 
     /// With a bind error and `autostart`, tries the bind again after a
@@ -1042,6 +1092,7 @@ impl Program {
                 .iter()
                 .flat_map(|s| s.snapshots(&self.config.name))
                 .collect(),
+            socket_warning: self.socket_warning.clone(),
         };
         self.snapshot.send_if_modified(|snap| {
             let changed = *snap != new;
