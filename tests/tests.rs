@@ -6,6 +6,7 @@ mod util;
 mod bench_tools;
 mod config;
 mod control;
+mod crashes;
 mod lifecycle;
 mod logs;
 mod pass;

@@ -1,0 +1,51 @@
+//! Crash loops and failed starts: backoff, FATAL, the cause kept, clean
+//! stops by the stop signal, and workers' children left by a killed zdt.
+
+use std::time::Duration;
+
+use zdt::state::InstanceState::*;
+
+use crate::util::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A worker that is ready at once and crashes 300 ms later is a failed start
+/// (it exited within `startsecs` of being ready): it backs off and ends FATAL
+/// after `startretries`, instead of being restarted 3 times a second forever.
+#[test]
+fn crash_soon_after_ready_backs_off_and_ends_fatal() {
+    let port = free_port();
+    let cfg = header()
+        + &demo_program(
+            "flaky",
+            &["--crash-after", "300"],
+            &format!(
+                "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ http = \"/health\" }}\nstartsecs = \"1s\"\nstartretries = 3"
+            ),
+        );
+    let d = Daemon::start(&cfg);
+    // Backoffs of 1, 2 and 4 s: FATAL after about 8.5 s; without backoff
+    // the restarts would pass any bound long before.
+    let st = wait_for("flaky:0 to be FATAL", T, || {
+        let i = d.instance("flaky", 0);
+        assert!(i.restarts <= 3, "restarted more than startretries: {i:?}");
+        if i.state == Fatal {
+            Ok(i)
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    assert_eq!(st.restarts, 3, "{st:?}");
+    assert_eq!(st.pid, None);
+    let err = st.error.unwrap_or_default();
+    assert!(
+        err.contains("after it was ready")
+            && err.contains("startsecs")
+            && err.contains("4 failed starts"),
+        "{err}"
+    );
+    // Nothing routes to it: the proxy answers 503, not 502.
+    let (code, _) = http_get(port, "/").expect("the proxy answers");
+    assert_eq!(code, 503);
+}
