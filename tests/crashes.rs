@@ -49,3 +49,38 @@ fn crash_soon_after_ready_backs_off_and_ends_fatal() {
     let (code, _) = http_get(port, "/").expect("the proxy answers");
     assert_eq!(code, 503);
 }
+
+/// A proxy worker that listens on a port of its own, not on `{port}`/`PORT`:
+/// the failure names the address probed and how to fix it, and FATAL keeps
+/// that cause instead of "exited too quickly (killed by SIGTERM)".
+#[test]
+fn not_ready_proxy_worker_keeps_the_probe_failure_as_its_cause() {
+    let (port, own) = (free_port(), free_port());
+    let cfg = header()
+        + &demo_program(
+            "lost",
+            &["--port", &own.to_string()],
+            &format!(
+                "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ http = \"/health\" }}\nready_timeout = \"1s\"\nstartretries = 1\n\
+                 kill_timeout = \"2s\""
+            ),
+        );
+    let d = Daemon::start(&cfg);
+    let st = d.wait_state("lost", 0, Fatal, T);
+    let err = st.error.unwrap_or_default();
+    assert!(
+        err.starts_with("not ready within ready_timeout (1s): http probe of 127.0.0.1:")
+            && err.contains("/health")
+            && err.contains("{port}")
+            && err.contains("$PORT")
+            && err.contains("2 failed starts in a row"),
+        "{err}"
+    );
+    assert!(!err.contains("exited too quickly"), "{err}");
+    // zdtctl start reports the same cause.
+    let out = d.ctl(&["start", "lost"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("not ready within ready_timeout"), "{text}");
+}

@@ -775,7 +775,9 @@ impl Program {
                 slot.on_spawn_failed(err);
             }
             ProcEventKind::Up => slot.on_up(&self.config.name),
-            ProcEventKind::NotReady => slot.on_not_ready(&self.config),
+            ProcEventKind::NotReady { why, unreachable } => {
+                slot.on_not_ready(&self.config, why, unreachable)
+            }
             ProcEventKind::Status(text) => slot.on_status(text),
             ProcEventKind::Exited { status, killed } => {
                 match slot.on_exited(&self.config, status, killed) {

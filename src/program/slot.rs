@@ -145,6 +145,21 @@ fn start_held(
     }
 }
 
+/// A readiness failure, with a hint when a proxy worker could not be reached
+/// on the private address zdt gave it.
+fn with_hint(cfg: &ProgramConfig, why: String, unreachable: bool) -> String {
+    if !unreachable || cfg.mode != Mode::Proxy {
+        return why;
+    }
+    let how = match cfg.upstream {
+        UpstreamKind::Tcp => "{port} in command or environment, or $PORT",
+        UpstreamKind::Unix => "{socket} in command or environment, or $SOCKET",
+    };
+    format!(
+        "{why} (in proxy mode the worker must listen on the private address zdt gives it: {how})"
+    )
+}
+
 /// A free loopback port not held by another generation.
 fn private_port(in_use: &[u16]) -> Option<u16> {
     (0..20).find_map(|_| {
@@ -399,10 +414,10 @@ impl Slot {
                 self.next = None;
                 self.next_failed = Some(format!("gen {gen} cannot start: {err}"));
             }
-            ProcEventKind::NotReady => {
+            ProcEventKind::NotReady { why, unreachable } => {
                 self.next_failed = Some(format!(
-                    "gen {gen} was not ready within ready_timeout ({:?})",
-                    cfg.ready_timeout
+                    "gen {gen} was {}",
+                    with_hint(cfg, why, unreachable)
                 ));
                 self.abort_replace(cfg);
             }
@@ -642,13 +657,12 @@ impl Slot {
     }
 
     /// The current process was not ready in time: kill it; its exit counts
-    /// as a failed start.
-    pub fn on_not_ready(&mut self, cfg: &ProgramConfig) {
-        if let Some(p) = &self.proc {
-            self.error = Some(format!(
-                "not ready within ready_timeout ({:?})",
-                cfg.ready_timeout
-            ));
+    /// as a failed start, for this reason.
+    pub fn on_not_ready(&mut self, cfg: &ProgramConfig, why: String, unreachable: bool) {
+        if let Some(p) = &mut self.proc {
+            let why = with_hint(cfg, why, unreachable);
+            tracing::warn!(program = %cfg.name, instance = self.index, cause = %why, "failed start; stopping the worker");
+            p.failure = Some(why);
             p.handle.send(ProcCmd::Stop {
                 signal: cfg.stop_signal,
                 kill_after: cfg.kill_timeout,
