@@ -84,3 +84,39 @@ fn not_ready_proxy_worker_keeps_the_probe_failure_as_its_cause() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("not ready within ready_timeout"), "{text}");
 }
+
+/// A worker that dies of the stop signal zdt sent (as uvicorn does when it
+/// re-raises SIGTERM; `sleep` simply does not handle it) stopped cleanly; it
+/// was not "killed by SIGTERM".
+#[test]
+fn death_by_the_stop_signal_zdt_sent_is_a_clean_stop() {
+    let cfg = header() + "[program.nap]\ncommand = [\"sleep\", \"300\"]\nstartsecs = \"0s\"\n";
+    let d = Daemon::start(&cfg);
+    let pid = d.wait_state("nap", 0, Running, T).pid.expect("pid");
+    let (code, v) = d.ctl_json(&["stop", "nap"]);
+    assert_eq!(code, 0, "{v}");
+    assert!(!alive(pid));
+    let exit = d.instance("nap", 0).last_exit.expect("last exit");
+    assert_eq!(exit.signal.as_deref(), Some("SIGTERM"), "{exit:?}");
+    assert!(exit.clean_stop && exit.expected, "{exit:?}");
+    assert_eq!(exit.to_string(), "stopped by SIGTERM");
+    let out = d.ctl(&["status", "nap"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stopped by SIGTERM"), "{text}");
+    assert!(!text.contains("killed by"), "{text}");
+
+    // The same signal sent by someone else, not as a stop, is a kill.
+    d.ctl(&["start", "nap"]);
+    let pid = d.wait_state("nap", 0, Running, T).pid.expect("pid");
+    kill(pid, libc::SIGTERM);
+    let st = wait_for("the kill to be recorded", T, || {
+        let i = d.instance("nap", 0);
+        match &i.last_exit {
+            Some(e) if e.at_ms > exit.at_ms => Ok(i),
+            _ => Err(format!("{i:?}")),
+        }
+    });
+    let e = st.last_exit.expect("last exit");
+    assert!(!e.clean_stop, "{e:?}");
+    assert_eq!(e.to_string(), "killed by SIGTERM");
+}

@@ -145,6 +145,12 @@ fn start_held(
     }
 }
 
+/// Whether a process zdt was stopping ended by the very stop signal zdt sent
+/// (and not by the SIGKILL after the grace): a clean stop, not a kill.
+fn is_clean_stop(cfg: &ProgramConfig, status: Option<ExitStatus>, killed: bool) -> bool {
+    !killed && status == Some(ExitStatus::Signal(cfg.stop_signal))
+}
+
 /// A readiness failure, with a hint when a proxy worker could not be reached
 /// on the private address zdt gave it.
 fn with_hint(cfg: &ProgramConfig, why: String, unreachable: bool) -> String {
@@ -438,7 +444,13 @@ impl Slot {
             ProcEventKind::Spawned { pid } => self.draining[pos].pid = Some(pid),
             ProcEventKind::Exited { status, killed } => {
                 let old = self.draining.remove(pos);
-                let how = status.map_or("unknown".to_string(), |s| s.to_string());
+                let how = match status {
+                    _ if is_clean_stop(cfg, status, killed) => {
+                        format!("stopped by {}", cfg.stop_signal.as_str())
+                    }
+                    Some(s) => s.to_string(),
+                    None => "unknown".to_string(),
+                };
                 if killed {
                     tracing::warn!(program = %cfg.name, instance = self.index, gen = old.gen, exit = %how, max_wait = ?cfg.max_wait, "old generation did not exit within max_wait; it was SIGKILLed and its open requests were cut");
                 } else {
@@ -750,6 +762,7 @@ impl Slot {
             code,
             signal,
             expected,
+            clean_stop: proc.stopping && is_clean_stop(cfg, status, killed),
             at_ms: now_ms(),
         };
         tracing::info!(program = %cfg.name, instance = self.index, gen = proc.gen, exit = %info, killed, "process exited");
