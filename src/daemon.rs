@@ -58,6 +58,11 @@ pub async fn run(
         None => None,
     };
     let listener = server::bind(&sup.control, sup.control_mode, group)?;
+    // The control socket is ours now, so no live zdt uses this state file:
+    // kill what a zdt killed on this path left, before binding its ports.
+    let groups_file = crate::orphans::state_path(&sup.control);
+    crate::orphans::sweep(&groups_file).await;
+    crate::orphans::start_recorder(groups_file);
     let control_path = sup.control.clone();
     let pidfile = sup.pidfile.clone();
     if let Some(path) = &pidfile {

@@ -100,6 +100,8 @@ pub struct ProcParams {
     pub slot: usize,
     /// Generation.
     pub gen: u64,
+    /// The program's name (recorded with the process group).
+    pub program: String,
     /// What to run.
     pub spec: SpawnSpec,
     /// How readiness is decided.
@@ -266,6 +268,9 @@ async fn run(
         }
     };
     let pid = spawned.pid;
+    // Until the task ends (and while its group has members after that), a
+    // later zdt can find the group if this one is killed.
+    let _recorded = crate::orphans::Recorded::new(pid.as_raw() as u32, &p.program);
     send(ProcEventKind::Spawned {
         pid: pid.as_raw() as u32,
     });

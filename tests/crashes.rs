@@ -120,3 +120,76 @@ fn death_by_the_stop_signal_zdt_sent_is_a_clean_stop() {
     assert!(!e.clean_stop, "{e:?}");
     assert_eq!(e.to_string(), "killed by SIGTERM");
 }
+
+/// SIGKILLs a pid when dropped (a process the test made, should it fail).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(self.0, libc::SIGKILL);
+    }
+}
+
+/// A pass-mode worker's child (in the worker's process group, holding the
+/// listening socket) outlives `kill -9` of zdt; the next zdt on the same
+/// config kills it from the state file and serves on the port again.
+#[test]
+fn next_zdt_kills_worker_children_left_by_a_killed_zdt() {
+    let port = free_port();
+    let mut d = Daemon::start(&header());
+    let pidfile = d.path("grandchild.pid");
+    let script = format!(
+        "sleep 120 & echo $! > {}; exec {}",
+        pidfile.display(),
+        bin("zdt-demo").display()
+    );
+    d.write_config(
+        &(header()
+            + &format!(
+                "[program.web]\ncommand = [\"sh\", \"-c\", {script:?}]\n\
+                 listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n"
+            )),
+    );
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let worker = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    let grandchild: u32 = wait_for("the grandchild's pid", T, || {
+        std::fs::read_to_string(&pidfile)
+            .map_err(|e| e.to_string())?
+            .trim()
+            .parse()
+            .map_err(|e: std::num::ParseIntError| e.to_string())
+    });
+    let _cleanup = KillOnDrop(grandchild);
+    assert!(alive(grandchild));
+
+    d.signal(libc::SIGKILL);
+    d.wait_exit(T);
+    wait_for("the worker to die with zdt", T, || {
+        if alive(worker) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
+    });
+    // PDEATHSIG reaches only the worker: its child lives on with the socket.
+    assert!(alive(grandchild), "the grandchild died with zdt");
+
+    d.start_again();
+    wait_for("the leftover grandchild to be killed", T, || {
+        if alive(grandchild) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
+    });
+    let st = d.wait_state("web", 0, Running, T);
+    let pid = st.pid.expect("pid");
+    let (code, body) = wait_for("the service to answer", T, || http_get(port, "/"));
+    assert_eq!(code, 200);
+    assert!(body.contains(&format!("\"pid\":{pid}")), "{body}");
+    assert!(
+        d.stderr().contains("left by a previous zdt"),
+        "the kill is logged"
+    );
+}

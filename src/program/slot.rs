@@ -596,6 +596,7 @@ impl Slot {
             ProcParams {
                 slot: self.index,
                 gen,
+                program: cfg.name.clone(),
                 spec,
                 ready: cfg.ready.clone(),
                 startsecs: cfg.startsecs,
