@@ -87,6 +87,7 @@ pub async fn run(
         stop_control.clone(),
     ));
     Supervisor::new(config, spawner).run(req_rx, signals).await;
+    crate::orphans::close().await;
     stop_control.cancel();
     let _ = control.await;
     let _ = std::fs::remove_file(&control_path);

@@ -208,6 +208,9 @@ pub async fn sweep(path: &Path) -> usize {
 enum Msg {
     Add(Entry),
     Forget(u32),
+    /// zdt is exiting cleanly: remove the file if no group is left; the
+    /// sender is dropped once that is done (or the file written).
+    Close(tokio::sync::oneshot::Sender<()>),
 }
 
 static RECORDER: OnceLock<mpsc::UnboundedSender<Msg>> = OnceLock::new();
@@ -226,9 +229,14 @@ async fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
     // pgid → (entry, its worker task has ended).
     let mut groups: BTreeMap<u32, (Entry, bool)> = BTreeMap::new();
     let mut failed = false;
+    let mut closing: Option<tokio::sync::oneshot::Sender<()>> = None;
     loop {
         // Groups whose worker ended stay listed while members remain.
         groups.retain(|_, (e, ended)| !*ended || still_there(e));
+        if closing.is_some() && groups.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
         let entries: Vec<Entry> = groups.values().map(|(e, _)| e.clone()).collect();
         match write_state(&path, &render(&boot, &entries)) {
             Ok(()) => failed = false,
@@ -238,6 +246,8 @@ async fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
             }
             Err(_) => {}
         }
+        // Some group outlived its worker: the file stays for the next zdt.
+        drop(closing.take());
         let Some(msg) = rx.recv().await else {
             return;
         };
@@ -250,11 +260,23 @@ async fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
                     *ended = true;
                 }
             }
+            Msg::Close(done) => closing = Some(done),
         };
         apply(msg);
         // One write for a burst of spawns and exits.
         while let Ok(msg) = rx.try_recv() {
             apply(msg);
+        }
+    }
+}
+
+/// zdt is exiting and has stopped its programs: the state file is removed
+/// once no recorded group is left (at once, usually).
+pub async fn close() {
+    if let Some(tx) = RECORDER.get() {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if tx.send(Msg::Close(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
         }
     }
 }

@@ -192,4 +192,14 @@ fn next_zdt_kills_worker_children_left_by_a_killed_zdt() {
         d.stderr().contains("left by a previous zdt"),
         "the kill is logged"
     );
+    // The new zdt records its own worker; a clean exit removes the file.
+    let file = d.path("run/zdt.sock.pgroups");
+    let text = std::fs::read_to_string(&file).expect("state file");
+    assert!(
+        text.contains(&format!("\n{pid} ")) && text.contains(" web\n"),
+        "{text}"
+    );
+    d.signal(libc::SIGTERM);
+    d.wait_exit(T);
+    assert!(!file.exists(), "state file left after a clean exit");
 }
