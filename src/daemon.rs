@@ -65,6 +65,11 @@ pub async fn run(
     // under) a folder another user controls (see crate::rundir).
     crate::rundir::check_existing(&sup.log_dir).map_err(DaemonError::LogDir)?;
     let listener = server::bind(&sup.control, sup.control_mode, group)?;
+    // The control socket is ours now, so no live zdt uses this state file:
+    // kill what a zdt killed on this path left, before binding its ports.
+    let groups_file = crate::orphans::state_path(&sup.control);
+    crate::orphans::sweep(&groups_file).await;
+    crate::orphans::start_recorder(groups_file);
     let control_path = sup.control.clone();
     let pidfile = sup.pidfile.clone();
     if let Some(path) = &pidfile {
@@ -92,6 +97,7 @@ pub async fn run(
         stop_control.clone(),
     ));
     Supervisor::new(config, spawner).run(req_rx, signals).await;
+    crate::orphans::close().await;
     stop_control.cancel();
     let _ = control.await;
     let _ = std::fs::remove_file(&control_path);

@@ -51,7 +51,13 @@ pub enum ProcEventKind {
     /// It is ready: up for `startsecs`, sent READY=1, passed its probe.
     Up,
     /// It was not ready within `ready_timeout`.
-    NotReady,
+    NotReady {
+        /// What was checked and what the last check saw, for operators.
+        why: String,
+        /// The readiness probe could not connect to the private address at
+        /// all (the worker listens elsewhere, or not yet).
+        unreachable: bool,
+    },
     /// It sent `STATUS=` text.
     Status(String),
     /// It exited (and was reaped). The task ends after this event.
@@ -97,6 +103,8 @@ pub struct ProcParams {
     pub slot: usize,
     /// Generation.
     pub gen: u64,
+    /// The program's name (recorded with the process group).
+    pub program: String,
     /// What to run.
     pub spec: SpawnSpec,
     /// How readiness is decided.
@@ -171,12 +179,17 @@ const PUMP_DRAIN: Duration = Duration::from_millis(200);
 /// Distinguishes notify sockets of processes of this zdt.
 static NOTIFY_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// The last failed readiness check: what it saw, and whether it could not
+/// connect at all.
+type ProbeSeen = tokio::sync::watch::Sender<(String, bool)>;
+
 /// Runs the readiness command until it exits 0; its output goes to `log`.
 async fn probe_until_ready(
     spawner: Spawner,
     argv: Vec<String>,
     dir: Option<std::path::PathBuf>,
     log: LogSink,
+    seen: ProbeSeen,
 ) {
     loop {
         let spec = SpawnSpec {
@@ -185,12 +198,19 @@ async fn probe_until_ready(
             redirect_stderr: true,
             ..SpawnSpec::default()
         };
-        if let Ok(probe) = spawner.spawn(spec).await {
-            if let Some(r) = pipe_reader(probe.stdout) {
-                tokio::spawn(logs::pump(r, log.clone(), "[ready probe] ".into()));
+        match spawner.spawn(spec).await {
+            Ok(probe) => {
+                if let Some(r) = pipe_reader(probe.stdout) {
+                    tokio::spawn(logs::pump(r, log.clone(), "[ready probe] ".into()));
+                }
+                match probe.exit.await {
+                    Ok(ExitStatus::Code(0)) => return,
+                    Ok(st) => seen.send_replace((format!("it ended with {st}"), false)),
+                    Err(_) => seen.send_replace(("it was not reaped".into(), false)),
+                };
             }
-            if let Ok(ExitStatus::Code(0)) = probe.exit.await {
-                return;
+            Err(e) => {
+                seen.send_replace((e.to_string(), false));
             }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -235,6 +255,15 @@ async fn run(
     } else {
         None
     };
+    // What was checked, for a report if the worker is not ready in time.
+    let checked = match (&p.ready, &p.private) {
+        (Ready::Exec(argv), _) => format!("ready command {argv:?}"),
+        (Ready::Http(path), Some(a)) => format!("http probe of {a}{path}"),
+        (Ready::Tcp, Some(a)) => format!("tcp probe of {a}"),
+        (Ready::Notify, _) => "no READY=1 on NOTIFY_SOCKET".into(),
+        _ => "readiness".into(),
+    };
+    let (probe_seen, probe_last) = tokio::sync::watch::channel((String::new(), false));
     let probe = match &p.ready {
         Ready::Exec(argv) => Some(Probe::Exec(argv.clone(), p.spec.directory.clone())),
         Ready::Http(path) => p.private.clone().map(|a| Probe::Http(a, path.clone())),
@@ -253,6 +282,9 @@ async fn run(
         }
     };
     let pid = spawned.pid;
+    // Until the task ends (and while its group has members after that), a
+    // later zdt can find the group if this one is killed.
+    let _recorded = crate::orphans::Recorded::new(pid.as_raw() as u32, &p.program);
     send(ProcEventKind::Spawned {
         pid: pid.as_raw() as u32,
     });
@@ -291,9 +323,10 @@ async fn run(
                 argv,
                 dir,
                 p.stderr.clone(),
+                probe_seen,
             )),
-            Probe::Http(addr, path) => tokio::spawn(http_until_ready(addr, path)),
-            Probe::Tcp(addr) => tokio::spawn(tcp_until_ready(addr)),
+            Probe::Http(addr, path) => tokio::spawn(http_until_ready(addr, path, probe_seen)),
+            Probe::Tcp(addr) => tokio::spawn(tcp_until_ready(addr, probe_seen)),
         };
         AbortOnDrop(task)
     });
@@ -338,7 +371,12 @@ async fn run(
             }
             () = not_ready_timer => {
                 up_sent = true;
-                send(ProcEventKind::NotReady);
+                let (last, unreachable) = probe_last.borrow().clone();
+                let mut why = format!("not ready within ready_timeout ({:?}): {checked}", p.ready_timeout);
+                if !last.is_empty() {
+                    why.push_str(&format!(": {last}"));
+                }
+                send(ProcEventKind::NotReady { why, unreachable });
             }
             r = datagram => if let Ok(d) = r {
                 if !d.sender.is_some_and(|s| s.in_group(pid)) {
@@ -447,37 +485,47 @@ enum Probe {
 /// Interval between readiness probes.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
-async fn tcp_until_ready(addr: crate::proxy::PrivateAddr) {
-    while addr.connect().await.is_err() {
+async fn tcp_until_ready(addr: crate::proxy::PrivateAddr, seen: ProbeSeen) {
+    while let Err(e) = addr.connect().await {
+        seen.send_replace((e.to_string(), true));
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 
 /// `GET path` on the private address until it answers 2xx.
-async fn http_until_ready(addr: crate::proxy::PrivateAddr, path: String) {
+async fn http_until_ready(addr: crate::proxy::PrivateAddr, path: String, seen: ProbeSeen) {
     use http_body_util::Empty;
     loop {
-        let ok = async {
-            let stream = addr.connect().await.ok()?;
+        // Err((what it saw, could not connect)).
+        let check = async {
+            let stream = addr.connect().await.map_err(|e| (e.to_string(), true))?;
             let (mut send, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                     .await
-                    .ok()?;
+                    .map_err(|e| (e.to_string(), false))?;
             tokio::spawn(conn);
             let req = hyper::Request::get(path.as_str())
                 .header(hyper::header::HOST, addr.host())
                 .body(Empty::<bytes::Bytes>::new())
-                .ok()?;
-            let resp = send.send_request(req).await.ok()?;
-            resp.status().is_success().then_some(())
+                .map_err(|e| (e.to_string(), false))?;
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| (e.to_string(), false))?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err((format!("answered {}", resp.status()), false))
+            }
         };
-        if tokio::time::timeout(Duration::from_secs(2), ok)
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-        {
-            return;
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(())) => return,
+            Ok(Err(saw)) => {
+                seen.send_replace(saw);
+            }
+            Err(_) => {
+                seen.send_replace(("no answer within 2s".into(), false));
+            }
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }

@@ -66,6 +66,7 @@ pub mod instance;
 pub mod listen;
 pub mod logs;
 pub mod notify;
+pub mod orphans;
 pub mod program;
 pub mod proxy;
 pub mod rundir;

@@ -69,6 +69,10 @@ pub struct ExitInfo {
     pub signal: Option<String>,
     /// Whether the exit was expected (asked for, or a code in `exitcodes`).
     pub expected: bool,
+    /// It died of the `stop_signal` zdt sent to stop it (a server that
+    /// re-raises SIGTERM after draining, as uvicorn does): a clean stop.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clean_stop: bool,
     /// Unix time in milliseconds.
     pub at_ms: u64,
 }
@@ -76,6 +80,7 @@ pub struct ExitInfo {
 impl std::fmt::Display for ExitInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (&self.code, &self.signal) {
+            (_, Some(sig)) if self.clean_stop => write!(f, "stopped by {sig}"),
             (_, Some(sig)) => write!(f, "killed by {sig}"),
             (Some(code), None) => write!(f, "exit {code}"),
             (None, None) => f.write_str("unknown"),

@@ -6,6 +6,7 @@ mod util;
 mod bench_tools;
 mod config;
 mod control;
+mod crashes;
 mod faults;
 mod lifecycle;
 mod logs;

@@ -13,7 +13,8 @@
 //! begins a new generation of the program; a crashed instance restarted by
 //! `autorestart` keeps its generation and counts a restart.
 //!
-//! Backoff: a process that exits before `startsecs` is a failed start; after
+//! Backoff: a process that exits before `startsecs` (counted from when it
+//! became ready, with explicit readiness) is a failed start; after
 //! the n-th failure in a row the slot waits `min(1s * 2^(n-1), 60s)` in
 //! BACKOFF, and after more than `startretries` failures it is FATAL. A command
 //! that cannot be executed at all is FATAL at once; one that cannot be
@@ -938,7 +939,9 @@ impl Program {
                 });
             }
             ProcEventKind::Up => slot.on_up(&self.config.name),
-            ProcEventKind::NotReady => slot.on_not_ready(&self.config),
+            ProcEventKind::NotReady { why, unreachable } => {
+                slot.on_not_ready(&self.config, why, unreachable)
+            }
             ProcEventKind::Status(text) => slot.on_status(text),
             ProcEventKind::Exited { status, killed } => {
                 match slot.on_exited(&self.config, status, killed) {

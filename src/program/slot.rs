@@ -9,6 +9,7 @@
 //! | STOPPED   | start                         | STARTING                         |
 //! | STARTING  | up for `startsecs`            | RUNNING                          |
 //! | STARTING  | exited                        | BACKOFF, or FATAL after retries  |
+//! | RUNNING   | exited within `startsecs` of ready, restart due | BACKOFF, or FATAL after retries |
 //! | STARTING  | cannot exec                   | FATAL                            |
 //! | STARTING  | out of fds/processes at spawn | BACKOFF, retried (never FATAL)   |
 //! | BACKOFF   | backoff elapsed               | STARTING                         |
@@ -16,6 +17,12 @@
 //! | RUNNING   | exited, otherwise             | EXITED                           |
 //! | any       | stop (process alive)          | STOPPING, then STOPPED           |
 //! | any       | stop (no process)             | STOPPED                          |
+//!
+//! A start counts as failed until the process has been up `startsecs` after
+//! it became ready (with `ready = startsecs`, ready means up `startsecs`): a
+//! worker that passes its readiness check and crashes soon after backs off
+//! like one that never got ready. A process that held that long and then
+//! exits resets the count of failed starts.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -23,8 +30,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 
-use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig, UpstreamKind};
+use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig, Ready, UpstreamKind};
 use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcHandle, ProcParams};
 use crate::logs::LogSink;
 use crate::proxy::{PrivateAddr, Traffic, Upstream, UpstreamStats};
@@ -70,6 +78,11 @@ struct Proc {
     started_ms: Option<u64>,
     stopping: bool,
     ready: bool,
+    /// When it became ready (the event arrived), for the `startsecs` rule.
+    ready_at: Option<Instant>,
+    /// Why its start failed, when zdt decided it (not ready in time); its
+    /// exit then counts as a failed start for this reason.
+    failure: Option<String>,
 }
 
 impl Drop for Proc {
@@ -117,6 +130,43 @@ fn drain_then_stop(p: &mut Proc, cfg: &ProgramConfig) {
     });
 }
 
+/// Whether a process that became ready at `ready_at` and exited at `exited`
+/// made a successful start: ready, then up `startsecs` more (with `ready =
+/// startsecs` being ready already means up `startsecs`).
+fn start_held(
+    ready: &Ready,
+    startsecs: Duration,
+    ready_at: Option<Instant>,
+    exited: Instant,
+) -> bool {
+    match ready_at {
+        None => false,
+        Some(_) if *ready == Ready::Startsecs => true,
+        Some(at) => exited.saturating_duration_since(at) >= startsecs,
+    }
+}
+
+/// Whether a process zdt was stopping ended by the very stop signal zdt sent
+/// (and not by the SIGKILL after the grace): a clean stop, not a kill.
+fn is_clean_stop(cfg: &ProgramConfig, status: Option<ExitStatus>, killed: bool) -> bool {
+    !killed && status == Some(ExitStatus::Signal(cfg.stop_signal))
+}
+
+/// A readiness failure, with a hint when a proxy worker could not be reached
+/// on the private address zdt gave it.
+fn with_hint(cfg: &ProgramConfig, why: String, unreachable: bool) -> String {
+    if !unreachable || cfg.mode != Mode::Proxy {
+        return why;
+    }
+    let how = match cfg.upstream {
+        UpstreamKind::Tcp => "{port} in command or environment, or $PORT",
+        UpstreamKind::Unix => "{socket} in command or environment, or $SOCKET",
+    };
+    format!(
+        "{why} (in proxy mode the worker must listen on the private address zdt gives it: {how})"
+    )
+}
+
 /// A free loopback port not held by another generation.
 fn private_port(in_use: &[u16]) -> Option<u16> {
     (0..20).find_map(|_| {
@@ -148,6 +198,8 @@ pub(super) struct Slot {
     failures: u32,
     /// Spawns in a row that failed for lack of fds or processes.
     shortages: u32,
+    /// Why the first of the current run of failed starts failed.
+    first_failure: Option<String>,
     restarts: u32,
     started_once: bool,
     last_exit: Option<ExitInfo>,
@@ -191,6 +243,7 @@ impl Slot {
             pending_start: false,
             failures: 0,
             shortages: 0,
+            first_failure: None,
             restarts: 0,
             started_once: false,
             last_exit: None,
@@ -333,6 +386,7 @@ impl Slot {
         }
         // (launch() counted the restart when it started the candidate.)
         self.failures = 0;
+        self.first_failure = None;
         self.error = None;
         self.set_state(&cfg.name, InstanceState::Running);
     }
@@ -365,16 +419,19 @@ impl Slot {
                 next.pid = Some(pid);
                 next.started_ms = Some(now_ms());
             }
-            ProcEventKind::Up => next.ready = true,
+            ProcEventKind::Up => {
+                next.ready = true;
+                next.ready_at = Some(Instant::now());
+            }
             ProcEventKind::Status(text) => self.status_text = Some(text),
             ProcEventKind::SpawnFailed(err) | ProcEventKind::SpawnShortage(err) => {
                 self.next = None;
                 self.next_failed = Some(format!("gen {gen} cannot start: {err}"));
             }
-            ProcEventKind::NotReady => {
+            ProcEventKind::NotReady { why, unreachable } => {
                 self.next_failed = Some(format!(
-                    "gen {gen} was not ready within ready_timeout ({:?})",
-                    cfg.ready_timeout
+                    "gen {gen} was {}",
+                    with_hint(cfg, why, unreachable)
                 ));
                 self.abort_replace(cfg);
             }
@@ -395,7 +452,13 @@ impl Slot {
             ProcEventKind::Spawned { pid } => self.draining[pos].pid = Some(pid),
             ProcEventKind::Exited { status, killed } => {
                 let old = self.draining.remove(pos);
-                let how = status.map_or("unknown".to_string(), |s| s.to_string());
+                let how = match status {
+                    _ if is_clean_stop(cfg, status, killed) => {
+                        format!("stopped by {}", cfg.stop_signal.as_str())
+                    }
+                    Some(s) => s.to_string(),
+                    None => "unknown".to_string(),
+                };
                 // Requests of a process that is gone are cut, whether their
                 // failure was counted yet or not.
                 let cut = old
@@ -483,6 +546,7 @@ impl Slot {
     pub fn start(&mut self, ctx: &SpawnCtx<'_>, gen: u64) {
         self.gen = gen;
         self.failures = 0;
+        self.first_failure = None;
         self.error = None;
         self.backoff_epoch += 1;
         if self.proc.is_some() {
@@ -578,6 +642,7 @@ impl Slot {
                 ProcParams {
                     slot: self.index,
                     gen,
+                    program: cfg.name.clone(),
                     spec,
                     ready: cfg.ready.clone(),
                     startsecs: cfg.startsecs,
@@ -606,6 +671,8 @@ impl Slot {
             started_ms: None,
             stopping: false,
             ready: false,
+            ready_at: None,
+            failure: None,
         }
     }
 
@@ -651,13 +718,12 @@ impl Slot {
     }
 
     /// The current process was not ready in time: kill it; its exit counts
-    /// as a failed start.
-    pub fn on_not_ready(&mut self, cfg: &ProgramConfig) {
-        if let Some(p) = &self.proc {
-            self.error = Some(format!(
-                "not ready within ready_timeout ({:?})",
-                cfg.ready_timeout
-            ));
+    /// as a failed start, for this reason.
+    pub fn on_not_ready(&mut self, cfg: &ProgramConfig, why: String, unreachable: bool) {
+        if let Some(p) = &mut self.proc {
+            let why = with_hint(cfg, why, unreachable);
+            tracing::warn!(program = %cfg.name, instance = self.index, cause = %why, "failed start; stopping the worker");
+            p.failure = Some(why);
             p.handle.send(ProcCmd::Stop {
                 signal: cfg.stop_signal,
                 kill_after: cfg.kill_timeout,
@@ -704,12 +770,46 @@ impl Slot {
         Some(delay)
     }
 
+    /// The current process is ready. The count of failed starts stays until
+    /// it has held for `startsecs` (see [`start_held`]).
     pub fn on_up(&mut self, program: &str) {
-        let stopping = self.proc.as_ref().is_none_or(|p| p.stopping);
-        if self.state == InstanceState::Starting && !stopping {
-            self.failures = 0;
+        let Some(p) = self.proc.as_mut() else {
+            return;
+        };
+        if self.state == InstanceState::Starting && !p.stopping {
+            p.ready_at = Some(Instant::now());
             self.error = None;
             self.set_state(program, InstanceState::Running);
+        }
+    }
+
+    /// Counts a failed start for `cause`: BACKOFF, or FATAL after
+    /// `startretries` (keeping the first cause of the run).
+    fn failed_start(&mut self, cfg: &ProgramConfig, cause: String) -> AfterExit {
+        self.failures += 1;
+        let first = self.first_failure.get_or_insert_with(|| cause.clone());
+        if self.failures > cfg.startretries {
+            let mut why = format!(
+                "{first}; {} failed starts in a row, giving up",
+                self.failures
+            );
+            if *first != cause {
+                why.push_str(&format!(" (last: {cause})"));
+            }
+            tracing::error!(program = %cfg.name, instance = self.index, cause = %why, "FATAL");
+            self.error = Some(why);
+            self.set_state(&cfg.name, InstanceState::Fatal);
+            AfterExit::Nothing
+        } else {
+            let delay = backoff_delay(self.failures);
+            tracing::warn!(program = %cfg.name, instance = self.index, %cause, failures = self.failures, ?delay, "failed start; backing off");
+            self.error = Some(format!(
+                "{cause}; retry {} of {} in {:?}",
+                self.failures, cfg.startretries, delay
+            ));
+            self.backoff_epoch += 1;
+            self.set_state(&cfg.name, InstanceState::Backoff);
+            AfterExit::Backoff(delay)
         }
     }
 
@@ -719,7 +819,7 @@ impl Slot {
         status: Option<ExitStatus>,
         killed: bool,
     ) -> AfterExit {
-        let Some(proc) = self.proc.take() else {
+        let Some(mut proc) = self.proc.take() else {
             return AfterExit::Nothing;
         };
         let (code, signal) = match status {
@@ -732,6 +832,7 @@ impl Slot {
             code,
             signal,
             expected,
+            clean_stop: proc.stopping && is_clean_stop(cfg, status, killed),
             at_ms: now_ms(),
         };
         tracing::info!(program = %cfg.name, instance = self.index, gen = proc.gen, exit = %info, killed, "process exited");
@@ -752,24 +853,11 @@ impl Slot {
         }
         match self.state {
             InstanceState::Starting => {
-                self.failures += 1;
-                if self.failures > cfg.startretries {
-                    self.error = Some(format!(
-                        "exited too quickly ({info}) {} times in a row; giving up",
-                        self.failures
-                    ));
-                    self.set_state(&cfg.name, InstanceState::Fatal);
-                    AfterExit::Nothing
-                } else {
-                    let delay = backoff_delay(self.failures);
-                    self.error = Some(format!(
-                        "exited too quickly ({info}); retry {} of {} in {:?}",
-                        self.failures, cfg.startretries, delay
-                    ));
-                    self.backoff_epoch += 1;
-                    self.set_state(&cfg.name, InstanceState::Backoff);
-                    AfterExit::Backoff(delay)
-                }
+                let cause = proc
+                    .failure
+                    .take()
+                    .unwrap_or_else(|| format!("exited too quickly ({info})"));
+                self.failed_start(cfg, cause)
             }
             InstanceState::Running => {
                 let again = match cfg.autorestart {
@@ -777,7 +865,23 @@ impl Slot {
                     AutoRestart::Unexpected => !expected,
                     AutoRestart::Never => false,
                 };
-                if again {
+                let now = Instant::now();
+                if again && !start_held(&cfg.ready, cfg.startsecs, proc.ready_at, now) {
+                    let after = proc
+                        .ready_at
+                        .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+                    self.failed_start(
+                        cfg,
+                        format!(
+                            "exited {} ms after it was ready ({info}), less than startsecs ({:?})",
+                            after.as_millis(),
+                            cfg.startsecs
+                        ),
+                    )
+                } else if again {
+                    // It held: a crash of a started process, restarted at once.
+                    self.failures = 0;
+                    self.first_failure = None;
                     AfterExit::Restart
                 } else {
                     self.set_state(&cfg.name, InstanceState::Exited);
@@ -861,5 +965,38 @@ impl Slot {
             requests: None,
             drain_warning: self.drain_warning.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECS: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn never_ready_is_a_failed_start() {
+        let now = Instant::now();
+        assert!(!start_held(&Ready::Startsecs, SECS, None, now));
+        assert!(!start_held(&Ready::Tcp, SECS, None, now));
+    }
+
+    #[test]
+    fn ready_by_startsecs_has_held_already() {
+        // Ready here means up for startsecs since spawn.
+        let at = Instant::now();
+        assert!(start_held(&Ready::Startsecs, SECS, Some(at), at));
+    }
+
+    #[test]
+    fn explicit_readiness_must_hold_startsecs_after_ready() {
+        let at = Instant::now();
+        let soon = at + Duration::from_millis(300);
+        let later = at + Duration::from_millis(1000);
+        for ready in [Ready::Notify, Ready::Tcp, Ready::Http("/".into())] {
+            assert!(!start_held(&ready, SECS, Some(at), soon), "{ready:?}");
+            assert!(start_held(&ready, SECS, Some(at), later), "{ready:?}");
+        }
+        assert!(start_held(&Ready::Notify, Duration::ZERO, Some(at), at));
     }
 }

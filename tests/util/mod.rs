@@ -183,6 +183,13 @@ impl Daemon {
         );
     }
 
+    /// Starts zdt again on the same config and directory (after it exited
+    /// or was killed); waits until the control socket answers.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "zdt is still running");
+        self.spawn();
+    }
+
     /// zdt's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).expect("zdt is running")
