@@ -174,9 +174,15 @@ impl Supervisor {
                     tracing::warn!("second stop signal: exiting now; workers are killed with zdt");
                     return;
                 },
-                Some(req) = requests.recv() => {
-                    let _ = req.replies.send(err(ErrorBody::new("failed", "zdt is shutting down"))).await;
-                }
+                Some(req) = requests.recv() => match req.command {
+                    // What is still stopping can be watched.
+                    Command::Status { .. } | Command::Pid { .. } | Command::Version => {
+                        self.on_request(req, &shutdown_tx);
+                    }
+                    _ => {
+                        let _ = req.replies.send(err(ErrorBody::new("failed", "zdt is shutting down"))).await;
+                    }
+                },
             }
         }
         tracing::info!("all programs stopped");

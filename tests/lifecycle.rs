@@ -253,3 +253,95 @@ fn unreachable_daemon_exits_3_and_names_the_socket() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&sock.display().to_string()), "{err}");
 }
+
+/// Pids of the live processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|s| {
+                            let after = s.rsplit_once(')')?.1.to_string();
+                            after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                        })
+                        == Some(parent)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A second SIGTERM means exit now: while a worker ignores the first one
+/// (kill_timeout far away), and while many instances are still spawning.
+#[test]
+fn a_second_sigterm_exits_at_once_while_stopping_or_spawning() {
+    let cfg = header()
+        + &demo_program(
+            "stubborn",
+            &["--port", &free_port().to_string(), "--ignore-term"],
+            "startsecs = \"0s\"\nkill_timeout = \"120s\"",
+        );
+    let mut d = Daemon::start(&cfg);
+    let pid = d.wait_state("stubborn", 0, Running, T).pid.expect("pid");
+    d.signal(libc::SIGTERM);
+    d.wait_state("stubborn", 0, Stopping, T);
+    d.signal(libc::SIGTERM);
+    d.wait_exit(Duration::from_secs(10));
+    wait_for("the worker to die with zdt", T, || {
+        if alive(pid) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
+    });
+
+    // 500 instances that take 5 s each to listen: stopped twice right away.
+    let cfg = header()
+        + &demo_program(
+            "many_twice_stopped",
+            &["--start-delay", "5000"],
+            "instances = 500\nstartsecs = \"0s\"\nready = { delay = \"10s\" }\nkill_timeout = \"60s\"\nenvironment = { PORT = \"0\" }",
+        );
+    let mut d = Daemon::start(&cfg);
+    let zdt = d.pid();
+    wait_for("workers being spawned", T, || {
+        if children_of(zdt).len() > 10 {
+            Ok(())
+        } else {
+            Err("few".into())
+        }
+    });
+    d.signal(libc::SIGTERM);
+    // Signals of one kind do not queue: the second must come after the first
+    // was taken.
+    wait_for("the first SIGTERM to be taken", T, || {
+        if d.stderr().contains("stopping all programs") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    d.signal(libc::SIGTERM);
+    // Far sooner than kill_timeout (60 s) would let a graceful stop end.
+    d.wait_exit(Duration::from_secs(10));
+    wait_for("no worker left", T, || {
+        let left = std::fs::read_dir("/proc")
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| {
+                        std::fs::read_to_string(e.path().join("environ"))
+                            .is_ok_and(|env| env.contains("ZDT_PROGRAM=many_twice_stopped\0"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} left"))
+        }
+    });
+}

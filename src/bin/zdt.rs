@@ -264,6 +264,9 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
     });
+    // Every program has stopped (or a second stop signal said to exit now):
+    // do not wait for tasks still busy with workers that die with zdt.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     if let Some(f) = &run_file {
         let _ = std::fs::remove_file(f);
     }
