@@ -12,3 +12,4 @@ mod pass;
 mod proxy;
 mod reload;
 mod spawning;
+mod zdtctl;
