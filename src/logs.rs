@@ -584,6 +584,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pump_passes_on_waiting_bytes_when_the_reader_comes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fifo(dir.path());
+        let mut reader = open_reader(&f);
+        let s = LogSink::new(Some(f), 0, 0);
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(pump(r, s.clone(), String::new()));
+        use tokio::io::AsyncWriteExt;
+        let total = 256 * 1024;
+        w.write_all(&vec![b'x'; total]).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !s.has_pending() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("bytes waiting for the stalled FIFO");
+        // The worker writes nothing more; the reader drains the pipe and the
+        // pump's timer passes on what waited.
+        use std::io::Read;
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got as u64 + s.dropped_bytes() < total as u64 {
+            assert!(Instant::now() < deadline, "waiting bytes never came");
+            match reader.read(&mut buf) {
+                Ok(n @ 1..) => got += n,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        assert!(got > 64 * 1024, "only the pipe's bytes came: {got}");
+        assert!(!s.has_pending());
+        drop(w);
+        task.await.expect("pump");
+    }
+
+    #[tokio::test]
     async fn pump_prefixes_lines_across_reads_and_followers_see_output() {
         let s = LogSink::new(None, 0, 0);
         let mut live = s.subscribe();
