@@ -1,16 +1,27 @@
 //! Instance output: log files with size rotation, an in-memory ring for
 //! `zdtctl tail`, and live followers for `tail -f`.
 //!
-//! Logging must never stop a worker: a [`LogSink`] write never blocks on a
-//! follower and never fails. When the file cannot be written (full disk,
-//! permissions, removed directory) the bytes are dropped and counted; the next
-//! write tries again. A log file removed or renamed by someone else is noticed
-//! (inode check, at most once a second) and opened anew.
+//! Logging must never stop a worker nor zdt: a [`LogSink`] write never blocks
+//! on a follower nor on the file, and never fails. When the file cannot be
+//! written (full disk, permissions, removed directory) the bytes are dropped
+//! and counted; the next write tries again. A log file removed or renamed by
+//! someone else is noticed (inode check, at most once a second) and opened
+//! anew.
+//!
+//! The file is opened with `O_NONBLOCK`, so a FIFO, a pipe (`/dev/stdout` of
+//! `zdt run`) or a terminal whose reader stalls makes a write return early
+//! instead of freezing a runtime thread (and with it status, restarts and
+//! signals). What the file does not take waits in a buffer of
+//! [`PENDING_BYTES`], retried by the next write or by [`pump`]'s timer; what
+//! does not fit there is dropped and counted. A FIFO nobody has open for
+//! reading cannot be opened at all (`ENXIO`): its output is dropped and the
+//! open is tried again at the next write, so a reader that comes later gets
+//! the output from then on. Regular files are not affected by `O_NONBLOCK`.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,11 +31,25 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 
+mod stderr;
+pub use stderr::StderrLog;
+
 /// Bytes of recent output kept in memory per stream.
 pub const RING_BYTES: usize = 64 * 1024;
 
 /// How often the file's identity is checked against its path.
 const REOPEN_CHECK: Duration = Duration::from_secs(1);
+
+/// Bytes kept for a file (pipe, FIFO) that does not take them right now.
+pub const PENDING_BYTES: usize = 64 * 1024;
+
+/// How soon [`pump`] retries bytes a stalled file did not take, when the
+/// worker writes nothing new.
+const PENDING_RETRY: Duration = Duration::from_millis(200);
+
+/// How long bytes a stalled file did not take are retried after the worker's
+/// output ended (later output retries them too).
+const PENDING_LINGER: Duration = Duration::from_secs(10);
 
 /// Where one output stream of one instance goes. Cheap to clone; all clones
 /// share the file, ring and followers.
@@ -57,6 +82,8 @@ struct Inner {
 struct State {
     ring: VecDeque<u8>,
     file: Option<OpenFile>,
+    /// Bytes for the file it did not take yet (at most [`PENDING_BYTES`]).
+    pending: Vec<u8>,
 }
 
 struct OpenFile {
@@ -70,7 +97,13 @@ fn open(path: &Path) -> std::io::Result<OpenFile> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    // O_NONBLOCK: neither the open (a FIFO without reader) nor a write (a
+    // full pipe) may wait; see the module docs.
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     let meta = file.metadata()?;
     Ok(OpenFile {
         size: meta.len(),
@@ -147,23 +180,92 @@ impl LogSink {
         st.ring.drain(..overflow);
         st.ring.extend(&data[data.len() - keep..]);
         if let Some(path) = &self.inner.path {
-            if let Err(err) = self.write_file(&mut st, path, data) {
-                st.file = None;
-                let before = self
-                    .inner
-                    .dropped
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if before == 0 {
-                    tracing::warn!(file = %path.display(), cause = %err, "cannot write log; dropping output");
-                }
-                if let Some(n) = &self.inner.on_drop {
-                    n.notify_one();
-                }
-            }
+            self.to_file(&mut st, path, data);
         }
     }
 
-    fn write_file(&self, st: &mut State, path: &Path, mut data: &[u8]) -> std::io::Result<()> {
+    /// Writes what waits and then `data` to the file, keeps what the file
+    /// does not take now (up to [`PENDING_BYTES`]), drops and counts the rest.
+    fn to_file(&self, st: &mut State, path: &Path, data: &[u8]) {
+        let mut dropped = 0;
+        let mut failure = None;
+        if !st.pending.is_empty() {
+            let pending = std::mem::take(&mut st.pending);
+            match self.write_file(st, path, &pending) {
+                Ok(n) => {
+                    let mut pending = pending;
+                    pending.drain(..n);
+                    st.pending = pending;
+                }
+                Err(err) => {
+                    dropped += pending.len();
+                    failure = Some(err);
+                }
+            }
+        }
+        // Only after all earlier bytes, so that the order is kept.
+        let rest = if !st.pending.is_empty() || failure.is_some() {
+            data
+        } else {
+            match self.write_file(st, path, data) {
+                Ok(n) => &data[n..],
+                Err(err) => {
+                    failure = Some(err);
+                    data
+                }
+            }
+        };
+        if failure.is_some() {
+            st.file = None;
+            dropped += rest.len();
+        } else {
+            let keep = rest.len().min(PENDING_BYTES - st.pending.len());
+            st.pending.extend_from_slice(&rest[..keep]);
+            dropped += rest.len() - keep;
+        }
+        if dropped == 0 {
+            return;
+        }
+        let before = self
+            .inner
+            .dropped
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        if before == 0 {
+            match &failure {
+                Some(err) => {
+                    tracing::warn!(file = %path.display(), cause = %err, "cannot write log; dropping output")
+                }
+                None => {
+                    tracing::warn!(file = %path.display(), "log reader does not keep up; dropping output")
+                }
+            }
+        }
+        if let Some(n) = &self.inner.on_drop {
+            n.notify_one();
+        }
+    }
+
+    /// Retries the bytes the file did not take yet; true if some still wait.
+    pub fn flush(&self) -> bool {
+        let mut st = self.state();
+        if st.pending.is_empty() {
+            return false;
+        }
+        if let Some(path) = &self.inner.path {
+            self.to_file(&mut st, path, &[]);
+        }
+        !st.pending.is_empty()
+    }
+
+    /// Whether bytes wait for the file to take them.
+    pub fn has_pending(&self) -> bool {
+        !self.state().pending.is_empty()
+    }
+
+    /// Writes `data` to the file with rotation; returns how many bytes the
+    /// file took: all of them, or fewer when it would block (a full pipe).
+    fn write_file(&self, st: &mut State, path: &Path, mut data: &[u8]) -> std::io::Result<usize> {
+        let total = data.len();
         if let Some(f) = &mut st.file {
             if f.checked.elapsed() >= REOPEN_CHECK {
                 f.checked = Instant::now();
@@ -179,7 +281,7 @@ impl LogSink {
                 st.file = Some(open(path)?);
             }
             let Some(f) = st.file.as_mut() else {
-                return Ok(());
+                return Ok(total - data.len());
             };
             let room = if max == 0 {
                 data.len()
@@ -208,15 +310,28 @@ impl LogSink {
                 rotate(path, self.inner.backups)?;
                 continue;
             }
-            f.file.write_all(&data[..take])?;
-            f.size += take as u64;
-            data = &data[take..];
+            let mut chunk = &data[..take];
+            while !chunk.is_empty() {
+                match f.file.write(chunk) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        f.size += n as u64;
+                        chunk = &chunk[n..];
+                        data = &data[n..];
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Ok(total - data.len());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             if !data.is_empty() {
                 st.file = None;
                 rotate(path, self.inner.backups)?;
             }
         }
-        Ok(())
+        Ok(total)
     }
 
     /// Bytes that could not be written to the file.
@@ -238,14 +353,34 @@ impl LogSink {
 }
 
 /// Copies `reader` into `sink` until EOF, putting `prefix` at the start of
-/// every line. Memory stays bounded whatever the line lengths.
+/// every line. Memory stays bounded whatever the line lengths. While the
+/// sink's file leaves bytes waiting (a stalled pipe), they are retried every
+/// `PENDING_RETRY` (200 ms) even when the worker is quiet, and for
+/// `PENDING_LINGER` (10 s) after its output ended.
 pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LogSink, prefix: String) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::with_capacity(buf.len() + 256);
     let mut at_line_start = true;
     loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+        let read = if sink.has_pending() {
+            // A read is cancel-safe: nothing is lost when the timer wins.
+            match tokio::time::timeout(PENDING_RETRY, reader.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    sink.flush();
+                    continue;
+                }
+            }
+        } else {
+            reader.read(&mut buf).await
+        };
+        let n = match read {
+            Ok(0) | Err(_) => {
+                if sink.has_pending() {
+                    tokio::spawn(linger(sink));
+                }
+                return;
+            }
             Ok(n) => n,
         };
         if prefix.is_empty() {
@@ -261,6 +396,18 @@ pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LogSink, prefix: St
             at_line_start = b == b'\n';
         }
         sink.write(&out);
+    }
+}
+
+/// Retries the bytes `sink`'s file has not taken, for at most
+/// [`PENDING_LINGER`].
+async fn linger(sink: LogSink) {
+    let until = tokio::time::Instant::now() + PENDING_LINGER;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(PENDING_RETRY).await;
+        if !sink.flush() {
+            return;
+        }
     }
 }
 
@@ -348,6 +495,129 @@ mod tests {
         }
         s.write(b"two\n");
         assert_eq!(read(&f), "two\n");
+    }
+
+    /// Runs `f` on a thread; fails the test if it does not finish in time
+    /// (a blocking log write would hang it for ever).
+    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a log write blocked (no answer within 10 s)")
+    }
+
+    fn fifo(dir: &Path) -> PathBuf {
+        let f = dir.join("app.fifo");
+        nix::unistd::mkfifo(&f, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        f
+    }
+
+    fn open_reader(f: &Path) -> File {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(f)
+            .expect("open the FIFO for reading")
+    }
+
+    #[test]
+    fn fifo_without_reader_drops_and_is_opened_once_a_reader_comes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fifo(dir.path());
+        let s = LogSink::new(Some(f.clone()), 0, 0);
+        let s2 = s.clone();
+        within_deadline(move || s2.write(b"nobody reads this\n"));
+        assert_eq!(s.dropped_bytes(), 18);
+        assert_eq!(s.tail(100), b"nobody reads this\n");
+        let mut reader = open_reader(&f);
+        let s2 = s.clone();
+        within_deadline(move || s2.write(b"now someone does\n"));
+        let mut got = String::new();
+        use std::io::Read;
+        reader.read_to_string(&mut got).ok();
+        assert_eq!(got, "now someone does\n");
+        assert_eq!(s.dropped_bytes(), 18);
+    }
+
+    #[test]
+    fn stalled_fifo_reader_never_blocks_and_gets_the_rest_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fifo(dir.path());
+        let mut reader = open_reader(&f);
+        let s = LogSink::new(Some(f), 0, 0);
+        // Far more than the pipe (64 KiB) and the pending buffer hold.
+        let line: Vec<u8> = (0..100u8)
+            .map(|i| b'a' + i % 26)
+            .chain(std::iter::once(b'\n'))
+            .collect();
+        let lines = 4096;
+        let s2 = s.clone();
+        within_deadline(move || {
+            for _ in 0..lines {
+                s2.write(&line);
+            }
+        });
+        let dropped = s.dropped_bytes();
+        assert!(dropped > 0, "nothing dropped");
+        assert!(s.has_pending());
+        // The reader wakes up: what the pipe holds, then what waited.
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut waiting = true;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                // The pipe is empty: pass on what waited, then read the last.
+                _ if waiting => waiting = s.flush(),
+                _ => break,
+            }
+        }
+        assert_eq!(got.len() as u64 + dropped, 101 * lines as u64);
+        assert!(!s.has_pending());
+        // What arrived is whole lines, in order: the first bytes were kept,
+        // the last ones dropped.
+        assert!(got.len() >= PENDING_BYTES);
+        assert!(got.chunks(101).all(|c| c[0] == b'a'));
+    }
+
+    #[tokio::test]
+    async fn pump_passes_on_waiting_bytes_when_the_reader_comes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = fifo(dir.path());
+        let mut reader = open_reader(&f);
+        let s = LogSink::new(Some(f), 0, 0);
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(pump(r, s.clone(), String::new()));
+        use tokio::io::AsyncWriteExt;
+        let total = 256 * 1024;
+        w.write_all(&vec![b'x'; total]).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !s.has_pending() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("bytes waiting for the stalled FIFO");
+        // The worker writes nothing more; the reader drains the pipe and the
+        // pump's timer passes on what waited.
+        use std::io::Read;
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got as u64 + s.dropped_bytes() < total as u64 {
+            assert!(Instant::now() < deadline, "waiting bytes never came");
+            match reader.read(&mut buf) {
+                Ok(n @ 1..) => got += n,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        assert!(got > 64 * 1024, "only the pipe's bytes came: {got}");
+        assert!(!s.has_pending());
+        drop(w);
+        task.await.expect("pump");
     }
 
     #[tokio::test]

@@ -1,10 +1,12 @@
 //! Worker output: files under log_dir, rotation, tail and tail -f.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use zdt::state::InstanceState::*;
+use zdt::state::{InstanceSnapshot, InstanceState::*, ProgramSnapshot};
 
 use crate::util::*;
 
@@ -135,4 +137,153 @@ fn tail_follow_streams_new_output() {
     let _ = child.wait();
     // zdt is still fine after the follower went away.
     assert!(d.ctl(&["status"]).status.success());
+}
+
+/// Runs zdtctl with `args`; fails the test if it has not answered within
+/// `T` (zdt frozen) instead of hanging with it.
+fn ctl_within(args: &[&str]) -> Output {
+    let mut child = Command::new(bin("zdtctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run zdtctl");
+    let deadline = Instant::now() + T;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("zdtctl {args:?} got no answer within {T:?}: zdt is frozen");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("zdtctl output")
+}
+
+/// `zdtctl --json status` on `socket`, within `T`.
+fn status_within(socket: &Path) -> Vec<ProgramSnapshot> {
+    let sock = socket.display().to_string();
+    let out = ctl_within(&["-s", &sock, "--json", "status"]);
+    assert!(out.status.success(), "status failed: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    serde_json::from_value(v["programs"].clone()).expect("status JSON")
+}
+
+fn instance_within(socket: &Path, program: &str) -> InstanceSnapshot {
+    status_within(socket)
+        .into_iter()
+        .find(|p| p.name == program)
+        .and_then(|p| p.instances.into_iter().next())
+        .unwrap_or_else(|| panic!("no {program} in status"))
+}
+
+/// Kills a child we started if the test ends early.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Output that nobody reads must not freeze zdt: status answers, a killed
+/// worker is respawned, SIGTERM ends zdt, and the lost bytes are counted.
+#[test]
+fn a_log_fifo_nobody_reads_does_not_freeze_zdt() {
+    let fifo_dir = tempfile::tempdir().expect("tempdir");
+    let fifo = fifo_dir.path().join("web.out");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // Held open and never read: the pipe fills, as with a stuck `cat`.
+    let _stalled_reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the FIFO");
+    let port = free_port();
+    let mut d = Daemon::start(
+        &(header()
+            + &demo_program(
+                "web",
+                &["--port", &port.to_string(), "--spam", "4000000"],
+                &format!(
+                    "startsecs = \"0s\"\nstdout_logfile = {:?}",
+                    fifo.display().to_string()
+                ),
+            )),
+    );
+    let sock = d.path("run/zdt.sock");
+    let first = wait_for("web to run", T, || {
+        let i = instance_within(&sock, "web");
+        match i.pid {
+            Some(pid) if i.state == Running => Ok(pid),
+            _ => Err(format!("{i:?}")),
+        }
+    });
+    kill(first, libc::SIGKILL);
+    wait_for("a new worker after kill -9", T, || {
+        let i = instance_within(&sock, "web");
+        if i.state == Running && i.pid.is_some_and(|p| p != first) {
+            Ok(())
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    assert!(!alive(first), "the killed worker is left a zombie");
+    let i = wait_for("dropped log bytes in status", T, || {
+        let i = instance_within(&sock, "web");
+        if i.log_dropped_bytes > 0 {
+            Ok(i)
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    // At most what both workers wrote to stdout.
+    assert!(i.log_dropped_bytes <= 8_000_000, "{i:?}");
+    d.signal(libc::SIGTERM);
+    d.wait_exit(T);
+}
+
+/// `zdt run` with its stdout and stderr to pipes nobody reads keeps
+/// supervising and obeys SIGTERM.
+#[test]
+fn zdt_run_into_pipes_nobody_reads_does_not_freeze() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let child = Command::new(bin("zdt"))
+        .args(["run", "--listen", &format!("tcp://127.0.0.1:{port}"), "--"])
+        .arg(bin("zdt-demo"))
+        .args(["--spam", "4000000"])
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .stdin(Stdio::null())
+        // Never read by this test.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("zdt run");
+    let mut zdt = KillOnDrop(child);
+    let sock = dir
+        .path()
+        .join("zdt")
+        .join(format!("run-{}.sock", zdt.0.id()));
+    wait_for("the control socket", T, || {
+        sock.exists().then_some(()).ok_or_else(|| "not yet".into())
+    });
+    wait_for("dropped log bytes in status", T, || {
+        let i = instance_within(&sock, "app");
+        if i.state == Running && i.log_dropped_bytes > 0 {
+            Ok(())
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    wait_for("the worker to answer", T, || http_get(port, "/"));
+    kill(zdt.0.id(), libc::SIGTERM);
+    wait_for("zdt to exit after SIGTERM", T, || {
+        match zdt.0.try_wait().expect("try_wait") {
+            Some(st) => Ok(st),
+            None => Err("running".into()),
+        }
+    });
 }

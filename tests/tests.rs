@@ -15,3 +15,4 @@ mod proxy;
 mod reload;
 mod security;
 mod spawning;
+mod zdtctl;

@@ -21,7 +21,9 @@
 //! (exit 3), `--exit-after MS` with `--exit-code N` (0 ms = before listening),
 //! `--start-delay MS`, `--stderr-line TEXT`, and for bad releases
 //! `--crash-if FILE` / `--unready-if FILE` (fail only when FILE exists at start),
-//! `--close-on-usr1` (close the listening socket on SIGUSR1, keep running).
+//! `--close-on-usr1` (close the listening socket on SIGUSR1, keep running),
+//! `--spam BYTES` (write BYTES of lines to stdout and to stderr at start, from a
+//! thread of their own).
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -78,6 +80,10 @@ struct Opts {
     /// Exit 1 at once if this file exists at start (tests a bad release).
     #[arg(long)]
     crash_if: Option<std::path::PathBuf>,
+    /// At start, write this many bytes of lines to stdout and to stderr (from
+    /// a thread of its own, so serving goes on if the writes block).
+    #[arg(long)]
+    spam: Option<u64>,
     /// After the stop signal, close a connection once idle this long (ms).
     #[arg(long, default_value_t = 500)]
     drain_grace: u64,
@@ -465,6 +471,21 @@ async fn run(opts: Opts) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes `total` bytes of 100-byte lines to stdout and to stderr, in turns.
+fn spam(total: u64) {
+    let line = format!(
+        "{:-<99}\n",
+        format!("zdt-demo pid={} spam ", std::process::id())
+    );
+    let mut written = 0;
+    while written < total {
+        // A closed stream is not this worker's problem.
+        let _ = std::io::stdout().write_all(line.as_bytes());
+        let _ = std::io::stderr().write_all(line.as_bytes());
+        written += line.len() as u64;
+    }
+}
+
 fn main() {
     let opts = Opts::parse();
     if opts.crash_if.as_ref().is_some_and(|p| p.exists()) {
@@ -480,6 +501,9 @@ fn main() {
     if opts.exit_after == Some(0) {
         eprintln!("zdt-demo: exiting at once with {}", opts.exit_code);
         std::process::exit(opts.exit_code);
+    }
+    if let Some(total) = opts.spam {
+        std::thread::spawn(move || spam(total));
     }
     if opts.ignore_term {
         // SAFETY: setting a signal disposition to SIG_IGN before any thread starts.

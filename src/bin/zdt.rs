@@ -60,6 +60,9 @@ enum Cmd {
     },
 }
 
+/// How long zdt waits at exit for its last log lines to reach stderr.
+const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn notify(messages: &[String]) -> ExitCode {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         eprintln!("error: NOTIFY_SOCKET is not set (is this running under zdt with ready = {{ notify = true }}?)");
@@ -210,12 +213,6 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(name) = config.programs.keys().next().filter(|_| run_file.is_some()) {
-        eprintln!(
-            "zdt: control socket {sock}\nzdt: restart without downtime with: zdtctl -s {sock} restart {name}",
-            sock = config.supervisor.control.display()
-        );
-    }
     if let Some(Cmd::Check) = args.command {
         if config.programs.is_empty() {
             eprintln!(
@@ -231,20 +228,38 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // From here on zdt writes to stderr only through this thread: a stalled
+    // reader of stderr must not freeze the daemon.
+    let stderr = match zdt::logs::StderrLog::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the stderr writer thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(name) = config.programs.keys().next().filter(|_| run_file.is_some()) {
+        stderr.write_bytes(format!(
+            "zdt: control socket {sock}\nzdt: restart without downtime with: zdtctl -s {sock} restart {name}\n",
+            sock = config.supervisor.control.display()
+        ).as_bytes());
+    }
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(stderr.clone())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     // The spawner thread forks every worker and must live as long as zdt.
+    // The last lines get a bounded chance to reach a slow reader.
+    let fail = |text: String| {
+        stderr.write_bytes(format!("error: {text}\n").as_bytes());
+        stderr.flush(EXIT_FLUSH);
+        ExitCode::from(1)
+    };
     let (spawner, reaper) = match zdt::spawn::start() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot start the spawner thread: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(format!("cannot start the spawner thread: {e}")),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -252,10 +267,7 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async move {
         let signals = zdt::signals::daemon_signals()
@@ -271,10 +283,10 @@ fn main() -> ExitCode {
         let _ = std::fs::remove_file(f);
     }
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(1)
+        Ok(()) => {
+            stderr.flush(EXIT_FLUSH);
+            ExitCode::SUCCESS
         }
+        Err(e) => fail(e),
     }
 }

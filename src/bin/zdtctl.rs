@@ -1,10 +1,16 @@
 //! `zdtctl`: the control client.
 //!
 //! Exit codes: 0 done; 1 the operation failed; 2 usage or configuration
-//! error; 3 the daemon cannot be reached.
+//! error; 3 the daemon cannot be reached (not running, or permission denied).
+//!
+//! When the reader of stdout goes away (`zdtctl status | head -1`), output
+//! stops quietly: `tail -f` ends with 0, any other command still waits for
+//! its outcome and exits with its code.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use zdt::control::client::{Client, ClientError};
@@ -110,6 +116,48 @@ enum Cmd {
     Version,
 }
 
+/// zdtctl's stdout, which may be closed by its reader at any time.
+#[derive(Default)]
+struct Out {
+    /// Set once a write failed: nothing more is written.
+    gone: AtomicBool,
+    /// Poked when stdout went away, so that `tail -f` can end.
+    closed: tokio::sync::Notify,
+    /// A write failed for another reason than a reader that went away.
+    failed: AtomicBool,
+}
+
+impl Out {
+    /// Writes `text` unless stdout is gone; a write error ends all output
+    /// (quietly when the reader went away).
+    fn print(&self, text: &str) {
+        if self.gone.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            self.gone.store(true, Ordering::Relaxed);
+            self.closed.notify_one();
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                self.failed.store(true, Ordering::Relaxed);
+                err_line(&format!("error: cannot write to stdout: {e}"));
+            }
+        }
+    }
+}
+
+/// `println!` to [`Out`].
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {
+        $out.print(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// One line on stderr; a stderr nobody reads is not worth a panic.
+fn err_line(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
@@ -121,7 +169,7 @@ fn socket_path(args: &Args) -> Result<PathBuf, ExitCode> {
     zdt::config::find_config(args.config.as_deref())
         .and_then(|p| zdt::config::control_socket(&p))
         .map_err(|e| {
-            eprintln!("{}", e.render());
+            err_line(&e.render().to_string());
             ExitCode::from(EXIT_USAGE)
         })
 }
@@ -196,7 +244,7 @@ fn fmt_duration(ms: u64) -> String {
     }
 }
 
-fn print_status(programs: &[ProgramSnapshot]) {
+fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
     let now = now_ms();
     // Request columns only when a proxy-mode program is shown.
     let proxied = programs.iter().any(|p| p.requests.is_some());
@@ -269,14 +317,15 @@ fn print_status(programs: &[ProgramSnapshot]) {
             .enumerate()
             .map(|(c, v)| format!("{v:<w$}", w = widths[c]))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!(out, "{}", line.join("  ").trim_end());
     }
     for p in programs {
         if let Some(w) = &p.socket_warning {
-            println!("{}: warning: {w}", p.name);
+            outln!(out, "{}: warning: {w}", p.name);
         }
         if let Some(r) = &p.requests {
-            println!(
+            outln!(
+                out,
                 "{}: {} in flight, {} served, {} answered 502 ({} cut at max_wait), {} answered 503",
                 p.name, r.inflight, r.served, r.failed, r.cut, r.unavailable
             );
@@ -284,20 +333,20 @@ fn print_status(programs: &[ProgramSnapshot]) {
     }
 }
 
-fn print_outcome(outcome: &Outcome) {
+fn print_outcome(out: &Out, outcome: &Outcome) {
     match outcome {
-        Outcome::Status { programs } => print_status(programs),
+        Outcome::Status { programs } => print_status(out, programs),
         Outcome::Done {
             message, warnings, ..
         } => {
-            println!("{message}");
+            outln!(out, "{message}");
             for w in warnings {
-                eprintln!("warning: {w}");
+                err_line(&format!("warning: {w}"));
             }
         }
         Outcome::Pids { pids } => {
             for p in pids {
-                println!("{}", p.pid);
+                outln!(out, "{}", p.pid);
             }
         }
         Outcome::Reloaded {
@@ -313,7 +362,8 @@ fn print_outcome(outcome: &Outcome) {
                     v.join(", ")
                 }
             };
-            println!(
+            outln!(
+                out,
                 "reloaded: added {}; removed {}; changed {}; unchanged {}",
                 list(added),
                 list(removed),
@@ -321,49 +371,58 @@ fn print_outcome(outcome: &Outcome) {
                 list(unchanged)
             );
         }
-        Outcome::Tail { data } => print!("{data}"),
-        Outcome::Version { version, pid } => println!("zdt {version} (pid {pid})"),
-        Outcome::ShuttingDown => println!("zdt is stopping all programs and will exit"),
+        Outcome::Tail { data } => out.print(data),
+        Outcome::Version { version, pid } => outln!(out, "zdt {version} (pid {pid})"),
+        Outcome::ShuttingDown => outln!(out, "zdt is stopping all programs and will exit"),
     }
 }
 
-fn print_error(e: &ErrorBody, json: bool) {
+fn print_error(out: &Out, e: &ErrorBody, json: bool) {
     if json {
         let v = serde_json::json!({ "error": e });
-        println!("{v}");
+        outln!(out, "{v}");
         return;
     }
-    eprintln!("error: {}", e.message);
+    err_line(&format!("error: {}", e.message));
     if let Some(h) = &e.hint {
         for line in h.lines() {
-            eprintln!("  {line}");
+            err_line(&format!("  {line}"));
         }
     }
 }
 
 async fn run(args: Args, socket: PathBuf) -> u8 {
-    let mut client = match Client::connect(&socket).await {
+    let out = Out::default();
+    let code = requests_to(&out, &args, &socket).await;
+    if out.failed.load(Ordering::Relaxed) {
+        code.max(EXIT_FAILED)
+    } else {
+        code
+    }
+}
+
+async fn requests_to(out: &Out, args: &Args, socket: &std::path::Path) -> u8 {
+    let mut client = match Client::connect(socket).await {
         Ok(c) => c,
         Err(e) => {
-            report_client_error(&e, args.json);
+            report_client_error(out, &e, args.json);
             return EXIT_UNREACHABLE;
         }
     };
+    let follow = matches!(args.command, Cmd::Tail { follow: true, .. });
     let mut code = 0;
     for req in requests(&args.command) {
         let json = args.json;
-        let result = client
-            .request(req, |reply| match reply {
-                Reply::Progress { message } if !json => println!("{message}"),
-                Reply::Log { data } => {
-                    use std::io::Write;
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(data.as_bytes());
-                    let _ = out.flush();
-                }
-                _ => {}
-            })
-            .await;
+        let request = client.request(req, |reply| match reply {
+            Reply::Progress { message } if !json => outln!(out, "{message}"),
+            Reply::Log { data } => out.print(data),
+            _ => {}
+        });
+        let result = tokio::select! {
+            r = request => r,
+            // Nobody reads what tail -f would print.
+            () = out.closed.notified(), if follow => return code,
+        };
         match result {
             Ok(Ok(outcome)) => {
                 let strict = matches!(args.command, Cmd::Restart { strict: true, .. });
@@ -374,15 +433,15 @@ async fn run(args: Args, socket: PathBuf) -> u8 {
                 }
                 if json {
                     match serde_json::to_string(&outcome) {
-                        Ok(s) => println!("{s}"),
-                        Err(e) => eprintln!("error: {e}"),
+                        Ok(s) => outln!(out, "{s}"),
+                        Err(e) => err_line(&format!("error: {e}")),
                     }
                 } else {
-                    print_outcome(&outcome);
+                    print_outcome(out, &outcome);
                 }
             }
             Ok(Err(body)) => {
-                print_error(&body, json);
+                print_error(out, &body, json);
                 code = code.max(if body.kind == "bad_request" {
                     EXIT_USAGE
                 } else {
@@ -390,7 +449,7 @@ async fn run(args: Args, socket: PathBuf) -> u8 {
                 });
             }
             Err(e) => {
-                report_client_error(&e, json);
+                report_client_error(out, &e, json);
                 return EXIT_UNREACHABLE;
             }
         }
@@ -398,8 +457,12 @@ async fn run(args: Args, socket: PathBuf) -> u8 {
     code
 }
 
-fn report_client_error(e: &ClientError, json: bool) {
-    print_error(&ErrorBody::new("unreachable", e.to_string()), json);
+fn report_client_error(out: &Out, e: &ClientError, json: bool) {
+    let kind = match e {
+        ClientError::PermissionDenied { .. } => "permission_denied",
+        _ => "unreachable",
+    };
+    print_error(out, &ErrorBody::new(kind, e.to_string()), json);
 }
 
 fn main() -> ExitCode {
@@ -414,7 +477,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            err_line(&format!("error: cannot start the runtime: {e}"));
             return ExitCode::from(EXIT_FAILED);
         }
     };

@@ -11,12 +11,20 @@ use super::proto::{Command, ErrorBody, Outcome, Reply, Request, Response, PROTOC
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Nothing answers on the socket.
+    /// Nothing answers on the socket (no such file, connection refused, …).
     #[error("cannot reach zdt at {path}: {source} (is zdt running? start it with `zdt -c supervisor.toml`)")]
     Unreachable {
         /// The socket tried.
         path: PathBuf,
         /// The OS error.
+        source: std::io::Error,
+    },
+    /// The socket (or a folder on its path) may not be used by this user.
+    #[error("permission denied on the control socket {path}: {source} (run zdtctl as root with sudo, or as zdt's own user; to let a group use it, set control_group and control_mode = \"0660\" under [supervisor])")]
+    PermissionDenied {
+        /// The socket tried.
+        path: PathBuf,
+        /// The OS error (EACCES or EPERM).
         source: std::io::Error,
     },
     /// Reading or writing failed.
@@ -39,13 +47,15 @@ pub struct Client {
 impl Client {
     /// Connects to the control socket at `path`.
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream =
-            UnixStream::connect(path)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(path).await.map_err(|source| {
+            let path = path.to_path_buf();
+            match source.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    ClientError::PermissionDenied { path, source }
+                }
+                _ => ClientError::Unreachable { path, source },
+            }
+        })?;
         let (r, w) = stream.into_split();
         Ok(Client {
             reader: BufReader::new(r),

@@ -356,14 +356,29 @@ fn dump_dir(dir: &Path) {
 }
 
 impl Daemon {
-    /// Pids of the live workers, from status; empty if zdt does not answer.
+    /// Pids of the live workers, from status; empty if zdt does not answer
+    /// within a few seconds (a frozen zdt must not hang the cleanup).
     fn worker_pids(&self) -> Vec<u32> {
-        let Ok(out) = Command::new(bin("zdtctl"))
+        let Ok(mut ctl) = Command::new(bin("zdtctl"))
             .arg("-c")
             .arg(&self.config)
             .args(["--json", "status"])
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
         else {
+            return Vec::new();
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(None) = ctl.try_wait() {
+            if Instant::now() > deadline {
+                let _ = ctl.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Ok(out) = ctl.wait_with_output() else {
             return Vec::new();
         };
         let text = String::from_utf8_lossy(&out.stdout);
