@@ -25,7 +25,7 @@
 #   request on its same connection. Passes when every one of them is answered
 #   200 both times, no request of the load failed, and zdt's RSS and fds after
 #   the restarts are within RSS_SLACK KiB and FD_SLACK fds of before. Needs
-#   IDLE + ~1,000 fds for zdt and for the clients: the script raises its open
+#   IDLE + ~1,000 fds in zdt and in the client process: the script raises its open
 #   files limit (ulimit -n 65536, else to the hard limit) and sets the
 #   program's max_connections to fit.
 #
@@ -55,7 +55,7 @@ done
 command -v python3 >/dev/null || { echo "python3 not found" >&2; exit 2; }
 # Part 3 holds IDLE connections in zdt and in the client.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-if [ "$IDLE" -gt 0 ] && [ "$(ulimit -n)" -lt $((IDLE * 2 + 2048)) ]; then
+if [ "$IDLE" -gt 0 ] && [ "$(ulimit -n)" -lt $((IDLE + 2048)) ]; then
   echo "open files limit $(ulimit -n) is too low for $IDLE idle clients (raise the hard limit)" >&2; exit 2
 fi
 [ -n "$OUT" ] || OUT=$(mktemp -d /tmp/zdt-soak.XXXXXX)
