@@ -31,7 +31,7 @@
 #
 # Needs a release build (cargo build --release), python3, curl, prlimit,
 # setpriv (util-linux). Run as root for forged-ready (it sends as uid 65534;
-# skipped otherwise). Installs nothing. About 3 minutes for all rows.
+# skipped otherwise). Installs nothing. About 3.5 minutes for all rows.
 # Usage: bench/faults.sh [-r ROWS] [-c CLIENTS] [-d LOAD_S] [-i IDLE] [-o DIR] [-l]
 #   -r ROWS  comma-separated row names (default: all); -l lists them
 #   defaults: -c 32 -d 6 -i 600
