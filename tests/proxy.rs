@@ -841,6 +841,47 @@ fn idle_upstream_connections_to_the_old_generation_close_at_the_switch() {
 }
 
 #[test]
+fn idle_upstream_connections_close_after_upstream_idle_timeout() {
+    let port = free_port();
+    let (_d, pid) = serving(port, &[], "upstream_idle_timeout = \"1s\"");
+    let private = private_port(pid);
+    // A burst on both paths: HTTP/1.1 (zdt's relay) and HTTP/1.0 (hyper's
+    // client pool); each request holds its upstream connection for 300 ms,
+    // so the burst needs several.
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                if i % 2 == 0 {
+                    http_get(port, "/?sleep=300").map(|r| r.0)
+                } else {
+                    let a = raw_exchange(port, b"GET /?sleep=300 HTTP/1.0\r\nHost: a\r\n\r\n");
+                    Ok(if a.starts_with("HTTP/1.0 200") {
+                        200
+                    } else {
+                        0
+                    })
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().expect("join"), Ok(200));
+    }
+    let pooled = connections_to(private);
+    assert!(pooled >= 4, "{pooled} pooled connections to the worker");
+    // Closed by zdt after the idle timeout (the worker keeps them forever).
+    wait_for(
+        "zdt to close its idle upstream connections",
+        Duration::from_secs(10),
+        || match connections_to(private) {
+            0 => Ok(()),
+            n => Err(format!("{n} still open")),
+        },
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+#[test]
 fn http_1_0_chunked_uploads_and_100_continue_pass_through() {
     use std::io::Write;
     let port = free_port();

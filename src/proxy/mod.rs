@@ -375,6 +375,12 @@ pub struct Options {
     pub queue_timeout: Duration,
     /// Time for a request's whole header, from connect or the previous response.
     pub header_timeout: Duration,
+    /// Time from a request fully sent to its answer's head; then 504.
+    pub response_timeout: Duration,
+    /// Longest pause in a client's request body; then 408.
+    pub body_timeout: Duration,
+    /// Pooled upstream connections idle this long are closed.
+    pub upstream_idle_timeout: Duration,
     /// Larger request headers get 431.
     pub max_header_bytes: usize,
     /// Add X-Forwarded-For, X-Real-IP and X-Forwarded-Proto.
@@ -392,6 +398,9 @@ impl Options {
         Self {
             queue_timeout: cfg.queue_timeout,
             header_timeout: cfg.header_timeout,
+            response_timeout: cfg.response_timeout,
+            body_timeout: cfg.body_timeout,
+            upstream_idle_timeout: cfg.upstream_idle_timeout,
             max_header_bytes: cfg.max_header_bytes,
             forward_headers: cfg.forward_headers,
             protocol: cfg.protocol,
@@ -996,7 +1005,11 @@ async fn handle(
         if !host_given {
             req.headers_mut().insert(header::HOST, up.authority.clone());
         }
-        match up.pool.send(req).await {
+        match up
+            .pool
+            .send(req, shared.options.upstream_idle_timeout)
+            .await
+        {
             Ok((mut resp, lease)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
@@ -1055,6 +1068,9 @@ fn test_shared() -> Arc<Shared> {
         options: Options {
             queue_timeout: Duration::from_secs(1),
             header_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            upstream_idle_timeout: Duration::from_secs(1),
             max_header_bytes: 8192,
             forward_headers: true,
             protocol: crate::config::Protocol::Http,

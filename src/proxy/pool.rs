@@ -8,6 +8,7 @@
 
 use std::io;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -46,13 +47,15 @@ impl std::fmt::Debug for Pool {
 pub(crate) struct Lease {
     sender: SendRequest<Incoming>,
     pool: Weak<Pool>,
+    /// How long it may stay idle in the pool (`upstream_idle_timeout`).
+    keep_for: Duration,
 }
 
 impl Lease {
     /// The response was read to the end: the connection may serve another.
     pub(crate) fn release(self) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.sender);
+            pool.put(self.sender, self.keep_for);
         }
     }
 }
@@ -65,11 +68,12 @@ impl Pool {
         })
     }
 
-    fn put(&self, sender: SendRequest<Incoming>) {
+    fn put(&self, sender: SendRequest<Incoming>, keep_for: Duration) {
         if sender.is_closed() {
             return;
         }
-        self.idle.push(sender, |oldest| oldest.is_closed());
+        self.idle
+            .push(sender, keep_for, |oldest| oldest.is_closed());
     }
 
     /// The most recently used idle connection that is still open.
@@ -83,14 +87,16 @@ impl Pool {
         }
     }
 
-    /// Sends `req` on an idle connection or a new one.
+    /// Sends `req` on an idle connection or a new one; the connection may
+    /// stay idle in the pool for `keep_for` after.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: UpstreamRequest,
+        keep_for: Duration,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         while let Some(mut sender) = self.idle().await {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.lease(sender))),
+                Ok(resp) => return Ok((resp, self.lease(sender, keep_for))),
                 Err(mut e) => match e.take_message() {
                     // Closed before the request was written: try another.
                     Some(unsent) => req = unsent,
@@ -105,7 +111,7 @@ impl Pool {
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, self.lease(sender))),
+            Ok(resp) => Ok((resp, self.lease(sender, keep_for))),
             Err(mut e) => match e.take_message() {
                 // Not written at all on a fresh connection: as good as a failed connect.
                 Some(unsent) => Err(SendError::Connect(
@@ -131,10 +137,11 @@ impl Pool {
         Ok(sender)
     }
 
-    fn lease(self: &Arc<Self>, sender: SendRequest<Incoming>) -> Lease {
+    fn lease(self: &Arc<Self>, sender: SendRequest<Incoming>, keep_for: Duration) -> Lease {
         Lease {
             sender,
             pool: Arc::downgrade(self),
+            keep_for,
         }
     }
 }

@@ -132,11 +132,12 @@ impl Idle {
         }
     }
 
-    /// Keeps `s` for the next request. The least recently used one is
-    /// checked too, so connections the worker closed while they sat at the
-    /// bottom of the list do not pile up (in CLOSE_WAIT) under steady load.
-    fn put(&self, s: Stream) {
-        self.0.push(s, |oldest| !still_open(oldest));
+    /// Keeps `s` for the next request, for up to `keep_for`
+    /// (`upstream_idle_timeout`). The least recently used one is checked
+    /// too, so connections the worker closed while they sat at the bottom of
+    /// the list do not pile up (in CLOSE_WAIT) under steady load.
+    fn put(&self, s: Stream, keep_for: std::time::Duration) {
+        self.0.push(s, keep_for, |oldest| !still_open(oldest));
     }
 }
 
@@ -1005,7 +1006,7 @@ where
                 close,
             }) => {
                 if reusable {
-                    up.idle.put(upstream);
+                    up.idle.put(upstream, shared.options.upstream_idle_timeout);
                 }
                 drop(guard);
                 match (close, body_whole) {
@@ -1096,7 +1097,7 @@ where
     }
     // Extra bytes after the answer: the worker broke the framing.
     if resp.reusable && rbuf.is_empty() {
-        up.idle.put(upstream);
+        up.idle.put(upstream, shared.options.upstream_idle_timeout);
     }
     drop(guard);
     if req.close {
