@@ -881,6 +881,122 @@ fn idle_upstream_connections_close_after_upstream_idle_timeout() {
     assert_eq!(http_get(port, "/").expect("served").0, 200);
 }
 
+/// Writes `head` on a new connection, waits until zdt has the request in
+/// flight, writes `rest` (if any) and returns the connection.
+fn in_flight(d: &Daemon, port: u16, head: &[u8], rest: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let inflight = d.requests("web").inflight;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    s.write_all(head).expect("write");
+    d.wait_inflight("web", inflight + 1, T);
+    if !rest.is_empty() {
+        s.write_all(rest).expect("write");
+    }
+    s
+}
+
+fn read_all(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[test]
+fn a_worker_that_never_answers_gets_504_after_response_timeout() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "response_timeout = \"1s\"");
+    let before = d.requests("web");
+    // The relay path, the request whole at once.
+    let t0 = Instant::now();
+    let a = raw_exchange(
+        port,
+        b"GET /?sleep=60000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 504"), "{a:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    // The relay path, the body still coming when the request went out: the
+    // timeout runs from its last byte.
+    let mut s = in_flight(
+        &d,
+        port,
+        b"POST /?sleep=60000 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab",
+        b"cd",
+    );
+    let a = read_all(&mut s);
+    assert!(a.starts_with("HTTP/1.1 504"), "{a:?}");
+    // The hyper path (HTTP/1.0).
+    let a = raw_exchange(port, b"GET /?sleep=60000 HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert!(a.starts_with("HTTP/1.0 504"), "{a:?}");
+    let after = d.requests("web");
+    assert_eq!(
+        (after.failed, after.served, after.inflight),
+        (before.failed + 3, before.served, 0),
+        "{after:?}"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+#[test]
+fn a_client_that_stops_sending_its_body_gets_408_after_body_timeout() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "body_timeout = \"1s\"");
+    let before = d.requests("web");
+    for (head, status) in [
+        // The relay path and the hyper path (HTTP/1.0).
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+            "HTTP/1.1 408",
+        ),
+        (
+            "POST / HTTP/1.0\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+            "HTTP/1.0 408",
+        ),
+    ] {
+        let t0 = Instant::now();
+        let mut s = in_flight(&d, port, head.as_bytes(), b"");
+        let a = read_all(&mut s);
+        assert!(a.starts_with(status), "{head:?} -> {a:?}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+    // The client's fault: neither served nor failed.
+    let after = d.requests("web");
+    assert_eq!(
+        (after.failed, after.served, after.inflight),
+        (before.failed, before.served, 0),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn an_upload_its_client_abandons_counts_as_neither_served_nor_failed() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let before = d.requests("web");
+    for version in ["1.1", "1.0"] {
+        let head = format!("POST /up HTTP/{version}\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n");
+        let s = in_flight(&d, port, head.as_bytes(), &[b'x'; 1000]);
+        drop(s);
+        d.wait_inflight("web", 0, T);
+    }
+    let after = d.requests("web");
+    assert_eq!(
+        (after.failed, after.served),
+        (before.failed, before.served),
+        "an abandoned upload counted: {after:?}"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
 #[test]
 fn http_1_0_chunked_uploads_and_100_continue_pass_through() {
     use std::io::Write;

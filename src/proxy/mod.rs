@@ -230,6 +230,12 @@ impl InflightGuard {
     /// never reached this upstream and goes elsewhere, or its client went
     /// away before the answer).
     pub(crate) fn discard(mut self) {
+        self.abandon();
+    }
+
+    /// Counts the request as neither served nor failed: its client went
+    /// away or stalled (nginx's 499), which says nothing of the upstream.
+    pub(crate) fn abandon(&mut self) {
         self.recorded = true;
     }
 
@@ -988,6 +994,7 @@ async fn handle(
     parts.version = hyper::Version::HTTP_11;
     parts.extensions.clear();
     let host_given = parts.headers.contains_key(header::HOST);
+    let (body, body_state) = body::RequestBody::new(body, shared.options.body_timeout);
     let mut req = Request::from_parts(parts, body);
     let mut tried: Vec<PrivateAddr> = Vec::new();
     loop {
@@ -1005,11 +1012,27 @@ async fn handle(
         if !host_given {
             req.headers_mut().insert(header::HOST, up.authority.clone());
         }
-        match up
-            .pool
-            .send(req, shared.options.upstream_idle_timeout)
-            .await
-        {
+        let sending = up.pool.send(req, shared.options.upstream_idle_timeout);
+        // response_timeout runs from the moment the whole body went upstream.
+        let no_answer = async {
+            body_state.ended().await;
+            tokio::time::sleep(shared.options.response_timeout).await;
+        };
+        let sent = tokio::select! {
+            r = sending => r,
+            () = no_answer => {
+                guard.fail();
+                tracing::warn!(program = %shared.program, upstream = %up.addr, %path, "no answer within response_timeout; answered 504");
+                let mut resp = text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "504 Gateway Timeout: the application did not answer within response_timeout\n".into(),
+                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        };
+        match sent {
             Ok((mut resp, lease)) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
@@ -1043,6 +1066,29 @@ async fn handle(
                 req = *unsent;
             }
             Err(pool::SendError::Upstream(e)) => {
+                // The client's doing, not the upstream's: its body stopped.
+                match body_state.failed() {
+                    body::CLIENT_SILENT => {
+                        guard.abandon();
+                        tracing::info!(program = %shared.program, %path, "client sent no request body for body_timeout; answered 408");
+                        let mut resp = text(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "408 Request Timeout: no request body within body_timeout\n".into(),
+                        );
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        return resp;
+                    }
+                    body::CLIENT_GONE => {
+                        guard.abandon();
+                        tracing::debug!(program = %shared.program, %path, "client closed during the request body");
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            "400 Bad Request: the request body broke off\n".into(),
+                        );
+                    }
+                    _ => {}
+                }
                 guard.fail();
                 if guard.is_cut() {
                     tracing::warn!(program = %shared.program, upstream = %up.addr, %path, "request cut: the instance was stopped at max_wait; answered 502");

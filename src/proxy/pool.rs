@@ -15,11 +15,12 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use super::body::RequestBody;
 use super::{workers, PrivateAddr, CONNECT_TIMEOUT};
 
 /// The client's request as it goes upstream: its own head and body, never
 /// copied.
-pub(crate) type UpstreamRequest = Request<Incoming>;
+pub(crate) type UpstreamRequest = Request<RequestBody>;
 
 /// Why a request could not be sent.
 pub(crate) enum SendError {
@@ -34,7 +35,7 @@ pub(crate) enum SendError {
 pub(crate) struct Pool {
     addr: PrivateAddr,
     /// One list per proxy thread, each used only by its thread.
-    idle: workers::IdleLists<SendRequest<Incoming>>,
+    idle: workers::IdleLists<SendRequest<RequestBody>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -45,7 +46,7 @@ impl std::fmt::Debug for Pool {
 
 /// A connection lent to one request; [`Lease::release`] gives it back.
 pub(crate) struct Lease {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<RequestBody>,
     pool: Weak<Pool>,
     /// How long it may stay idle in the pool (`upstream_idle_timeout`).
     keep_for: Duration,
@@ -68,7 +69,7 @@ impl Pool {
         })
     }
 
-    fn put(&self, sender: SendRequest<Incoming>, keep_for: Duration) {
+    fn put(&self, sender: SendRequest<RequestBody>, keep_for: Duration) {
         if sender.is_closed() {
             return;
         }
@@ -77,7 +78,7 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open.
-    async fn idle(&self) -> Option<SendRequest<Incoming>> {
+    async fn idle(&self) -> Option<SendRequest<RequestBody>> {
         loop {
             let mut sender = self.idle.pop()?;
             // Normally at once: the connection finished its last response.
@@ -124,7 +125,7 @@ impl Pool {
     }
 
     /// A new connection, its driver running as a task of this thread.
-    async fn open(&self) -> io::Result<SendRequest<Incoming>> {
+    async fn open(&self) -> io::Result<SendRequest<RequestBody>> {
         let stream = self.addr.connect_within(CONNECT_TIMEOUT).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -137,7 +138,7 @@ impl Pool {
         Ok(sender)
     }
 
-    fn lease(self: &Arc<Self>, sender: SendRequest<Incoming>, keep_for: Duration) -> Lease {
+    fn lease(self: &Arc<Self>, sender: SendRequest<RequestBody>, keep_for: Duration) -> Lease {
         Lease {
             sender,
             pool: Arc::downgrade(self),

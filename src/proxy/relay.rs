@@ -989,6 +989,7 @@ where
     if !body_done {
         let whole = duplex(
             c,
+            &shared.options,
             &mut upstream,
             &mut rbuf,
             &req,
@@ -1024,14 +1025,23 @@ where
     // not wait for it (nginx's 499).
     let close = AtomicBool::new(req.close);
     let mut head = Vec::new();
-    let mut resp =
-        match head_unless_gone(&mut upstream, &mut rbuf, &mut head, &req, &close, &c.io).await {
-            Some(r) => r,
-            None => {
-                abandoned(&shared.program, &up.addr, &out, req.target, guard);
-                return Outcome::Close;
-            }
-        };
+    let mut resp = match head_unless_gone(
+        &mut upstream,
+        &mut rbuf,
+        &mut head,
+        &req,
+        &close,
+        &c.io,
+        shared.options.response_timeout,
+    )
+    .await
+    {
+        Some(r) => r,
+        None => {
+            abandoned(&shared.program, &up.addr, &out, req.target, guard);
+            return Outcome::Close;
+        }
+    };
     if let Err(Failed { silent: true, .. }) = resp {
         // The keep-alive close race: the worker closed this idle connection
         // as the request went out on it, and said nothing. A request that is
@@ -1042,8 +1052,15 @@ where
             match send(&shared, &req, &mut out, mark, &[], &mut tried, true).await {
                 Ok(s) => {
                     (up, guard, upstream) = (s.up, s.guard, s.conn);
-                    let again =
-                        head_unless_gone(&mut upstream, &mut rbuf, &mut head, &req, &close, &c.io);
+                    let again = head_unless_gone(
+                        &mut upstream,
+                        &mut rbuf,
+                        &mut head,
+                        &req,
+                        &close,
+                        &c.io,
+                        shared.options.response_timeout,
+                    );
                     match again.await {
                         Some(r) => resp = r,
                         None => {
@@ -1061,6 +1078,7 @@ where
                     resp = Err(Failed {
                         cause: cause.to_string(),
                         silent: false,
+                        timed_out: false,
                     });
                 }
             }
@@ -1108,7 +1126,7 @@ where
 }
 
 /// Reads the answer's head as [`read_response`] does, unless the client goes
-/// away first (`None`).
+/// away first (`None`); fails as timed out after `response_timeout`.
 async fn head_unless_gone<S: SpliceIo>(
     upstream: &mut Stream,
     rbuf: &mut Buffer,
@@ -1116,11 +1134,17 @@ async fn head_unless_gone<S: SpliceIo>(
     req: &Request,
     close: &AtomicBool,
     client: &S,
+    response_timeout: std::time::Duration,
 ) -> Option<Result<Response, Failed>> {
     tokio::select! {
         biased;
         r = read_response(upstream, &mut rbuf.0, head, req.head, close) => Some(r),
         () = client_gone(client) => None,
+        () = tokio::time::sleep(response_timeout) => Some(Err(Failed {
+            cause: "no answer within response_timeout".into(),
+            silent: false,
+            timed_out: true,
+        })),
     }
 }
 
@@ -1151,10 +1175,19 @@ impl Log<'_> {
         String::from_utf8_lossy(&self.out[self.target.0..self.target.1])
     }
 
-    /// Counts and logs a request that got no answer head; returns zdt's 502.
+    /// Counts and logs a request that got no answer head; returns zdt's 502
+    /// (504 when none came within response_timeout).
     fn failed(&self, guard: &mut InflightGuard, failed: Failed, close: bool) -> Vec<u8> {
         guard.fail();
         let (program, upstream, path) = (self.program, self.upstream, self.path());
+        if failed.timed_out {
+            tracing::warn!(%program, %upstream, %path, "no answer within response_timeout; answered 504");
+            return text(
+                "504 Gateway Timeout",
+                NO_ANSWER,
+                if close { CLOSE } else { "" },
+            );
+        }
         if guard.is_cut() {
             tracing::warn!(%program, %upstream, %path, "request cut: the instance was stopped at max_wait; answered 502");
         } else {
@@ -1266,32 +1299,46 @@ struct Duplexed {
 enum BodyEnd {
     /// The client closed or broke its connection mid-body.
     ClientGone,
+    /// The client sent nothing for `body_timeout`.
+    ClientSilent,
     /// The client's chunked framing is broken.
     BadChunks,
     /// The worker stopped taking the body (it closed, or answered and left).
     WorkerGone,
+    /// The worker took no body byte for `response_timeout`.
+    WorkerStalled,
+    /// The body was whole and no answer head came within `response_timeout`.
+    NoAnswer,
 }
 
-/// Moves the rest of a request body from the client to the worker.
+/// Moves the rest of a request body from the client to the worker; waits
+/// up to `body_timeout` for each piece from the client and up to
+/// `response_timeout` for the worker to take it.
 async fn forward_body<R, W>(
     client: &mut R,
     up: &mut W,
     buf: &mut Buffer,
     body: &mut Framing,
+    options: &super::Options,
 ) -> Result<(), BodyEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    use tokio::time::timeout;
     while !body.is_done() {
         buf.clear();
         buf.room();
-        if !matches!(client.read_buf(&mut buf.0).await, Ok(n) if n > 0) {
-            return Err(BodyEnd::ClientGone);
+        match timeout(options.body_timeout, client.read_buf(&mut buf.0)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return Err(BodyEnd::ClientGone),
+            Err(_) => return Err(BodyEnd::ClientSilent),
         }
         let (k, _) = body.take(buf).ok_or(BodyEnd::BadChunks)?;
-        if up.write_all(&buf[..k]).await.is_err() {
-            return Err(BodyEnd::WorkerGone);
+        match timeout(options.response_timeout, up.write_all(&buf[..k])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(BodyEnd::WorkerGone),
+            Err(_) => return Err(BodyEnd::WorkerStalled),
         }
         buf.advance(k);
     }
@@ -1305,6 +1352,7 @@ where
 #[allow(clippy::too_many_arguments)]
 async fn duplex<S>(
     c: &mut Client<S>,
+    options: &super::Options,
     upstream: &mut Stream,
     rbuf: &mut Buffer,
     req: &Request,
@@ -1326,10 +1374,12 @@ where
     // The answer says Connection: close unless the body was whole by the
     // time its head was written.
     let close = AtomicBool::new(true);
+    // Set once an answer head came: from then on bytes may reach the client.
+    let answering_began = AtomicBool::new(false);
     let (mut cr, mut cw) = tokio::io::split(&mut c.io);
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let answered = {
-        let sending = forward_body(&mut cr, &mut uw, &mut c.buf, &mut body);
+        let sending = forward_body(&mut cr, &mut uw, &mut c.buf, &mut body, options);
         let answering = async {
             let mut head = Vec::new();
             let resp = match read_response(&mut ur, &mut rbuf.0, &mut head, req.head, &close).await
@@ -1337,6 +1387,7 @@ where
                 Ok(r) => r,
                 Err(failed) => return Err(log.failed(guard, failed, true)),
             };
+            answering_began.store(true, Ordering::Relaxed);
             rbuf.advance(resp.len);
             // What the head told the client.
             let told_close = close.load(Ordering::Relaxed);
@@ -1346,32 +1397,65 @@ where
                 Relayed::Broken => Ok(None),
             }
         };
-        tokio::pin!(sending, answering);
+        // response_timeout, from the moment the body is whole (polled only then).
+        let no_answer = tokio::time::sleep(options.response_timeout);
+        tokio::pin!(sending, answering, no_answer);
         let mut sent = false;
+        let began = || answering_began.load(Ordering::Relaxed);
         loop {
             tokio::select! {
-                r = &mut sending, if !sent => match r {
-                    Ok(()) => {
-                        sent = true;
-                        close.store(req.close, Ordering::Relaxed);
+                r = &mut sending, if !sent => {
+                    match r {
+                        Ok(()) => close.store(req.close, Ordering::Relaxed),
+                        // The answer, if any, tells the rest.
+                        Err(BodyEnd::WorkerGone) => {}
+                        Err(BodyEnd::WorkerStalled) if began() => {}
+                        Err(end) => break Err(end),
                     }
-                    // The answer, if any, tells the rest.
-                    Err(BodyEnd::WorkerGone) => sent = true,
-                    Err(end) => break Err(end),
-                },
+                    sent = true;
+                    no_answer
+                        .as_mut()
+                        .reset(Instant::now() + options.response_timeout);
+                }
                 r = &mut answering => break Ok(r),
+                () = &mut no_answer, if sent => if !began() {
+                    break Err(BodyEnd::NoAnswer);
+                },
             }
         }
     };
     let answered = match answered {
         Ok(a) => a,
         Err(end) => {
-            let why = match end {
-                BodyEnd::BadChunks => "bad chunked framing in the request body",
-                _ => "client closed during the request body",
+            let path = log.path();
+            let began = answering_began.load(Ordering::Relaxed);
+            let reply = match end {
+                BodyEnd::BadChunks => {
+                    tracing::debug!(%program, %path, "bad chunked framing in the request body");
+                    guard.fail();
+                    None
+                }
+                // The client's doing, not the worker's (nginx's 499): neither
+                // served nor failed.
+                BodyEnd::ClientGone => {
+                    tracing::debug!(%program, %path, "client closed during the request body");
+                    guard.abandon();
+                    None
+                }
+                BodyEnd::ClientSilent => {
+                    tracing::info!(%program, %path, "client sent no request body for body_timeout; answered 408");
+                    guard.abandon();
+                    Some(text("408 Request Timeout", BODY_TIMEOUT, CLOSE))
+                }
+                BodyEnd::WorkerStalled | BodyEnd::NoAnswer | BodyEnd::WorkerGone => {
+                    tracing::warn!(%program, upstream = %addr, %path, "no answer within response_timeout; answered 504");
+                    guard.fail();
+                    Some(text("504 Gateway Timeout", NO_ANSWER, CLOSE))
+                }
             };
-            tracing::debug!(%program, path = %log.path(), why);
-            guard.fail();
+            if let Some(reply) = reply.filter(|_| !began) {
+                let _ = cw.write_all(&reply).await;
+            }
             return None;
         }
     };
@@ -1397,6 +1481,9 @@ where
 }
 
 const BAD_CHUNKS: &str = "400 Bad Request: bad chunked framing\n";
+const BODY_TIMEOUT: &str = "408 Request Timeout: no request body within body_timeout\n";
+const NO_ANSWER: &str =
+    "504 Gateway Timeout: the application did not answer within response_timeout\n";
 const UNREACHABLE: &str = "502 Bad Gateway: no instance could be reached\n";
 const FAILED: &str = "502 Bad Gateway: the application failed to answer\n";
 
@@ -1405,6 +1492,8 @@ struct Failed {
     cause: String,
     /// The connection ended (closed or reset) before a single byte came.
     silent: bool,
+    /// No head within `response_timeout` (504, not 502).
+    timed_out: bool,
 }
 
 /// Reads a response head into `rbuf`, skipping interim responses, and
@@ -1427,6 +1516,7 @@ async fn read_response<R: AsyncRead + Unpin>(
             return Err(Failed {
                 cause,
                 silent: !received,
+                timed_out: false,
             });
         }
         received = true;
@@ -1439,6 +1529,7 @@ async fn read_response<R: AsyncRead + Unpin>(
                     return Err(Failed {
                         cause: why.into(),
                         silent: false,
+                        timed_out: false,
                     })
                 }
             }
