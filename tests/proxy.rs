@@ -476,6 +476,108 @@ fn bad_requests_are_answered_by_zdt_and_never_forwarded() {
 }
 
 #[test]
+fn ambiguous_framing_is_refused_on_both_paths_and_never_forwarded() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let served = d.requests("web").served;
+    for bad in [
+        // Only exactly "chunked" frames a body; hyper read these as chunked.
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Two Hosts, or none in HTTP/1.1 (RFC 9112 3.2).
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        // Both lengths in a head of bare-LF lines.
+        "POST / HTTP/1.1\nHost: a\nContent-Length: 6\nTransfer-Encoding: chunked\n\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        // A length past what hyper takes: 400, not 431.
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n",
+    ] {
+        let answer = raw_exchange(port, bad.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad:?} -> {answer:?}");
+    }
+    assert_eq!(
+        d.requests("web").served,
+        served,
+        "a bad request reached the worker"
+    );
+    // Both lengths after an Upgrade request answered without 101 (the hyper
+    // path follows the connection on), pipelined or not.
+    let upgrade = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n";
+    let smuggle = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let answer = raw_exchange(port, format!("{upgrade}{smuggle}").as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let second = answer.find("HTTP/1.1 400").map(|i| &answer[i..]);
+    assert!(
+        second.is_some() && !answer.contains("smuggled"),
+        "{answer:?}"
+    );
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(upgrade.as_bytes()).expect("write");
+        let first = read_until(&mut s, "}");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+        s.write_all(smuggle.as_bytes()).expect("write");
+        let answer = read_all(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    }
+    assert_eq!(
+        d.requests("web").served,
+        served + 2,
+        "a bad request reached the worker"
+    );
+    // A request line over 8 KB: 414 at once, the rest never sent.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(format!("GET /{}", "a".repeat(60 * 1024)).as_bytes())
+            .expect("write");
+        let answer = read_all(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 414"), "{answer:?}");
+    }
+}
+
+#[test]
+fn heads_with_150_headers_are_relayed_both_ways_on_both_paths() {
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    // What nginx takes: 150 request headers (hyper's limit is 100).
+    let many: String = (0..150).map(|i| format!("X-{i}: {i}\r\n")).collect();
+    for version in ["1.1", "1.0"] {
+        let answer = raw_exchange(
+            port,
+            format!("GET /echo HTTP/{version}\r\nHost: a\r\nConnection: close\r\n{many}\r\n")
+                .as_bytes(),
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/{version} 200")),
+            "{answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("x-149: 149"),
+            "{answer:?}"
+        );
+    }
+    // And answers with 150 headers.
+    for version in ["1.1", "1.0"] {
+        let answer = raw_exchange(
+            port,
+            format!("GET /many HTTP/{version}\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/{version} 200")),
+            "{answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("x-149: 149") && answer.ends_with("many"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(d.requests("raw").failed, 0);
+}
+
+#[test]
 fn a_slowloris_client_is_closed_at_the_header_timeout_while_others_are_served() {
     use std::io::{Read, Write};
     let port = free_port();

@@ -54,7 +54,7 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -705,8 +705,12 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-async fn serve<I>(io: I, peer: Option<std::net::IpAddr>, shared: Arc<Shared>)
-where
+async fn serve<I>(
+    io: I,
+    peer: Option<std::net::IpAddr>,
+    shared: Arc<Shared>,
+    gate: Arc<framing::Gate>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (header_timeout, max_header) = (
@@ -718,12 +722,14 @@ where
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
+        let gate = gate.clone();
+        async move { Ok::<_, Infallible>(handle(req, &peer, &shared, &gate).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_header_size(max_header)
+        .max_headers(MAX_HEADERS)
         // Room for the header plus some body; never below hyper's minimum.
         .max_buf_size((max_header + 16 * 1024).max(8192))
         .serve_connection(io, svc)
@@ -782,6 +788,10 @@ async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared>) {
         tracing::debug!(program = %shared.program, cause = %e, "connection ended with an error");
     }
 }
+
+/// Most headers in a request or an answer (hyper's default, 100, is fewer
+/// than nginx takes; the bytes are bounded by max_header_bytes).
+const MAX_HEADERS: usize = 1024;
 
 /// Bound on connecting to a private address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -933,11 +943,34 @@ async fn tunnel(
     }
 }
 
+/// Tells the connection's [`framing::Gate`] how an Upgrade or CONNECT
+/// request was answered, when its handling ends (however it ends).
+struct Decision<'a> {
+    gate: Option<&'a framing::Gate>,
+    tunnel: bool,
+}
+
+impl Drop for Decision<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.gate {
+            g.decide(self.tunnel);
+        }
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     peer: &Option<HeaderValue>,
     shared: &Shared,
+    gate: &framing::Gate,
 ) -> Response<ProxyBody> {
+    // The framing reader holds back what follows an Upgrade or CONNECT
+    // request until this says whether it is a tunnel's.
+    let switching = req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT;
+    let mut decision = Decision {
+        gate: switching.then_some(gate),
+        tunnel: false,
+    };
     if shared.draining.load(Ordering::SeqCst) {
         return unavailable(shared);
     }
@@ -947,6 +980,7 @@ async fn handle(
         .cloned()
         .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let path = path_and_query.as_str();
+    let connect = req.method() == Method::CONNECT;
     let mut req = req;
     // An Upgrade (WebSocket) request keeps its Upgrade header and, on 101,
     // becomes a tunnel that counts as in flight until it closes.
@@ -1034,6 +1068,9 @@ async fn handle(
         };
         match sent {
             Ok((mut resp, lease)) => {
+                // hyper hands a CONNECT answered 2xx over as upgraded.
+                decision.tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (connect && resp.status().is_success());
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
                         let upstream = hyper::upgrade::on(&mut resp);

@@ -127,7 +127,9 @@ impl Pool {
     /// A new connection, its driver running as a task of this thread.
     async fn open(&self) -> io::Result<SendRequest<RequestBody>> {
         let stream = self.addr.connect_within(CONNECT_TIMEOUT).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_headers(super::MAX_HEADERS)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
         tokio::spawn(async move {

@@ -100,8 +100,8 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// Most headers in a request or response head, as hyper: more go to the
-/// hyper path (requests) or are a 502 (responses).
+/// Headers in a request or response head parsed on the stack; a head with
+/// more is parsed again with room for [`super::MAX_HEADERS`].
 const MAX_HEADERS: usize = 100;
 
 /// Longest response head accepted from a worker (hyper's client: ~400 KB).
@@ -398,8 +398,16 @@ fn parse_request(
     max_header: usize,
 ) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut many;
     let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    let mut parsed = req.parse(buf);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        // Rare: parsed again with room for as many as the hyper path takes.
+        many = vec![httparse::EMPTY_HEADER; super::MAX_HEADERS];
+        req = httparse::Request::new(&mut many);
+        parsed = req.parse(buf);
+    }
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) if n <= max_header => n,
         Ok(httparse::Status::Partial) if buf.len() <= max_header => return Parsed::Partial,
         _ => return Parsed::Elsewhere,
@@ -430,6 +438,8 @@ fn parse_request(
         let value = h.value.trim_ascii();
         match name_of(h.name) {
             Name::Other => {}
+            // Two: refused (400) on the hyper path (RFC 9112 3.2).
+            Name::Host if host => return Parsed::Elsewhere,
             Name::Host => host = true,
             Name::ContentLength => match length_of(value) {
                 Some(n) if length.is_none_or(|l| l == n) => {
@@ -462,6 +472,10 @@ fn parse_request(
             Name::TransferEncoding | Name::HopByHop => return Parsed::Elsewhere,
         }
         push_header(out, h.name.as_bytes(), h.value);
+    }
+    // An HTTP/1.1 request without Host: refused (400) on the hyper path.
+    if !host {
+        return Parsed::Elsewhere;
     }
     let body = match (chunked, length) {
         (true, Some(_)) => return Parsed::Elsewhere,
@@ -526,8 +540,16 @@ enum ParsedResponse {
 /// `out`, with the blank line.
 fn parse_response(buf: &[u8], out: &mut Vec<u8>, head: bool, close: bool) -> ParsedResponse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut many;
     let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    let mut parsed = resp.parse(buf);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        // Rare: parsed again with room for as many as nginx passes on.
+        many = vec![httparse::EMPTY_HEADER; super::MAX_HEADERS];
+        resp = httparse::Response::new(&mut many);
+        parsed = resp.parse(buf);
+    }
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {
             return ParsedResponse::Partial
@@ -698,6 +720,12 @@ where
                     r = c.io.ready(Interest::READABLE) => if r.is_err() { return },
                     () = &mut sleep => return,
                 }
+            } else if request_line_too_long(&c.buf) {
+                // At once, not when (if ever) the head is whole.
+                let too_long = text("414 URI Too Long", TOO_LONG, CLOSE);
+                let _ = c.io.write_all(&too_long).await;
+                let _ = c.io.shutdown().await;
+                return Box::pin(linger(c.io)).await;
             } else if unsearched == 0
                 || may_end_head(&c.buf, unsearched)
                 || c.buf.len() > c.shared.options.max_header_bytes
@@ -742,6 +770,20 @@ where
     }
 }
 
+/// Whether the request line starting `buf` (after the blank lines a head
+/// may start with) is longer than [`framing::MAX_REQUEST_LINE`], whole or not.
+fn request_line_too_long(buf: &[u8]) -> bool {
+    let limit = framing::MAX_REQUEST_LINE + 2;
+    if buf.len() <= limit {
+        return false;
+    }
+    let start = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(buf.len());
+    buf.len() - start > limit && !buf[start..start + limit].contains(&b'\n')
+}
+
 /// Reads and drops what the client still sends, for up to a second or
 /// 1 MiB, until it closes (nginx's lingering close).
 async fn linger<S: AsyncRead + Unpin>(mut io: S) {
@@ -773,8 +815,14 @@ async fn elsewhere<S>(mut c: Client<S>, peer: Option<IpAddr>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let io = framing::Framing::with_prefix(c.io, std::mem::take(&mut c.buf.0));
-    super::serve(TokioIo::new(io), peer, c.shared).await;
+    let gate = Arc::new(framing::Gate::default());
+    let io = framing::Framing::with_prefix(
+        c.io,
+        std::mem::take(&mut c.buf.0),
+        Some(gate.clone()),
+        c.shared.options.max_header_bytes,
+    );
+    super::serve(TokioIo::new(io), peer, c.shared, gate).await;
 }
 
 /// Writes an answer of zdt's own (only its head to a HEAD request); `close`
@@ -1481,6 +1529,7 @@ where
 }
 
 const BAD_CHUNKS: &str = "400 Bad Request: bad chunked framing\n";
+const TOO_LONG: &str = "414 URI Too Long: the request line is longer than 8 KB\n";
 const BODY_TIMEOUT: &str = "408 Request Timeout: no request body within body_timeout\n";
 const NO_ANSWER: &str =
     "504 Gateway Timeout: the application did not answer within response_timeout\n";
@@ -1560,16 +1609,21 @@ mod tests {
         assert!(r.close && r.host && r.resendable && r.body == Framing::Empty);
         assert_eq!(&out[r.target.0..r.target.1], "/a?b");
         assert_eq!(out, "GET /a?b HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1, 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n");
-        let (p, _) = request("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let (p, _) = request("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(matches!(
             p,
             Parsed::Request(Request {
                 body: Framing::Chunked(_),
                 resendable: false,
-                host: false,
+                host: true,
                 ..
             })
         ));
+        // More headers than fit on the stack are still relayed.
+        let many: String = (0..150).map(|i| format!("X-{i}: {i}\r\n")).collect();
+        let (p, out) = request(&format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n"));
+        assert!(matches!(p, Parsed::Request(_)));
+        assert!(out.contains("X-149: 149\r\n"), "{out}");
         assert!(matches!(
             request("GET / HTTP/1.1\r\nHost: h\r\n").0,
             Parsed::Partial
@@ -1586,6 +1640,10 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
         ] {
             assert!(
                 matches!(request(elsewhere).0, Parsed::Elsewhere),
