@@ -1100,6 +1100,35 @@ fn an_upload_its_client_abandons_counts_as_neither_served_nor_failed() {
 }
 
 #[test]
+fn an_upload_abandoned_while_its_answer_streams_is_not_a_failure() {
+    use std::io::Write;
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    // The worker answers at once and echoes the body as it reads it; the
+    // client aborts its upload in the middle, on both paths.
+    for version in ["1.1", "1.0"] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(
+            format!("POST /stream HTTP/{version}\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("head");
+        s.write_all(&[b'x'; 100_000]).expect("part of the body");
+        let head = read_until(&mut s, "\r\n\r\n");
+        assert!(head.starts_with(&format!("HTTP/{version} 200")), "{head:?}");
+        drop(s);
+        wait_for("the request to end", T, || {
+            match d.requests("raw").inflight {
+                0 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        });
+    }
+    let r = d.requests("raw");
+    assert_eq!(r.failed, 0, "an abandoned upload counted as failed: {r:?}");
+}
+
+#[test]
 fn http_1_0_chunked_uploads_and_100_continue_pass_through() {
     use std::io::Write;
     let port = free_port();

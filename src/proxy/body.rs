@@ -23,10 +23,18 @@ pub(crate) struct GuardedBody {
     inner: Incoming,
     guard: InflightGuard,
     lease: Option<Lease>,
+    /// The request body's fate: when it failed (the client aborted its
+    /// upload), an answer that breaks off is not the upstream's failure.
+    request: Arc<BodyState>,
 }
 
 impl GuardedBody {
-    pub(crate) fn new(inner: Incoming, guard: InflightGuard, lease: Lease) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        guard: InflightGuard,
+        lease: Lease,
+        request: Arc<BodyState>,
+    ) -> Self {
         let lease = if inner.is_end_stream() {
             lease.release();
             None
@@ -37,6 +45,7 @@ impl GuardedBody {
             inner,
             guard,
             lease,
+            request,
         }
     }
 }
@@ -59,6 +68,11 @@ impl Body for GuardedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Err(e))) if self.request.failed() != 0 => {
+                tracing::debug!(cause = %e, "response body ended: the client aborted its request body");
+                self.guard.abandon();
+                self.lease = None;
+            }
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(cause = %e, cut = self.guard.is_cut(), "response body broke off");
                 self.guard.fail();

@@ -1092,7 +1092,10 @@ async fn handle(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                return Response::from_parts(rparts, GuardedBody::new(rbody, guard, lease).boxed());
+                return Response::from_parts(
+                    rparts,
+                    GuardedBody::new(rbody, guard, lease, body_state).boxed(),
+                );
             }
             // Not one byte reached the app, and the request came back whole
             // (its body too): try another instance.
