@@ -20,7 +20,11 @@
 //! and all (nothing reached the app); on the relay path a GET, HEAD or
 //! OPTIONS without a body whose reused connection ends before a byte of
 //! answer is sent once more; any other upstream failure is a `502`, counted
-//! and logged with its path.
+//! and logged with its path. No answer head within `response_timeout` of
+//! the request's last byte is a `504`, counted as failed; a client that
+//! sends nothing of its body for `body_timeout` gets `408`, and one that
+//! aborts its upload counts as neither served nor failed. Pooled upstream
+//! connections idle for `upstream_idle_timeout` are closed.
 //!
 //! Accepting (`accept_loop`, one per listening socket per proxy thread)
 //! stops, and never spins, in two cases; clients then wait in the listen
