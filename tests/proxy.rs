@@ -482,6 +482,108 @@ fn bad_requests_are_answered_by_zdt_and_never_forwarded() {
 }
 
 #[test]
+fn ambiguous_framing_is_refused_on_both_paths_and_never_forwarded() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let served = d.requests("web").served;
+    for bad in [
+        // Only exactly "chunked" frames a body; hyper read these as chunked.
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        // Two Hosts, or none in HTTP/1.1 (RFC 9112 3.2).
+        "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET / HTTP/1.1\r\n\r\n",
+        // Both lengths in a head of bare-LF lines.
+        "POST / HTTP/1.1\nHost: a\nContent-Length: 6\nTransfer-Encoding: chunked\n\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        // A length past what hyper takes: 400, not 431.
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n",
+    ] {
+        let answer = raw_exchange(port, bad.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad:?} -> {answer:?}");
+    }
+    assert_eq!(
+        d.requests("web").served,
+        served,
+        "a bad request reached the worker"
+    );
+    // Both lengths after an Upgrade request answered without 101 (the hyper
+    // path follows the connection on), pipelined or not.
+    let upgrade = "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n";
+    let smuggle = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let answer = raw_exchange(port, format!("{upgrade}{smuggle}").as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let second = answer.find("HTTP/1.1 400").map(|i| &answer[i..]);
+    assert!(
+        second.is_some() && !answer.contains("smuggled"),
+        "{answer:?}"
+    );
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(upgrade.as_bytes()).expect("write");
+        let first = read_until(&mut s, "}");
+        assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+        s.write_all(smuggle.as_bytes()).expect("write");
+        let answer = read_all(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    }
+    assert_eq!(
+        d.requests("web").served,
+        served + 2,
+        "a bad request reached the worker"
+    );
+    // A request line over 8 KB: 414 at once, the rest never sent.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(format!("GET /{}", "a".repeat(60 * 1024)).as_bytes())
+            .expect("write");
+        let answer = read_all(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 414"), "{answer:?}");
+    }
+}
+
+#[test]
+fn heads_with_150_headers_are_relayed_both_ways_on_both_paths() {
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    // What nginx takes: 150 request headers (hyper's limit is 100).
+    let many: String = (0..150).map(|i| format!("X-{i}: {i}\r\n")).collect();
+    for version in ["1.1", "1.0"] {
+        let answer = raw_exchange(
+            port,
+            format!("GET /echo HTTP/{version}\r\nHost: a\r\nConnection: close\r\n{many}\r\n")
+                .as_bytes(),
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/{version} 200")),
+            "{answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("x-149: 149"),
+            "{answer:?}"
+        );
+    }
+    // And answers with 150 headers.
+    for version in ["1.1", "1.0"] {
+        let answer = raw_exchange(
+            port,
+            format!("GET /many HTTP/{version}\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            answer.starts_with(&format!("HTTP/{version} 200")),
+            "{answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("x-149: 149") && answer.ends_with("many"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(d.requests("raw").failed, 0);
+}
+
+#[test]
 fn a_slowloris_client_is_closed_at_the_header_timeout_while_others_are_served() {
     use std::io::{Read, Write};
     let port = free_port();
@@ -844,6 +946,192 @@ fn idle_upstream_connections_to_the_old_generation_close_at_the_switch() {
     assert_eq!(http_get(port, "/").expect("served").0, 200);
     // The restart is still waiting for the old worker; the fixture ends both.
     drop(restart);
+}
+
+#[test]
+fn idle_upstream_connections_close_after_upstream_idle_timeout() {
+    let port = free_port();
+    let (_d, pid) = serving(port, &[], "upstream_idle_timeout = \"1s\"");
+    let private = private_port(pid);
+    // A burst on both paths: HTTP/1.1 (zdt's relay) and HTTP/1.0 (hyper's
+    // client pool); each request holds its upstream connection for 300 ms,
+    // so the burst needs several.
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                if i % 2 == 0 {
+                    http_get(port, "/?sleep=300").map(|r| r.0)
+                } else {
+                    let a = raw_exchange(port, b"GET /?sleep=300 HTTP/1.0\r\nHost: a\r\n\r\n");
+                    Ok(if a.starts_with("HTTP/1.0 200") {
+                        200
+                    } else {
+                        0
+                    })
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().expect("join"), Ok(200));
+    }
+    let pooled = connections_to(private);
+    assert!(pooled >= 4, "{pooled} pooled connections to the worker");
+    // Closed by zdt after the idle timeout (the worker keeps them forever).
+    wait_for(
+        "zdt to close its idle upstream connections",
+        Duration::from_secs(10),
+        || match connections_to(private) {
+            0 => Ok(()),
+            n => Err(format!("{n} still open")),
+        },
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+/// Writes `head` on a new connection, waits until zdt has the request in
+/// flight, writes `rest` (if any) and returns the connection.
+fn in_flight(d: &Daemon, port: u16, head: &[u8], rest: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let inflight = d.requests("web").inflight;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    s.write_all(head).expect("write");
+    d.wait_inflight("web", inflight + 1, T);
+    if !rest.is_empty() {
+        s.write_all(rest).expect("write");
+    }
+    s
+}
+
+fn read_all(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[test]
+fn a_worker_that_never_answers_gets_504_after_response_timeout() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "response_timeout = \"1s\"");
+    let before = d.requests("web");
+    // The relay path, the request whole at once.
+    let t0 = Instant::now();
+    let a = raw_exchange(
+        port,
+        b"GET /?sleep=60000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 504"), "{a:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    // The relay path, the body still coming when the request went out: the
+    // timeout runs from its last byte.
+    let mut s = in_flight(
+        &d,
+        port,
+        b"POST /?sleep=60000 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab",
+        b"cd",
+    );
+    let a = read_all(&mut s);
+    assert!(a.starts_with("HTTP/1.1 504"), "{a:?}");
+    // The hyper path (HTTP/1.0).
+    let a = raw_exchange(port, b"GET /?sleep=60000 HTTP/1.0\r\nHost: a\r\n\r\n");
+    assert!(a.starts_with("HTTP/1.0 504"), "{a:?}");
+    let after = d.requests("web");
+    assert_eq!(
+        (after.failed, after.served, after.inflight),
+        (before.failed + 3, before.served, 0),
+        "{after:?}"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+#[test]
+fn a_client_that_stops_sending_its_body_gets_408_after_body_timeout() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "body_timeout = \"1s\"");
+    let before = d.requests("web");
+    for (head, status) in [
+        // The relay path and the hyper path (HTTP/1.0).
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+            "HTTP/1.1 408",
+        ),
+        (
+            "POST / HTTP/1.0\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+            "HTTP/1.0 408",
+        ),
+    ] {
+        let t0 = Instant::now();
+        let mut s = in_flight(&d, port, head.as_bytes(), b"");
+        let a = read_all(&mut s);
+        assert!(a.starts_with(status), "{head:?} -> {a:?}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+    // The client's fault: neither served nor failed.
+    let after = d.requests("web");
+    assert_eq!(
+        (after.failed, after.served, after.inflight),
+        (before.failed, before.served, 0),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn an_upload_its_client_abandons_counts_as_neither_served_nor_failed() {
+    let port = free_port();
+    let (d, _) = serving(port, &[], "");
+    let before = d.requests("web");
+    for version in ["1.1", "1.0"] {
+        let head = format!("POST /up HTTP/{version}\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n");
+        let s = in_flight(&d, port, head.as_bytes(), &[b'x'; 1000]);
+        drop(s);
+        d.wait_inflight("web", 0, T);
+    }
+    let after = d.requests("web");
+    assert_eq!(
+        (after.failed, after.served),
+        (before.failed, before.served),
+        "an abandoned upload counted: {after:?}"
+    );
+    assert_eq!(http_get(port, "/").expect("served").0, 200);
+}
+
+#[test]
+fn an_upload_abandoned_while_its_answer_streams_is_not_a_failure() {
+    use std::io::Write;
+    let port = free_port();
+    let d = serving_raw_worker(port);
+    // The worker answers at once and echoes the body as it reads it; the
+    // client aborts its upload in the middle, on both paths.
+    for version in ["1.1", "1.0"] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(
+            format!("POST /stream HTTP/{version}\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("head");
+        s.write_all(&[b'x'; 100_000]).expect("part of the body");
+        let head = read_until(&mut s, "\r\n\r\n");
+        assert!(head.starts_with(&format!("HTTP/{version} 200")), "{head:?}");
+        drop(s);
+        wait_for("the request to end", T, || {
+            match d.requests("raw").inflight {
+                0 => Ok(()),
+                n => Err(format!("{n} in flight")),
+            }
+        });
+    }
+    let r = d.requests("raw");
+    assert_eq!(r.failed, 0, "an abandoned upload counted as failed: {r:?}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -80,6 +81,9 @@ struct RawProgram {
     strategy: Option<Spanned<String>>,
     queue_timeout: Option<DurationValue>,
     header_timeout: Option<DurationValue>,
+    response_timeout: Option<Spanned<DurationValue>>,
+    body_timeout: Option<Spanned<DurationValue>>,
+    upstream_idle_timeout: Option<Spanned<DurationValue>>,
     max_header_bytes: Option<Spanned<SizeValue>>,
     max_connections: Option<Spanned<i64>>,
     forward_headers: Option<bool>,
@@ -162,6 +166,13 @@ fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr
 
 /// Largest `max_connections` accepted (beyond any open-files limit).
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 24;
+
+/// Default `response_timeout`: nginx's `proxy_read_timeout`.
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `body_timeout`: nginx's `client_body_timeout`.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `upstream_idle_timeout`: nginx's `keepalive_timeout` for upstreams.
+const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default rotation size of instance logs (supervisord's).
 const DEFAULT_LOG_MAX_BYTES: u64 = 50 << 20;
@@ -576,6 +587,34 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 }
             }
         };
+        // A proxy timeout: above zero (zero would end every request at once).
+        let timeout = |t: Option<Spanned<DurationValue>>,
+                       key: &str,
+                       default: Duration|
+         -> Result<Duration, ConfigError> {
+            match t {
+                None => Ok(default),
+                Some(t) if t.get_ref().0.is_zero() => Err(err_at(
+                    t.span().start,
+                    format!(
+                        "{key} must be above 0 (leave it out for {}s)",
+                        default.as_secs()
+                    ),
+                )),
+                Some(t) => Ok(t.into_inner().0),
+            }
+        };
+        let response_timeout = timeout(
+            p.response_timeout,
+            "response_timeout",
+            DEFAULT_RESPONSE_TIMEOUT,
+        )?;
+        let body_timeout = timeout(p.body_timeout, "body_timeout", DEFAULT_BODY_TIMEOUT)?;
+        let upstream_idle_timeout = timeout(
+            p.upstream_idle_timeout,
+            "upstream_idle_timeout",
+            DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        )?;
         let cfg = ProgramConfig {
             name: name.clone(),
             command: command.0,
@@ -623,6 +662,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             header_timeout: p
                 .header_timeout
                 .map_or(std::time::Duration::from_secs(30), |d| d.0),
+            response_timeout,
+            body_timeout,
+            upstream_idle_timeout,
             max_header_bytes,
             max_connections,
             forward_headers: p.forward_headers.unwrap_or(true),

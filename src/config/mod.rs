@@ -258,6 +258,16 @@ pub struct ProgramConfig {
     /// time after connecting or after its previous response (so it also
     /// closes idle keep-alive connections). Default 30s.
     pub header_timeout: Duration,
+    /// Proxy mode: a request fully sent to a worker must get its answer's
+    /// head within this, or the client gets 504 (counted as failed). Only
+    /// the wait for the head: a streamed answer may pause longer. Default 60s.
+    pub response_timeout: Duration,
+    /// Proxy mode: a client that sends nothing of its request body for this
+    /// long gets 408 and is closed. Default 60s.
+    pub body_timeout: Duration,
+    /// Proxy mode: zdt's pooled connections to a worker idle this long are
+    /// closed. Default 60s.
+    pub upstream_idle_timeout: Duration,
     /// Proxy mode: larger request headers are answered 431. Default 64 KiB.
     pub max_header_bytes: usize,
     /// Proxy mode: open client connections per listening socket; at the cap

@@ -337,6 +337,30 @@ fn proxy_mode_and_its_probes() {
     assert_eq!(w.header_timeout, Duration::from_secs(30));
     assert_eq!(w.max_header_bytes, 64 * 1024);
     assert!(w.forward_headers);
+    assert_eq!(w.response_timeout, Duration::from_secs(60));
+    assert_eq!(w.body_timeout, Duration::from_secs(60));
+    assert_eq!(w.upstream_idle_timeout, Duration::from_secs(60));
+    let c = parse(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nresponse_timeout = \"2s\"\nbody_timeout = \"3s\"\nupstream_idle_timeout = \"500ms\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid timeouts");
+    let w = &c.programs["web"];
+    assert_eq!(w.response_timeout, Duration::from_secs(2));
+    assert_eq!(w.body_timeout, Duration::from_secs(3));
+    assert_eq!(w.upstream_idle_timeout, Duration::from_millis(500));
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nresponse_timeout = \"0s\"\n",
+        5,
+        20,
+        "response_timeout must be above 0",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nupstream_idle_timeout = \"soon\"\n",
+        5,
+        25,
+        "invalid duration",
+    );
     assert_bad(
         "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\nmax_header_bytes = 100\n",
         5,

@@ -1,24 +1,40 @@
-//! Refuses requests whose length is ambiguous before hyper reads them.
+//! Refuses requests whose framing is ambiguous before hyper reads them.
 //!
 //! hyper reads a request with both `Content-Length` and `Transfer-Encoding`
 //! as chunked and drops the length (RFC 9112 6.3 allows that); zdt refuses
 //! it instead, as a proxy in front may have framed it by the length
-//! (request smuggling). A [`Framing`] reader follows the client's byte
-//! stream (heads, then bodies by their length or chunks) and, when a head
-//! carries both, turns the final byte of the blank line ending it into one
-//! no header line may hold, so hyper answers 400 and the request goes
-//! nowhere. What it cannot follow (an upgrade, CONNECT, a head hyper will
-//! refuse anyway) ends the watching for that connection.
+//! (request smuggling). So it does a `Transfer-Encoding` other than exactly
+//! `chunked` (hyper takes `identity, chunked` or two of them as chunked), a
+//! `Content-Length` that is not plain digits or too large (hyper: 431), two
+//! `Host`s, none in HTTP/1.1 (RFC 9112 3.2), and a request line over
+//! [`MAX_REQUEST_LINE`]. A [`Framing`] reader follows the client's byte
+//! stream (heads, ended by CRLF or bare LF lines as hyper reads them, then
+//! bodies by their length or chunks) and, when a head is refused, turns the
+//! final byte of the blank line ending it into one no header line may hold,
+//! so hyper answers 400 and the request goes nowhere.
+//!
+//! After an `Upgrade` or `CONNECT` request the bytes that follow are a
+//! tunnel's if the answer switches protocols, or the next request if not:
+//! the reader holds them back until the handler has answered it (through
+//! the connection's [`Gate`]), then stops watching or goes on. What it
+//! cannot follow (a head longer than hyper takes) ends the watching for that
+//! connection: hyper refuses such a head anyway.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest head or chunk-size line followed; longer ones stop the watching
-/// (hyper answers 431 for a head over max_header_bytes).
+/// Longest chunk-size or trailer line followed; longer ones stop the
+/// watching (hyper refuses them).
 const MAX_LINE: usize = 1 << 20;
+
+/// Longest request line accepted (nginx: one 8 KB header buffer); longer
+/// ones get 414 on the relay path and 400 here.
+pub(super) const MAX_REQUEST_LINE: usize = 8 * 1024;
 
 #[derive(Debug, PartialEq)]
 enum State {
@@ -32,8 +48,33 @@ enum State {
     ChunkData(u64),
     /// Collecting trailer lines until a blank one.
     Trailers,
-    /// Not following any more (upgrade, CONNECT, something unexpected).
+    /// Not following any more (tunnel, a refused head, something unexpected).
     Off,
+}
+
+/// How the hyper path's handler answered the connection's Upgrade and
+/// CONNECT requests, for the [`Framing`] reader of that connection.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    /// Upgrade and CONNECT requests answered so far.
+    decided: AtomicU64,
+    /// One of them became a tunnel: the connection carries bytes now.
+    tunnel: AtomicBool,
+    /// The reader, waiting for a decision.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Gate {
+    /// An Upgrade or CONNECT request was answered, with a tunnel or not.
+    pub(super) fn decide(&self, tunnel: bool) {
+        if tunnel {
+            self.tunnel.store(true, Ordering::SeqCst);
+        }
+        self.decided.fetch_add(1, Ordering::SeqCst);
+        if let Some(w) = self.waker.lock().ok().and_then(|mut w| w.take()) {
+            w.wake();
+        }
+    }
 }
 
 /// A client stream, followed request by request.
@@ -42,34 +83,115 @@ pub(super) struct Framing<S> {
     state: State,
     /// The bytes of the head or line being collected.
     line: Vec<u8>,
-    /// Bytes already read from `inner` (by the relay path), read first.
+    /// Bytes already read from `inner` (by the relay path, or held back
+    /// after an Upgrade request), read first.
     prefix: bytes::BytesMut,
+    /// Where the search for a head's end is: 1 after a `\n`, 2 after `\n\r`.
+    newline: u8,
+    /// Longest head followed (hyper refuses longer ones: 431).
+    max_head: usize,
+    /// Upgrade and CONNECT heads passed on. Reading waits at the next
+    /// request boundary until the gate has decided as many.
+    upgrades: u64,
+    /// None: an Upgrade or CONNECT request ends the watching.
+    gate: Option<Arc<Gate>>,
 }
 
 impl<S> Framing<S> {
     #[cfg(test)]
     pub(super) fn new(inner: S) -> Self {
-        Self::with_prefix(inner, bytes::BytesMut::new())
+        Self::with_prefix(inner, bytes::BytesMut::new(), None, MAX_LINE)
     }
 
-    /// Follows `inner`, whose first bytes `prefix` were read already.
-    pub(super) fn with_prefix(inner: S, prefix: bytes::BytesMut) -> Self {
+    /// Follows `inner`, whose first bytes `prefix` were read already; heads
+    /// longer than `max_head` are hyper's to refuse.
+    pub(super) fn with_prefix(
+        inner: S,
+        prefix: bytes::BytesMut,
+        gate: Option<Arc<Gate>>,
+        max_head: usize,
+    ) -> Self {
         Self {
             inner,
             state: State::Head,
             line: Vec::new(),
             prefix,
+            newline: 0,
+            max_head,
+            upgrades: 0,
+            gate,
         }
     }
 
+    /// Whether reading waits for the answer to an Upgrade or CONNECT
+    /// request (its tunnel or the next request come next).
+    fn waiting(&self) -> bool {
+        self.state == State::Head
+            && self
+                .gate
+                .as_ref()
+                .is_some_and(|g| self.upgrades > g.decided.load(Ordering::SeqCst))
+    }
+
+    /// Whether reading has to wait for the gate; registers `cx` if so.
+    fn blocked(&mut self, cx: &Context<'_>) -> bool {
+        let Some(gate) = self.gate.clone() else {
+            return false;
+        };
+        for _ in 0..2 {
+            if self.state == State::Off {
+                return false;
+            }
+            if gate.tunnel.load(Ordering::SeqCst) {
+                self.state = State::Off;
+                return false;
+            }
+            if !self.waiting() {
+                return false;
+            }
+            // Registered, then checked once more: a decision that came
+            // meanwhile is seen.
+            if let Ok(mut w) = gate.waker.lock() {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        true
+    }
+
+    /// Where a head ends in `buf` (one past its last `\n`), following on
+    /// from what came before: a blank line, CRLF or bare LF.
+    fn head_end(&mut self, buf: &[u8]) -> Option<usize> {
+        for (i, b) in buf.iter().enumerate() {
+            self.newline = match (self.newline, *b) {
+                (1 | 2, b'\n') => {
+                    self.newline = 0;
+                    return Some(i + 1);
+                }
+                (_, b'\n') => 1,
+                (1, b'\r') => 2,
+                _ => 0,
+            };
+        }
+        None
+    }
+
     /// Follows the bytes just read; may change the last byte of a head.
-    fn feed(&mut self, mut buf: &mut [u8]) {
-        while !buf.is_empty() {
+    /// Returns how many of them may be passed on: all, unless reading has
+    /// to wait for the answer to an Upgrade request first.
+    fn feed(&mut self, buf: &mut [u8]) -> usize {
+        let total = buf.len();
+        let mut pos = 0;
+        while pos < total {
+            if self.waiting() {
+                return pos;
+            }
+            let rest = &mut buf[pos..];
             match self.state {
-                State::Off => return,
+                State::Off => return total,
                 State::Body(n) => {
-                    let take = n.min(buf.len() as u64);
-                    buf = &mut buf[take as usize..];
+                    let take = n.min(rest.len() as u64);
+                    // At most rest.len(): fits in usize.
+                    pos += take as usize;
                     self.state = if n == take {
                         State::Head
                     } else {
@@ -77,8 +199,8 @@ impl<S> Framing<S> {
                     };
                 }
                 State::ChunkData(n) => {
-                    let take = n.min(buf.len() as u64);
-                    buf = &mut buf[take as usize..];
+                    let take = n.min(rest.len() as u64);
+                    pos += take as usize;
                     self.state = if n == take {
                         // The CRLF after the data ends the size line collector's
                         // first line: skip it as an empty line.
@@ -89,116 +211,143 @@ impl<S> Framing<S> {
                     };
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let end = match self.state {
-                        State::Head => find(&self.line, buf, b"\r\n\r\n"),
-                        _ => find(&self.line, buf, b"\n"),
+                    let (end, limit) = match self.state {
+                        State::Head => (self.head_end(rest), self.max_head),
+                        _ => (find(&self.line, rest, b"\n"), MAX_LINE),
                     };
                     let Some(end) = end else {
-                        self.line.extend_from_slice(buf);
-                        if self.line.len() > MAX_LINE {
+                        self.line.extend_from_slice(rest);
+                        if self.line.len() > limit {
                             self.state = State::Off;
                         }
-                        return;
+                        return total;
                     };
-                    let (done, rest) = std::mem::take(&mut buf).split_at_mut(end);
+                    let done = &mut rest[..end];
                     if self.line.is_empty() {
                         // All of it in this read: no copy.
                         let (line, last) = done.split_at_mut(end - 1);
-                        self.state = next_state(&self.state, line, &mut last[0]);
+                        self.on_line(line, &mut last[0]);
                     } else {
-                        self.line.extend_from_slice(done);
-                        self.on_line(&mut done[end - 1]);
+                        let mut line = std::mem::take(&mut self.line);
+                        line.extend_from_slice(done);
+                        let n = line.len() - 1;
+                        self.on_line(&line[..n], &mut done[end - 1]);
+                        // Keeps its capacity for the next head.
+                        line.clear();
+                        self.line = line;
                     }
-                    buf = rest;
+                    pos += end;
                 }
             }
         }
+        total
     }
 
-    /// A complete head or line is in `self.line`; `last` is its final byte
-    /// (`\n`) in the buffer hyper is about to read.
-    fn on_line(&mut self, last: &mut u8) {
-        let n = self.line.len().saturating_sub(1);
-        self.state = next_state(&self.state, &self.line[..n], last);
-        // Keeps its capacity for the next head.
-        self.line.clear();
-    }
-}
-
-/// What follows a complete head or line: `line` is all of it but its final
-/// `\n`, which is `last` (in the buffer hyper reads, so it can be spoiled).
-fn next_state(state: &State, line: &[u8], last: &mut u8) -> State {
-    match state {
-        State::Head => {
-            // Blank lines between requests are allowed before a head.
-            let head = trim_leading_crlf(line);
-            if head.is_empty() {
-                State::Head
-            } else {
-                on_head(head, last)
-            }
-        }
-        State::ChunkSize => {
-            let size = line
-                .split(|b| *b == b';')
-                .next()
-                .map(|s| String::from_utf8_lossy(s).trim().to_string())
-                .unwrap_or_default();
-            if size.is_empty() {
-                // The CRLF that closes a chunk's data.
-                State::ChunkSize
-            } else {
-                match u64::from_str_radix(&size, 16) {
-                    Ok(0) => State::Trailers,
-                    Ok(n) => State::ChunkData(n),
-                    Err(_) => State::Off,
+    /// A complete head or line: `line` is all of it but its final `\n`,
+    /// which is `last` (in the buffer hyper reads, so it can be spoiled).
+    fn on_line(&mut self, line: &[u8], last: &mut u8) {
+        self.state = match self.state {
+            State::Head => {
+                // Blank lines between requests are allowed before a head.
+                let head = trim_leading_crlf(line);
+                if head.is_empty() {
+                    State::Head
+                } else {
+                    match on_head(head, last) {
+                        (next, false) => next,
+                        (next, true) if self.gate.is_some() => {
+                            self.upgrades += 1;
+                            next
+                        }
+                        (_, true) => State::Off,
+                    }
                 }
             }
-        }
-        State::Trailers if trim_leading_crlf(line).is_empty() => State::Head,
-        State::Trailers => State::Trailers,
-        _ => State::Off,
+            State::ChunkSize => {
+                let size = line
+                    .split(|b| *b == b';')
+                    .next()
+                    .map(|s| String::from_utf8_lossy(s).trim().to_string())
+                    .unwrap_or_default();
+                if size.is_empty() {
+                    // The CRLF that closes a chunk's data.
+                    State::ChunkSize
+                } else {
+                    match u64::from_str_radix(&size, 16) {
+                        Ok(0) => State::Trailers,
+                        Ok(n) => State::ChunkData(n),
+                        Err(_) => State::Off,
+                    }
+                }
+            }
+            State::Trailers if trim_leading_crlf(line).is_empty() => State::Head,
+            State::Trailers => State::Trailers,
+            _ => State::Off,
+        };
     }
 }
 
-fn on_head(head: &[u8], last: &mut u8) -> State {
-    let (mut length, mut chunked, mut upgrade) = (None, false, false);
+/// A Content-Length value zdt accepts: digits only, short enough that no
+/// sum overflows (hyper refuses more than 2^64 - 3 with 431).
+fn length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// What follows a request head (all of it but its final `\n`, which is
+/// `last`), and whether it asks for an Upgrade or is a CONNECT. A refused
+/// head gets `last` spoiled.
+fn on_head(head: &[u8], last: &mut u8) -> (State, bool) {
     let mut lines = head.split(|b| *b == b'\n');
-    let connect = lines.next().is_some_and(|l| l.starts_with(b"CONNECT "));
+    let request_line = trim_cr(lines.next().unwrap_or_default());
+    let connect = request_line.starts_with(b"CONNECT ");
+    let http11 = request_line.ends_with(b" HTTP/1.1");
+    let mut refused = request_line.len() > MAX_REQUEST_LINE;
+    let (mut content_length, mut codings, mut hosts, mut upgrade) = (None, 0, 0, false);
     for line in lines {
-        if line.iter().all(|b| *b == b'\r') {
+        let line = trim_cr(line);
+        if line.is_empty() {
             continue;
         }
         // Not a header line: hyper refuses the head; nothing more to follow.
         let Some(colon) = line.iter().position(|b| *b == b':') else {
-            return State::Off;
+            return (State::Off, false);
         };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            length = Some(n);
+            match length(value) {
+                Some(n) if content_length.is_none_or(|l| l == n) => content_length = Some(n),
+                _ => refused = true,
+            }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            chunked = true;
+            codings += 1;
+            refused |= !value.eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade = true;
         }
     }
-    if length.is_some() && chunked {
-        // "\r\n\r\n" becomes "\r\n\r\x01": a line hyper refuses with 400.
+    // Both lengths (smuggling), two codings, two Hosts or none in HTTP/1.1.
+    refused |= codings > 1 || (codings > 0 && content_length.is_some());
+    refused |= hosts > 1 || (http11 && hosts == 0);
+    if refused {
+        // "\n\r\n" or "\n\n" ends in a byte no header line may hold: 400.
         *last = 0x01;
-        return State::Off;
+        return (State::Off, false);
     }
-    if upgrade || connect {
-        return State::Off;
-    }
-    match (chunked, length) {
-        (true, _) => State::ChunkSize,
-        (false, Some(Some(n))) if n > 0 => State::Body(n),
-        (false, Some(None)) => State::Off,
+    let next = match (codings, content_length) {
+        (1, _) => State::ChunkSize,
+        (_, Some(n)) if n > 0 => State::Body(n),
         _ => State::Head,
-    }
+    };
+    (next, upgrade || connect)
 }
 
 /// Where `pattern` ends in `held` + `buf`, as an index into `buf` one past
@@ -235,25 +384,45 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = if this.prefix.is_empty() {
-            Pin::new(&mut this.inner).poll_read(cx, buf)
-        } else {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            bytes::Buf::advance(&mut this.prefix, n);
-            Poll::Ready(Ok(()))
-        };
-        if let Poll::Ready(Ok(())) = polled {
-            if this.state != State::Off {
-                let fresh = &mut buf.filled_mut()[before..];
-                this.feed(fresh);
+        loop {
+            if this.blocked(cx) {
+                return Poll::Pending;
             }
+            let before = buf.filled().len();
+            if !this.prefix.is_empty() {
+                let n = this.prefix.len().min(buf.remaining());
+                buf.put_slice(&this.prefix[..n]);
+                let k = if this.state == State::Off {
+                    n
+                } else {
+                    this.feed(&mut buf.filled_mut()[before..])
+                };
+                // What is not passed on stays first in the prefix.
+                bytes::Buf::advance(&mut this.prefix, k);
+                buf.set_filled(before + k);
+                if k == 0 && n > 0 {
+                    continue;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if let Poll::Ready(Ok(())) = polled {
+                if this.state != State::Off {
+                    let n = buf.filled().len() - before;
+                    let k = this.feed(&mut buf.filled_mut()[before..]);
+                    if k < n {
+                        this.prefix.extend_from_slice(&buf.filled()[before + k..]);
+                        buf.set_filled(before + k);
+                        if k == 0 {
+                            continue;
+                        }
+                    }
+                }
+            }
+            return polled;
         }
-        polled
     }
 }
-
 impl<S: AsyncWrite + Unpin> AsyncWrite for Framing<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -359,4 +528,78 @@ mod tests {
         let bad = b"GET / HTTP/1.1\r\nHost a\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(run(bad, 3), bad.to_vec());
     }
+    #[test]
+    fn ambiguous_and_malformed_framing_is_spoiled_with_crlf_or_bare_lf_lines() {
+        let long_line = format!(
+            "GET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "a".repeat(MAX_REQUEST_LINE)
+        );
+        let mut refused = vec![
+            "POST / HTTP/1.1\nHost: a\nContent-Length: 5\nTransfer-Encoding: chunked\n\n".to_string(),
+            "POST / HTTP/1.1\r\nHost: a\nContent-Length: 5\r\nTransfer-Encoding: chunked\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".into(),
+            "GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n".into(),
+            "GET / HTTP/1.1\r\n\r\n".into(),
+        ];
+        refused.push(long_line);
+        for head in &refused {
+            for step in [1, 2, 5, head.len()] {
+                let out = run(head.as_bytes(), step);
+                assert_eq!(out[out.len() - 1], 0x01, "{head:?} step {step}");
+            }
+        }
+        for head in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\n\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        ] {
+            assert_eq!(run(head.as_bytes(), 3), head.as_bytes(), "{head:?}");
+        }
+        // A bare-LF head's body is skipped by its length, and the next head
+        // is followed.
+        let mut stream = b"POST / HTTP/1.1\nHost: a\nContent-Length: 5\n\n".to_vec();
+        stream.extend_from_slice(b"\n\n\n\n");
+        stream.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+        let out = run(&stream, 4);
+        assert_eq!(&out[..out.len() - 1], &stream[..stream.len() - 1]);
+        assert_eq!(out[out.len() - 1], 0x01);
+    }
+
+    #[test]
+    fn what_follows_an_upgrade_request_waits_for_its_answer() {
+        let gate = Arc::new(Gate::default());
+        let mut f = Framing::with_prefix((), bytes::BytesMut::new(), Some(gate.clone()), MAX_LINE);
+        let upgrade =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let mut stream = upgrade.to_vec();
+        stream.extend_from_slice(SMUGGLE_REQUEST);
+        // Passed on up to the end of the Upgrade request, then held back.
+        assert_eq!(f.feed(&mut stream.clone()), upgrade.len());
+        assert!(f.waiting());
+        assert_eq!(f.feed(&mut SMUGGLE_REQUEST.to_vec()), 0);
+        // Not a tunnel: the next request is followed (and refused).
+        gate.decide(false);
+        assert!(!f.waiting());
+        let mut next = SMUGGLE_REQUEST.to_vec();
+        assert_eq!(f.feed(&mut next), next.len());
+        assert_eq!(next[next.len() - 1], 0x01);
+        // A tunnel: what follows is passed on as it is.
+        let gate = Arc::new(Gate::default());
+        let mut f = Framing::with_prefix((), bytes::BytesMut::new(), Some(gate.clone()), MAX_LINE);
+        assert_eq!(f.feed(&mut stream.clone()), upgrade.len());
+        gate.decide(true);
+        assert!(!f.blocked(&Context::from_waker(Waker::noop())));
+        let mut tunnel = SMUGGLE_REQUEST.to_vec();
+        assert_eq!(f.feed(&mut tunnel), tunnel.len());
+        assert_eq!(tunnel, SMUGGLE_REQUEST);
+    }
+
+    const SMUGGLE_REQUEST: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
 }

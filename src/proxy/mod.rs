@@ -20,7 +20,11 @@
 //! and all (nothing reached the app); on the relay path a GET, HEAD or
 //! OPTIONS without a body whose reused connection ends before a byte of
 //! answer is sent once more; any other upstream failure is a `502`, counted
-//! and logged with its path.
+//! and logged with its path. No answer head within `response_timeout` of
+//! the request's last byte is a `504`, counted as failed; a client that
+//! sends nothing of its body for `body_timeout` gets `408`, and one that
+//! aborts its upload counts as neither served nor failed. Pooled upstream
+//! connections idle for `upstream_idle_timeout` are closed.
 //!
 //! Accepting (`accept_loop`, one per listening socket per proxy thread)
 //! stops, and never spins, in two cases; clients then wait in the listen
@@ -54,7 +58,7 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -230,6 +234,12 @@ impl InflightGuard {
     /// never reached this upstream and goes elsewhere, or its client went
     /// away before the answer).
     pub(crate) fn discard(mut self) {
+        self.abandon();
+    }
+
+    /// Counts the request as neither served nor failed: its client went
+    /// away or stalled (nginx's 499), which says nothing of the upstream.
+    pub(crate) fn abandon(&mut self) {
         self.recorded = true;
     }
 
@@ -375,6 +385,12 @@ pub struct Options {
     pub queue_timeout: Duration,
     /// Time for a request's whole header, from connect or the previous response.
     pub header_timeout: Duration,
+    /// Time from a request fully sent to its answer's head; then 504.
+    pub response_timeout: Duration,
+    /// Longest pause in a client's request body; then 408.
+    pub body_timeout: Duration,
+    /// Pooled upstream connections idle this long are closed.
+    pub upstream_idle_timeout: Duration,
     /// Larger request headers get 431.
     pub max_header_bytes: usize,
     /// Add X-Forwarded-For, X-Real-IP and X-Forwarded-Proto.
@@ -392,6 +408,9 @@ impl Options {
         Self {
             queue_timeout: cfg.queue_timeout,
             header_timeout: cfg.header_timeout,
+            response_timeout: cfg.response_timeout,
+            body_timeout: cfg.body_timeout,
+            upstream_idle_timeout: cfg.upstream_idle_timeout,
             max_header_bytes: cfg.max_header_bytes,
             forward_headers: cfg.forward_headers,
             protocol: cfg.protocol,
@@ -690,8 +709,12 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-async fn serve<I>(io: I, peer: Option<std::net::IpAddr>, shared: Arc<Shared>)
-where
+async fn serve<I>(
+    io: I,
+    peer: Option<std::net::IpAddr>,
+    shared: Arc<Shared>,
+    gate: Arc<framing::Gate>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (header_timeout, max_header) = (
@@ -703,12 +726,14 @@ where
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
+        let gate = gate.clone();
+        async move { Ok::<_, Infallible>(handle(req, &peer, &shared, &gate).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_header_size(max_header)
+        .max_headers(MAX_HEADERS)
         // Room for the header plus some body; never below hyper's minimum.
         .max_buf_size((max_header + 16 * 1024).max(8192))
         .serve_connection(io, svc)
@@ -767,6 +792,10 @@ async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared>) {
         tracing::debug!(program = %shared.program, cause = %e, "connection ended with an error");
     }
 }
+
+/// Most headers in a request or an answer (hyper's default, 100, is fewer
+/// than nginx takes; the bytes are bounded by max_header_bytes).
+const MAX_HEADERS: usize = 1024;
 
 /// Bound on connecting to a private address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -918,11 +947,34 @@ async fn tunnel(
     }
 }
 
+/// Tells the connection's [`framing::Gate`] how an Upgrade or CONNECT
+/// request was answered, when its handling ends (however it ends).
+struct Decision<'a> {
+    gate: Option<&'a framing::Gate>,
+    tunnel: bool,
+}
+
+impl Drop for Decision<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.gate {
+            g.decide(self.tunnel);
+        }
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     peer: &Option<HeaderValue>,
     shared: &Shared,
+    gate: &framing::Gate,
 ) -> Response<ProxyBody> {
+    // The framing reader holds back what follows an Upgrade or CONNECT
+    // request until this says whether it is a tunnel's.
+    let switching = req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT;
+    let mut decision = Decision {
+        gate: switching.then_some(gate),
+        tunnel: false,
+    };
     if shared.draining.load(Ordering::SeqCst) {
         return unavailable(shared);
     }
@@ -932,6 +984,7 @@ async fn handle(
         .cloned()
         .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let path = path_and_query.as_str();
+    let connect = req.method() == Method::CONNECT;
     let mut req = req;
     // An Upgrade (WebSocket) request keeps its Upgrade header and, on 101,
     // becomes a tunnel that counts as in flight until it closes.
@@ -979,6 +1032,7 @@ async fn handle(
     parts.version = hyper::Version::HTTP_11;
     parts.extensions.clear();
     let host_given = parts.headers.contains_key(header::HOST);
+    let (body, body_state) = body::RequestBody::new(body, shared.options.body_timeout);
     let mut req = Request::from_parts(parts, body);
     let mut tried: Vec<PrivateAddr> = Vec::new();
     loop {
@@ -996,8 +1050,31 @@ async fn handle(
         if !host_given {
             req.headers_mut().insert(header::HOST, up.authority.clone());
         }
-        match up.pool.send(req).await {
+        let sending = up.pool.send(req, shared.options.upstream_idle_timeout);
+        // response_timeout runs from the moment the whole body went upstream.
+        let no_answer = async {
+            body_state.ended().await;
+            tokio::time::sleep(shared.options.response_timeout).await;
+        };
+        let sent = tokio::select! {
+            r = sending => r,
+            () = no_answer => {
+                guard.fail();
+                tracing::warn!(program = %shared.program, upstream = %up.addr, %path, "no answer within response_timeout; answered 504");
+                let mut resp = text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "504 Gateway Timeout: the application did not answer within response_timeout\n".into(),
+                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        };
+        match sent {
             Ok((mut resp, lease)) => {
+                // hyper hands a CONNECT answered 2xx over as upgraded.
+                decision.tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (connect && resp.status().is_success());
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
                         let upstream = hyper::upgrade::on(&mut resp);
@@ -1019,7 +1096,10 @@ async fn handle(
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                return Response::from_parts(rparts, GuardedBody::new(rbody, guard, lease).boxed());
+                return Response::from_parts(
+                    rparts,
+                    GuardedBody::new(rbody, guard, lease, body_state).boxed(),
+                );
             }
             // Not one byte reached the app, and the request came back whole
             // (its body too): try another instance.
@@ -1030,6 +1110,29 @@ async fn handle(
                 req = *unsent;
             }
             Err(pool::SendError::Upstream(e)) => {
+                // The client's doing, not the upstream's: its body stopped.
+                match body_state.failed() {
+                    body::CLIENT_SILENT => {
+                        guard.abandon();
+                        tracing::info!(program = %shared.program, %path, "client sent no request body for body_timeout; answered 408");
+                        let mut resp = text(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "408 Request Timeout: no request body within body_timeout\n".into(),
+                        );
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        return resp;
+                    }
+                    body::CLIENT_GONE => {
+                        guard.abandon();
+                        tracing::debug!(program = %shared.program, %path, "client closed during the request body");
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            "400 Bad Request: the request body broke off\n".into(),
+                        );
+                    }
+                    _ => {}
+                }
                 guard.fail();
                 if guard.is_cut() {
                     tracing::warn!(program = %shared.program, upstream = %up.addr, %path, "request cut: the instance was stopped at max_wait; answered 502");
@@ -1055,6 +1158,9 @@ fn test_shared() -> Arc<Shared> {
         options: Options {
             queue_timeout: Duration::from_secs(1),
             header_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            upstream_idle_timeout: Duration::from_secs(1),
             max_header_bytes: 8192,
             forward_headers: true,
             protocol: crate::config::Protocol::Http,

@@ -8,17 +8,19 @@
 
 use std::io;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use super::body::RequestBody;
 use super::{workers, PrivateAddr, CONNECT_TIMEOUT};
 
 /// The client's request as it goes upstream: its own head and body, never
 /// copied.
-pub(crate) type UpstreamRequest = Request<Incoming>;
+pub(crate) type UpstreamRequest = Request<RequestBody>;
 
 /// Why a request could not be sent.
 pub(crate) enum SendError {
@@ -33,7 +35,7 @@ pub(crate) enum SendError {
 pub(crate) struct Pool {
     addr: PrivateAddr,
     /// One list per proxy thread, each used only by its thread.
-    idle: workers::IdleLists<SendRequest<Incoming>>,
+    idle: workers::IdleLists<SendRequest<RequestBody>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -44,15 +46,17 @@ impl std::fmt::Debug for Pool {
 
 /// A connection lent to one request; [`Lease::release`] gives it back.
 pub(crate) struct Lease {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<RequestBody>,
     pool: Weak<Pool>,
+    /// How long it may stay idle in the pool (`upstream_idle_timeout`).
+    keep_for: Duration,
 }
 
 impl Lease {
     /// The response was read to the end: the connection may serve another.
     pub(crate) fn release(self) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.sender);
+            pool.put(self.sender, self.keep_for);
         }
     }
 }
@@ -65,15 +69,16 @@ impl Pool {
         })
     }
 
-    fn put(&self, sender: SendRequest<Incoming>) {
+    fn put(&self, sender: SendRequest<RequestBody>, keep_for: Duration) {
         if sender.is_closed() {
             return;
         }
-        self.idle.push(sender, |oldest| oldest.is_closed());
+        self.idle
+            .push(sender, keep_for, |oldest| oldest.is_closed());
     }
 
     /// The most recently used idle connection that is still open.
-    async fn idle(&self) -> Option<SendRequest<Incoming>> {
+    async fn idle(&self) -> Option<SendRequest<RequestBody>> {
         loop {
             let mut sender = self.idle.pop()?;
             // Normally at once: the connection finished its last response.
@@ -83,14 +88,16 @@ impl Pool {
         }
     }
 
-    /// Sends `req` on an idle connection or a new one.
+    /// Sends `req` on an idle connection or a new one; the connection may
+    /// stay idle in the pool for `keep_for` after.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: UpstreamRequest,
+        keep_for: Duration,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         while let Some(mut sender) = self.idle().await {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.lease(sender))),
+                Ok(resp) => return Ok((resp, self.lease(sender, keep_for))),
                 Err(mut e) => match e.take_message() {
                     // Closed before the request was written: try another.
                     Some(unsent) => req = unsent,
@@ -105,7 +112,7 @@ impl Pool {
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, self.lease(sender))),
+            Ok(resp) => Ok((resp, self.lease(sender, keep_for))),
             Err(mut e) => match e.take_message() {
                 // Not written at all on a fresh connection: as good as a failed connect.
                 Some(unsent) => Err(SendError::Connect(
@@ -118,9 +125,11 @@ impl Pool {
     }
 
     /// A new connection, its driver running as a task of this thread.
-    async fn open(&self) -> io::Result<SendRequest<Incoming>> {
+    async fn open(&self) -> io::Result<SendRequest<RequestBody>> {
         let stream = self.addr.connect_within(CONNECT_TIMEOUT).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_headers(super::MAX_HEADERS)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
         tokio::spawn(async move {
@@ -131,10 +140,11 @@ impl Pool {
         Ok(sender)
     }
 
-    fn lease(self: &Arc<Self>, sender: SendRequest<Incoming>) -> Lease {
+    fn lease(self: &Arc<Self>, sender: SendRequest<RequestBody>, keep_for: Duration) -> Lease {
         Lease {
             sender,
             pool: Arc::downgrade(self),
+            keep_for,
         }
     }
 }

@@ -100,8 +100,8 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// Most headers in a request or response head, as hyper: more go to the
-/// hyper path (requests) or are a 502 (responses).
+/// Headers in a request or response head parsed on the stack; a head with
+/// more is parsed again with room for [`super::MAX_HEADERS`].
 const MAX_HEADERS: usize = 100;
 
 /// Longest response head accepted from a worker (hyper's client: ~400 KB).
@@ -132,11 +132,12 @@ impl Idle {
         }
     }
 
-    /// Keeps `s` for the next request. The least recently used one is
-    /// checked too, so connections the worker closed while they sat at the
-    /// bottom of the list do not pile up (in CLOSE_WAIT) under steady load.
-    fn put(&self, s: Stream) {
-        self.0.push(s, |oldest| !still_open(oldest));
+    /// Keeps `s` for the next request, for up to `keep_for`
+    /// (`upstream_idle_timeout`). The least recently used one is checked
+    /// too, so connections the worker closed while they sat at the bottom of
+    /// the list do not pile up (in CLOSE_WAIT) under steady load.
+    fn put(&self, s: Stream, keep_for: std::time::Duration) {
+        self.0.push(s, keep_for, |oldest| !still_open(oldest));
     }
 }
 
@@ -397,8 +398,16 @@ fn parse_request(
     max_header: usize,
 ) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut many;
     let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    let mut parsed = req.parse(buf);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        // Rare: parsed again with room for as many as the hyper path takes.
+        many = vec![httparse::EMPTY_HEADER; super::MAX_HEADERS];
+        req = httparse::Request::new(&mut many);
+        parsed = req.parse(buf);
+    }
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) if n <= max_header => n,
         Ok(httparse::Status::Partial) if buf.len() <= max_header => return Parsed::Partial,
         _ => return Parsed::Elsewhere,
@@ -429,6 +438,8 @@ fn parse_request(
         let value = h.value.trim_ascii();
         match name_of(h.name) {
             Name::Other => {}
+            // Two: refused (400) on the hyper path (RFC 9112 3.2).
+            Name::Host if host => return Parsed::Elsewhere,
             Name::Host => host = true,
             Name::ContentLength => match length_of(value) {
                 Some(n) if length.is_none_or(|l| l == n) => {
@@ -461,6 +472,10 @@ fn parse_request(
             Name::TransferEncoding | Name::HopByHop => return Parsed::Elsewhere,
         }
         push_header(out, h.name.as_bytes(), h.value);
+    }
+    // An HTTP/1.1 request without Host: refused (400) on the hyper path.
+    if !host {
+        return Parsed::Elsewhere;
     }
     let body = match (chunked, length) {
         (true, Some(_)) => return Parsed::Elsewhere,
@@ -525,8 +540,16 @@ enum ParsedResponse {
 /// `out`, with the blank line.
 fn parse_response(buf: &[u8], out: &mut Vec<u8>, head: bool, close: bool) -> ParsedResponse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut many;
     let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf) {
+    let mut parsed = resp.parse(buf);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        // Rare: parsed again with room for as many as nginx passes on.
+        many = vec![httparse::EMPTY_HEADER; super::MAX_HEADERS];
+        resp = httparse::Response::new(&mut many);
+        parsed = resp.parse(buf);
+    }
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {
             return ParsedResponse::Partial
@@ -697,6 +720,12 @@ where
                     r = c.io.ready(Interest::READABLE) => if r.is_err() { return },
                     () = &mut sleep => return,
                 }
+            } else if request_line_too_long(&c.buf) {
+                // At once, not when (if ever) the head is whole.
+                let too_long = text("414 URI Too Long", TOO_LONG, CLOSE);
+                let _ = c.io.write_all(&too_long).await;
+                let _ = c.io.shutdown().await;
+                return Box::pin(linger(c.io)).await;
             } else if unsearched == 0
                 || may_end_head(&c.buf, unsearched)
                 || c.buf.len() > c.shared.options.max_header_bytes
@@ -741,6 +770,20 @@ where
     }
 }
 
+/// Whether the request line starting `buf` (after the blank lines a head
+/// may start with) is longer than [`framing::MAX_REQUEST_LINE`], whole or not.
+fn request_line_too_long(buf: &[u8]) -> bool {
+    let limit = framing::MAX_REQUEST_LINE + 2;
+    if buf.len() <= limit {
+        return false;
+    }
+    let start = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(buf.len());
+    buf.len() - start > limit && !buf[start..start + limit].contains(&b'\n')
+}
+
 /// Reads and drops what the client still sends, for up to a second or
 /// 1 MiB, until it closes (nginx's lingering close).
 async fn linger<S: AsyncRead + Unpin>(mut io: S) {
@@ -772,8 +815,14 @@ async fn elsewhere<S>(mut c: Client<S>, peer: Option<IpAddr>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let io = framing::Framing::with_prefix(c.io, std::mem::take(&mut c.buf.0));
-    super::serve(TokioIo::new(io), peer, c.shared).await;
+    let gate = Arc::new(framing::Gate::default());
+    let io = framing::Framing::with_prefix(
+        c.io,
+        std::mem::take(&mut c.buf.0),
+        Some(gate.clone()),
+        c.shared.options.max_header_bytes,
+    );
+    super::serve(TokioIo::new(io), peer, c.shared, gate).await;
 }
 
 /// Writes an answer of zdt's own (only its head to a HEAD request); `close`
@@ -988,6 +1037,7 @@ where
     if !body_done {
         let whole = duplex(
             c,
+            &shared.options,
             &mut upstream,
             &mut rbuf,
             &req,
@@ -1005,7 +1055,7 @@ where
                 close,
             }) => {
                 if reusable {
-                    up.idle.put(upstream);
+                    up.idle.put(upstream, shared.options.upstream_idle_timeout);
                 }
                 drop(guard);
                 match (close, body_whole) {
@@ -1023,14 +1073,23 @@ where
     // not wait for it (nginx's 499).
     let close = AtomicBool::new(req.close);
     let mut head = Vec::new();
-    let mut resp =
-        match head_unless_gone(&mut upstream, &mut rbuf, &mut head, &req, &close, &c.io).await {
-            Some(r) => r,
-            None => {
-                abandoned(&shared.program, &up.addr, &out, req.target, guard);
-                return Outcome::Close;
-            }
-        };
+    let mut resp = match head_unless_gone(
+        &mut upstream,
+        &mut rbuf,
+        &mut head,
+        &req,
+        &close,
+        &c.io,
+        shared.options.response_timeout,
+    )
+    .await
+    {
+        Some(r) => r,
+        None => {
+            abandoned(&shared.program, &up.addr, &out, req.target, guard);
+            return Outcome::Close;
+        }
+    };
     if let Err(Failed { silent: true, .. }) = resp {
         // The keep-alive close race: the worker closed this idle connection
         // as the request went out on it, and said nothing. A request that is
@@ -1041,8 +1100,15 @@ where
             match send(&shared, &req, &mut out, mark, &[], &mut tried, true).await {
                 Ok(s) => {
                     (up, guard, upstream) = (s.up, s.guard, s.conn);
-                    let again =
-                        head_unless_gone(&mut upstream, &mut rbuf, &mut head, &req, &close, &c.io);
+                    let again = head_unless_gone(
+                        &mut upstream,
+                        &mut rbuf,
+                        &mut head,
+                        &req,
+                        &close,
+                        &c.io,
+                        shared.options.response_timeout,
+                    );
                     match again.await {
                         Some(r) => resp = r,
                         None => {
@@ -1060,6 +1126,7 @@ where
                     resp = Err(Failed {
                         cause: cause.to_string(),
                         silent: false,
+                        timed_out: false,
                     });
                 }
             }
@@ -1096,7 +1163,7 @@ where
     }
     // Extra bytes after the answer: the worker broke the framing.
     if resp.reusable && rbuf.is_empty() {
-        up.idle.put(upstream);
+        up.idle.put(upstream, shared.options.upstream_idle_timeout);
     }
     drop(guard);
     if req.close {
@@ -1107,7 +1174,7 @@ where
 }
 
 /// Reads the answer's head as [`read_response`] does, unless the client goes
-/// away first (`None`).
+/// away first (`None`); fails as timed out after `response_timeout`.
 async fn head_unless_gone<S: SpliceIo>(
     upstream: &mut Stream,
     rbuf: &mut Buffer,
@@ -1115,11 +1182,17 @@ async fn head_unless_gone<S: SpliceIo>(
     req: &Request,
     close: &AtomicBool,
     client: &S,
+    response_timeout: std::time::Duration,
 ) -> Option<Result<Response, Failed>> {
     tokio::select! {
         biased;
         r = read_response(upstream, &mut rbuf.0, head, req.head, close) => Some(r),
         () = client_gone(client) => None,
+        () = tokio::time::sleep(response_timeout) => Some(Err(Failed {
+            cause: "no answer within response_timeout".into(),
+            silent: false,
+            timed_out: true,
+        })),
     }
 }
 
@@ -1150,10 +1223,19 @@ impl Log<'_> {
         String::from_utf8_lossy(&self.out[self.target.0..self.target.1])
     }
 
-    /// Counts and logs a request that got no answer head; returns zdt's 502.
+    /// Counts and logs a request that got no answer head; returns zdt's 502
+    /// (504 when none came within response_timeout).
     fn failed(&self, guard: &mut InflightGuard, failed: Failed, close: bool) -> Vec<u8> {
         guard.fail();
         let (program, upstream, path) = (self.program, self.upstream, self.path());
+        if failed.timed_out {
+            tracing::warn!(%program, %upstream, %path, "no answer within response_timeout; answered 504");
+            return text(
+                "504 Gateway Timeout",
+                NO_ANSWER,
+                if close { CLOSE } else { "" },
+            );
+        }
         if guard.is_cut() {
             tracing::warn!(%program, %upstream, %path, "request cut: the instance was stopped at max_wait; answered 502");
         } else {
@@ -1265,32 +1347,46 @@ struct Duplexed {
 enum BodyEnd {
     /// The client closed or broke its connection mid-body.
     ClientGone,
+    /// The client sent nothing for `body_timeout`.
+    ClientSilent,
     /// The client's chunked framing is broken.
     BadChunks,
     /// The worker stopped taking the body (it closed, or answered and left).
     WorkerGone,
+    /// The worker took no body byte for `response_timeout`.
+    WorkerStalled,
+    /// The body was whole and no answer head came within `response_timeout`.
+    NoAnswer,
 }
 
-/// Moves the rest of a request body from the client to the worker.
+/// Moves the rest of a request body from the client to the worker; waits
+/// up to `body_timeout` for each piece from the client and up to
+/// `response_timeout` for the worker to take it.
 async fn forward_body<R, W>(
     client: &mut R,
     up: &mut W,
     buf: &mut Buffer,
     body: &mut Framing,
+    options: &super::Options,
 ) -> Result<(), BodyEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    use tokio::time::timeout;
     while !body.is_done() {
         buf.clear();
         buf.room();
-        if !matches!(client.read_buf(&mut buf.0).await, Ok(n) if n > 0) {
-            return Err(BodyEnd::ClientGone);
+        match timeout(options.body_timeout, client.read_buf(&mut buf.0)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return Err(BodyEnd::ClientGone),
+            Err(_) => return Err(BodyEnd::ClientSilent),
         }
         let (k, _) = body.take(buf).ok_or(BodyEnd::BadChunks)?;
-        if up.write_all(&buf[..k]).await.is_err() {
-            return Err(BodyEnd::WorkerGone);
+        match timeout(options.response_timeout, up.write_all(&buf[..k])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(BodyEnd::WorkerGone),
+            Err(_) => return Err(BodyEnd::WorkerStalled),
         }
         buf.advance(k);
     }
@@ -1304,6 +1400,7 @@ where
 #[allow(clippy::too_many_arguments)]
 async fn duplex<S>(
     c: &mut Client<S>,
+    options: &super::Options,
     upstream: &mut Stream,
     rbuf: &mut Buffer,
     req: &Request,
@@ -1325,10 +1422,12 @@ where
     // The answer says Connection: close unless the body was whole by the
     // time its head was written.
     let close = AtomicBool::new(true);
+    // Set once an answer head came: from then on bytes may reach the client.
+    let answering_began = AtomicBool::new(false);
     let (mut cr, mut cw) = tokio::io::split(&mut c.io);
     let (mut ur, mut uw) = tokio::io::split(upstream);
     let answered = {
-        let sending = forward_body(&mut cr, &mut uw, &mut c.buf, &mut body);
+        let sending = forward_body(&mut cr, &mut uw, &mut c.buf, &mut body, options);
         let answering = async {
             let mut head = Vec::new();
             let resp = match read_response(&mut ur, &mut rbuf.0, &mut head, req.head, &close).await
@@ -1336,6 +1435,7 @@ where
                 Ok(r) => r,
                 Err(failed) => return Err(log.failed(guard, failed, true)),
             };
+            answering_began.store(true, Ordering::Relaxed);
             rbuf.advance(resp.len);
             // What the head told the client.
             let told_close = close.load(Ordering::Relaxed);
@@ -1345,32 +1445,65 @@ where
                 Relayed::Broken => Ok(None),
             }
         };
-        tokio::pin!(sending, answering);
+        // response_timeout, from the moment the body is whole (polled only then).
+        let no_answer = tokio::time::sleep(options.response_timeout);
+        tokio::pin!(sending, answering, no_answer);
         let mut sent = false;
+        let began = || answering_began.load(Ordering::Relaxed);
         loop {
             tokio::select! {
-                r = &mut sending, if !sent => match r {
-                    Ok(()) => {
-                        sent = true;
-                        close.store(req.close, Ordering::Relaxed);
+                r = &mut sending, if !sent => {
+                    match r {
+                        Ok(()) => close.store(req.close, Ordering::Relaxed),
+                        // The answer, if any, tells the rest.
+                        Err(BodyEnd::WorkerGone) => {}
+                        Err(BodyEnd::WorkerStalled) if began() => {}
+                        Err(end) => break Err(end),
                     }
-                    // The answer, if any, tells the rest.
-                    Err(BodyEnd::WorkerGone) => sent = true,
-                    Err(end) => break Err(end),
-                },
+                    sent = true;
+                    no_answer
+                        .as_mut()
+                        .reset(Instant::now() + options.response_timeout);
+                }
                 r = &mut answering => break Ok(r),
+                () = &mut no_answer, if sent => if !began() {
+                    break Err(BodyEnd::NoAnswer);
+                },
             }
         }
     };
     let answered = match answered {
         Ok(a) => a,
         Err(end) => {
-            let why = match end {
-                BodyEnd::BadChunks => "bad chunked framing in the request body",
-                _ => "client closed during the request body",
+            let path = log.path();
+            let began = answering_began.load(Ordering::Relaxed);
+            let reply = match end {
+                BodyEnd::BadChunks => {
+                    tracing::debug!(%program, %path, "bad chunked framing in the request body");
+                    guard.fail();
+                    None
+                }
+                // The client's doing, not the worker's (nginx's 499): neither
+                // served nor failed.
+                BodyEnd::ClientGone => {
+                    tracing::debug!(%program, %path, "client closed during the request body");
+                    guard.abandon();
+                    None
+                }
+                BodyEnd::ClientSilent => {
+                    tracing::info!(%program, %path, "client sent no request body for body_timeout; answered 408");
+                    guard.abandon();
+                    Some(text("408 Request Timeout", BODY_TIMEOUT, CLOSE))
+                }
+                BodyEnd::WorkerStalled | BodyEnd::NoAnswer | BodyEnd::WorkerGone => {
+                    tracing::warn!(%program, upstream = %addr, %path, "no answer within response_timeout; answered 504");
+                    guard.fail();
+                    Some(text("504 Gateway Timeout", NO_ANSWER, CLOSE))
+                }
             };
-            tracing::debug!(%program, path = %log.path(), why);
-            guard.fail();
+            if let Some(reply) = reply.filter(|_| !began) {
+                let _ = cw.write_all(&reply).await;
+            }
             return None;
         }
     };
@@ -1396,6 +1529,10 @@ where
 }
 
 const BAD_CHUNKS: &str = "400 Bad Request: bad chunked framing\n";
+const TOO_LONG: &str = "414 URI Too Long: the request line is longer than 8 KB\n";
+const BODY_TIMEOUT: &str = "408 Request Timeout: no request body within body_timeout\n";
+const NO_ANSWER: &str =
+    "504 Gateway Timeout: the application did not answer within response_timeout\n";
 const UNREACHABLE: &str = "502 Bad Gateway: no instance could be reached\n";
 const FAILED: &str = "502 Bad Gateway: the application failed to answer\n";
 
@@ -1404,6 +1541,8 @@ struct Failed {
     cause: String,
     /// The connection ended (closed or reset) before a single byte came.
     silent: bool,
+    /// No head within `response_timeout` (504, not 502).
+    timed_out: bool,
 }
 
 /// Reads a response head into `rbuf`, skipping interim responses, and
@@ -1426,6 +1565,7 @@ async fn read_response<R: AsyncRead + Unpin>(
             return Err(Failed {
                 cause,
                 silent: !received,
+                timed_out: false,
             });
         }
         received = true;
@@ -1438,6 +1578,7 @@ async fn read_response<R: AsyncRead + Unpin>(
                     return Err(Failed {
                         cause: why.into(),
                         silent: false,
+                        timed_out: false,
                     })
                 }
             }
@@ -1468,16 +1609,21 @@ mod tests {
         assert!(r.close && r.host && r.resendable && r.body == Framing::Empty);
         assert_eq!(&out[r.target.0..r.target.1], "/a?b");
         assert_eq!(out, "GET /a?b HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1, 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n");
-        let (p, _) = request("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let (p, _) = request("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert!(matches!(
             p,
             Parsed::Request(Request {
                 body: Framing::Chunked(_),
                 resendable: false,
-                host: false,
+                host: true,
                 ..
             })
         ));
+        // More headers than fit on the stack are still relayed.
+        let many: String = (0..150).map(|i| format!("X-{i}: {i}\r\n")).collect();
+        let (p, out) = request(&format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n"));
+        assert!(matches!(p, Parsed::Request(_)));
+        assert!(out.contains("X-149: 149\r\n"), "{out}");
         assert!(matches!(
             request("GET / HTTP/1.1\r\nHost: h\r\n").0,
             Parsed::Partial
@@ -1494,6 +1640,10 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
         ] {
             assert!(
                 matches!(request(elsewhere).0, Parsed::Elsewhere),

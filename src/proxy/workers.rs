@@ -11,7 +11,8 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 
@@ -135,40 +136,98 @@ const MAX_IDLE: usize = 512;
 
 /// Idle connections to one upstream, one list per proxy thread, each used
 /// only by its thread (so its lock is never contended). Dropping it closes
-/// them.
+/// them. A connection idle longer than the `keep_for` it was put back with
+/// (`upstream_idle_timeout`) is closed by a sweeper task of its thread, which
+/// runs only while the thread's list holds a connection.
 pub(super) struct IdleLists<T> {
-    lists: Vec<std::sync::Mutex<Vec<T>>>,
+    lists: Arc<[Mutex<IdleList<T>>]>,
 }
 
-impl<T> IdleLists<T> {
+/// One thread's idle connections, least recently used first, each with the
+/// time it is closed at.
+struct IdleList<T> {
+    conns: Vec<(T, Instant)>,
+    /// A sweeper task runs for this list.
+    sweeping: bool,
+}
+
+impl<T: Send + 'static> IdleLists<T> {
     pub(super) fn new() -> Self {
         Self {
-            lists: (0..count()).map(|_| std::sync::Mutex::default()).collect(),
+            lists: (0..count())
+                .map(|_| {
+                    Mutex::new(IdleList {
+                        conns: Vec::new(),
+                        sweeping: false,
+                    })
+                })
+                .collect(),
         }
     }
 
     /// Runs `f` on this thread's list.
-    fn with<R>(&self, f: impl FnOnce(&mut Vec<T>) -> R) -> Option<R> {
+    fn with<R>(&self, f: impl FnOnce(&mut IdleList<T>) -> R) -> Option<R> {
         let mut list = self.lists[current() % self.lists.len()].lock().ok()?;
         Some(f(&mut list))
     }
 
     /// The most recently used idle connection of this thread.
     pub(super) fn pop(&self) -> Option<T> {
-        self.with(Vec::pop).flatten()
+        self.with(|l| l.conns.pop().map(|(c, _)| c)).flatten()
     }
 
-    /// Keeps `conn` (unless the list is full); first drops the least
-    /// recently used one if `stale` says it is no longer worth keeping.
-    pub(super) fn push(&self, conn: T, stale: impl FnOnce(&T) -> bool) {
-        self.with(|l| {
-            if l.first().is_some_and(stale) {
-                l.remove(0);
+    /// Keeps `conn` for up to `keep_for` (unless the list is full); first
+    /// drops the least recently used one if `stale` says it is no longer
+    /// worth keeping.
+    pub(super) fn push(&self, conn: T, keep_for: Duration, stale: impl FnOnce(&T) -> bool) {
+        let index = current() % self.lists.len();
+        let start_sweeper = self.with(|l| {
+            if l.conns.first().is_some_and(|(c, _)| stale(c)) {
+                l.conns.remove(0);
             }
-            if l.len() < MAX_IDLE {
-                l.push(conn);
+            if l.conns.len() < MAX_IDLE {
+                l.conns.push((conn, Instant::now() + keep_for));
             }
+            let start = !l.sweeping && !l.conns.is_empty();
+            l.sweeping |= start;
+            start
         });
+        if start_sweeper == Some(true) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(sweep(Arc::downgrade(&self.lists), index));
+                }
+                // Not on a runtime (never on a proxy thread): the next push
+                // on a runtime starts it.
+                Err(_) => {
+                    self.with(|l| l.sweeping = false);
+                }
+            }
+        }
+    }
+}
+
+/// Closes the connections of list `index` whose idle time is up, until the
+/// list is empty or dropped (with its upstream).
+async fn sweep<T: Send + 'static>(lists: Weak<[Mutex<IdleList<T>>]>, index: usize) {
+    loop {
+        let next = {
+            let Some(lists) = lists.upgrade() else { return };
+            let Ok(mut list) = lists[index].lock() else {
+                return;
+            };
+            let now = Instant::now();
+            // Dropping a connection closes it.
+            list.conns.retain(|(_, until)| *until > now);
+            match list.conns.iter().map(|(_, until)| *until).min() {
+                Some(next) => next,
+                None => {
+                    list.sweeping = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 

@@ -17,6 +17,7 @@
 #              number of body bytes
 #   /stream    200 chunked at once, then each piece of the (Content-Length)
 #              body echoed as a chunk as it is read
+#   /many      200 with 150 headers
 import os
 import socket
 import threading
@@ -98,6 +99,10 @@ def respond(conn, method, target, headers, body):
             left -= len(piece)
             conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
         conn.sendall(b"0\r\n\r\n")
+        return True
+    if target == "/many":
+        many = b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(150))
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 4\r\n\r\nmany")
         return True
     if target == "/die":
         return False
