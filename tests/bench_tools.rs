@@ -141,7 +141,18 @@ fn zdt_load_counts_new_connections_closed_before_an_answer() {
         // starved for seconds, which is not what this test is about.
         let (code, line) = load(
             port,
-            &["-d", "1", "-c", "2", "-m", mode, "--probe-ms", "0", "-t", "30"],
+            &[
+                "-d",
+                "1",
+                "-c",
+                "2",
+                "-m",
+                mode,
+                "--probe-ms",
+                "0",
+                "-t",
+                "30",
+            ],
         );
         assert_eq!(code, 1, "{line}");
         assert!(field(&line, "broken") > 0, "{line}");
