@@ -93,7 +93,54 @@ struct OpenFile {
     checked: Instant,
 }
 
+/// The descriptors of zdt's own output, which are symlinks by nature and
+/// live in folders no other user can write.
+fn is_own_stream(path: &Path) -> bool {
+    path == Path::new("/dev/stdout")
+        || path == Path::new("/dev/stderr")
+        || path.starts_with("/dev/fd")
+        || path.starts_with("/proc/self/fd")
+}
+
+/// zdt opens log files as root in folders that may belong to the service's
+/// user (`/var/log/app` owned by www-data): a symlink planted there must not
+/// make zdt append to, or truncate, a file of its choosing. A symlink on the
+/// way is followed only when root or zdt's user owns it, and the file itself
+/// is opened without following one (`O_NOFOLLOW`).
+fn check_links(path: &Path) -> std::io::Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    for dir in path.ancestors().skip(1) {
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() && m.uid() != 0 && m.uid() != me => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is a symlink owned by uid {}: not followed for a log file",
+                        dir.display(),
+                        m.uid()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Open flags for a log file: never wait, never follow a final symlink
+/// (but zdt's own /dev/stdout and /dev/stderr).
+fn log_flags(path: &Path) -> i32 {
+    if is_own_stream(path) {
+        libc::O_NONBLOCK
+    } else {
+        libc::O_NONBLOCK | libc::O_NOFOLLOW
+    }
+}
+
 fn open(path: &Path) -> std::io::Result<OpenFile> {
+    if !is_own_stream(path) {
+        check_links(path)?;
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -102,7 +149,7 @@ fn open(path: &Path) -> std::io::Result<OpenFile> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(log_flags(path))
         .open(path)?;
     let meta = file.metadata()?;
     Ok(OpenFile {
@@ -116,12 +163,19 @@ fn open(path: &Path) -> std::io::Result<OpenFile> {
 /// `f.N-1` → `f.N`, …, `f` → `f.1`, keeping `backups` files; 0 backups truncates.
 fn rotate(path: &Path, backups: u32) -> std::io::Result<()> {
     // Never rename or truncate what is not a regular file (/dev/stdout, a FIFO).
-    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+    // (symlink_metadata: a symlink is not a regular file, and renames below
+    // move links, never what they point to.)
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
         return Ok(());
     }
     let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
     if backups == 0 {
-        return File::create(path).map(drop);
+        return OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map(drop);
     }
     for n in (1..backups).rev() {
         let from = numbered(n);

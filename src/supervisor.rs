@@ -53,7 +53,17 @@ pub struct Supervisor {
 /// settings they had before (their change failed before it went live).
 #[derive(Debug)]
 struct Settled {
-    reverted: Vec<(String, ProgramConfig)>,
+    reverted: Vec<Reverted>,
+}
+
+/// A program whose reload change failed and was undone.
+#[derive(Debug)]
+struct Reverted {
+    name: String,
+    /// What the program runs again.
+    before: ProgramConfig,
+    /// What the failed reload had set (a later reload may have replaced it).
+    applied: ProgramConfig,
 }
 
 fn op_error(e: OpError) -> ErrorBody {
@@ -469,7 +479,13 @@ impl Supervisor {
                 .with_hint("if that is what you want, run `zdtctl reload --allow-empty`"),
             );
         }
-        if let Err(errors) = self.registry.bind_all(new.programs.values()) {
+        // Bind what this reload adds or changes; a program left as it is
+        // keeps its own bind retry and does not block the others.
+        let touched = new
+            .programs
+            .values()
+            .filter(|p| self.programs.get(&p.name).is_none_or(|e| e.config != **p));
+        if let Err(errors) = self.registry.bind_all(touched) {
             let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
             return reject(
                 ErrorBody::new(
@@ -486,8 +502,13 @@ impl Supervisor {
         let mut removed = Vec::new();
         let mut changed = Vec::new();
         let mut unchanged = Vec::new();
-        let mut waits: Vec<(String, Option<ProgramConfig>, oneshot::Receiver<OpResult>)> =
-            Vec::new();
+        // (name, (settings before, settings applied) for a change, reply)
+        type Wait = (
+            String,
+            Option<(ProgramConfig, ProgramConfig)>,
+            oneshot::Receiver<OpResult>,
+        );
+        let mut waits: Vec<Wait> = Vec::new();
         let old_names: Vec<String> = self.programs.keys().cloned().collect();
         let mut renamed = Vec::new();
         for name in old_names {
@@ -541,7 +562,7 @@ impl Supervisor {
                             })
                             .await;
                     });
-                    waits.push((cfg.name.clone(), Some(before), rx));
+                    waits.push((cfg.name.clone(), Some((before, cfg.clone())), rx));
                     changed.push(cfg.name.clone());
                 }
                 Some(_) => unchanged.push(cfg.name.clone()),
@@ -553,11 +574,15 @@ impl Supervisor {
         tokio::spawn(async move {
             let mut failures = Vec::new();
             let mut reverted = Vec::new();
-            for (name, before, rx) in waits {
+            for (name, change, rx) in waits {
                 if let Ok(Err(e)) = rx.await {
                     failures.push(format!("{name}: {}", e.message));
-                    if let (true, Some(before)) = (e.kept_previous_config, before) {
-                        reverted.push((name, before));
+                    if let (true, Some((before, applied))) = (e.kept_previous_config, change) {
+                        reverted.push(Reverted {
+                            name,
+                            before,
+                            applied,
+                        });
                     }
                 }
             }
@@ -604,11 +629,16 @@ impl Supervisor {
     /// settings as their config (so the next reload of the same file tries
     /// the change again), and sockets no program names any more are closed.
     fn on_settled(&mut self, settled: Settled) {
-        for (name, before) in settled.reverted {
-            if let Some(e) = self.programs.get_mut(&name) {
-                tracing::warn!(program = %name, "reload: the change failed; the previous settings stay in force");
-                e.config = before.clone();
-                self.config.programs.insert(name, before);
+        for r in settled.reverted {
+            match self.programs.get_mut(&r.name) {
+                // Unless a later reload replaced the failed settings meanwhile
+                // (the program applies that one after the failure).
+                Some(e) if e.config == r.applied => {
+                    tracing::warn!(program = %r.name, "reload: the change failed; the previous settings stay in force");
+                    e.config = r.before.clone();
+                    self.config.programs.insert(r.name, r.before);
+                }
+                _ => {}
             }
         }
         let wanted: Vec<config::ListenAddr> = self

@@ -597,7 +597,7 @@ fn a_socket_nobody_accepts_on_is_reported() {
     let d = Daemon::start(
         &(header()
             + &format!(
-                "[program.web]\ncommand = [\"sleep\", \"1000\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\nmax_wait = \"1s\"\n"
+                "[program.web]\ncommand = [\"sh\", \"-c\", \"trap '' TERM; sleep 1000\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\nmax_wait = \"6s\"\n"
             )),
     );
     d.wait_state("web", 0, Running, T);
@@ -616,10 +616,41 @@ fn a_socket_nobody_accepts_on_is_reported() {
     let text = String::from_utf8_lossy(&d.ctl(&["status"]).stdout).to_string();
     assert!(text.contains("web: warning: "), "{text}");
     assert!(d.stderr().contains("waiting in the accept queue"));
+    // The new generation does not accept either: judged afresh, it is
+    // caught while the old one drains (it ignores TERM until max_wait).
     let out = d.ctl(&["restart", "--strict", "web"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("waiting in the accept queue"),
         "{out:?}"
     );
+}
+
+/// The other way round: gen 1 never accepts, gen 2 does. The restart's
+/// verdict is about gen 2, so `--strict` passes.
+#[test]
+fn a_restart_that_fixes_the_socket_passes_strict() {
+    let port = free_port();
+    let flag = tempfile::tempdir().expect("tempdir");
+    let fixed = flag.path().join("fixed");
+    let demo = bin("zdt-demo").display().to_string();
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.web]\ncommand = [\"sh\", \"-c\", \"if [ -e {} ]; then exec {demo}; else exec sleep 1000; fi\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\nmax_wait = \"2s\"\n",
+                fixed.display()
+            )),
+    );
+    d.wait_state("web", 0, Running, T);
+    let _waiting = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    wait_for("the socket warning", T, || {
+        d.status()[0]
+            .socket_warning
+            .clone()
+            .ok_or_else(|| "none yet".to_string())
+    });
+    std::fs::write(&fixed, "").expect("flag");
+    let out = d.ctl(&["restart", "--strict", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(d.status()[0].socket_warning.is_none());
 }

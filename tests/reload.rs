@@ -243,3 +243,90 @@ fn a_bind_error_is_retried_once_the_address_is_free() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(http_get(p2, "/").expect("serves").0, 200);
 }
+
+/// Reload 1 (a change that will fail) is still running when reload 2 (a
+/// good change moving `listen`) arrives; the program queues reload 2. When
+/// reload 1 fails, the supervisor's `on_settled` puts back the settings from
+/// *before reload 1* although reload 2 has replaced them since: the
+/// supervisor's view and the program's diverge, the registry closes the new
+/// address and keeps the old one bound, and reloading the same good file
+/// again is rejected with "address in use" (zdt's own socket).
+#[test]
+fn a_failed_reload_does_not_revert_a_later_one() {
+    let (p1, p2) = (free_port(), free_port());
+    let d = Daemon::start(&(header() + &owned("web", p1, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    // Never ready, and gone by itself after 2 s (so no aborted candidate is
+    // still being killed when reload 2 starts: see the next test).
+    d.write_config(
+        &(header()
+            + &format!(
+                "[program.web]\ncommand = [\"sh\", \"-c\", \"sleep 2; exit 1\"]\nlisten = [\"tcp://127.0.0.1:{p1}\"]\nready = {{ notify = true }}\nstartsecs = \"0s\"\nready_timeout = \"10s\"\n"
+            )),
+    );
+    let r1 = d.ctl_in_background(&["reload"]);
+    wait_for("reload 1 to be applied", T, || {
+        if d.stderr().contains("configuration reloaded") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    let good = header() + &owned("web", p2, &[], "");
+    d.write_config(&good);
+    let r2 = d.ctl_in_background(&["reload"]);
+    let out1 = r1.join().expect("join");
+    assert_eq!(out1.status.code(), Some(1), "{out1:?}");
+    let out2 = r2.join().expect("join");
+    assert!(out2.status.success(), "reload 2: {out2:?}");
+    assert_eq!(http_get(p2, "/").expect("p2 serves").0, 200);
+    // The same good file again: nothing to change.
+    let out3 = d.ctl(&["reload"]);
+    assert!(out3.status.success(), "reload 3: {out3:?}");
+    let text = String::from_utf8_lossy(&out3.stdout);
+    assert!(text.contains("unchanged web"), "{text}");
+    // The address web left is released.
+    std::net::TcpListener::bind(("127.0.0.1", p1)).expect("p1 released");
+}
+
+/// After a failed replace the program's generation number goes back, so the
+/// next replace reuses it while the aborted candidate (same slot, same gen)
+/// is still being stopped: that process's exit is taken for the new
+/// candidate's, and a good change fails ("gen 2 exited before it was ready").
+#[test]
+fn a_replace_right_after_a_failed_one_is_not_failed_by_its_leftover() {
+    let p = free_port();
+    let d = Daemon::start(&(header() + &owned("web", p, &[], "")));
+    d.wait_state("web", 0, Running, T);
+    d.write_config(&(header() + &owned("web", p, &["--never-ready"], "ready_timeout = \"2s\"")));
+    let r1 = d.ctl_in_background(&["reload"]);
+    wait_for("reload 1 to be applied", T, || {
+        if d.stderr().contains("configuration reloaded") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    d.write_config(&(header() + &owned("web", p, &[], "environment = { V = \"2\" }")));
+    let r2 = d.ctl_in_background(&["reload"]);
+    let out1 = r1.join().expect("join");
+    assert_eq!(out1.status.code(), Some(1), "{out1:?}");
+    let out2 = r2.join().expect("join");
+    assert!(out2.status.success(), "reload 2 (a good change): {out2:?}");
+}
+
+/// `bind_all` binds every address of the new file that zdt does not own yet,
+/// including those of unchanged programs whose bind failed before: while
+/// one program's port is taken, every reload is rejected, even one that only
+/// changes another program.
+#[test]
+fn an_unbindable_unchanged_program_does_not_block_other_changes() {
+    let (p1, p2) = (free_port(), free_port());
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", p1)).expect("bind");
+    let a = owned("a", p1, &[], "autostart = false");
+    let d = Daemon::start(&(header() + &a + &owned("b", p2, &[], "")));
+    d.wait_state("b", 0, Running, T);
+    d.write_config(&(header() + &a + &owned("b", p2, &[], "environment = { V = \"2\" }")));
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "a change to b only: {out:?}");
+}

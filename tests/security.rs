@@ -392,3 +392,41 @@ fn a_workers_status_text_has_its_control_characters_escaped() {
     let out = d.ctl(&["status"]);
     assert!(!out.stdout.contains(&0x1b), "{out:?}");
 }
+
+/// `stdout_logfile` outside `log_dir` is opened as root by path, following
+/// symlinks: the folder here belongs to another user (nobody), who planted
+/// `out.log -> victim`; the worker's output lands in the victim file.
+#[test]
+fn a_log_file_symlink_planted_by_another_user_is_not_written_through() {
+    use std::os::unix::fs::PermissionsExt;
+    let probe = tempfile::tempdir().expect("tempdir");
+    let open = probe.path().join("applogs");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(probe.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Owned by nobody: that user may create and replace entries in it.
+    nix::unistd::chown(&open, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let victim = probe.path().join("victim");
+    std::fs::write(&victim, "precious\n").expect("write");
+    std::os::unix::fs::symlink(&victim, open.join("out.log")).expect("symlink");
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.w]\ncommand = [\"sh\", \"-c\", \"echo INJECTED; exec sleep 1000\"]\nstartsecs = \"0s\"\nstdout_logfile = \"{}\"\n",
+                open.join("out.log").display()
+            )),
+    );
+    d.wait_state("w", 0, Running, T);
+    wait_for("the worker's output in zdt's ring", T, || {
+        let out = d.ctl(&["tail", "w"]);
+        if String::from_utf8_lossy(&out.stdout).contains("INJECTED") {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("read"),
+        "precious\n",
+        "zdt (root) wrote a worker's output through a symlink another user planted"
+    );
+}

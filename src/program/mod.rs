@@ -371,7 +371,6 @@ impl Program {
         let mut shutting_down = false;
         if self.config.autostart {
             self.start_slots(None);
-            self.schedule_bind_retry(0);
         }
         self.publish();
         let mut queue_check = tokio::time::interval(QUEUE_CHECK_EVERY);
@@ -437,7 +436,7 @@ impl Program {
                     .get(i)
                     .map_or_else(|| "a listening socket".to_string(), |a| a.to_string());
                 warning = Some(format!(
-                    "{addr}: {queued} connection(s) waiting in the accept queue for {}s while the program runs: is the worker accepting on the socket zdt passes (fd 3, LISTEN_FDS)? A server that binds its own socket (gunicorn --reuse-port, a fixed port) never sees them",
+                    "{addr}: {queued} connection(s) waiting in the accept queue for {}s while the program runs: is the worker accepting on the socket zdt passes (fd 3, LISTEN_FDS)? A server that binds its own socket (gunicorn --reuse-port, a fixed port) never sees them (or the worker is saturated)",
                     (QUEUE_CHECK_EVERY * *ticks).as_secs()
                 ));
             }
@@ -446,6 +445,13 @@ impl Program {
             tracing::warn!(program = %self.config.name, "{}", warning.as_deref().unwrap_or_default());
         }
         self.socket_warning = warning;
+    }
+
+    /// A new generation took over: the accept queues are judged afresh (the
+    /// old generation's warning is not the new one's).
+    fn forget_queue_checks(&mut self) {
+        self.queued_ticks.clear();
+        self.socket_warning = None;
     }
 
     /// With a bind error and `autostart`, tries the bind again after a
@@ -463,6 +469,10 @@ impl Program {
 
     fn on_bind_retry(&mut self) {
         let tries = self.bind_retry.take().map_or(0, |(_, n)| n);
+        if !self.config.autostart {
+            // A reload turned autostart off meanwhile.
+            return;
+        }
         if self.rebind() {
             tracing::info!(program = %self.config.name, tries, "bound after a bind error; starting");
             self.start_slots(None);
@@ -625,6 +635,9 @@ impl Program {
             })
         });
         self.set_sockets(sockets, &config);
+        if self.bind_error.is_none() || !config.autostart {
+            self.bind_retry = None;
+        }
         if overlap {
             self.config = *config;
             self.resize_slots();
@@ -672,7 +685,11 @@ impl Program {
             return;
         }
         self.supersede(&slots, "restart");
-        let old = self.generation;
+        let old = slots
+            .iter()
+            .map(|&i| self.slots[i].current_gen())
+            .max()
+            .unwrap_or(self.generation);
         self.generation += 1;
         let gen = self.generation;
         let rolling = self.config.strategy == config::Strategy::Rolling;
@@ -734,12 +751,9 @@ impl Program {
             for &t in &slots {
                 self.slots[t].abort_replace(&self.config);
             }
-            self.generation = self
-                .slots
-                .iter()
-                .map(Slot::current_gen)
-                .max()
-                .unwrap_or(gen);
+            // The generation number is not taken back: the aborted
+            // candidates are still being stopped under it, and the next
+            // start must not be mistaken for them.
             let switched = slots.len() - todo.len();
             let mut kept = if switched == 0 {
                 "the old generation keeps serving".to_string()
@@ -771,6 +785,7 @@ impl Program {
             if let Some(&s) = todo.first() {
                 if self.slots[s].ready_to_switch() {
                     self.slots[s].switch(&self.config);
+                    self.forget_queue_checks();
                     todo.remove(0);
                     self.ops[index].progress(format!(
                         "{name}:{s}: gen {gen} ready in {ms} ms; old generation stopping"
@@ -782,12 +797,17 @@ impl Program {
                 }
             }
         } else if !todo.is_empty() && todo.iter().all(|&s| self.slots[s].ready_to_switch()) {
+            let old = todo
+                .iter()
+                .map(|&s| self.slots[s].current_gen())
+                .max()
+                .unwrap_or(0);
             for &s in &todo {
                 self.slots[s].switch(&self.config);
             }
+            self.forget_queue_checks();
             self.ops[index].progress(format!(
-                "{name}: gen {gen}: {n}/{n} ready in {ms} ms; gen {}: stopping",
-                gen - 1,
+                "{name}: gen {gen}: {n}/{n} ready in {ms} ms; gen {old}: stopping",
                 n = todo.len()
             ));
             todo.clear();
@@ -888,7 +908,10 @@ impl Program {
         let selected = self.select(instance).unwrap_or_default();
         if selected.iter().any(|&i| !self.slots[i].wants_running()) {
             self.generation += 1;
-            self.rebind();
+            self.forget_queue_checks();
+            if !self.rebind() && self.bind_retry.is_none() {
+                self.schedule_bind_retry(0);
+            }
         }
         for &i in &selected {
             if !self.slots[i].wants_running() {
