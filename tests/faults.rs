@@ -242,11 +242,30 @@ fn served_client(port: u16) -> TcpStream {
 /// neither refused nor reset) and is served once an earlier one closes.
 #[test]
 fn max_connections_makes_accept_wait_not_fail() {
+    max_connections_hold(false);
+}
+
+/// A reload replaces the program's proxy: connections opened before it still
+/// count against the same limit.
+#[test]
+fn max_connections_counts_connections_from_before_a_reload() {
+    max_connections_hold(true);
+}
+
+fn max_connections_hold(reload_between: bool) {
     let port = free_port();
     let d = Daemon::start(&proxied(port, "max_connections = 2"));
     d.wait_state("web", 0, Running, T);
     let first = served_client(port);
     let second = served_client(port);
+    if reload_between {
+        d.write_config(&proxied(
+            port,
+            "max_connections = 2\nenvironment = { ROUND = \"2\" }",
+        ));
+        let out = d.ctl(&["reload"]);
+        assert!(out.status.success(), "{out:?}");
+    }
     let mut third = TcpStream::connect(("127.0.0.1", port)).expect("connect the third");
     third
         .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")

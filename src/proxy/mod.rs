@@ -308,6 +308,10 @@ pub struct RouteTable {
     routes: watch::Sender<Arc<Routes>>,
     /// Set by `zdtctl drain`: every new request gets 503 at once.
     draining: Arc<AtomicBool>,
+    /// `max_connections` per listening socket (by the socket's inode, its
+    /// permit count, the semaphore): kept across the proxies a reload
+    /// replaces, so connections from before a reload still count.
+    limits: Mutex<Vec<(u64, usize, Arc<Semaphore>)>>,
 }
 
 impl Default for RouteTable {
@@ -322,7 +326,30 @@ impl RouteTable {
         Self {
             routes: watch::channel(Arc::new(Routes::default())).0,
             draining: Arc::new(AtomicBool::new(false)),
+            limits: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The connection limit of the listening socket `fd`, `max` permits: the
+    /// one earlier proxies of this program used (resized), or a new one.
+    fn limit_for(&self, fd: &OwnedFd, max: usize) -> Arc<Semaphore> {
+        let inode =
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd)).map_or(0, |st| st.st_ino);
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, was, sem)) = limits.iter_mut().find(|(i, _, _)| *i == inode) {
+            if max > *was {
+                sem.add_permits(max - *was);
+            } else {
+                // Only free permits can go; the rest go as connections close
+                // (close enough for a limit a reload lowered).
+                sem.forget_permits(*was - max);
+            }
+            *was = max;
+            return sem.clone();
+        }
+        let sem = Arc::new(Semaphore::new(max));
+        limits.push((inode, max, sem.clone()));
+        sem
     }
 
     /// Starts or ends a drain: while draining, new requests get 503 at once.
@@ -453,8 +480,9 @@ pub fn start(
         return Err(std::io::Error::other("no proxy thread could be started"));
     }
     for fd in sockets {
-        // Shared by the socket's accept loops on every thread.
-        let slots = Arc::new(Semaphore::new(max_connections));
+        // Shared by the socket's accept loops on every thread, and with the
+        // proxies of this program before this one.
+        let slots = table.limit_for(fd, max_connections);
         for rt in threads {
             // Registered with that thread's reactor.
             let _in = rt.enter();
