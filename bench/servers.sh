@@ -286,6 +286,7 @@ recommended() { # recommended SERVER
     ok*/*) echo "pass" ;;
     */ok*) [ "$1" = php ] && echo "proxy (only mode)" || echo "proxy" ;;
     /) echo "-" ;;
+    */) echo "not pass (proxy not run)" ;;
     *) echo "none measured clean" ;;
   esac
 }
