@@ -114,6 +114,33 @@ pub fn accept_queue_len(fd: &OwnedFd) -> Option<u32> {
     (rc == 0 && info.tcpi_state == 10).then_some(info.tcpi_unacked)
 }
 
+/// The connections waiting in the accept queue of the TCP listener on
+/// `port` (IPv6 when `v6`), as their remote `address:port` in the kernel's
+/// notation: the ESTABLISHED sockets of that local port that no process holds
+/// yet (inode 0 in /proc/net/tcp). A connection stays there, even after its
+/// client gave up, until it is accepted.
+pub fn unaccepted(port: u16, v6: bool) -> Vec<String> {
+    let file = if v6 {
+        "/proc/net/tcp6"
+    } else {
+        "/proc/net/tcp"
+    };
+    let Ok(table) = std::fs::read_to_string(file) else {
+        return Vec::new();
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            // 01 is ESTABLISHED.
+            let peer = (*f.get(2)?).to_string();
+            (local_port == port && *f.get(3)? == "01" && *f.get(9)? == "0").then_some(peer)
+        })
+        .collect()
+}
+
 /// Every listening socket zdt owns, by address. The supervisor and the
 /// program actors hold clones: the supervisor binds what a config or a
 /// reload asks for (all of a reload's new addresses before anything

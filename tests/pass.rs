@@ -654,3 +654,87 @@ fn a_restart_that_fixes_the_socket_passes_strict() {
     assert!(out.status.success(), "{out:?}");
     assert!(d.status()[0].socket_warning.is_none());
 }
+
+/// A worker that accepts, but slower than clients come (one connection at a
+/// time, 20 ms each, 16 clients): its queue is never empty, yet it is served
+/// from. That is a busy worker, not a socket nobody accepts on: no warning.
+#[test]
+fn a_busy_worker_with_a_full_queue_is_not_reported() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let script = "import socket,time\ns=socket.socket(fileno=3)\nwhile True:\n c,_=s.accept()\n c.recv(65536)\n time.sleep(0.02)\n c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok')\n c.close()\n";
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.web]\ncommand = [\"python3\", \"-c\", {script:?}]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\n"
+            )),
+    );
+    d.wait_state("web", 0, Running, T);
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                    let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+                    let mut buf = Vec::new();
+                    if c.read_to_end(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Watch for longer than the warning needs (3 s of a queue that never
+    // shrinks), while the queue is full and being served.
+    let t0 = Instant::now();
+    let mut max_queue_seen = 0;
+    while t0.elapsed() < Duration::from_secs(5) {
+        let s = d.status();
+        assert!(
+            s[0].socket_warning.is_none(),
+            "a busy worker was reported: {:?}",
+            s[0].socket_warning
+        );
+        max_queue_seen = max_queue_seen.max(queue_len(port));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.join();
+    }
+    assert!(
+        served.load(Ordering::Relaxed) > 50,
+        "the worker served too little"
+    );
+    assert!(
+        max_queue_seen > 0,
+        "the queue was never full: the test shows nothing"
+    );
+}
+
+/// Connections waiting in the accept queue of the listener on `port`
+/// (`ss`'s Recv-Q for a listening socket, read from /proc/net/tcp).
+fn queue_len(port: u16) -> u32 {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            // State 0A is LISTEN; tx_queue:rx_queue, rx is the accept queue.
+            (local_port == port && *f.get(3)? == "0A")
+                .then(|| u32::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok())
+                .flatten()
+        })
+        .max()
+        .unwrap_or(0)
+}

@@ -289,9 +289,10 @@ struct Program {
     /// With `autostart`, a failed bind is tried again at this time; the
     /// count is the number of tries so far (for the backoff).
     bind_retry: Option<(tokio::time::Instant, u32)>,
-    /// Pass mode: per socket, how many checks in a row found connections
-    /// waiting in its accept queue while an instance was RUNNING.
-    queued_ticks: Vec<u32>,
+    /// Pass mode: per socket, the connections waiting in its accept queue
+    /// while an instance was RUNNING, each with the number of checks in a
+    /// row that found it there.
+    queued_ticks: Vec<Vec<(String, u32)>>,
     /// Set when one socket's queue stayed non-empty (see [`QUEUE_CHECKS`]).
     socket_warning: Option<String>,
     /// Proxy mode: the component accepting on the sockets; routes are
@@ -306,9 +307,13 @@ struct Program {
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
 }
 
-/// How often pass-mode accept queues are looked at.
+/// How often pass-mode accept queues are looked at (the queue's length, a
+/// getsockopt; only when it is not empty, which connections wait).
 const QUEUE_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Checks in a row with connections waiting before it is reported.
+/// Checks in a row one connection must be found waiting before it is
+/// reported. A busy worker takes queued connections in turn; one that never
+/// accepts leaves the same ones there (Linux keeps even a connection its
+/// client closed queued until it is accepted).
 const QUEUE_CHECKS: u32 = 3;
 
 /// Resolves at `at`, never when None.
@@ -423,21 +428,33 @@ impl Program {
             .slots
             .iter()
             .any(|s| s.state() == InstanceState::Running);
-        self.queued_ticks.resize(self.sockets.len(), 0);
+        self.queued_ticks.resize_with(self.sockets.len(), Vec::new);
         let mut warning = None;
         for (i, fd) in self.sockets.iter().enumerate() {
+            let waiting = &mut self.queued_ticks[i];
             let queued = crate::listen::accept_queue_len(fd).unwrap_or(0);
-            let ticks = &mut self.queued_ticks[i];
-            *ticks = if running && queued > 0 { *ticks + 1 } else { 0 };
-            if *ticks >= QUEUE_CHECKS && warning.is_none() {
-                let addr = self
-                    .config
-                    .listen
-                    .get(i)
-                    .map_or_else(|| "a listening socket".to_string(), |a| a.to_string());
+            let Some(config::ListenAddr::Tcp(addr)) = self.config.listen.get(i) else {
+                continue;
+            };
+            if !running || queued == 0 {
+                waiting.clear();
+                continue;
+            }
+            // Which connections wait, and for how many checks: a busy worker
+            // takes them in turn, one nobody accepts on leaves them there.
+            let now = crate::listen::unaccepted(addr.port(), addr.is_ipv6());
+            waiting.retain(|(peer, _)| now.contains(peer));
+            for peer in now {
+                match waiting.iter_mut().find(|(p, _)| *p == peer) {
+                    Some((_, ticks)) => *ticks += 1,
+                    None => waiting.push((peer, 1)),
+                }
+            }
+            let oldest = waiting.iter().map(|(_, t)| *t).max().unwrap_or(0);
+            if oldest >= QUEUE_CHECKS && warning.is_none() {
                 warning = Some(format!(
-                    "{addr}: {queued} connection(s) waiting in the accept queue for {}s while the program runs: is the worker accepting on the socket zdt passes (fd 3, LISTEN_FDS)? A server that binds its own socket (gunicorn --reuse-port, a fixed port) never sees them (or the worker is saturated)",
-                    (QUEUE_CHECK_EVERY * *ticks).as_secs()
+                    "tcp://{addr}: {queued} connection(s) waiting in the accept queue, one of them for {}s, while the program runs: is the worker accepting on the socket zdt passes (fd 3, LISTEN_FDS)? A server that binds its own socket (gunicorn --reuse-port, a fixed port) never sees them",
+                    (QUEUE_CHECK_EVERY * oldest).as_secs()
                 ));
             }
         }
