@@ -330,3 +330,45 @@ fn an_unbindable_unchanged_program_does_not_block_other_changes() {
     let out = d.ctl(&["reload"]);
     assert!(out.status.success(), "a change to b only: {out:?}");
 }
+
+/// `strategy = "rolling"`: instance 0 switches to the new settings, instance
+/// 1 never gets ready. The program keeps its previous settings: a crash of
+/// instance 1's old worker respawns the old command.
+#[test]
+fn a_rolling_reload_that_fails_halfway_keeps_the_previous_settings() {
+    let p = free_port();
+    let demo = bin("zdt-demo").display().to_string();
+    let prog = |script: &str, extra: &str| {
+        format!(
+            "[program.web]\ncommand = [\"sh\", \"-c\", {script:?}]\nlisten = [\"tcp://127.0.0.1:{p}\"]\nready = {{ notify = true }}\nstartsecs = \"0s\"\ninstances = 2\nstrategy = \"rolling\"\nready_timeout = \"1s\"\n{extra}\n"
+        )
+    };
+    let d = Daemon::start(&(header() + &prog(&format!("exec {demo}"), "")));
+    d.wait_state("web", 0, Running, T);
+    let old1 = d.wait_state("web", 1, Running, T).pid.expect("pid");
+    d.write_config(
+        &(header()
+            + &prog(
+                &format!("if [ \"$ZDT_INSTANCE\" = 1 ]; then exec {demo} --never-ready; else exec {demo}; fi"),
+                "environment = { RELEASE = \"new\" }",
+            )),
+    );
+    let out = d.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("previous settings"), "{text}");
+    assert_eq!(d.instance("web", 1).pid, Some(old1));
+    kill(old1, libc::SIGKILL);
+    let again = wait_for("instance 1 respawned with the previous settings", T, || {
+        let i = d.instance("web", 1);
+        match (i.pid, i.state) {
+            (Some(pid), Running) if pid != old1 => Ok(pid),
+            _ => Err(format!("{i:?}")),
+        }
+    });
+    let env = std::fs::read(format!("/proc/{again}/environ")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&env).contains("RELEASE=new"),
+        "respawned with the rejected settings"
+    );
+}

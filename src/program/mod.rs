@@ -777,10 +777,12 @@ impl Program {
             } else {
                 format!("{switched} instance(s) already switched stay on gen {gen}; the others keep serving")
             };
-            // A reload's change that went live nowhere is undone whole, so a
-            // crash of an old worker respawns it as it was, not as rejected.
+            // A reload's change is undone, so a crash of an old worker
+            // respawns it as it was, not as rejected. (With `rolling`, the
+            // instances already switched run the new settings until they
+            // next restart; every start from now on uses the previous ones.)
             let previous = match &mut self.ops[index].kind {
-                OpKind::Replace { previous, .. } if switched == 0 => previous.take(),
+                OpKind::Replace { previous, .. } => previous.take(),
                 _ => None,
             };
             let reverted = previous.is_some();
@@ -789,7 +791,11 @@ impl Program {
                 self.set_sockets(Ok(sockets), &config);
                 self.config = config;
                 self.resize_slots();
-                kept.push_str(" with its previous settings");
+                kept.push_str(if switched == 0 {
+                    " with its previous settings"
+                } else {
+                    " until they next restart; the program keeps its previous settings"
+                });
             }
             return Some(Err(OpError {
                 message: format!("{name}: restart failed: {why}; {kept}"),
