@@ -10,6 +10,9 @@
 //! nowhere. What it cannot follow (an upgrade, CONNECT, a head hyper will
 //! refuse anyway) ends the watching for that connection.
 
+#[doc(hidden)]
+pub mod fuzz;
+
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
