@@ -62,6 +62,7 @@ for t in "${targets[@]}"; do
     failed+=("$t")
   fi
 done
+echo "fuzz: $((${#targets[@]} - ${#failed[@]})) passed, ${#failed[@]} failed"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: crashes in: ${failed[*]} (inputs in $PWD/artifacts/)" >&2
   exit 1
