@@ -62,6 +62,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fds;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod instance;
 pub mod listen;
 pub mod logs;

@@ -198,6 +198,20 @@ pub(super) fn friendly(message: &str) -> String {
         .replace("expected struct RawFile", "expected a configuration file")
 }
 
+/// What is wrong with the character at byte `offset` of `text`, for a
+/// syntax error toml gives no message for.
+fn unexpected_char(text: &str, offset: usize) -> String {
+    match text.get(offset..).and_then(|rest| rest.chars().next()) {
+        Some(c) if c.is_control() => format!(
+            "control character U+{:04X} is not allowed here (in a string, write it as \\u{:04X})",
+            u32::from(c),
+            u32::from(c)
+        ),
+        Some(c) => format!("unexpected character {c:?}"),
+        None => "unexpected end of file".to_string(),
+    }
+}
+
 /// Reads the file at `path`; returns its absolute path and its text.
 pub(super) fn read(path: &Path) -> Result<(PathBuf, String), ConfigError> {
     let abs = if path.is_absolute() {
@@ -226,7 +240,12 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         |offset: usize, msg: String| ConfigError::at(file.to_path_buf(), text, offset, msg);
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
-        err_at(offset, friendly(e.message().trim_end()))
+        let message = match e.message().trim_end() {
+            // toml says nothing about a control character in a comment.
+            "" => unexpected_char(text, offset),
+            m => friendly(m),
+        };
+        err_at(offset, message)
     })?;
     let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let resolve = |p: &str| -> PathBuf {

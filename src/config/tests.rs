@@ -511,3 +511,15 @@ fn max_connections_is_a_positive_count_for_proxied_programs() {
         "needs mode = \"proxy\"",
     );
 }
+
+#[test]
+fn a_control_character_outside_a_string_is_named() {
+    // toml gives no message for these; "FILE:1:10: " alone said nothing.
+    assert_bad(
+        "# a comment\x01\n",
+        1,
+        12,
+        "control character U+0001 is not allowed here",
+    );
+    assert_bad("[supervisor]\n#\0\n", 2, 2, "U+0000");
+}

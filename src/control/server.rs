@@ -184,7 +184,7 @@ async fn refuse(mut stream: UnixStream, error: ErrorBody) {
 
 /// Reads one line of at most `max` bytes. Ok(None) at EOF; Err(too_large) if
 /// the line is longer (nothing beyond `max` is buffered).
-async fn read_line<R: AsyncBufReadExt + Unpin>(
+pub(crate) async fn read_line<R: AsyncBufReadExt + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     max: usize,
@@ -287,7 +287,7 @@ async fn client(
     }
 }
 
-fn parse(line: &[u8]) -> Result<Request, ErrorBody> {
+pub(crate) fn parse(line: &[u8]) -> Result<Request, ErrorBody> {
     let value: serde_json::Value = serde_json::from_slice(line)
         .map_err(|e| ErrorBody::new("bad_request", format!("invalid JSON: {e}")))?;
     let version = value.get("version").and_then(serde_json::Value::as_u64);

@@ -20,6 +20,9 @@
 //! cannot follow (a head longer than hyper takes) ends the watching for that
 //! connection: hyper refuses such a head anyway.
 
+#[doc(hidden)]
+pub mod fuzz;
+
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

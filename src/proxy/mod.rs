@@ -48,6 +48,9 @@ mod workers;
 pub use addr::PrivateAddr;
 pub use workers::set_threads;
 
+/// The parsers the fuzz targets call ([`crate::fuzz`]).
+pub(crate) use {framing::fuzz as framing_fuzz, relay::fuzz as relay_fuzz};
+
 use std::convert::Infallible;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -16,6 +16,9 @@
 //! the thread's spares while it waits for its next request, and the state of
 //! a request is boxed while it runs, so the connection's task stays small.
 
+#[doc(hidden)]
+pub mod fuzz;
+
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
