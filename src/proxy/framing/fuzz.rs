@@ -8,7 +8,12 @@ pub struct Watcher(Framing<()>);
 
 impl Default for Watcher {
     fn default() -> Self {
-        Self(Framing::with_prefix((), bytes::BytesMut::new()))
+        Self(Framing::with_prefix(
+            (),
+            bytes::BytesMut::new(),
+            None,
+            super::MAX_LINE,
+        ))
     }
 }
 
@@ -16,7 +21,7 @@ impl Watcher {
     /// Follows the bytes just read; may change the last byte of a head.
     pub fn feed(&mut self, buf: &mut [u8]) {
         if self.0.state != State::Off {
-            self.0.feed(buf);
+            let _ = self.0.feed(buf);
         }
     }
 
