@@ -391,6 +391,21 @@ enum Parsed {
     Elsewhere,
 }
 
+/// Whether every byte of an origin-form target is one hyper's URI parser
+/// (the `http` crate) takes: in the path, the URL standard's path bytes plus
+/// `"`, `{` and `}`; after the first `?`, its query bytes. No `#` (hyper
+/// drops a fragment) and nothing beyond ASCII. Found by fuzz/relay_head: a
+/// target httparse takes and hyper refuses must go to the hyper path.
+fn uri_chars_only(target: &[u8]) -> bool {
+    let path_byte = |b: u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E | b'"' | b'{' | b'}');
+    let query_byte = |b: u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E);
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(q) => (&target[..q], &target[q + 1..]),
+        None => (target, &[][..]),
+    };
+    path.iter().all(|&b| path_byte(b)) && query.iter().all(|&b| query_byte(b) && b != b'#')
+}
+
 /// Parses a request head in `buf` and writes its upstream form into `out`,
 /// without the blank line that ends it (Host may still be added).
 fn parse_request(
@@ -418,16 +433,13 @@ fn parse_request(
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Elsewhere;
     };
-    // hyper refuses a target with bytes beyond ASCII or with `<`, `>` or a
-    // backquote (400: not URI characters, though httparse takes them) or
-    // longer than 65534 (414), and drops a fragment: all of that is the
-    // hyper path's (found by fuzz/relay_head).
+    // hyper refuses a target with bytes beyond ASCII or that are no URI
+    // characters (400, though httparse takes them) or longer than 65534
+    // (414), and drops a fragment: all of that is the hyper path's.
     if method == "CONNECT"
         || !target.starts_with('/')
         || target.len() > 65534
-        || target
-            .bytes()
-            .any(|b| matches!(b, b'#' | b'<' | b'>' | b'`') || !b.is_ascii())
+        || !uri_chars_only(target.as_bytes())
     {
         return Parsed::Elsewhere;
     }
@@ -1654,10 +1666,22 @@ mod tests {
             // Not URI characters: hyper's to refuse (found by fuzzing).
             "GET /<a> HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /`id` HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a?x=\"y\" HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert!(
                 matches!(request(elsewhere).0, Parsed::Elsewhere),
                 "{elsewhere:?}"
+            );
+        }
+        // What hyper takes stays on the relay: `"` and braces in a path, a
+        // backquote and `|` in a query.
+        for relayed in [
+            "GET /a\"{b}\" HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a?b=`c`|d HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(
+                matches!(request(relayed).0, Parsed::Request(_)),
+                "{relayed:?}"
             );
         }
         // Longer than max_header_bytes, complete or not: hyper answers 431.
