@@ -220,11 +220,18 @@ static RECORDER: OnceLock<mpsc::UnboundedSender<Msg>> = OnceLock::new();
 pub fn start_recorder(path: PathBuf) {
     let (tx, rx) = mpsc::unbounded_channel();
     if RECORDER.set(tx).is_ok() {
-        tokio::spawn(record_loop(path, rx));
+        // A thread of its own: it scans /proc and writes a file, which must
+        // not hold a runtime thread.
+        let spawned = std::thread::Builder::new()
+            .name("zdt-pgroups".into())
+            .spawn(move || record_loop(path, rx));
+        if let Err(e) = spawned {
+            tracing::warn!(cause = %e, "cannot start the process-group recorder; a zdt killed with SIGKILL may leave workers' children running");
+        }
     }
 }
 
-async fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
+fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let boot = boot_id();
     // pgid → (entry, its worker task has ended).
     let mut groups: BTreeMap<u32, (Entry, bool)> = BTreeMap::new();
@@ -248,7 +255,7 @@ async fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
         }
         // Some group outlived its worker: the file stays for the next zdt.
         drop(closing.take());
-        let Some(msg) = rx.recv().await else {
+        let Some(msg) = rx.blocking_recv() else {
             return;
         };
         let mut apply = |msg| match msg {
