@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zdt::state::InstanceState::*;
 
@@ -27,25 +27,13 @@ fn proxied(port: u16, extra: &str) -> String {
 /// Runs `zdtctl ARGS`; None if it has not finished within `limit` (it is
 /// then killed).
 fn ctl_within(d: &Daemon, args: &[&str], limit: Duration) -> Option<Output> {
-    let mut child = Command::new(bin("zdtctl"))
-        .arg("-c")
+    let mut cmd = Command::new(bin("zdtctl"));
+    cmd.arg("-c")
         .arg(&d.config)
         .args(args)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run zdtctl");
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if child.try_wait().expect("wait zdtctl").is_some() {
-            return Some(child.wait_with_output().expect("zdtctl output"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
+        .stderr(Stdio::piped());
+    output_within(&mut cmd, limit)
 }
 
 /// How many fds process `pid` has open.

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zdt::state::{InstanceSnapshot, InstanceState::*, ProgramSnapshot};
 
@@ -142,23 +142,10 @@ fn tail_follow_streams_new_output() {
 /// Runs zdtctl with `args`; fails the test if it has not answered within
 /// `T` (zdt frozen) instead of hanging with it.
 fn ctl_within(args: &[&str]) -> Output {
-    let mut child = Command::new(bin("zdtctl"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run zdtctl");
-    let deadline = Instant::now() + T;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("zdtctl {args:?} got no answer within {T:?}: zdt is frozen");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("zdtctl output")
+    let mut cmd = Command::new(bin("zdtctl"));
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    output_within(&mut cmd, T)
+        .unwrap_or_else(|| panic!("zdtctl {args:?} got no answer within {T:?}: zdt is frozen"))
 }
 
 /// `zdtctl --json status` on `socket`, within `T`.

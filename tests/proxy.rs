@@ -28,6 +28,18 @@ fn serving(port: u16, args: &[&str], extra: &str) -> (Daemon, u32) {
     (d, pid)
 }
 
+/// Waits until `load` has had 200 more requests answered.
+fn load_progress(load: &Load, what: &str) {
+    let before = load.ok_so_far();
+    wait_for(what, T, || {
+        if load.ok_so_far() > before + 200 {
+            Ok(())
+        } else {
+            Err("slow".into())
+        }
+    });
+}
+
 /// Restarts `program` `restarts` times under 64 clients (32 keep-alive, 32
 /// with a new connection per request; handlers of 0, 20 and 200 ms) and
 /// asserts that not one request failed and every generation served.
@@ -43,16 +55,7 @@ fn restart_under_load(d: &Daemon, program: &str, port: u16, restarts: usize) {
 
 fn restart_under(d: &Daemon, program: &str, port: u16, restarts: usize, load: Load) {
     wait_for("the proxy to answer", T, || http_get(port, "/"));
-    let wait_load = |what: &str| {
-        let before = load.ok_so_far();
-        wait_for(what, T, || {
-            if load.ok_so_far() > before + 200 {
-                Ok(())
-            } else {
-                Err("slow".into())
-            }
-        });
-    };
+    let wait_load = |what: &str| load_progress(&load, what);
     for i in 0..restarts {
         wait_load("load between restarts");
         let out = d.ctl(&["restart", program]);
@@ -291,16 +294,7 @@ fn reloads_that_change_a_proxied_program_fail_zero_requests() {
     let port = free_port();
     let (d, _) = serving(port, &[], "");
     let load = Load::start(port, 16, 4, &[0, 0, 20]);
-    let wait_load = |what: &str| {
-        let before = load.ok_so_far();
-        wait_for(what, T, || {
-            if load.ok_so_far() > before + 200 {
-                Ok(())
-            } else {
-                Err("slow".into())
-            }
-        });
-    };
+    let wait_load = |what: &str| load_progress(&load, what);
     for i in 0..3 {
         wait_load("load before the reload");
         d.write_config(
@@ -340,14 +334,7 @@ fn renaming_a_proxied_program_on_the_same_address_fails_zero_requests() {
     let port = free_port();
     let (d, _) = serving(port, &[], "");
     let load = Load::start(port, 16, 4, &[0, 0, 20]);
-    let before = load.ok_so_far();
-    wait_for("load before the rename", T, || {
-        if load.ok_so_far() > before + 200 {
-            Ok(())
-        } else {
-            Err("slow".into())
-        }
-    });
+    load_progress(&load, "load before the rename");
     d.write_config(&(header() + &proxy_program("site", port, &[], "")));
     let out = d.ctl(&["reload"]);
     assert!(out.status.success(), "{out:?}");
@@ -366,14 +353,7 @@ fn renaming_a_proxied_program_on_the_same_address_fails_zero_requests() {
             _ => Err(format!("{s:?}")),
         }
     });
-    let after = load.ok_so_far();
-    wait_for("load after the rename", T, || {
-        if load.ok_so_far() > after + 200 {
-            Ok(())
-        } else {
-            Err("slow".into())
-        }
-    });
+    load_progress(&load, "load after the rename");
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
     let r = d.requests("site");

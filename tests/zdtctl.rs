@@ -3,7 +3,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use zdt::state::InstanceState::*;
 
@@ -20,21 +20,8 @@ fn closed_stdout() -> Stdio {
 
 /// Runs zdtctl; fails the test if it does not end within `T`.
 fn run_within(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run zdtctl");
-    let deadline = Instant::now() + T;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not end within {T:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("zdtctl output")
+    cmd.stderr(Stdio::piped());
+    output_within(cmd, T).unwrap_or_else(|| panic!("{cmd:?} did not end within {T:?}"))
 }
 
 #[test]

@@ -105,6 +105,27 @@ pub fn header() -> String {
     "[supervisor]\ncontrol = \"run/zdt.sock\"\nlog_dir = \"logs\"\n\n".to_string()
 }
 
+/// Runs `cmd` (stdin closed; stdout and stderr as the caller set them) and
+/// returns its output, or None if it has not ended within `limit` (it is
+/// then killed). The output is read while waiting, so a large one cannot
+/// stall the command and pass for a hang.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Option<Output> {
+    let child = cmd.stdin(Stdio::null()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Some(out.expect("command output")),
+        Err(_) => {
+            kill(pid, libc::SIGKILL);
+            let _ = rx.recv();
+            None
+        }
+    }
+}
+
 /// A `[program.NAME]` table running the demo worker with `args`.
 pub fn demo_program(name: &str, args: &[&str], extra: &str) -> String {
     let mut argv = vec![format!("{:?}", bin("zdt-demo").display().to_string())];
