@@ -597,7 +597,7 @@ fn a_socket_nobody_accepts_on_is_reported() {
     let d = Daemon::start(
         &(header()
             + &format!(
-                "[program.web]\ncommand = [\"sh\", \"-c\", \"trap '' TERM; sleep 1000\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\nmax_wait = \"6s\"\n"
+                "[program.web]\ncommand = [\"sh\", \"-c\", \"trap '' TERM; sleep 1000\"]\nlisten = [\"tcp://127.0.0.1:{port}\"]\nstartsecs = \"0s\"\nmax_wait = \"9s\"\n"
             )),
     );
     d.wait_state("web", 0, Running, T);
@@ -692,11 +692,11 @@ fn a_busy_worker_with_a_full_queue_is_not_reported() {
             })
         })
         .collect();
-    // Watch for longer than the warning needs (3 s of a queue that never
-    // shrinks), while the queue is full and being served.
+    // Watch for longer than the warning needs (one connection waiting 5 s),
+    // while the queue is full and being served.
     let t0 = Instant::now();
     let mut max_queue_seen = 0;
-    while t0.elapsed() < Duration::from_secs(5) {
+    while t0.elapsed() < Duration::from_secs(7) {
         let s = d.status();
         assert!(
             s[0].socket_warning.is_none(),
@@ -737,4 +737,32 @@ fn queue_len(port: u16) -> u32 {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// While a new generation starts beside the old one, each row of status
+/// names its own process's generation (the old row said N+1 with the old pid).
+#[test]
+fn status_during_a_restart_shows_each_process_with_its_generation() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &pass_program("web", port, &["--start-delay", "1500"], "")));
+    let old = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    let restart = d.ctl_in_background(&["restart", "web"]);
+    let rows = wait_for("two rows while the new generation starts", T, || {
+        let rows = d.status()[0].instances.clone();
+        if rows.len() == 2 {
+            Ok(rows)
+        } else {
+            Err(format!("{rows:?}"))
+        }
+    });
+    let running = rows
+        .iter()
+        .find(|r| r.pid == Some(old))
+        .expect("the old row");
+    assert_eq!(running.generation, 1, "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r.generation == 2 && r.pid != Some(old)),
+        "{rows:?}"
+    );
+    assert!(restart.join().expect("join").status.success());
 }

@@ -311,10 +311,12 @@ struct Program {
 /// getsockopt; only when it is not empty, which connections wait).
 const QUEUE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Checks in a row one connection must be found waiting before it is
-/// reported. A busy worker takes queued connections in turn; one that never
-/// accepts leaves the same ones there (Linux keeps even a connection its
-/// client closed queued until it is accepted).
-const QUEUE_CHECKS: u32 = 3;
+/// reported (5 s: the queue is first in, first out, so that long without a
+/// single accept; a pause of a busy worker, a GC or a starved CPU, stays
+/// well below). A busy worker takes queued connections in turn; one that
+/// never accepts leaves the same ones there (Linux keeps even a connection
+/// its client closed queued until it is accepted).
+const QUEUE_CHECKS: u32 = 5;
 
 /// Resolves at `at`, never when None.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {

@@ -952,7 +952,9 @@ impl Slot {
         InstanceSnapshot {
             program: program.to_string(),
             instance: self.index as u32,
-            generation: self.gen,
+            // The running process's own generation: while a new one starts
+            // beside it (its own row), this row is still the old one.
+            generation: self.proc.as_ref().map_or(self.gen, |p| p.gen),
             state: self.state,
             pid: self.proc.as_ref().and_then(|p| p.pid),
             since_ms: self.since_ms,
