@@ -194,11 +194,15 @@ fn next_zdt_kills_worker_children_left_by_a_killed_zdt() {
     );
     // The new zdt records its own worker; a clean exit removes the file.
     let file = d.path("run/zdt.sock.pgroups");
-    let text = std::fs::read_to_string(&file).expect("state file");
-    assert!(
-        text.contains(&format!("\n{pid} ")) && text.contains(" web\n"),
-        "{text}"
-    );
+    // (Written by the recorder's thread after the spawn: wait for it.)
+    wait_for("the new worker's group in the state file", T, || {
+        let text = std::fs::read_to_string(&file).map_err(|e| e.to_string())?;
+        if text.contains(&format!("\n{pid} ")) && text.contains(" web\n") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
     d.signal(libc::SIGTERM);
     d.wait_exit(T);
     assert!(!file.exists(), "state file left after a clean exit");
