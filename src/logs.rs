@@ -102,31 +102,6 @@ fn is_own_stream(path: &Path) -> bool {
         || path.starts_with("/proc/self/fd")
 }
 
-/// zdt opens log files as root in folders that may belong to the service's
-/// user (`/var/log/app` owned by www-data): a symlink planted there must not
-/// make zdt append to, or truncate, a file of its choosing. A symlink on the
-/// way is followed only when root or zdt's user owns it, and the file itself
-/// is opened without following one (`O_NOFOLLOW`).
-fn check_links(path: &Path) -> std::io::Result<()> {
-    let me = nix::unistd::geteuid().as_raw();
-    for dir in path.ancestors().skip(1) {
-        match std::fs::symlink_metadata(dir) {
-            Ok(m) if m.file_type().is_symlink() && m.uid() != 0 && m.uid() != me => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!(
-                        "{} is a symlink owned by uid {}: not followed for a log file",
-                        dir.display(),
-                        m.uid()
-                    ),
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Open flags for a log file: never wait, never follow a final symlink
 /// (but zdt's own /dev/stdout and /dev/stderr).
 fn log_flags(path: &Path) -> i32 {
@@ -138,8 +113,13 @@ fn log_flags(path: &Path) -> i32 {
 }
 
 fn open(path: &Path) -> std::io::Result<OpenFile> {
+    // zdt opens log files as root in folders that may belong to the
+    // service's user (`/var/log/app` owned by www-data): a symlink planted
+    // there must not make zdt append to, or truncate, a file of its choosing.
     if !is_own_stream(path) {
-        check_links(path)?;
+        crate::rundir::check_links(path).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+        })?;
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
