@@ -123,6 +123,10 @@ pub struct InstanceSnapshot {
     /// requests cut (proxy mode). None when it drained cleanly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_warning: Option<String>,
+    /// The deploy release this process runs in (its id), for programs with
+    /// a deploy root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
 }
 
 /// Request counters of a proxy-mode program or of one of its processes.

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{self, Config, ProgramConfig};
 use crate::control::proto::{ErrorBody, Outcome, PidEntry, Reply};
 use crate::control::{proto::Command, ControlRequest};
+use crate::deploy;
 use crate::listen;
 use crate::program::{spawn_program, OpError, OpResult, ProgramHandle, ProgramMsg, Sockets};
 use crate::spawn::Spawner;
@@ -87,6 +88,14 @@ fn err(body: ErrorBody) -> Reply {
     Reply::Error { error: body }
 }
 
+/// What a deploy task does.
+enum DeployOrder {
+    /// A new release.
+    Deploy(deploy::run::Request),
+    /// Back to a release (None: the previous good one).
+    Rollback(Option<String>),
+}
+
 /// Verb of an order that acts on instances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Verb {
@@ -142,6 +151,19 @@ impl Supervisor {
         mut requests: mpsc::Receiver<ControlRequest>,
         mut signals: mpsc::Receiver<DaemonSignal>,
     ) {
+        // A deploy that zdt's end interrupted is reported and undone first,
+        // so the programs start on a release that was live before.
+        let roots: std::collections::BTreeSet<PathBuf> = self
+            .config
+            .programs
+            .values()
+            .filter_map(|p| p.deploy.as_ref().map(|d| d.root.clone()))
+            .collect();
+        for root in roots {
+            if let Some(said) = deploy::Layout::new(&root).recover() {
+                tracing::warn!(root = %root.display(), "{said}");
+            }
+        }
         let mut order: Vec<ProgramConfig> = self.config.programs.values().cloned().collect();
         order.sort_by_key(|p| (p.priority, p.name.clone()));
         for cfg in order {
@@ -264,6 +286,24 @@ impl Supervisor {
                 let _ = shutdown.try_send(());
             }
             Command::Reload { allow_empty } => self.reload(replies, allow_empty),
+            Command::Deploy { target, from, base } => {
+                let base = base.map_or_else(|| PathBuf::from("/"), PathBuf::from);
+                self.deploy(
+                    &target,
+                    DeployOrder::Deploy(deploy::run::Request { from, base }),
+                    replies,
+                );
+            }
+            Command::Rollback { target, release } => {
+                self.deploy(&target, DeployOrder::Rollback(release), replies);
+            }
+            Command::Releases { target } => reply_now(match self.deploy_group(&target) {
+                Ok(group) => ok(Outcome::Releases {
+                    root: group.config.root.display().to_string(),
+                    releases: deploy::run::list(&group.config),
+                }),
+                Err(e) => err(e),
+            }),
             Command::Drain { target } => self.drain(&target, true, replies),
             Command::Undrain { target } => self.drain(&target, false, replies),
             Command::Start { target } => self.act(Verb::Start, &target, false, replies),
@@ -328,6 +368,88 @@ impl Supervisor {
                 Err(e) => reply_now(err(e)),
             },
         }
+    }
+
+    /// The programs sharing the deploy root of `target` (one program).
+    fn deploy_group(&self, target: &str) -> Result<deploy::run::Group, ErrorBody> {
+        let list = self.resolve(target)?;
+        let name = match list.as_slice() {
+            [one] if one.instance.is_none() => one.program.clone(),
+            _ => {
+                return Err(ErrorBody::new(
+                    "bad_request",
+                    format!("deploys act on one program; {target:?} is not one program name"),
+                ))
+            }
+        };
+        let config = self
+            .programs
+            .get(&name)
+            .and_then(|e| e.config.deploy.clone())
+            .ok_or_else(|| {
+                ErrorBody::new("bad_request", format!("program {name:?} has no deploy root"))
+                    .with_hint(format!(
+                        "add [program.{name}.deploy] with root = \"/srv/{name}\" to the config, then `zdtctl reload`"
+                    ))
+            })?;
+        let mut members: Vec<deploy::run::Member> = self
+            .programs
+            .values()
+            .filter(|e| {
+                e.config
+                    .deploy
+                    .as_ref()
+                    .is_some_and(|d| d.root == config.root)
+            })
+            .map(|e| deploy::run::Member {
+                handle: e.handle.clone(),
+                config: e.config.clone(),
+            })
+            .collect();
+        members.sort_by(|a, b| {
+            (a.config.priority, &a.config.name).cmp(&(b.config.priority, &b.config.name))
+        });
+        Ok(deploy::run::Group { config, members })
+    }
+
+    /// `deploy` and `rollback`: run in a task of their own; the reply comes
+    /// when the new release serves (or nothing changed).
+    fn deploy(&self, target: &str, order: DeployOrder, replies: mpsc::Sender<Reply>) {
+        let group = match self.deploy_group(target) {
+            Ok(g) => g,
+            Err(e) => {
+                tokio::spawn(async move { send(&replies, err(e)).await });
+                return;
+            }
+        };
+        let spawner = self.spawner.clone();
+        tokio::spawn(async move {
+            let handles: Vec<ProgramHandle> =
+                group.members.iter().map(|m| m.handle.clone()).collect();
+            let mut out = deploy::run::Progress::new(Some(replies.clone()));
+            let result = match order {
+                DeployOrder::Deploy(req) => {
+                    deploy::run::deploy(group, spawner, req, &mut out).await
+                }
+                DeployOrder::Rollback(to) => deploy::run::rollback(group, to, &mut out).await,
+            };
+            let reply = match result {
+                Ok(message) => {
+                    let mut reply = ok(Outcome::Done {
+                        message,
+                        instances: handles
+                            .iter()
+                            .flat_map(|h| h.snapshot().instances)
+                            .collect(),
+                        warnings: Vec::new(),
+                    });
+                    add_drain_warnings(&mut reply, &handles);
+                    reply
+                }
+                Err(e) => err(e),
+            };
+            send(&replies, reply).await;
+        });
     }
 
     /// Proxy programs: start or end answering new requests 503.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 use zdt::control::client::{Client, ClientError};
-use zdt::control::proto::{Command, ErrorBody, Outcome, Reply};
+use zdt::control::proto::{Command, ErrorBody, Outcome, ReleaseRow, Reply};
 use zdt::state::{now_ms, ProgramSnapshot};
 
 #[derive(Parser)]
@@ -109,6 +109,29 @@ enum Cmd {
         /// Accept a configuration with no programs (this stops them all).
         #[arg(long)]
         allow_empty: bool,
+    },
+    /// Deploy a release: fetch SRC into a new release folder, run the build
+    /// hooks, switch `current`, restart every program on the deploy root
+    /// without downtime. Exits 0 once the new release serves.
+    Deploy {
+        /// A program with a deploy root.
+        target: String,
+        /// A folder, a .tar.gz/.tgz/.tar/.zip archive, or git+URL#REF.
+        #[arg(long, value_name = "SRC")]
+        from: String,
+    },
+    /// List the releases of a program's deploy root.
+    Releases {
+        /// A program with a deploy root.
+        target: String,
+    },
+    /// Go back to an earlier release (default: the previous good one),
+    /// without downtime and without a build.
+    Rollback {
+        /// A program with a deploy root.
+        target: String,
+        /// The release id (see `zdtctl releases`).
+        release: Option<String>,
     },
     /// Stop all programs and exit zdt.
     Shutdown,
@@ -229,6 +252,20 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
         Cmd::Reload { allow_empty } => vec![Command::Reload {
             allow_empty: *allow_empty,
         }],
+        Cmd::Deploy { target, from } => vec![Command::Deploy {
+            target: target.clone(),
+            from: from.clone(),
+            base: std::env::current_dir()
+                .ok()
+                .map(|d| d.to_string_lossy().into_owned()),
+        }],
+        Cmd::Releases { target } => vec![Command::Releases {
+            target: target.clone(),
+        }],
+        Cmd::Rollback { target, release } => vec![Command::Rollback {
+            target: target.clone(),
+            release: release.clone(),
+        }],
         Cmd::Shutdown => vec![Command::Shutdown],
         Cmd::Version => vec![Command::Version],
     }
@@ -282,6 +319,9 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
             if i.log_dropped_bytes > 0 {
                 info.push(format!("{} log bytes dropped", i.log_dropped_bytes));
             }
+            if let Some(r) = &i.release {
+                info.push(format!("release {r}"));
+            }
             if let Some(w) = &i.drain_warning {
                 info.push(format!("last drain: {w}"));
             }
@@ -307,18 +347,7 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
             rows.push(row);
         }
     }
-    let cols = rows[0].len();
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(c, v)| format!("{v:<w$}", w = widths[c]))
-            .collect();
-        outln!(out, "{}", line.join("  ").trim_end());
-    }
+    print_table(out, rows);
     for p in programs {
         if let Some(w) = &p.socket_warning {
             outln!(out, "{}: warning: {w}", p.name);
@@ -374,6 +403,71 @@ fn print_outcome(out: &Out, outcome: &Outcome) {
         Outcome::Tail { data } => out.print(data),
         Outcome::Version { version, pid } => outln!(out, "zdt {version} (pid {pid})"),
         Outcome::ShuttingDown => outln!(out, "zdt is stopping all programs and will exit"),
+        Outcome::Releases { root, releases } => print_releases(out, root, releases),
+    }
+}
+
+fn print_releases(out: &Out, root: &str, releases: &[ReleaseRow]) {
+    if releases.is_empty() {
+        outln!(
+            out,
+            "no releases in {root}/releases yet (zdtctl deploy NAME --from SRC)"
+        );
+        return;
+    }
+    let now = now_ms();
+    let mut rows: Vec<Vec<String>> = vec![[
+        "RELEASE", "STATE", "CREATED", "SOURCE", "COMMIT", "BUILD", "SIZE", "INFO",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for r in releases {
+        rows.push(vec![
+            r.id.clone(),
+            r.state.clone(),
+            r.created_ms.map_or("-".into(), |t| {
+                format!("{} ago", fmt_duration(now.saturating_sub(t)))
+            }),
+            r.source.clone().unwrap_or_else(|| "-".into()),
+            r.commit
+                .as_deref()
+                .map_or("-".into(), |c| c.chars().take(12).collect()),
+            r.build_ms
+                .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+            r.size_bytes.map_or("-".into(), human_bytes),
+            r.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    print_table(out, rows);
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..=1023 => format!("{n} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", n as f64 / 1024.0),
+        1_048_576..=1_073_741_823 => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
+    }
+}
+
+/// Prints rows as columns padded to their widest cell.
+fn print_table(out: &Out, rows: Vec<Vec<String>>) {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |v| v.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        outln!(out, "{}", line.join("  ").trim_end());
     }
 }
 

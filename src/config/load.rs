@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::deploy::{self, RawDeploy};
 use super::values::{
     AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
 };
@@ -89,6 +90,7 @@ struct RawProgram {
     forward_headers: Option<bool>,
     protocol: Option<Spanned<String>>,
     upstream: Option<Spanned<String>>,
+    deploy: Option<RawDeploy>,
 }
 
 #[derive(Deserialize, Default)]
@@ -299,6 +301,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let mut programs = BTreeMap::new();
     // Which program names each listen address, to refuse a second one.
     let mut listeners: BTreeMap<ListenAddr, String> = BTreeMap::new();
+    // Each program's deploy table, merged per root once all are read.
+    let mut deploys = BTreeMap::new();
     for (name, p) in raw.program {
         let name_ok = !name.get_ref().is_empty()
             && name.get_ref() != "all"
@@ -634,6 +638,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             "upstream_idle_timeout",
             DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         )?;
+        if let Some(d) = p.deploy {
+            deploys.insert(name.clone(), deploy::parse(d, &resolve, &err_at)?);
+        }
         let cfg = ProgramConfig {
             name: name.clone(),
             command: command.0,
@@ -693,8 +700,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 .control
                 .parent()
                 .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            deploy: None,
         };
         programs.insert(name, cfg);
+    }
+    for (name, d) in deploy::merge_groups(deploys, &err_at)? {
+        if let Some(p) = programs.get_mut(&name) {
+            p.deploy = Some(d);
+        }
     }
     Ok(Config {
         file: file.to_path_buf(),

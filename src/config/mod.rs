@@ -9,10 +9,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use deploy::{DeployConfig, Watch};
 pub use error::ConfigError;
 pub use load::{load, parse};
 pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 
+mod deploy;
 pub mod error;
 mod load;
 #[cfg(test)]
@@ -283,6 +285,9 @@ pub struct ProgramConfig {
     pub upstream: UpstreamKind,
     /// Where zdt puts the workers' unix sockets: the control socket's directory.
     pub socket_dir: PathBuf,
+    /// Releases: `zdtctl deploy` fills `root/releases/<id>` and switches
+    /// `root/current`; each generation runs in the release it resolved.
+    pub deploy: Option<DeployConfig>,
 }
 
 impl ProgramConfig {

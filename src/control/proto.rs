@@ -98,6 +98,30 @@ pub enum Command {
         #[serde(default)]
         allow_empty: bool,
     },
+    /// Deploy a new release to the program's deploy root: fetch, build,
+    /// switch `current`, restart every program on the root.
+    Deploy {
+        /// The program (any program of the root).
+        target: String,
+        /// A folder, an archive, or `git+URL#REF`.
+        from: String,
+        /// The client's working directory, for a relative `from`.
+        #[serde(default)]
+        base: Option<String>,
+    },
+    /// The releases of the program's deploy root.
+    Releases {
+        /// The program.
+        target: String,
+    },
+    /// Go back to an earlier release (default: the previous good one).
+    Rollback {
+        /// The program.
+        target: String,
+        /// The release id.
+        #[serde(default)]
+        release: Option<String>,
+    },
     /// Stop everything and exit.
     Shutdown,
     /// The daemon's version.
@@ -191,6 +215,38 @@ pub enum Outcome {
     },
     /// For `shutdown`: the daemon is stopping.
     ShuttingDown,
+    /// For `releases`.
+    Releases {
+        /// The deploy root.
+        root: String,
+        /// Oldest first.
+        releases: Vec<ReleaseRow>,
+    },
+}
+
+/// One release, for `zdtctl releases`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRow {
+    /// Its id (folder name under `releases/`).
+    pub id: String,
+    /// `live`, `previous` (what `rollback` goes back to), `ready`,
+    /// `failed`, or `building` (a deploy runs).
+    pub state: String,
+    /// Unix time in milliseconds when its deploy began.
+    pub created_ms: Option<u64>,
+    /// What it was deployed from.
+    pub source: Option<String>,
+    /// The git commit, for git sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// How long its build hooks took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
+    /// Bytes in its folder after the build.
+    pub size_bytes: Option<u64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One live instance's pid.

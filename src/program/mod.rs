@@ -376,7 +376,18 @@ impl Program {
         // Backoff timer tasks hold senders; the actor holds the receiver.
         let (timer_tx, mut timers) = mpsc::unbounded_channel::<BackoffDone>();
         let mut shutting_down = false;
-        if self.config.autostart {
+        let undeployed = self
+            .config
+            .deploy
+            .as_ref()
+            .filter(|d| crate::deploy::Release::resolve(&d.root).is_none());
+        if let Some(d) = undeployed {
+            tracing::info!(
+                program = %self.config.name,
+                root = %d.root.display(),
+                "no release deployed yet: the program starts with the first `zdtctl deploy`"
+            );
+        } else if self.config.autostart {
             self.start_slots(None);
         }
         self.publish();

@@ -83,6 +83,8 @@ struct Proc {
     /// Why its start failed, when zdt decided it (not ready in time); its
     /// exit then counts as a failed start for this reason.
     failure: Option<String>,
+    /// The deploy release it runs in (its id), when the program has a deploy root.
+    release: Option<String>,
 }
 
 impl Drop for Proc {
@@ -585,10 +587,26 @@ impl Slot {
                 Some(PrivateAddr::Unix(path))
             }
         };
-        let fill = |s: &String| match &private {
-            Some(PrivateAddr::Tcp(a)) => s.replace("{port}", &a.port().to_string()),
-            Some(PrivateAddr::Unix(p)) => s.replace("{socket}", &p.to_string_lossy()),
-            None => s.clone(),
+        // The release this process runs in, resolved once: a draining
+        // generation keeps reading its own files after `current` switched.
+        let release = cfg
+            .deploy
+            .as_ref()
+            .and_then(|d| crate::deploy::Release::resolve(&d.root));
+        let fill = |s: &String| {
+            let s = match &private {
+                Some(PrivateAddr::Tcp(a)) => s.replace("{port}", &a.port().to_string()),
+                Some(PrivateAddr::Unix(p)) => s.replace("{socket}", &p.to_string_lossy()),
+                None => s.clone(),
+            };
+            match &release {
+                Some(r) => s.replace("{release}", &r.path.to_string_lossy()),
+                None => s,
+            }
+        };
+        let directory = match (&cfg.directory, &release) {
+            (Some(dir), Some(r)) => Some(r.pin(dir, fill(&dir.to_string_lossy().into_owned()))),
+            (dir, _) => dir.clone(),
         };
         if self.started_once {
             self.restarts += 1;
@@ -611,10 +629,17 @@ impl Slot {
         env.push(("ZDT_PROGRAM".into(), cfg.name.clone()));
         env.push(("ZDT_INSTANCE".into(), self.index.to_string()));
         env.push(("ZDT_GENERATION".into(), gen.to_string()));
+        if let Some(r) = &release {
+            env.push(("ZDT_RELEASE".into(), r.id.clone()));
+            env.push((
+                "ZDT_RELEASE_DIR".into(),
+                r.path.to_string_lossy().into_owned(),
+            ));
+        }
         let spec = SpawnSpec {
             argv: cfg.command.iter().map(fill).collect(),
             env,
-            directory: cfg.directory.clone(),
+            directory,
             user: cfg.user.clone(),
             group: cfg.group.clone(),
             umask: cfg.umask,
@@ -673,6 +698,7 @@ impl Slot {
             ready: false,
             ready_at: None,
             failure: None,
+            release: release.map(|r| r.id),
         }
     }
 
@@ -943,6 +969,7 @@ impl Slot {
                 log_dropped_bytes: 0,
                 requests: None,
                 drain_warning: None,
+                release: p.release.clone(),
             });
         }
         rows
@@ -966,6 +993,7 @@ impl Slot {
             log_dropped_bytes: self.stdout.dropped_bytes() + self.stderr.dropped_bytes(),
             requests: None,
             drain_warning: self.drain_warning.clone(),
+            release: self.proc.as_ref().and_then(|p| p.release.clone()),
         }
     }
 }
