@@ -7,6 +7,7 @@ mod bench_tools;
 mod config;
 mod control;
 mod crashes;
+mod deploy;
 mod faults;
 mod lifecycle;
 mod logs;

@@ -20,6 +20,13 @@
 const http = require('http');
 const { execFile } = require('child_process');
 
+// The release's VERSION file, if it has one (zdt deploys: each generation
+// runs in its own release folder).
+let version = null;
+try {
+  version = require('fs').readFileSync(require('path').join(__dirname, 'VERSION'), 'utf8').trim();
+} catch (_) { /* no VERSION file */ }
+
 const DRAIN_GRACE_MS = Number(process.env.DRAIN_GRACE_MS || 500);
 let draining = false;
 const sockets = new Map(); // socket -> { inflight, lastActive }
@@ -42,6 +49,8 @@ const server = http.createServer((req, res) => {
       pid: process.pid,
       generation: Number(process.env.ZDT_GENERATION || 0),
       instance: Number(process.env.ZDT_INSTANCE || 0),
+      release: process.env.ZDT_RELEASE || null,
+      version,
       path: url.pathname,
     }));
   }, sleep);

@@ -3,7 +3,9 @@
 // every request runs this file).
 //   GET /health        "ok" (zdt's readiness probe: ready = { http = "/health" })
 //   GET /?sleep=MS     waits MS milliseconds, then answers JSON
-//   anything else      JSON with the worker's pid and zdt generation
+//   anything else      JSON with the worker's pid, zdt generation and release,
+//                      and the VERSION file next to this script (read per
+//                      request, after the sleep, as PHP reads its files)
 $path = parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH);
 if ($path === '/health') {
     header('Content-Type: text/plain');
@@ -19,6 +21,8 @@ echo json_encode([
     'pid' => getmypid(),
     'generation' => (int) getenv('ZDT_GENERATION'),
     'instance' => (int) getenv('ZDT_INSTANCE'),
+    'release' => getenv('ZDT_RELEASE') ?: null,
+    'version' => is_file(__DIR__ . '/VERSION') ? trim(file_get_contents(__DIR__ . '/VERSION')) : null,
     'path' => $path,
 ]), "\n";
 return true;

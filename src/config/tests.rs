@@ -523,3 +523,70 @@ fn a_control_character_outside_a_string_is_named() {
     );
     assert_bad("[supervisor]\n#\0\n", 2, 2, "U+0000");
 }
+
+#[test]
+fn deploy_tables_are_checked() {
+    let ok = parse(
+        "[program.web]\ncommand = \"node app.js\"\ndirectory = \"/srv/web/current\"\n[program.web.deploy]\nroot = \"/srv/web\"\nshared = [\"storage/\", \".env\"]\nbuild = [[\"npm\", \"ci\"], \"npm run build\"]\nkeep_releases = 3\n[program.web.deploy.watch]\ngit = \"/srv/web.git#main\"\n\n[program.queue]\ncommand = \"node queue.js\"\n[program.queue.deploy]\nroot = \"/srv/web\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid");
+    let web = ok.programs["web"].deploy.clone().expect("deploy");
+    assert_eq!(web.shared, [Path::new("storage"), Path::new(".env")]);
+    assert_eq!(web.build[1], ["npm", "run", "build"]);
+    assert_eq!(web.keep_releases, 3);
+    assert_eq!(
+        web.watch,
+        Some(Watch::Git {
+            url: "/srv/web.git".into(),
+            branch: "main".into(),
+            interval: Duration::from_secs(30)
+        })
+    );
+    // The queue worker shares the root and takes the web's settings.
+    assert_eq!(ok.programs["queue"].deploy, Some(web));
+    let head = "[program.web]\ncommand = \"x\"\n[program.web.deploy]\nroot = \"/srv/web\"\n";
+    assert_bad(
+        &format!("{head}shared = [\"../etc\"]\n"),
+        5,
+        11,
+        "stay inside the release",
+    );
+    assert_bad(
+        &format!("{head}shared = [\"/etc\"]\n"),
+        5,
+        11,
+        "stay inside the release",
+    );
+    assert_bad(
+        &format!("{head}keep_releases = 0\n"),
+        5,
+        17,
+        "use 1 to 1000",
+    );
+    assert_bad(&format!("{head}build_timeout = \"0s\"\n"), 5, 17, "above 0");
+    assert_bad(
+        &format!("{head}rooot = \"x\"\n"),
+        5,
+        1,
+        "unknown field `rooot`",
+    );
+    assert_bad(
+        &format!("{head}[program.web.deploy.watch]\ngit = \"/srv/web.git\"\n"),
+        6,
+        7,
+        "URL#BRANCH",
+    );
+    assert_bad(
+        &format!("{head}[program.web.deploy.watch]\ninterval = \"5s\"\n"),
+        5,
+        1,
+        "exactly one of git",
+    );
+    assert_bad(
+        &format!("{head}build = [\"a\"]\n[program.q]\ncommand = \"y\"\n[program.q.deploy]\nroot = \"/srv/web\"\nbuild = [\"b\"]\n"),
+        4,
+        8,
+        "set different deploy settings",
+    );
+}

@@ -302,12 +302,20 @@ impl Layout {
     /// Marks a release failed with a reason (best effort: a full disk must
     /// not hide the original error).
     pub fn mark_failed(&self, id: &str, reason: &str) {
-        if let Some(mut m) = self.meta(id) {
-            m.state = BuildState::Failed;
-            m.reason = Some(reason.to_string());
-            if let Err(e) = self.write_meta(&m) {
-                tracing::warn!(release = id, cause = %e, "cannot record the failed release");
-            }
+        let mut m = self.meta(id).unwrap_or_else(|| Meta {
+            id: id.to_string(),
+            created_ms: 0,
+            source: String::new(),
+            commit: None,
+            build_ms: None,
+            size_bytes: 0,
+            state: BuildState::Failed,
+            reason: None,
+        });
+        m.state = BuildState::Failed;
+        m.reason = Some(reason.to_string());
+        if let Err(e) = self.write_meta(&m) {
+            tracing::warn!(release = id, cause = %e, "cannot record the failed release");
         }
     }
 
@@ -370,7 +378,7 @@ impl Layout {
             j.what,
             utc_stamp(j.started_ms)
         );
-        if let Some(id) = &j.release {
+        if let Some(id) = j.release.as_ref().filter(|id| self.release(id).is_dir()) {
             self.mark_failed(id, "interrupted: zdt stopped during the deploy");
             said.push_str(&format!("; release {id} marked failed"));
             if j.switched && self.current_id().as_deref() == Some(id) {

@@ -239,6 +239,12 @@ async fn deploy_locked(
     };
     let id = layout.new_id(journal.started_ms, commit.as_deref());
     let dir = layout.release(&id);
+    // Named in the journal first: a zdt killed from here on leaves a
+    // release the next start marks failed.
+    journal.release = Some(id.clone());
+    layout
+        .write_journal(journal)
+        .map_err(|e| io_failed("cannot record the deploy", e))?;
     fs::rename(&incoming, &dir).map_err(|e| {
         let _ = fs::remove_dir_all(&incoming);
         io_failed("cannot name the release", at(&dir)(e))
@@ -267,10 +273,6 @@ async fn deploy_locked(
         .write_meta(&meta)
         .map_err(|e| io_failed("cannot record the release", e))?;
     write_release_file(&dir, &meta).map_err(|e| io_failed("cannot write RELEASE", e))?;
-    journal.release = Some(id.clone());
-    layout
-        .write_journal(journal)
-        .map_err(|e| io_failed("cannot record the deploy", e))?;
     let fail = |reason: String| {
         layout.mark_failed(&id, &reason);
         failed(reason)

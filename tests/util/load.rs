@@ -1,7 +1,7 @@
 //! A concurrent HTTP/1.1 load client for restart tests: real sockets, every
 //! request checked, every failure counted with its cause.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,9 @@ pub struct LoadReport {
     pub pids: BTreeSet<u64>,
     /// Distinct generations that answered.
     pub generations: BTreeSet<u64>,
+    /// Answers by the `version` text in the body, for apps that name theirs
+    /// (deploy tests).
+    pub versions: BTreeMap<String, u64>,
 }
 
 /// Clients running until [`Load::stop`].
@@ -124,6 +127,11 @@ fn field(body: &str, key: &str) -> Option<u64> {
     v.get(key)?.as_u64()
 }
 
+fn text_field(body: &str, key: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some(v.get(key)?.as_str()?.to_string())
+}
+
 impl Load {
     /// Starts `keepalive` clients that reuse connections and `fresh` clients
     /// that open one per request, each asking `GET /?sleep=N` with N cycling
@@ -157,6 +165,9 @@ impl Load {
                                     r.ok += 1;
                                     r.pids.insert(pid);
                                     r.generations.insert(gen);
+                                    if let Some(v) = text_field(&body, "version") {
+                                        *r.versions.entry(v).or_default() += 1;
+                                    }
                                 }
                                 _ => {
                                     r.failed += 1;
