@@ -61,6 +61,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod deploy;
 pub mod fds;
 #[doc(hidden)]
 pub mod fuzz;
