@@ -224,3 +224,6 @@ fn unpack_zip(archive: &Path, dest: &mut Dest) -> Result<Filled, FetchError> {
     }
     Ok(filled)
 }
+
+#[cfg(test)]
+mod tests;
