@@ -13,7 +13,8 @@ use nix::sys::time::TimeSpec;
 
 use super::dest::{Content, Dest};
 use super::plan::{Plan, Planner, RawKind, Step};
-use super::{check_kind, read_head, ArchiveKind, FetchError, Filled, MAX_ENTRIES, MAX_PATH};
+use super::sniff::{check_kind, read_head};
+use super::{ArchiveKind, FetchError, Filled, MAX_ENTRIES, MAX_PATH};
 
 /// Permission bits an archive may set: no setuid, setgid, sticky, nor
 /// write for group and others.
