@@ -162,6 +162,23 @@ pub struct ProgramSnapshot {
     /// while the program runs (nobody accepts on the socket zdt passed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_warning: Option<String>,
+    /// The deploy watch of the program's deploy root, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_watch: Option<WatchState>,
+}
+
+/// What `zdtctl status` shows of a watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchState {
+    /// What is watched: "git URL#BRANCH" or "upload FOLDER".
+    pub source: String,
+    /// Unix time in milliseconds of the last look.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_ms: Option<u64>,
+    /// What the last look found or did ("up to date", "deployed …",
+    /// "deploy of commit … failed: …", "cannot read the branch: …").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch, for snapshots.

@@ -48,6 +48,12 @@ pub struct Supervisor {
     /// supervisor loop holds the receiver.
     settled_tx: mpsc::UnboundedSender<Settled>,
     settled_rx: Option<mpsc::UnboundedReceiver<Settled>>,
+    /// Deploy watches, one per deploy root that has one; dropping one stops it.
+    watches: BTreeMap<PathBuf, deploy::watch::WatchHandle>,
+    /// Requests zdt makes of itself (a watch's deploys); the loop holds the
+    /// receiver, watches hold senders.
+    internal_tx: mpsc::Sender<ControlRequest>,
+    internal_rx: Option<mpsc::Receiver<ControlRequest>>,
 }
 
 /// A reload's changes all settled: the programs in `reverted` kept the
@@ -108,7 +114,11 @@ impl Supervisor {
     /// A supervisor for `config`; programs start with [`Supervisor::run`].
     pub fn new(config: Config, spawner: Spawner) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+        let (internal_tx, internal_rx) = mpsc::channel(8);
         Self {
+            watches: BTreeMap::new(),
+            internal_tx,
+            internal_rx: Some(internal_rx),
             config,
             programs: BTreeMap::new(),
             spawner,
@@ -169,6 +179,11 @@ impl Supervisor {
         for cfg in order {
             self.add_program(cfg);
         }
+        self.sync_watches();
+        let mut internal = match self.internal_rx.take() {
+            Some(rx) => rx,
+            None => mpsc::channel(1).1,
+        };
         // Set when a shutdown was asked for through the control socket.
         let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
         let mut settled = match self.settled_rx.take() {
@@ -178,6 +193,7 @@ impl Supervisor {
         loop {
             tokio::select! {
                 Some(req) = requests.recv() => self.on_request(req, &shutdown_tx),
+                Some(req) = internal.recv() => self.on_request(req, &shutdown_tx),
                 Some(s) = settled.recv() => self.on_settled(s),
                 sig = signals.recv() => match sig {
                     Some(DaemonSignal::Reload) => {
@@ -197,6 +213,7 @@ impl Supervisor {
             }
         }
         tracing::info!("stopping all programs");
+        self.watches.clear();
         let stopping = self.shutdown_all();
         tokio::pin!(stopping);
         loop {
@@ -265,7 +282,16 @@ impl Supervisor {
                         programs: list
                             .iter()
                             .filter_map(|r| self.programs.get(&r.program))
-                            .map(|e| e.handle.status())
+                            .map(|e| {
+                                let mut snap = e.handle.status();
+                                snap.deploy_watch = e
+                                    .config
+                                    .deploy
+                                    .as_ref()
+                                    .and_then(|d| self.watches.get(&d.root))
+                                    .map(|w| w.state.borrow().clone());
+                                snap
+                            })
                             .collect(),
                     }),
                     Err(e) => err(e),
@@ -367,6 +393,34 @@ impl Supervisor {
                 ))),
                 Err(e) => reply_now(err(e)),
             },
+        }
+    }
+
+    /// Starts, keeps or stops deploy watches to match the programs' deploy
+    /// settings (at start and after a reload).
+    fn sync_watches(&mut self) {
+        let mut wanted: BTreeMap<PathBuf, (String, config::DeployConfig)> = BTreeMap::new();
+        for e in self.programs.values() {
+            if let Some(d) = e.config.deploy.as_ref().filter(|d| d.watch.is_some()) {
+                wanted
+                    .entry(d.root.clone())
+                    .or_insert_with(|| (e.config.name.clone(), d.clone()));
+            }
+        }
+        self.watches.retain(|root, w| {
+            wanted
+                .get(root)
+                .is_some_and(|(_, d)| d.watch.as_ref() == Some(&w.watch))
+        });
+        for (root, (target, d)) in wanted {
+            if self.watches.contains_key(&root) {
+                continue;
+            }
+            if let Some(w) =
+                deploy::watch::start(target, &d, self.spawner.clone(), self.internal_tx.clone())
+            {
+                self.watches.insert(root, w);
+            }
         }
     }
 
@@ -691,6 +745,7 @@ impl Supervisor {
             }
         }
         self.config = new;
+        self.sync_watches();
         tracing::info!(?added, ?removed, ?changed, "configuration reloaded");
         let settled = self.settled_tx.clone();
         tokio::spawn(async move {

@@ -8,6 +8,7 @@ mod config;
 mod control;
 mod crashes;
 mod deploy;
+mod deploy_sources;
 mod faults;
 mod lifecycle;
 mod logs;

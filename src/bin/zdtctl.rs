@@ -352,6 +352,18 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
         if let Some(w) = &p.socket_warning {
             outln!(out, "{}: warning: {w}", p.name);
         }
+        if let Some(w) = &p.deploy_watch {
+            let when = w.last_check_ms.map_or("not checked yet".to_string(), |t| {
+                format!("checked {} ago", fmt_duration(now.saturating_sub(t)))
+            });
+            outln!(
+                out,
+                "{}: watch {}: {when}: {}",
+                p.name,
+                w.source,
+                w.outcome.as_deref().unwrap_or("-")
+            );
+        }
         if let Some(r) = &p.requests {
             outln!(
                 out,

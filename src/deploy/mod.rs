@@ -24,11 +24,13 @@
 //! - [`fetch`]: filling a new release from a folder or an archive.
 //! - [`hooks`]: running build hooks and git through zdt's spawner.
 //! - [`run`]: the deploy and rollback sequences.
+//! - [`watch`]: deploying by itself when a git branch or an upload folder changes.
 
 pub mod fetch;
 pub mod hooks;
 pub mod layout;
 pub mod run;
+pub mod watch;
 
 pub use layout::{Layout, Release};
 

@@ -222,6 +222,7 @@ pub fn spawn_program(
         instances: Vec::new(),
         requests: None,
         socket_warning: None,
+        deploy_watch: None,
     });
     let traffic = Arc::new(Traffic::default());
     let mut actor = Program {
@@ -1155,6 +1156,7 @@ impl Program {
                 .flat_map(|s| s.snapshots(&self.config.name))
                 .collect(),
             socket_warning: self.socket_warning.clone(),
+            deploy_watch: None,
         };
         self.snapshot.send_if_modified(|snap| {
             let changed = *snap != new;
