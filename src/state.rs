@@ -158,6 +158,32 @@ pub struct ProgramSnapshot {
     /// while the program runs (nobody accepts on the socket zdt passed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_warning: Option<String>,
+    /// Proxy mode: `zdtctl pause` or `maintenance` in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
+}
+
+/// A pause or a maintenance of a proxy-mode program (`zdtctl resume` ends
+/// either).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Hold {
+    /// New requests are held until resume, each at most `max_pause_ms`.
+    Paused {
+        /// Unix time in milliseconds the pause began.
+        since_ms: u64,
+        /// How long one request may be held before it gets 503.
+        max_pause_ms: u64,
+        /// Requests (tcp: connections) held right now.
+        held: u64,
+    },
+    /// New requests get 503 with `message`.
+    Maintenance {
+        /// Unix time in milliseconds the maintenance began.
+        since_ms: u64,
+        /// The body of the 503.
+        message: String,
+    },
 }
 
 /// Milliseconds since the Unix epoch, for snapshots.
