@@ -11,6 +11,7 @@ mod faults;
 mod lifecycle;
 mod logs;
 mod pass;
+mod pause;
 mod proxy;
 mod reload;
 mod security;
