@@ -26,6 +26,12 @@
 //! aborts its upload counts as neither served nor failed. Pooled upstream
 //! connections idle for `upstream_idle_timeout` are closed.
 //!
+//! Every request (tcp: connection) is routed through one function, `route`,
+//! on all three paths: it first passes the program's gate (`gate.rs`:
+//! `zdtctl pause` holds it there until resume or max-pause, `maintenance`
+//! answers 503), then picks an instance. A drain (503 at once) is decided
+//! before that, as soon as a request's head is read.
+//!
 //! Accepting (`accept_loop`, one per listening socket per proxy thread)
 //! stops, and never spins, in two cases; clients then wait in the listen
 //! backlog and the listener stays open (nginx's behaviour):
@@ -324,8 +330,8 @@ pub struct Routes {
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
-/// The routing state of one program: the table its proxies route by and
-/// its drain flag. The program actor owns it for the program's whole life
+/// The routing state of one program: the table its proxies route by, its
+/// drain flag and its pause / maintenance gate. The program actor owns it for the program's whole life
 /// and publishes to it; every accept loop and every client connection of
 /// every proxy the program ever started reads it. So a reload that replaces
 /// the program's proxy (new sockets, new options) leaves no client connection
