@@ -165,6 +165,9 @@ pub struct ProgramSnapshot {
     /// The deploy watch of the program's deploy root, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_watch: Option<WatchState>,
+    /// Proxy mode: `zdtctl pause` or `maintenance` in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
 }
 
 /// What `zdtctl status` shows of a watch.
@@ -179,6 +182,29 @@ pub struct WatchState {
     /// "deploy of commit … failed: …", "cannot read the branch: …").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
+}
+
+/// A pause or a maintenance of a proxy-mode program (`zdtctl resume` ends
+/// either).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Hold {
+    /// New requests are held until resume, each at most `max_pause_ms`.
+    Paused {
+        /// Unix time in milliseconds the pause began.
+        since_ms: u64,
+        /// How long one request may be held before it gets 503.
+        max_pause_ms: u64,
+        /// Requests (tcp: connections) held right now.
+        held: u64,
+    },
+    /// New requests get 503 with `message`.
+    Maintenance {
+        /// Unix time in milliseconds the maintenance began.
+        since_ms: u64,
+        /// The body of the 503.
+        message: String,
+    },
 }
 
 /// Milliseconds since the Unix epoch, for snapshots.

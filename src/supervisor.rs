@@ -29,6 +29,9 @@ pub enum DaemonSignal {
     Reload,
 }
 
+/// How long `zdtctl pause` holds one request without `--max-pause`.
+pub const DEFAULT_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
 struct Entry {
     handle: ProgramHandle,
     config: ProgramConfig,
@@ -332,6 +335,45 @@ impl Supervisor {
             }),
             Command::Drain { target } => self.drain(&target, true, replies),
             Command::Undrain { target } => self.drain(&target, false, replies),
+            Command::Pause { target, max_pause } => {
+                let max = match max_pause.as_deref().map(config::parse_duration) {
+                    None => DEFAULT_MAX_PAUSE,
+                    Some(Ok(d)) if !d.is_zero() => d,
+                    Some(Ok(_)) => {
+                        return reply_now(err(ErrorBody::new(
+                            "bad_request",
+                            "--max-pause must be longer than 0s",
+                        )))
+                    }
+                    Some(Err(e)) => return reply_now(err(ErrorBody::new("bad_request", e))),
+                };
+                let message = format!(
+                    "{target}: paused; no request in flight; new requests are held until `zdtctl resume {target}` (each at most {max:?}, then 503)"
+                );
+                self.hold("pause", &target, message, replies, move |reply| {
+                    ProgramMsg::Pause {
+                        max_pause: max,
+                        reply,
+                    }
+                });
+            }
+            Command::Maintenance { target, message } => {
+                let done = format!(
+                    "{target}: in maintenance; new requests get 503 until `zdtctl resume {target}`"
+                );
+                self.hold("maintenance", &target, done, replies, move |reply| {
+                    ProgramMsg::Maintenance {
+                        message: message.clone(),
+                        reply,
+                    }
+                });
+            }
+            Command::Resume { target } => {
+                let done = format!("{target}: resumed");
+                self.hold("resume", &target, done, replies, |reply| {
+                    ProgramMsg::Resume { reply }
+                });
+            }
             Command::Start { target } => self.act(Verb::Start, &target, false, replies),
             Command::Stop { target } => self.act(Verb::Stop, &target, false, replies),
             Command::Restart { target, no_wait } => {
@@ -518,6 +560,56 @@ impl Supervisor {
                 tokio::spawn(async move { send(&replies, err(e)).await });
             }
         }
+    }
+
+    /// Pause, maintenance, resume: proxy-mode programs only. A target that
+    /// names a pass-mode program is refused whole, before anything changed.
+    fn hold<F>(
+        &self,
+        verb: &str,
+        target: &str,
+        message: String,
+        replies: mpsc::Sender<Reply>,
+        make: F,
+    ) where
+        F: Fn(oneshot::Sender<OpResult>) -> ProgramMsg + Clone + Send + 'static,
+    {
+        let refuse = |body: ErrorBody| {
+            let replies = replies.clone();
+            tokio::spawn(async move { send(&replies, err(body)).await });
+        };
+        let list = match self.resolve(target) {
+            Ok(l) => l,
+            Err(e) => return refuse(e),
+        };
+        let (proxied, passed): (Vec<&Entry>, Vec<&Entry>) = list
+            .iter()
+            .filter_map(|r| self.programs.get(&r.program))
+            .partition(|e| e.config.mode == config::Mode::Proxy);
+        if !passed.is_empty() {
+            let names = |v: &[&Entry]| {
+                v.iter()
+                    .map(|e| e.config.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let mut body = ErrorBody::new(
+                "bad_request",
+                format!(
+                    "{verb} needs mode = \"proxy\": in pass mode the app accepts connections itself ({} in pass mode); nothing was changed",
+                    names(&passed)
+                ),
+            );
+            if !proxied.is_empty() {
+                body = body.with_hint(format!(
+                    "name the proxy-mode programs instead: zdtctl {verb} {}",
+                    names(&proxied).replace(", ", " ")
+                ));
+            }
+            return refuse(body);
+        }
+        let calls = self.calls(&list, move |_, reply| make(reply));
+        tokio::spawn(finish_calls(calls, message, replies));
     }
 
     fn pids(&self, list: &[Resolved]) -> Vec<PidEntry> {

@@ -28,18 +28,6 @@ fn serving(port: u16, args: &[&str], extra: &str) -> (Daemon, u32) {
     (d, pid)
 }
 
-/// Waits until `load` has had 200 more requests answered.
-fn load_progress(load: &Load, what: &str) {
-    let before = load.ok_so_far();
-    wait_for(what, T, || {
-        if load.ok_so_far() > before + 200 {
-            Ok(())
-        } else {
-            Err("slow".into())
-        }
-    });
-}
-
 /// Restarts `program` `restarts` times under 64 clients (32 keep-alive, 32
 /// with a new connection per request; handlers of 0, 20 and 200 ms) and
 /// asserts that not one request failed and every generation served.
@@ -55,7 +43,7 @@ fn restart_under_load(d: &Daemon, program: &str, port: u16, restarts: usize) {
 
 fn restart_under(d: &Daemon, program: &str, port: u16, restarts: usize, load: Load) {
     wait_for("the proxy to answer", T, || http_get(port, "/"));
-    let wait_load = |what: &str| load_progress(&load, what);
+    let wait_load = |what: &str| load.wait_progress(what);
     for i in 0..restarts {
         wait_load("load between restarts");
         let out = d.ctl(&["restart", program]);
@@ -294,7 +282,7 @@ fn reloads_that_change_a_proxied_program_fail_zero_requests() {
     let port = free_port();
     let (d, _) = serving(port, &[], "");
     let load = Load::start(port, 16, 4, &[0, 0, 20]);
-    let wait_load = |what: &str| load_progress(&load, what);
+    let wait_load = |what: &str| load.wait_progress(what);
     for i in 0..3 {
         wait_load("load before the reload");
         d.write_config(
@@ -334,7 +322,7 @@ fn renaming_a_proxied_program_on_the_same_address_fails_zero_requests() {
     let port = free_port();
     let (d, _) = serving(port, &[], "");
     let load = Load::start(port, 16, 4, &[0, 0, 20]);
-    load_progress(&load, "load before the rename");
+    load.wait_progress("load before the rename");
     d.write_config(&(header() + &proxy_program("site", port, &[], "")));
     let out = d.ctl(&["reload"]);
     assert!(out.status.success(), "{out:?}");
@@ -353,7 +341,7 @@ fn renaming_a_proxied_program_on_the_same_address_fails_zero_requests() {
             _ => Err(format!("{s:?}")),
         }
     });
-    load_progress(&load, "load after the rename");
+    load.wait_progress("load after the rename");
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
     let r = d.requests("site");
@@ -872,26 +860,6 @@ fn a_request_with_a_body_goes_to_another_instance_when_one_refuses_connections()
     assert!(d
         .stderr()
         .contains("connect failed; trying another instance"));
-}
-
-/// zdt's established connections to a worker's private port (from
-/// /proc/net/tcp: the sockets whose remote end is that port).
-fn connections_to(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3
-                && f[3] == "01"
-                && f[2]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-                    == Some(port)
-        })
-        .count()
 }
 
 fn private_port(pid: u32) -> u16 {

@@ -13,6 +13,7 @@ mod faults;
 mod lifecycle;
 mod logs;
 mod pass;
+mod pause;
 mod proxy;
 mod reload;
 mod security;

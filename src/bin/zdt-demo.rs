@@ -6,7 +6,8 @@
 //! to `$NOTIFY_SOCKET` once listening (unless `--never-ready`).
 //!
 //! Endpoints: `GET /` (and any other path) answers JSON
-//! `{"pid","generation","instance","path","received"}`; `?sleep=MS` delays the
+//! `{"pid","generation","instance","path","received","at"}` (`at`: Unix ms
+//! the request reached the worker); `?sleep=MS` delays the
 //! answer; `?bytes=N` answers N bytes, streamed; `GET /health` answers "ok";
 //! `GET /log?n=N&stream=stdout|stderr` writes N lines to that stream.
 //! `GET /echo` with `Upgrade: echo` switches protocols (101), writes
@@ -158,6 +159,11 @@ async fn handle(
     shared: Arc<Shared>,
     alive: mpsc::Sender<()>,
 ) -> Response<Body> {
+    // When the request reached this worker (Unix ms): tests use it to tell
+    // whether a request got through while zdt held requests.
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let path = req.uri().path().to_string();
     if path == "/echo" && req.headers().contains_key(hyper::header::UPGRADE) {
         return echo_tunnel(req, &shared, alive);
@@ -215,6 +221,7 @@ async fn handle(
                     "instance": shared.instance.parse::<u64>().unwrap_or(0),
                     "path": path,
                     "received": received,
+                    "at": at,
                 })
                 .to_string(),
             ),

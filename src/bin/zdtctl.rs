@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Parser, Subcommand};
 use zdt::control::client::{Client, ClientError};
 use zdt::control::proto::{Command, ErrorBody, Outcome, ReleaseRow, Reply};
-use zdt::state::{now_ms, ProgramSnapshot};
+use zdt::state::{now_ms, Hold, ProgramSnapshot};
 
 #[derive(Parser)]
 #[command(name = "zdtctl", version, about = "Control a running zdt")]
@@ -100,6 +100,32 @@ enum Cmd {
     },
     /// End a drain.
     Undrain {
+        /// Program names, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Proxy mode: hold new requests inside zdt (not refused, not forwarded)
+    /// until `resume`; requests in flight finish. Returns once none is in
+    /// flight (fails if some still are after max_wait).
+    Pause {
+        /// How long one request may be held; then it gets 503 (default 30s).
+        #[arg(long, value_name = "DURATION")]
+        max_pause: Option<String>,
+        /// Program names, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Proxy mode: end a pause (held requests go on, in order) or a maintenance.
+    Resume {
+        /// Program names, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Proxy mode: answer new requests 503 with a message until `resume`.
+    Maintenance {
+        /// The 503's body (text/plain; a default message without it).
+        #[arg(long, value_name = "TEXT")]
+        message: Option<String>,
         /// Program names, globs, or all.
         #[arg(required = true)]
         targets: Vec<String>,
@@ -249,6 +275,24 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             .iter()
             .map(|t| Command::Undrain { target: t.clone() })
             .collect(),
+        Cmd::Pause { max_pause, targets } => targets
+            .iter()
+            .map(|t| Command::Pause {
+                target: t.clone(),
+                max_pause: max_pause.clone(),
+            })
+            .collect(),
+        Cmd::Resume { targets } => targets
+            .iter()
+            .map(|t| Command::Resume { target: t.clone() })
+            .collect(),
+        Cmd::Maintenance { message, targets } => targets
+            .iter()
+            .map(|t| Command::Maintenance {
+                target: t.clone(),
+                message: message.clone(),
+            })
+            .collect(),
         Cmd::Reload { allow_empty } => vec![Command::Reload {
             allow_empty: *allow_empty,
         }],
@@ -370,6 +414,33 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
                 "{}: {} in flight, {} served, {} answered 502 ({} cut at max_wait), {} answered 503",
                 p.name, r.inflight, r.served, r.failed, r.cut, r.unavailable
             );
+        }
+        match &p.hold {
+            Some(Hold::Paused {
+                since_ms,
+                max_pause_ms,
+                held,
+            }) => outln!(
+                out,
+                "{}: paused for {} (each request held at most {}), {held} held; `zdtctl resume {}` lets them go",
+                p.name,
+                fmt_duration(now.saturating_sub(*since_ms)),
+                if *max_pause_ms < 1000 {
+                    format!("{max_pause_ms}ms")
+                } else {
+                    fmt_duration(*max_pause_ms)
+                },
+                p.name
+            ),
+            Some(Hold::Maintenance { since_ms, message }) => outln!(
+                out,
+                "{}: in maintenance for {}, answering 503 {:?}; `zdtctl resume {}` ends it",
+                p.name,
+                fmt_duration(now.saturating_sub(*since_ms)),
+                message.trim_end(),
+                p.name
+            ),
+            None => {}
         }
     }
 }

@@ -92,6 +92,29 @@ pub enum Command {
         /// Which programs.
         target: String,
     },
+    /// Proxy mode: hold new requests inside zdt (in-flight ones finish)
+    /// until `resume`; replies once none is in flight.
+    Pause {
+        /// Which programs.
+        target: String,
+        /// How long one request may be held before it gets 503 ("30s" when
+        /// None).
+        #[serde(default)]
+        max_pause: Option<String>,
+    },
+    /// Proxy mode: end a pause (held requests go on) or a maintenance.
+    Resume {
+        /// Which programs.
+        target: String,
+    },
+    /// Proxy mode: answer new requests 503 with a message until `resume`.
+    Maintenance {
+        /// Which programs.
+        target: String,
+        /// The 503's body (text/plain); a default one when None.
+        #[serde(default)]
+        message: Option<String>,
+    },
     /// Read the configuration file again and apply the difference.
     Reload {
         /// Accept a file with no programs (which stops them all).

@@ -127,6 +127,31 @@ pub enum ProgramMsg {
         /// Resolves at once; an error when the program is not in proxy mode.
         reply: oneshot::Sender<OpResult>,
     },
+    /// Proxy mode: hold new requests (each at most `max_pause`, then 503)
+    /// until [`ProgramMsg::Resume`]. Replies once no request is in flight
+    /// (the app is idle: what `deploy --pause` waits for before migrations),
+    /// or with an error when some still were after `max_wait`, or when a
+    /// resume or maintenance ended the pause first; the pause stays in force
+    /// unless that happened.
+    Pause {
+        /// How long one request may be held.
+        max_pause: Duration,
+        /// Resolves when in flight reached 0 (or failed, see above).
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Proxy mode: answer new requests 503 with `message` (a default when
+    /// None) until [`ProgramMsg::Resume`].
+    Maintenance {
+        /// The 503's body.
+        message: Option<String>,
+        /// Resolves at once.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Proxy mode: end a pause (held requests go on) or a maintenance.
+    Resume {
+        /// Resolves at once.
+        reply: oneshot::Sender<OpResult>,
+    },
     /// Stop everything, then end the actor.
     Shutdown {
         /// Resolves when every process is gone.
@@ -182,6 +207,9 @@ impl ProgramHandle {
             for i in &mut snap.instances {
                 i.requests = self.traffic.of(i.instance, i.generation);
             }
+            if let Some(crate::state::Hold::Paused { held, .. }) = &mut snap.hold {
+                *held = self.traffic.held();
+            }
         }
         snap
     }
@@ -223,6 +251,7 @@ pub fn spawn_program(
         requests: None,
         socket_warning: None,
         deploy_watch: None,
+        hold: None,
     });
     let traffic = Arc::new(Traffic::default());
     let mut actor = Program {
@@ -355,6 +384,10 @@ impl Program {
         // only `undrain` ends it.
         self.proxy = None;
         self.traffic.set_proxied(cfg.mode == config::Mode::Proxy);
+        if cfg.mode != config::Mode::Proxy {
+            // Nothing of a pass-mode program goes through zdt to hold.
+            self.routes.set_gate(crate::proxy::Gate::Open);
+        }
         if cfg.mode == config::Mode::Proxy && self.bind_error.is_none() {
             match crate::proxy::start(
                 &cfg.name,
@@ -590,9 +623,116 @@ impl Program {
                 };
                 let _ = reply.send(result);
             }
+            ProgramMsg::Pause { max_pause, reply } => self.pause(max_pause, reply),
+            ProgramMsg::Maintenance { message, reply } => {
+                let result = self.not_proxied("maintenance").map(|()| {
+                    let message = message.unwrap_or_else(|| {
+                        format!(
+                            "503 Service Unavailable: {} is down for maintenance; please try again later\n",
+                            self.config.name
+                        )
+                    });
+                    tracing::info!(program = %self.config.name, %message, "maintenance");
+                    self.routes.set_gate(crate::proxy::Gate::Maintenance {
+                        since_ms: crate::state::now_ms(),
+                        message: message.into(),
+                    });
+                    self.all_snapshots()
+                });
+                let _ = reply.send(result);
+            }
+            ProgramMsg::Resume { reply } => {
+                let result = self.not_proxied("resume").map(|()| {
+                    if self.routes.gate() != crate::proxy::Gate::Open {
+                        tracing::info!(program = %self.config.name, held = self.traffic.held(), "resume");
+                    }
+                    self.routes.set_gate(crate::proxy::Gate::Open);
+                    self.all_snapshots()
+                });
+                let _ = reply.send(result);
+            }
             ProgramMsg::Shutdown { reply } => {
                 // Handled in run(); kept total for the compiler.
                 let _ = reply.send(Err(OpError::plain("already shutting down".into())));
+            }
+        }
+    }
+
+    /// Pause and maintenance hold requests in zdt's proxy: an error naming
+    /// the mode for a pass-mode program.
+    fn not_proxied(&self, verb: &str) -> Result<(), OpError> {
+        if self.config.mode == config::Mode::Proxy {
+            return Ok(());
+        }
+        Err(OpError::plain(format!(
+            "{}: {verb} needs mode = \"proxy\": in pass mode the app accepts connections itself",
+            self.config.name
+        )))
+    }
+
+    fn all_snapshots(&self) -> Vec<InstanceSnapshot> {
+        self.snapshots_of(&(0..self.slots.len()).collect::<Vec<_>>())
+    }
+
+    /// Closes the gate to new requests, then replies once none is in
+    /// flight, within `max_wait` (a task of its own: the actor goes on).
+    fn pause(&mut self, max_pause: Duration, reply: oneshot::Sender<OpResult>) {
+        if let Err(e) = self.not_proxied("pause") {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        // A pause in force keeps its start; a new max applies to requests
+        // held from now on.
+        let since_ms = match self.routes.gate() {
+            crate::proxy::Gate::Paused { since_ms, .. } => since_ms,
+            _ => crate::state::now_ms(),
+        };
+        let gate = crate::proxy::Gate::Paused {
+            since_ms,
+            max: max_pause,
+        };
+        // The gate first: from here on no request starts (proxy/gate.rs).
+        self.routes.set_gate(gate);
+        tracing::info!(program = %self.config.name, ?max_pause, "pause");
+        let traffic = self.traffic.clone();
+        let mut changes = self.routes.watch_gate();
+        let max_wait = self.config.max_wait;
+        let name = self.config.name.clone();
+        let snaps = self.all_snapshots();
+        tokio::spawn(async move {
+            let ended = changes.wait_for(|g| !matches!(g, crate::proxy::Gate::Paused { .. }));
+            let result = tokio::select! {
+                () = traffic.wait_idle() => Ok(snaps),
+                _ = ended => Err(OpError::plain(format!(
+                    "{name}: the pause was ended (resume or maintenance) before the requests in flight finished"
+                ))),
+                () = tokio::time::sleep(max_wait) => Err(OpError::plain(format!(
+                    "{name}: paused, but {} request(s) still in flight after max_wait ({max_wait:?}); new requests are held until `zdtctl resume {name}`",
+                    traffic.totals().inflight
+                ))),
+            };
+            if let Err(e) = &result {
+                tracing::warn!(program = %name, cause = %e.message, "pause did not reach zero requests in flight");
+            }
+            let _ = reply.send(result);
+        });
+    }
+
+    /// The pause or maintenance in force, for the snapshot (the held count
+    /// is read live by [`ProgramHandle::status`]).
+    fn hold(&self) -> Option<crate::state::Hold> {
+        match self.routes.gate() {
+            crate::proxy::Gate::Open => None,
+            crate::proxy::Gate::Paused { since_ms, max } => Some(crate::state::Hold::Paused {
+                since_ms,
+                max_pause_ms: max.as_millis() as u64,
+                held: 0,
+            }),
+            crate::proxy::Gate::Maintenance { since_ms, message } => {
+                Some(crate::state::Hold::Maintenance {
+                    since_ms,
+                    message: message.to_string(),
+                })
             }
         }
     }
@@ -1157,6 +1297,7 @@ impl Program {
                 .collect(),
             socket_warning: self.socket_warning.clone(),
             deploy_watch: None,
+            hold: self.hold(),
         };
         self.snapshot.send_if_modified(|snap| {
             let changed = *snap != new;

@@ -26,6 +26,12 @@
 //! aborts its upload counts as neither served nor failed. Pooled upstream
 //! connections idle for `upstream_idle_timeout` are closed.
 //!
+//! Every request (tcp: connection) is routed through one function, `route`,
+//! on all three paths: it first passes the program's gate (`gate.rs`:
+//! `zdtctl pause` holds it there until resume or max-pause, `maintenance`
+//! answers 503), then picks an instance. A drain (503 at once) is decided
+//! before that, as soon as a request's head is read.
+//!
 //! Accepting (`accept_loop`, one per listening socket per proxy thread)
 //! stops, and never spins, in two cases; clients then wait in the listen
 //! backlog and the listener stays open (nginx's behaviour):
@@ -40,12 +46,14 @@
 mod addr;
 mod body;
 mod framing;
+mod gate;
 mod pool;
 mod relay;
 mod splice;
 mod workers;
 
 pub use addr::PrivateAddr;
+pub use gate::Gate;
 pub use workers::set_threads;
 
 /// The parsers the fuzz targets call ([`crate::fuzz`]).
@@ -81,6 +89,8 @@ pub struct Traffic {
     failed: AtomicU64,
     cut: AtomicU64,
     unavailable: AtomicU64,
+    /// Requests (tcp: connections) held at a paused gate right now.
+    held: AtomicU64,
     /// (instance, generation, counters) of every process with a private address.
     live: Mutex<Vec<(u32, u64, Arc<UpstreamStats>)>>,
     proxied: AtomicBool,
@@ -118,6 +128,27 @@ impl Traffic {
             failed: self.failed.load(Ordering::Relaxed),
             cut: self.cut.load(Ordering::Relaxed),
             unavailable: self.unavailable.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Requests (tcp: connections) held by a pause right now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when no request is in flight on any live upstream (each one
+    /// wakes this when its count reaches zero; nothing polls).
+    pub async fn wait_idle(&self) {
+        loop {
+            let busy = self.live.lock().ok().and_then(|l| {
+                l.iter()
+                    .find(|(_, _, s)| s.inflight() > 0)
+                    .map(|(_, _, s)| s.clone())
+            });
+            match busy {
+                Some(s) => s.wait_idle().await,
+                None => return,
+            }
         }
     }
 
@@ -299,8 +330,8 @@ pub struct Routes {
     pub upstreams: Vec<Arc<Upstream>>,
 }
 
-/// The routing state of one program: the table its proxies route by and
-/// its drain flag. The program actor owns it for the program's whole life
+/// The routing state of one program: the table its proxies route by, its
+/// drain flag and its pause / maintenance gate. The program actor owns it for the program's whole life
 /// and publishes to it; every accept loop and every client connection of
 /// every proxy the program ever started reads it. So a reload that replaces
 /// the program's proxy (new sockets, new options) leaves no client connection
@@ -311,6 +342,9 @@ pub struct RouteTable {
     routes: watch::Sender<Arc<Routes>>,
     /// Set by `zdtctl drain`: every new request gets 503 at once.
     draining: Arc<AtomicBool>,
+    /// Set by `zdtctl pause`, `maintenance` and `resume`: whether new
+    /// requests go on, wait, or get 503 (see `gate.rs`).
+    gate: gate::GateTx,
     /// `max_connections` per listening socket (by the socket's inode, its
     /// permit count, the semaphore): kept across the proxies a reload
     /// replaces, so connections from before a reload still count.
@@ -329,6 +363,7 @@ impl RouteTable {
         Self {
             routes: watch::channel(Arc::new(Routes::default())).0,
             draining: Arc::new(AtomicBool::new(false)),
+            gate: gate::GateTx::new(),
             limits: Mutex::new(Vec::new()),
         }
     }
@@ -363,6 +398,22 @@ impl RouteTable {
     /// Whether a drain is in force.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Opens, pauses or closes the gate new requests pass (pause and
+    /// maintenance); requests already routed are not touched.
+    pub fn set_gate(&self, gate: Gate) {
+        self.gate.set(gate);
+    }
+
+    /// The gate as it is.
+    pub fn gate(&self) -> Gate {
+        self.gate.get()
+    }
+
+    /// A receiver that sees every change of the gate.
+    pub fn watch_gate(&self) -> watch::Receiver<Gate> {
+        self.gate.watch()
     }
 
     /// Publishes a new routing table, unless it routes to the same upstreams.
@@ -403,6 +454,8 @@ struct Shared {
     next: AtomicUsize,
     traffic: Arc<Traffic>,
     draining: Arc<AtomicBool>,
+    /// The program's pause / maintenance gate.
+    gate: gate::GateRx,
     /// Client fds numbered this or higher are in zdt's reserve: stop
     /// accepting (see [`crate::fds`]).
     fd_ceiling: u64,
@@ -472,6 +525,7 @@ pub fn start(
     let shared = Arc::new(Shared {
         fd_ceiling,
         draining: table.draining.clone(),
+        gate: table.gate.subscribe(),
         program: program.to_string(),
         routes: table.routes.subscribe(),
         options,
@@ -785,17 +839,24 @@ async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared>) {
     }
     let mut tried: Vec<PrivateAddr> = Vec::new();
     let (upstream, mut guard) = loop {
-        let Some(up) = choose(&shared, &tried).await else {
-            if tried.is_empty() {
+        // Counted from before the connect, so a drain cannot miss it.
+        let (up, guard) = match route(&shared, &tried).await {
+            Ok(routed) => routed,
+            Err(Refused::Closed(why)) => {
+                let (why, _) = closed_message(&shared, &why);
+                tracing::info!(program = %shared.program, why = why.trim_end(), "gate closed; connection closed");
+                return;
+            }
+            Err(Refused::NoInstance) if tried.is_empty() => {
                 shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(program = %shared.program, "no ready instance within queue_timeout; connection closed");
-            } else {
-                tracing::warn!(program = %shared.program, "no instance could be reached; connection closed");
+                return;
             }
-            return;
+            Err(Refused::NoInstance) => {
+                tracing::warn!(program = %shared.program, "no instance could be reached; connection closed");
+                return;
+            }
         };
-        // Counted from before the connect, so a drain cannot miss it.
-        let guard = InflightGuard::new(up.stats.clone());
         // Nothing was sent yet: a connect failure is always safe to retry.
         match up.addr.connect_within(CONNECT_TIMEOUT).await {
             Ok(s) => break (s, guard),
@@ -901,6 +962,79 @@ fn unavailable_text(shared: &Shared) -> Vec<u8> {
         &unavailable_message(shared),
         "Retry-After: 1\r\nConnection: close\r\n",
     )
+}
+
+/// `Retry-After` of the 503 a request held past a pause's max gets.
+const PAUSE_RETRY_AFTER: &str = "5";
+/// `Retry-After` of a maintenance 503.
+const MAINTENANCE_RETRY_AFTER: &str = "30";
+
+/// The body and `Retry-After` of the 503 a closed gate answers, counted.
+fn closed_message(shared: &Shared, why: &gate::Closed) -> (String, &'static str) {
+    shared.traffic.unavailable.fetch_add(1, Ordering::Relaxed);
+    match why {
+        gate::Closed::Maintenance(message) => (message.to_string(), MAINTENANCE_RETRY_AFTER),
+        gate::Closed::PauseExpired(max) => (
+            format!(
+                "503 Service Unavailable: {} is paused; this request waited {max:?} (max-pause)\n",
+                shared.program
+            ),
+            PAUSE_RETRY_AFTER,
+        ),
+    }
+}
+
+/// The 503 of a closed gate (hyper path).
+fn closed(shared: &Shared, why: &gate::Closed) -> Response<ProxyBody> {
+    let (body, retry) = closed_message(shared, why);
+    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, body);
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// The 503 of a closed gate, as bytes (relay path).
+fn closed_text(shared: &Shared, why: &gate::Closed) -> Vec<u8> {
+    let (body, retry) = closed_message(shared, why);
+    relay::text(
+        "503 Service Unavailable",
+        &body,
+        &format!("Retry-After: {retry}\r\nConnection: close\r\n"),
+    )
+}
+
+/// Why a request was not routed.
+enum Refused {
+    /// No instance not in `skip` was ready within `queue_timeout`.
+    NoInstance,
+    /// The gate: paused past max-pause, or maintenance.
+    Closed(gate::Closed),
+}
+
+/// Passes the program's gate (held there while it is paused), then picks
+/// the least loaded ready instance not in `skip` (waiting up to
+/// `queue_timeout`), counted in flight from here. The one place every path
+/// (relay, hyper, tcp) routes through, so a pause holds them all alike.
+async fn route(
+    shared: &Shared,
+    skip: &[PrivateAddr],
+) -> Result<(Arc<Upstream>, InflightGuard), Refused> {
+    loop {
+        shared
+            .gate
+            .admit(&shared.traffic.held)
+            .await
+            .map_err(Refused::Closed)?;
+        let up = choose(shared, skip).await.ok_or(Refused::NoInstance)?;
+        let guard = InflightGuard::new(up.stats.clone());
+        // Counted in flight before this second look, so a pause that began
+        // meanwhile either sees this request or is seen here (gate.rs).
+        if !shared.gate.shut() {
+            return Ok((up, guard));
+        }
+        guard.discard();
+    }
 }
 
 /// The least loaded upstream not in `skip`, ties round-robin.
@@ -1067,17 +1201,17 @@ async fn handle(
     let mut req = Request::from_parts(parts, body);
     let mut tried: Vec<PrivateAddr> = Vec::new();
     loop {
-        let Some(up) = choose(shared, &tried).await else {
-            return if tried.is_empty() {
-                unavailable(shared)
-            } else {
-                text(
+        let (up, mut guard) = match route(shared, &tried).await {
+            Ok(routed) => routed,
+            Err(Refused::Closed(why)) => return closed(shared, &why),
+            Err(Refused::NoInstance) if tried.is_empty() => return unavailable(shared),
+            Err(Refused::NoInstance) => {
+                return text(
                     StatusCode::BAD_GATEWAY,
                     "502 Bad Gateway: no instance could be reached\n".into(),
                 )
-            };
+            }
         };
-        let mut guard = InflightGuard::new(up.stats.clone());
         if !host_given {
             req.headers_mut().insert(header::HOST, up.authority.clone());
         }
@@ -1201,5 +1335,6 @@ fn test_shared() -> Arc<Shared> {
         next: AtomicUsize::new(0),
         traffic: Arc::new(Traffic::default()),
         draining: Arc::new(AtomicBool::new(false)),
+        gate: gate::GateTx::new().subscribe(),
     })
 }

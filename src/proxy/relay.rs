@@ -31,7 +31,9 @@ use tokio::time::Instant;
 
 use super::addr::Stream;
 use super::splice::SpliceIo;
-use super::{choose, framing, workers, InflightGuard, PrivateAddr, Shared, CONNECT_TIMEOUT};
+use super::{
+    framing, route, workers, InflightGuard, PrivateAddr, Refused, Shared, CONNECT_TIMEOUT,
+};
 
 /// Size of the read buffers, for requests and for responses.
 const BUF: usize = 16 * 1024;
@@ -876,6 +878,8 @@ struct Sent {
 enum NotSent {
     /// No instance became ready within queue_timeout (503).
     NoInstance,
+    /// The gate turned it away: held past max-pause, or maintenance (503).
+    Closed(super::gate::Closed),
     /// No ready instance could be reached; nothing reached an app (502).
     Unreachable,
     /// Writing failed after the worker may have taken some of the request,
@@ -914,14 +918,12 @@ async fn send(
     fresh: bool,
 ) -> Result<Sent, NotSent> {
     loop {
-        let Some(up) = choose(shared, tried).await else {
-            return Err(if tried.is_empty() {
-                NotSent::NoInstance
-            } else {
-                NotSent::Unreachable
-            });
+        let (up, guard) = match route(shared, tried).await {
+            Ok(routed) => routed,
+            Err(Refused::Closed(why)) => return Err(NotSent::Closed(why)),
+            Err(Refused::NoInstance) if tried.is_empty() => return Err(NotSent::NoInstance),
+            Err(Refused::NoInstance) => return Err(NotSent::Unreachable),
         };
-        let guard = InflightGuard::new(up.stats.clone());
         out.truncate(mark);
         if !req.host {
             push_header(out, b"Host", up.authority.as_bytes());
@@ -1039,6 +1041,9 @@ where
         Err(NotSent::NoInstance) => {
             return answer(c, &super::unavailable_text(&shared), req.head, true).await
         }
+        Err(NotSent::Closed(why)) => {
+            return answer(c, &super::closed_text(&shared, &why), req.head, true).await
+        }
         Err(NotSent::Unreachable) => {
             let bad = text("502 Bad Gateway", UNREACHABLE, CLOSE);
             return answer(c, &bad, req.head, true).await;
@@ -1139,6 +1144,9 @@ where
                 Err(NotSent::NoInstance | NotSent::Unreachable) => {
                     let bad = text("502 Bad Gateway", UNREACHABLE, CLOSE);
                     return answer(c, &bad, req.head, true).await;
+                }
+                Err(NotSent::Closed(why)) => {
+                    return answer(c, &super::closed_text(&shared, &why), req.head, true).await
                 }
                 Err(NotSent::Broken(u, g, cause)) => {
                     (up, guard) = (u, g);

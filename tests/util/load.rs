@@ -25,6 +25,9 @@ pub struct LoadReport {
     /// Answers by the `version` text in the body, for apps that name theirs
     /// (deploy tests).
     pub versions: BTreeMap<String, u64>,
+    /// When each answered request reached its worker (Unix ms; zdt-demo's
+    /// `at`), to tell whether any got through while zdt held requests.
+    pub reached_ms: Vec<u64>,
 }
 
 /// Clients running until [`Load::stop`].
@@ -168,6 +171,9 @@ impl Load {
                                     if let Some(v) = text_field(&body, "version") {
                                         *r.versions.entry(v).or_default() += 1;
                                     }
+                                    if let Some(at) = field(&body, "at") {
+                                        r.reached_ms.push(at);
+                                    }
                                 }
                                 _ => {
                                     r.failed += 1;
@@ -204,6 +210,20 @@ impl Load {
     /// Requests answered so far.
     pub fn ok_so_far(&self) -> u64 {
         self.report.lock().map(|r| r.ok).unwrap_or(0)
+    }
+
+    /// Waits until 200 more requests were answered (panics after 20 s,
+    /// naming `what`).
+    pub fn wait_progress(&self, what: &str) {
+        let before = self.ok_so_far();
+        super::wait_for(what, Duration::from_secs(20), || {
+            let now = self.ok_so_far();
+            if now > before + 200 {
+                Ok(())
+            } else {
+                Err(format!("{} answered since", now - before))
+            }
+        });
     }
 
     /// Stops the clients (each finishes its request) and returns the report.

@@ -91,6 +91,26 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
+/// Established connections to `port` (from /proc/net/tcp: the sockets
+/// whose remote end is that port), e.g. zdt's to a worker's private port.
+pub fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[2]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
 /// A running zdt in its own temporary directory.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
