@@ -315,13 +315,36 @@ impl Supervisor {
                 let _ = shutdown.try_send(());
             }
             Command::Reload { allow_empty } => self.reload(replies, allow_empty),
-            Command::Deploy { target, from, base } => {
+            Command::Deploy {
+                target,
+                from,
+                base,
+                pause,
+                max_pause,
+            } => {
                 let base = base.map_or_else(|| PathBuf::from("/"), PathBuf::from);
-                self.deploy(
-                    &target,
-                    DeployOrder::Deploy(deploy::run::Request { from, base }),
-                    replies,
-                );
+                let pause = match (pause, max_pause.as_deref().map(config::parse_duration)) {
+                    (false, None) => None,
+                    (false, Some(_)) => {
+                        return reply_now(err(ErrorBody::new(
+                            "bad_request",
+                            "--max-pause needs --pause",
+                        )))
+                    }
+                    (true, None) => Some(DEFAULT_MAX_PAUSE),
+                    (true, Some(Ok(d))) if !d.is_zero() => Some(d),
+                    (true, Some(Ok(_))) => {
+                        return reply_now(err(ErrorBody::new(
+                            "bad_request",
+                            "--max-pause must be longer than 0s",
+                        )))
+                    }
+                    (true, Some(Err(e))) => {
+                        return reply_now(err(ErrorBody::new("bad_request", e)))
+                    }
+                };
+                let req = deploy::run::Request { from, base, pause };
+                self.deploy(&target, DeployOrder::Deploy(req), replies);
             }
             Command::Rollback { target, release } => {
                 self.deploy(&target, DeployOrder::Rollback(release), replies);

@@ -356,3 +356,75 @@ fn a_program_with_a_deploy_root_waits_for_its_first_release() {
     );
     assert!(!d.path("root/current").exists());
 }
+
+#[test]
+fn deploy_with_pause_holds_requests_while_migrations_run() {
+    let port = free_port();
+    // The migration records when it ran; it fails when the release says so.
+    let config = header()
+        + &node_program(port, "proxy")
+        + "migrate = [[\"sh\", \"-c\", \"date +%s%3N > $ZDT_DEPLOY_ROOT/migrate.start; sleep 1; date +%s%3N > $ZDT_DEPLOY_ROOT/migrate.end; test ! -f FAIL\"]]\n";
+    let d = Daemon::start(&config);
+    let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
+    let v2 = source(&d, "v2", "contrib/node/server.js", "v2");
+    let bad = source(&d, "bad", "contrib/node/server.js", "bad");
+    std::fs::write(bad.join("FAIL"), "").expect("write");
+    assert!(deploy(&d, &v1).status.success());
+    let load = Load::start(port, 16, 16, &[0, 20, 100]);
+    wait_load(&load, "load before the deploy");
+    let out = d.ctl(&[
+        "deploy",
+        "web",
+        "--pause",
+        "--from",
+        &v2.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("paused web") && text.contains("migrate 1/1") && text.contains("resumed"),
+        "{text}"
+    );
+    let ms = |f: &str| -> u64 {
+        std::fs::read_to_string(d.path(&format!("root/{f}")))
+            .expect("migration time")
+            .trim()
+            .parse()
+            .expect("ms")
+    };
+    let (start, end) = (ms("migrate.start"), ms("migrate.end"));
+    assert_eq!(version_of(port), "v2");
+    // A migration that fails: nothing switched, requests resumed.
+    let out = d.ctl(&[
+        "deploy",
+        "web",
+        "--pause",
+        "--max-pause",
+        "20s",
+        "--from",
+        &bad.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("migrate 1/1"),
+        "{out:?}"
+    );
+    wait_load(&load, "load after the failed migration");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    let during: Vec<&u64> = report
+        .reached_ms
+        .iter()
+        .filter(|&&t| t > start && t < end)
+        .collect();
+    assert!(
+        during.is_empty(),
+        "{} requests reached a worker during the migration",
+        during.len()
+    );
+    assert!(
+        report.reached_ms.iter().any(|&t| t > end),
+        "nothing served after it"
+    );
+    assert_eq!(version_of(port), "v2");
+}

@@ -50,6 +50,7 @@ const server = http.createServer((req, res) => {
       generation: Number(process.env.ZDT_GENERATION || 0),
       instance: Number(process.env.ZDT_INSTANCE || 0),
       release: process.env.ZDT_RELEASE || null,
+      at: Date.now(), // when the request reached this process (Unix ms)
       version,
       path: url.pathname,
     }));

@@ -145,6 +145,13 @@ enum Cmd {
         /// A folder, a .tar.gz/.tgz/.tar/.zip archive, or git+URL#REF.
         #[arg(long, value_name = "SRC")]
         from: String,
+        /// Proxy mode: hold new requests while the migrate hooks run and
+        /// the new release starts (for database migrations).
+        #[arg(long)]
+        pause: bool,
+        /// With --pause: a request held longer gets 503 (default 30s).
+        #[arg(long, value_name = "DURATION", requires = "pause")]
+        max_pause: Option<String>,
     },
     /// List the releases of a program's deploy root.
     Releases {
@@ -296,9 +303,16 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
         Cmd::Reload { allow_empty } => vec![Command::Reload {
             allow_empty: *allow_empty,
         }],
-        Cmd::Deploy { target, from } => vec![Command::Deploy {
+        Cmd::Deploy {
+            target,
+            from,
+            pause,
+            max_pause,
+        } => vec![Command::Deploy {
             target: target.clone(),
             from: from.clone(),
+            pause: *pause,
+            max_pause: max_pause.clone(),
             base: std::env::current_dir()
                 .ok()
                 .map(|d| d.to_string_lossy().into_owned()),

@@ -131,6 +131,13 @@ pub enum Command {
         /// The client's working directory, for a relative `from`.
         #[serde(default)]
         base: Option<String>,
+        /// Hold new requests (proxy mode) while the migrate hooks run and
+        /// the new release starts.
+        #[serde(default)]
+        pause: bool,
+        /// With `pause`: how long one request may be held ("30s" by default).
+        #[serde(default)]
+        max_pause: Option<String>,
     },
     /// The releases of the program's deploy root.
     Releases {

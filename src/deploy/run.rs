@@ -48,6 +48,9 @@ pub struct Request {
     pub from: String,
     /// Where a relative `from` is (the client's working directory).
     pub base: PathBuf,
+    /// `--pause`: hold new requests (proxy mode) while the migrate hooks
+    /// run and the new release starts; each request at most this long.
+    pub pause: Option<Duration>,
 }
 
 /// Progress lines: to the client (if still there) and the release's log.
@@ -309,7 +312,25 @@ async fn deploy_locked(
     layout
         .write_meta(&meta)
         .map_err(|e| fail(format!("cannot record the release: {e}")))?;
-    go_live(group, layout, &id, journal, out).await?;
+    // Migrations: with --pause, no request runs while they do.
+    let paused = match req.pause {
+        Some(max) => pause(group, max, out).await.map_err(|e| {
+            fail(e.message.clone()).with_hint("the pause was ended; nothing was switched")
+        })?,
+        None => Vec::new(),
+    };
+    let total = group.config.migrate.len();
+    for (i, argv) in group.config.migrate.iter().enumerate() {
+        let step = format!("migrate {}/{total} {}", i + 1, argv.join(" "));
+        if let Err((msg, tail)) = run_hook(spawner, group, &dir, &id, argv, &step, out).await {
+            resume(&paused, out).await;
+            layout.mark_failed(&id, &msg);
+            return Err(failed(msg).with_hint(format!("last output of the hook:\n{tail}")));
+        }
+    }
+    let live = go_live(group, layout, &id, journal, out).await;
+    resume(&paused, out).await;
+    live?;
     meta.state = BuildState::Ready;
     if let Err(e) = layout.write_meta(&meta) {
         tracing::warn!(release = %id, cause = %e, "cannot record the release as ready");
@@ -391,6 +412,69 @@ async fn go_live(
         }
     }
     Ok(())
+}
+
+/// Pauses the proxy-mode programs (pass-mode ones cannot hold requests);
+/// returns the ones paused, once none has a request in flight.
+async fn pause(group: &Group, max: Duration, out: &mut Progress) -> Result<Vec<Member>, OpError> {
+    let mut paused = Vec::new();
+    let t = Instant::now();
+    for m in &group.members {
+        if m.config.mode != crate::config::Mode::Proxy {
+            out.say(format!(
+                "{}: pass mode, not paused (the app accepts its connections itself)",
+                m.config.name
+            ));
+            continue;
+        }
+        let r = m
+            .handle
+            .call(|reply| ProgramMsg::Pause {
+                max_pause: max,
+                reply,
+            })
+            .await;
+        paused.push(m.clone());
+        match r {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                resume(&paused, out).await;
+                return Err(e);
+            }
+            None => {
+                resume(&paused, out).await;
+                return Err(OpError {
+                    message: "zdt is shutting down".into(),
+                    log_tail: None,
+                    kept_previous_config: false,
+                });
+            }
+        }
+    }
+    if !paused.is_empty() {
+        out.say(format!(
+            "paused {}: 0 in flight after {}; new requests are held (each at most {})",
+            paused
+                .iter()
+                .map(|m| m.config.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            secs(t.elapsed()),
+            secs(max)
+        ));
+    }
+    Ok(paused)
+}
+
+async fn resume(paused: &[Member], out: &mut Progress) {
+    for m in paused {
+        if let Some(Err(e)) = m.handle.call(|reply| ProgramMsg::Resume { reply }).await {
+            out.say(format!("{}: cannot resume: {}", m.config.name, e.message));
+        }
+    }
+    if !paused.is_empty() {
+        out.say("resumed: held requests go on");
+    }
 }
 
 /// Restarts a program without downtime, or starts it when it is not

@@ -113,6 +113,8 @@ impl Task {
                 target: self.target.clone(),
                 from,
                 base: None,
+                pause: false,
+                max_pause: None,
             },
             replies: tx,
             peer_uid: nix::unistd::geteuid().as_raw(),
