@@ -428,3 +428,37 @@ fn deploy_with_pause_holds_requests_while_migrations_run() {
     );
     assert_eq!(version_of(port), "v2");
 }
+
+#[test]
+fn a_program_with_a_user_gets_a_release_it_owns_and_builds_as_that_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run a program as another user");
+        return;
+    }
+    let port = free_port();
+    let config = header()
+        + &node_program(port, "proxy").replace("instances = 2", "instances = 1\nuser = \"nobody\"")
+        + "build = [[\"sh\", \"-c\", \"id -un > built-by && mkdir -p cache\"]]\n";
+    let d = Daemon::start(&config);
+    // The test folder is private to root; the worker must reach its release.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
+    let out = deploy(&d, &v1);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(version_of(port), "v1");
+    let rel = d.path("root/current");
+    assert_eq!(
+        std::fs::read_to_string(rel.join("built-by"))
+            .expect("built-by")
+            .trim(),
+        "nobody"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(rel.join("cache")).expect("cache").uid();
+    assert_eq!(owner, 65534);
+    let shared = std::fs::metadata(d.path("root/shared/storage"))
+        .expect("shared")
+        .uid();
+    assert_eq!(shared, 65534, "shared paths belong to the user too");
+}
