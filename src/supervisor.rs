@@ -97,6 +97,15 @@ fn err(body: ErrorBody) -> Reply {
     Reply::Error { error: body }
 }
 
+/// Whether `new` differs from `old` in its deploy settings only.
+fn only_deploy_changed(old: &ProgramConfig, new: &ProgramConfig) -> bool {
+    old.deploy != new.deploy
+        && ProgramConfig {
+            deploy: new.deploy.clone(),
+            ..old.clone()
+        } == *new
+}
+
 /// What a deploy task does.
 enum DeployOrder {
     /// A new release.
@@ -834,6 +843,16 @@ impl Supervisor {
                 None => {
                     self.add_program(cfg.clone());
                     added.push(cfg.name.clone());
+                }
+                Some(e) if only_deploy_changed(&e.config, cfg) => {
+                    // New deploy settings (a watch, hooks) need no restart.
+                    let h = e.handle.clone();
+                    let deploy = cfg.deploy.clone();
+                    tokio::spawn(async move { h.tx_send(ProgramMsg::SetDeploy { deploy }).await });
+                    if let Some(e) = self.programs.get_mut(&cfg.name) {
+                        e.config = cfg.clone();
+                    }
+                    unchanged.push(cfg.name.clone());
                 }
                 Some(e) if e.config != *cfg => {
                     let h = e.handle.clone();

@@ -462,3 +462,65 @@ fn a_program_with_a_user_gets_a_release_it_owns_and_builds_as_that_user() {
         .uid();
     assert_eq!(shared, 65534, "shared paths belong to the user too");
 }
+
+/// Unmounts (lazily) when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_or_read_only_deploy_root_is_a_clear_error_and_nothing_changes() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &node_program(port, "proxy")));
+    let root = d.path("root");
+    std::fs::create_dir(&root).expect("mkdir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(&root)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot mount a small tmpfs here ({mounted:?})");
+        return;
+    }
+    let _mount = Mount(root.clone());
+    let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
+    assert!(deploy(&d, &v1).status.success());
+    let live = current(&d);
+    let big = source(&d, "big", "contrib/node/server.js", "big");
+    std::fs::write(big.join("data.bin"), vec![7u8; 1024 * 1024]).expect("write");
+    let out = deploy(&d, &big);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains("data.bin"),
+        "{stderr}"
+    );
+    assert_eq!(current(&d), live);
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("releases"))
+        .expect("releases")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    let ro = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&root)
+        .status()
+        .expect("mount");
+    assert!(ro.success());
+    let out = deploy(&d, &v1);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{out:?}"
+    );
+    assert_eq!(current(&d), live);
+    assert_eq!(version_of(port), "v1");
+}

@@ -152,6 +152,12 @@ pub enum ProgramMsg {
         /// Resolves at once.
         reply: oneshot::Sender<OpResult>,
     },
+    /// New deploy settings, all a reload changed: taken as they are, no
+    /// restart (the next process resolves its release with them).
+    SetDeploy {
+        /// The settings.
+        deploy: Option<config::DeployConfig>,
+    },
     /// Stop everything, then end the actor.
     Shutdown {
         /// Resolves when every process is gone.
@@ -609,6 +615,7 @@ impl Program {
                 let sink = self.slots.get(instance as usize).map(|s| s.sink(stderr));
                 let _ = reply.send(sink);
             }
+            ProgramMsg::SetDeploy { deploy } => self.config.deploy = deploy,
             ProgramMsg::Drain { on, reply } => {
                 let result = match &self.proxy {
                     Some(_) => {
