@@ -660,7 +660,7 @@ impl Slot {
             Some(PrivateAddr::Unix(p)) => Some(p.clone()),
             _ => None,
         };
-        let upstream = private.map(|a| Upstream::new(a, ctx.traffic));
+        let upstream = private.map(|a| Upstream::new(a, ctx.traffic, gen));
         Proc {
             upstream: upstream.clone(),
             socket_path,
