@@ -62,7 +62,26 @@ enum Cmd {
         /// drain in time (SIGKILLed at max_wait, requests cut).
         #[arg(long)]
         strict: bool,
+        /// Proxy mode: start the new generation as a canary for PERCENT % of
+        /// new clients (sticky), beside the old one; returns once it serves.
+        /// End it with `promote` or `rollback`.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+        canary: Option<u8>,
         /// Program names, NAME:N, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// End a canary: its generation takes all traffic, the old one drains
+    /// and stops; waits until it is gone.
+    Promote {
+        /// Program names, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Roll a canary back: the old generation takes all traffic again, the
+    /// canary's drains and stops; waits until it is gone.
+    Rollback {
+        /// Program names, globs, or all.
         #[arg(required = true)]
         targets: Vec<String>,
     },
@@ -192,12 +211,27 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             .map(|t| Command::Stop { target: t.clone() })
             .collect(),
         Cmd::Restart {
-            no_wait, targets, ..
+            no_wait,
+            targets,
+            canary,
+            ..
         } => targets
             .iter()
             .map(|t| Command::Restart {
                 target: t.clone(),
                 no_wait: *no_wait,
+                canary: *canary,
+            })
+            .collect(),
+        Cmd::Promote { targets } => targets
+            .iter()
+            .map(|t| Command::Promote { target: t.clone() })
+            .collect(),
+        Cmd::Rollback { targets } => targets
+            .iter()
+            .map(|t| Command::Rollback {
+                target: t.clone(),
+                release: None,
             })
             .collect(),
         Cmd::Signal { target, signal } => vec![Command::Signal {
@@ -320,6 +354,11 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
         outln!(out, "{}", line.join("  ").trim_end());
     }
     for p in programs {
+        if let Some(c) = &p.canary {
+            print_canary(out, &p.name, c);
+        }
+    }
+    for p in programs {
         if let Some(w) = &p.socket_warning {
             outln!(out, "{}: warning: {w}", p.name);
         }
@@ -330,6 +369,53 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
                 p.name, r.inflight, r.served, r.failed, r.cut, r.unavailable
             );
         }
+    }
+}
+
+/// A canary's two generations side by side.
+fn print_canary(out: &Out, name: &str, c: &zdt::state::CanaryStatus) {
+    let sticky = match &c.header {
+        Some(h) => format!("{h} hash, else cookie"),
+        None => "cookie".to_string(),
+    };
+    outln!(
+        out,
+        "{name}: canary: gen {} takes {} % of new clients (sticky by {sticky}); promote: zdtctl promote {name}; roll back: zdtctl rollback {name}",
+        c.canary.generation,
+        c.percent
+    );
+    let p99 = |g: &zdt::state::GenerationTraffic| {
+        g.p99_us.map_or("-".to_string(), |us| {
+            format!("{:.1} ms", us as f64 / 1000.0)
+        })
+    };
+    let rows = [
+        ["", "GEN", "REQUESTS", "5XX", "P99"].map(String::from),
+        [
+            "stable".into(),
+            c.stable.generation.to_string(),
+            c.stable.requests.to_string(),
+            c.stable.errors_5xx.to_string(),
+            p99(&c.stable),
+        ],
+        [
+            "canary".into(),
+            c.canary.generation.to_string(),
+            c.canary.requests.to_string(),
+            c.canary.errors_5xx.to_string(),
+            p99(&c.canary),
+        ],
+    ];
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        outln!(out, "  {}", line.join("  ").trim_end());
     }
 }
 

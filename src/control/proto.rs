@@ -54,6 +54,27 @@ pub enum Command {
         /// Reply as soon as the restart was accepted.
         #[serde(default)]
         no_wait: bool,
+        /// Proxy mode: start the new generation as a canary for this
+        /// percentage (1 to 99) of new clients, beside the old one; replies
+        /// once it serves. End it with `promote` or `rollback`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<u8>,
+    },
+    /// A canary's generation takes all traffic; the old one drains and
+    /// stops. Replies when it is gone.
+    Promote {
+        /// Which programs.
+        target: String,
+    },
+    /// Without `release`: roll a canary back (the old generation takes all
+    /// traffic again, the canary's drains and stops); an error when none
+    /// runs. With `release`: a release rollback (not available yet).
+    Rollback {
+        /// Which programs.
+        target: String,
+        /// A release to go back to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<String>,
     },
     /// Send a signal to every instance's process group.
     Signal {

@@ -143,8 +143,8 @@ impl Traffic {
         s
     }
 
-    /// Requests, 5xx answers and p99 latency (ms) of generation `gen`.
-    pub fn of_gen(&self, gen: u64) -> Option<(u64, u64, Option<f64>)> {
+    /// Requests, 5xx answers and p99 latency (µs) of generation `gen`.
+    pub fn of_gen(&self, gen: u64) -> Option<(u64, u64, Option<u64>)> {
         let gens = self.gens.lock().ok()?;
         gens.iter().find(|(g, _)| *g == gen).map(|(_, s)| s.read())
     }
