@@ -1,7 +1,7 @@
 //! A concurrent HTTP/1.1 load client for restart tests: real sockets, every
 //! request checked, every failure counted with its cause.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,8 @@ pub struct LoadReport {
     pub pids: BTreeSet<u64>,
     /// Distinct generations that answered.
     pub generations: BTreeSet<u64>,
+    /// Requests answered, per generation.
+    pub by_generation: BTreeMap<u64, u64>,
 }
 
 /// Clients running until [`Load::stop`].
@@ -157,6 +159,7 @@ impl Load {
                                     r.ok += 1;
                                     r.pids.insert(pid);
                                     r.generations.insert(gen);
+                                    *r.by_generation.entry(gen).or_default() += 1;
                                 }
                                 _ => {
                                     r.failed += 1;
@@ -193,6 +196,14 @@ impl Load {
     /// Requests answered so far.
     pub fn ok_so_far(&self) -> u64 {
         self.report.lock().map(|r| r.ok).unwrap_or(0)
+    }
+
+    /// Requests answered so far, per generation.
+    pub fn by_generation(&self) -> BTreeMap<u64, u64> {
+        self.report
+            .lock()
+            .map(|r| r.by_generation.clone())
+            .unwrap_or_default()
     }
 
     /// Stops the clients (each finishes its request) and returns the report.
