@@ -47,7 +47,10 @@
 //!   and the upstream pools they use stay on one thread. The program actor
 //!   publishes the routes (a `watch`: the switch is atomic) and reads the
 //!   counters (`proxy::Traffic`, atomics) into status; nothing on the data
-//!   path waits on an actor. HTTP requests go through hyper (per-thread
+//!   path waits on an actor. During a canary (`program::canary`) the
+//!   routes carry two generations and a share; each request is assigned one
+//!   by its cookie, a header hash or a draw (`proxy::canary`), and counted
+//!   per generation. HTTP requests go through hyper (per-thread
 //!   pools per upstream, request bodies that survive a failed connect,
 //!   Upgrade tunnels); `protocol = "tcp"` copies, then splices, bytes.
 //!
