@@ -114,6 +114,9 @@ impl Program {
             percent,
             slots,
         });
+        // Published before the reply, which the supervisor answers from
+        // the snapshot (the canary's generations and share).
+        self.publish();
         let all: Vec<usize> = (0..self.slots.len()).collect();
         let mut snaps = self.snapshots_of(&all);
         snaps.extend(

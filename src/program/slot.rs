@@ -401,6 +401,10 @@ impl Slot {
         if let Some(p) = &self.proc {
             self.gen = p.gen;
         }
+        // launch() counted the candidate's start as this slot's restart;
+        // it is the canary slot's (which keeps the count), not this one's.
+        let restarts = self.restarts;
+        self.restarts = self.restarts.saturating_sub(1);
         tracing::info!(program = %cfg.name, instance = self.index, gen = next.gen, "canary serving beside the running generation");
         Some(Slot {
             index: self.index,
@@ -415,7 +419,7 @@ impl Slot {
             failures: 0,
             shortages: 0,
             first_failure: None,
-            restarts: self.restarts,
+            restarts,
             started_once: true,
             last_exit: None,
             error: None,
