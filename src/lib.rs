@@ -48,7 +48,10 @@
 //!   publishes the routes (a `watch`: the switch is atomic) and reads the
 //!   counters (`proxy::Traffic`, atomics) into status; nothing on the data
 //!   path waits on an actor (a pause holds requests on a `watch` of the
-//!   program's gate, published with its routes). HTTP requests go through hyper (per-thread
+//!   program's gate, published with its routes). During a canary
+//!   (`program::canary`) the routes carry two generations and a share; each
+//!   request is assigned one by its cookie, a header hash or a draw
+//!   (`proxy::canary`), and counted per generation. HTTP requests go through hyper (per-thread
 //!   pools per upstream, request bodies that survive a failed connect,
 //!   Upgrade tunnels); `protocol = "tcp"` copies, then splices, bytes.
 //!

@@ -168,6 +168,10 @@ pub struct ProgramSnapshot {
     /// Proxy mode: `zdtctl pause` or `maintenance` in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<Hold>,
+    /// Proxy mode: a canary in progress (`zdtctl restart --canary`), with
+    /// both generations' counters side by side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
 }
 
 /// What `zdtctl status` shows of a watch.
@@ -205,6 +209,37 @@ pub enum Hold {
         /// The body of the 503.
         message: String,
     },
+}
+
+/// A canary in progress: which generations share the traffic, how, and how
+/// each is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    /// Share of new clients sent to the canary, 1 to 99.
+    pub percent: u8,
+    /// `canary_header`, when clients are assigned by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The generation that served before the canary and keeps the rest.
+    pub stable: GenerationTraffic,
+    /// The canary generation.
+    pub canary: GenerationTraffic,
+}
+
+/// Counters of one generation, since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationTraffic {
+    /// The generation.
+    pub generation: u64,
+    /// Requests answered (by the application or with zdt's 502/504).
+    pub requests: u64,
+    /// Of those, answers with a 5xx status (the application's, and zdt's
+    /// 502/504 when the worker failed).
+    pub errors_5xx: u64,
+    /// 99th percentile of the time from routing a request to the end of
+    /// its answer, in microseconds (a histogram bucket's upper bound,
+    /// within 25 %); None before the first request.
+    pub p99_us: Option<u64>,
 }
 
 /// Milliseconds since the Unix epoch, for snapshots.

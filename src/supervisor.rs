@@ -356,7 +356,27 @@ impl Supervisor {
                 self.deploy(&target, DeployOrder::Deploy(req), replies);
             }
             Command::Rollback { target, release } => {
-                self.deploy(&target, DeployOrder::Rollback(release), replies);
+                // A running canary is ended first; else it is a release's.
+                let canary_runs = self.resolve(&target).is_ok_and(|list| {
+                    list.iter()
+                        .filter_map(|r| self.programs.get(&r.program))
+                        .any(|e| e.handle.snapshot().canary.is_some())
+                });
+                let has_root = self
+                    .programs
+                    .get(&target)
+                    .is_some_and(|e| e.config.deploy.is_some());
+                if canary_runs && release.is_none() {
+                    self.end_canary(&target, replies);
+                } else if !has_root && release.is_none() && self.programs.contains_key(&target) {
+                    reply_now(err(ErrorBody::new(
+                        "failed",
+                        format!("no canary running for {target}, and it has no deploy root to roll back in"),
+                    )
+                    .with_hint(format!("`zdtctl restart {target} --canary PERCENT` starts a canary"))));
+                } else {
+                    self.deploy(&target, DeployOrder::Rollback(release), replies);
+                }
             }
             Command::Releases { target } => reply_now(match self.deploy_group(&target) {
                 Ok(group) => ok(Outcome::Releases {
@@ -408,9 +428,17 @@ impl Supervisor {
             }
             Command::Start { target } => self.act(Verb::Start, &target, false, replies),
             Command::Stop { target } => self.act(Verb::Stop, &target, false, replies),
-            Command::Restart { target, no_wait } => {
-                self.act(Verb::Restart, &target, no_wait, replies)
-            }
+            Command::Restart {
+                target,
+                no_wait,
+                canary: None,
+            } => self.act(Verb::Restart, &target, no_wait, replies),
+            Command::Restart {
+                target,
+                canary: Some(percent),
+                ..
+            } => self.canary(&target, Some(percent), replies),
+            Command::Promote { target } => self.canary(&target, None, replies),
             Command::Signal { target, signal } => {
                 let sig = match config::parse_signal(&signal) {
                     Ok(s) => s,
@@ -580,6 +608,82 @@ impl Supervisor {
         });
     }
 
+    /// `restart --canary percent` (Some) or `promote` (None): waits until
+    /// the canary serves, or until the old generation is gone.
+    fn canary(&self, target: &str, percent: Option<u8>, replies: mpsc::Sender<Reply>) {
+        let list = match self.resolve(target) {
+            Ok(l) => l,
+            Err(e) => {
+                tokio::spawn(async move { send(&replies, err(e)).await });
+                return;
+            }
+        };
+        let progress = replies.clone();
+        let mut calls = self.calls(&list, move |instance, reply| match percent {
+            Some(p) => ProgramMsg::Restart {
+                instance,
+                canary: Some(p),
+                progress: Some(progress.clone()),
+                reply,
+            },
+            None => ProgramMsg::Promote {
+                progress: Some(progress.clone()),
+                reply,
+            },
+        });
+        calls.sort_by_key(|(p, _)| *p);
+        let handles: Vec<ProgramHandle> = calls.iter().map(|(_, c)| c.handle.clone()).collect();
+        tokio::spawn(async move {
+            let results = run_levels(calls).await;
+            let message = match percent {
+                Some(_) => handles
+                    .iter()
+                    .filter_map(|h| h.snapshot().canary.map(|c| canary_line(&h.name, &c)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                None => handles
+                    .iter()
+                    .map(|h| {
+                        format!(
+                            "promoted {}: gen {} serves all traffic; the old generation is gone",
+                            h.name,
+                            h.snapshot().generation
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            };
+            let mut reply = collect(results, message);
+            add_drain_warnings(&mut reply, &handles);
+            send(&replies, reply).await;
+        });
+    }
+
+    /// `rollback` of a canary: waits until the canary's generation is gone.
+    fn end_canary(&self, target: &str, replies: mpsc::Sender<Reply>) {
+        let list = match self.resolve(target) {
+            Ok(l) => l,
+            Err(e) => {
+                tokio::spawn(async move { send(&replies, err(e)).await });
+                return;
+            }
+        };
+        let progress = replies.clone();
+        let mut calls = self.calls(&list, move |_, reply| ProgramMsg::EndCanary {
+            progress: Some(progress.clone()),
+            reply,
+        });
+        calls.sort_by_key(|(p, _)| *p);
+        let handles: Vec<ProgramHandle> = calls.iter().map(|(_, c)| c.handle.clone()).collect();
+        let message = format!("rolled back the canary of {target}: the previous generation serves all traffic; the canary is gone");
+        tokio::spawn(async move {
+            let results = run_levels(calls).await;
+            let mut reply = collect(results, message);
+            add_drain_warnings(&mut reply, &handles);
+            send(&replies, reply).await;
+        });
+    }
+
     /// Proxy programs: start or end answering new requests 503.
     fn drain(&self, target: &str, on: bool, replies: mpsc::Sender<Reply>) {
         match self.resolve(target) {
@@ -703,6 +807,7 @@ impl Supervisor {
             Verb::Stop => ProgramMsg::Stop { instance, reply },
             Verb::Restart => ProgramMsg::Restart {
                 instance,
+                canary: None,
                 progress: progress.clone(),
                 reply,
             },
@@ -777,6 +882,28 @@ impl Supervisor {
                     ),
                 )
                 .with_hint("if that is what you want, run `zdtctl reload --allow-empty`"),
+            );
+        }
+        // A program with a canary running keeps its settings until the
+        // canary ends: the whole reload waits for that (nothing changes).
+        let canaries: Vec<String> = self
+            .programs
+            .iter()
+            .filter(|(name, e)| {
+                new.programs.get(*name) != Some(&e.config) && e.handle.snapshot().canary.is_some()
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Some(first) = canaries.first() {
+            return reject(
+                ErrorBody::new(
+                    "failed",
+                    format!(
+                        "reload rejected: it changes or removes {}, where a canary is running; nothing was changed",
+                        canaries.join(", ")
+                    ),
+                )
+                .with_hint(format!("promote the canary (zdtctl promote {first}) or roll it back (zdtctl rollback {first}), then reload")),
             );
         }
         // Bind what this reload adds or changes; a program left as it is
@@ -1015,6 +1142,18 @@ fn add_drain_warnings(reply: &mut Reply, handles: &[ProgramHandle]) {
                 .map(|w| format!("{}: {w}", h.name))
         }));
     }
+}
+
+/// What `restart --canary` prints when the canary serves.
+fn canary_line(name: &str, c: &crate::state::CanaryStatus) -> String {
+    let sticky = match &c.header {
+        Some(h) => format!("by a hash of {h}, else by the zdt_canary cookie"),
+        None => "by the zdt_canary cookie".to_string(),
+    };
+    format!(
+        "{name}: canary: gen {} serves {} % of new clients (sticky {sticky}); gen {} serves the rest\n  watch:     zdtctl status {name}\n  promote:   zdtctl promote {name}\n  roll back: zdtctl rollback {name}",
+        c.canary.generation, c.percent, c.stable.generation
+    )
 }
 
 fn collect(results: Vec<(String, Option<OpResult>)>, message: String) -> Reply {

@@ -4,6 +4,7 @@
 mod util;
 
 mod bench_tools;
+mod canary;
 mod config;
 mod control;
 mod crashes;

@@ -8,7 +8,8 @@
 //! Endpoints: `GET /` (and any other path) answers JSON
 //! `{"pid","generation","instance","path","received","at"}` (`at`: Unix ms
 //! the request reached the worker); `?sleep=MS` delays the
-//! answer; `?bytes=N` answers N bytes, streamed; `GET /health` answers "ok";
+//! answer; `?bytes=N` answers N bytes, streamed; `?status=N` answers with
+//! that status (the same JSON body); `GET /health` answers "ok";
 //! `GET /log?n=N&stream=stdout|stderr` writes N lines to that stream.
 //! `GET /echo` with `Upgrade: echo` switches protocols (101), writes
 //! "generation G pid P\n" and echoes bytes until the client closes.
@@ -170,6 +171,9 @@ async fn handle(
     }
     let sleep = query(&req, "sleep");
     let bytes = query(&req, "bytes");
+    let status = query(&req, "status")
+        .and_then(|n| u16::try_from(n).ok())
+        .and_then(|n| hyper::StatusCode::from_u16(n).ok());
     let lines = query(&req, "n");
     let to_stderr = req
         .uri()
@@ -228,6 +232,9 @@ async fn handle(
         },
     };
     let mut resp = Response::new(body);
+    if let Some(s) = status {
+        *resp.status_mut() = s;
+    }
     if shared.draining.load(Ordering::SeqCst) {
         resp.headers_mut().insert(
             hyper::header::CONNECTION,

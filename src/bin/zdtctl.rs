@@ -62,7 +62,19 @@ enum Cmd {
         /// drain in time (SIGKILLed at max_wait, requests cut).
         #[arg(long)]
         strict: bool,
+        /// Proxy mode: start the new generation as a canary for PERCENT % of
+        /// new clients (sticky), beside the old one; returns once it serves.
+        /// End it with `promote` or `rollback`.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+        canary: Option<u8>,
         /// Program names, NAME:N, globs, or all.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// End a canary: its generation takes all traffic, the old one drains
+    /// and stops; waits until it is gone.
+    Promote {
+        /// Program names, globs, or all.
         #[arg(required = true)]
         targets: Vec<String>,
     },
@@ -158,10 +170,12 @@ enum Cmd {
         /// A program with a deploy root.
         target: String,
     },
-    /// Go back to an earlier release (default: the previous good one),
-    /// without downtime and without a build.
+    /// While a canary runs: roll it back (the old generation takes all
+    /// traffic again; waits until the canary is gone). Otherwise go back to
+    /// an earlier release (default: the previous good one), without
+    /// downtime and without a build.
     Rollback {
-        /// A program with a deploy root.
+        /// A program (with a deploy root, for a release rollback).
         target: String,
         /// The release id (see `zdtctl releases`).
         release: Option<String>,
@@ -248,13 +262,21 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             .map(|t| Command::Stop { target: t.clone() })
             .collect(),
         Cmd::Restart {
-            no_wait, targets, ..
+            no_wait,
+            targets,
+            canary,
+            ..
         } => targets
             .iter()
             .map(|t| Command::Restart {
                 target: t.clone(),
                 no_wait: *no_wait,
+                canary: *canary,
             })
+            .collect(),
+        Cmd::Promote { targets } => targets
+            .iter()
+            .map(|t| Command::Promote { target: t.clone() })
             .collect(),
         Cmd::Signal { target, signal } => vec![Command::Signal {
             target: target.clone(),
@@ -407,6 +429,11 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
     }
     print_table(out, rows);
     for p in programs {
+        if let Some(c) = &p.canary {
+            print_canary(out, &p.name, c);
+        }
+    }
+    for p in programs {
         if let Some(w) = &p.socket_warning {
             outln!(out, "{}: warning: {w}", p.name);
         }
@@ -456,6 +483,53 @@ fn print_status(out: &Out, programs: &[ProgramSnapshot]) {
             ),
             None => {}
         }
+    }
+}
+
+/// A canary's two generations side by side.
+fn print_canary(out: &Out, name: &str, c: &zdt::state::CanaryStatus) {
+    let sticky = match &c.header {
+        Some(h) => format!("{h} hash, else cookie"),
+        None => "cookie".to_string(),
+    };
+    outln!(
+        out,
+        "{name}: canary: gen {} takes {} % of new clients (sticky by {sticky}); promote: zdtctl promote {name}; roll back: zdtctl rollback {name}",
+        c.canary.generation,
+        c.percent
+    );
+    let p99 = |g: &zdt::state::GenerationTraffic| {
+        g.p99_us.map_or("-".to_string(), |us| {
+            format!("{:.1} ms", us as f64 / 1000.0)
+        })
+    };
+    let rows = [
+        ["", "GEN", "REQUESTS", "5XX", "P99"].map(String::from),
+        [
+            "stable".into(),
+            c.stable.generation.to_string(),
+            c.stable.requests.to_string(),
+            c.stable.errors_5xx.to_string(),
+            p99(&c.stable),
+        ],
+        [
+            "canary".into(),
+            c.canary.generation.to_string(),
+            c.canary.requests.to_string(),
+            c.canary.errors_5xx.to_string(),
+            p99(&c.canary),
+        ],
+    ];
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        outln!(out, "  {}", line.join("  ").trim_end());
     }
 }
 

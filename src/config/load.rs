@@ -88,6 +88,7 @@ struct RawProgram {
     max_header_bytes: Option<Spanned<SizeValue>>,
     max_connections: Option<Spanned<i64>>,
     forward_headers: Option<bool>,
+    canary_header: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
     upstream: Option<Spanned<String>>,
     deploy: Option<RawDeploy>,
@@ -164,6 +165,37 @@ fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr
             "invalid address {s:?}: expected tcp://IP:PORT or unix:///path"
         ))
     }
+}
+
+/// Why `name` cannot be a `canary_header`, if it cannot: it must be a
+/// header name the application sends as it is (zdt rewrites or drops the
+/// framing, hop-by-hop and X-Forwarded-* headers, and `Cookie` carries zdt's
+/// own canary cookie).
+fn canary_header_problem(name: &str) -> Option<&'static str> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Some("not a header name (letters, digits and - only, as in \"X-User-Id\")");
+    }
+    const ZDTS: [&str; 15] = [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "cookie",
+        "x-forwarded-for",
+        "x-real-ip",
+        "x-forwarded-proto",
+        "proxy-authorization",
+    ];
+    ZDTS.iter().any(|z| z.eq_ignore_ascii_case(name)).then_some(
+        "zdt rewrites or reads this header itself; use an application header such as \"X-User-Id\"",
+    )
 }
 
 /// Largest `max_connections` accepted (beyond any open-files limit).
@@ -610,6 +642,23 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 }
             }
         };
+        let canary_header = match p.canary_header {
+            None => None,
+            Some(h) => {
+                let at = h.span().start;
+                let h = h.into_inner();
+                if mode != Mode::Proxy || protocol != Protocol::Http {
+                    return Err(err_at(
+                        at,
+                        "canary_header needs mode = \"proxy\" with protocol = \"http\" (zdt must see each request's headers)".to_string(),
+                    ));
+                }
+                if let Some(why) = canary_header_problem(&h) {
+                    return Err(err_at(at, format!("canary_header {h:?}: {why}")));
+                }
+                Some(h)
+            }
+        };
         // A proxy timeout: above zero (zero would end every request at once).
         let timeout = |t: Option<Spanned<DurationValue>>,
                        key: &str,
@@ -694,6 +743,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             max_header_bytes,
             max_connections,
             forward_headers: p.forward_headers.unwrap_or(true),
+            canary_header,
             protocol,
             upstream,
             socket_dir: supervisor

@@ -279,6 +279,10 @@ pub struct ProgramConfig {
     pub max_connections: Option<usize>,
     /// Proxy mode: add X-Forwarded-For, X-Real-IP, X-Forwarded-Proto. Default true.
     pub forward_headers: bool,
+    /// Proxy mode, during a canary (`zdtctl restart --canary`): requests
+    /// carrying this header are assigned to a generation by a stable hash
+    /// of its value instead of the `zdt_canary` cookie. None: cookie only.
+    pub canary_header: Option<String>,
     /// Proxy mode: http (default) or tcp.
     pub protocol: Protocol,
     /// Proxy mode: the worker listens on a loopback port (default) or a unix socket.

@@ -590,3 +590,44 @@ fn deploy_tables_are_checked() {
         "set different deploy settings",
     );
 }
+
+#[test]
+fn canary_header_is_an_application_header_of_a_proxied_http_program() {
+    const PROXY: &str =
+        "[program.web]\ncommand = [\"x\"]\nmode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:1\"]\n";
+    let c = parse(PROXY, Path::new(FILE)).expect("valid proxy");
+    assert_eq!(c.programs["web"].canary_header, None);
+    let c = parse(
+        &format!("{PROXY}canary_header = \"X-User-Id\"\n"),
+        Path::new(FILE),
+    )
+    .expect("valid");
+    assert_eq!(
+        c.programs["web"].canary_header.as_deref(),
+        Some("X-User-Id")
+    );
+    assert_bad(
+        &format!("{PROXY}canary_header = \"Cookie\"\n"),
+        5,
+        17,
+        "zdt rewrites or reads this header itself",
+    );
+    assert_bad(
+        &format!("{PROXY}canary_header = \"X User\"\n"),
+        5,
+        17,
+        "not a header name",
+    );
+    assert_bad(
+        &format!("{PROXY}protocol = \"tcp\"\ncanary_header = \"X-User-Id\"\n"),
+        6,
+        17,
+        "needs mode = \"proxy\" with protocol = \"http\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlisten = [\"tcp://127.0.0.1:1\"]\ncanary_header = \"X-User-Id\"\n",
+        4,
+        17,
+        "needs mode = \"proxy\"",
+    );
+}

@@ -54,6 +54,17 @@ pub enum Command {
         /// Reply as soon as the restart was accepted.
         #[serde(default)]
         no_wait: bool,
+        /// Proxy mode: start the new generation as a canary for this
+        /// percentage (1 to 99) of new clients, beside the old one; replies
+        /// once it serves. End it with `promote` or `rollback`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<u8>,
+    },
+    /// A canary's generation takes all traffic; the old one drains and
+    /// stops. Replies when it is gone.
+    Promote {
+        /// Which programs.
+        target: String,
     },
     /// Send a signal to every instance's process group.
     Signal {
@@ -144,7 +155,10 @@ pub enum Command {
         /// The program.
         target: String,
     },
-    /// Go back to an earlier release (default: the previous good one).
+    /// Without `release`, while a canary runs: roll the canary back (the
+    /// old generation takes all traffic again, the canary's drains and
+    /// stops). Otherwise go back to an earlier release of the program's
+    /// deploy root (default: the previous good one).
     Rollback {
         /// The program.
         target: String,

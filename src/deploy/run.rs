@@ -493,6 +493,7 @@ async fn restart(m: &Member, out: &Progress) -> Result<bool, OpError> {
         m.handle
             .call(|reply| ProgramMsg::Restart {
                 instance: None,
+                canary: None,
                 progress,
                 reply,
             })

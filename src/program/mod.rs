@@ -21,6 +21,7 @@
 //! spawned for lack of fds or processes (EMFILE, ENFILE, EAGAIN) is retried
 //! in BACKOFF (100 ms doubling to 5 s) for as long as that lasts, never FATAL.
 
+mod canary;
 mod ops;
 mod slot;
 
@@ -84,13 +85,37 @@ pub enum ProgramMsg {
         /// Resolves when done.
         reply: oneshot::Sender<OpResult>,
     },
-    /// Restart instances; replies when the new processes run.
+    /// Restart instances; replies when the new processes run. With
+    /// `canary` (proxy mode, all instances): the new generation starts and
+    /// gets ready as in a zero-downtime restart, then takes that percentage
+    /// of new clients beside the old one; replies once it serves. End it
+    /// with [`ProgramMsg::Promote`] or [`ProgramMsg::EndCanary`].
     Restart {
         /// One instance, or all.
         instance: Option<u32>,
+        /// Canary share of new clients, 1 to 99; None: a full restart.
+        canary: Option<u8>,
         /// Progress lines for the client, if it wants them.
         progress: Option<mpsc::Sender<Reply>>,
         /// Resolves when done.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// A canary's generation takes all traffic; the old generation drains
+    /// and stops as after a restart. Replies when it is gone; an error when
+    /// no canary runs or one of its instances is not RUNNING.
+    Promote {
+        /// Progress lines for the client, if it wants them.
+        progress: Option<mpsc::Sender<Reply>>,
+        /// Resolves when the old generation is gone.
+        reply: oneshot::Sender<OpResult>,
+    },
+    /// Rolls a canary back: the old generation takes all traffic again and
+    /// the canary's drains and stops. Replies when it is gone; an error when
+    /// no canary runs.
+    EndCanary {
+        /// Progress lines for the client, if it wants them.
+        progress: Option<mpsc::Sender<Reply>>,
+        /// Resolves when the canary generation is gone.
         reply: oneshot::Sender<OpResult>,
     },
     /// Send a signal to the process groups of running instances.
@@ -216,6 +241,13 @@ impl ProgramHandle {
             if let Some(crate::state::Hold::Paused { held, .. }) = &mut snap.hold {
                 *held = self.traffic.held();
             }
+            if let Some(c) = &mut snap.canary {
+                for g in [&mut c.stable, &mut c.canary] {
+                    if let Some((requests, errors, p99)) = self.traffic.of_gen(g.generation) {
+                        (g.requests, g.errors_5xx, g.p99_us) = (requests, errors, p99);
+                    }
+                }
+            }
         }
         snap
     }
@@ -258,6 +290,7 @@ pub fn spawn_program(
         socket_warning: None,
         deploy_watch: None,
         hold: None,
+        canary: None,
     });
     let traffic = Arc::new(Traffic::default());
     let mut actor = Program {
@@ -278,6 +311,7 @@ pub fn spawn_program(
         queued: None,
         proxy: None,
         routes: crate::proxy::RouteTable::new(),
+        canary: None,
         config,
     };
     let cfg = actor.config.clone();
@@ -298,6 +332,22 @@ pub fn spawn_program(
 struct BackoffDone {
     slot: usize,
     epoch: u64,
+    /// A slot of the canary generation (see [`CanaryRun`]).
+    canary: bool,
+}
+
+/// A canary in progress: the new generation serves `percent` % of new
+/// clients beside the old one. Each instance of the canary has a slot of
+/// its own here, with the whole state machine (a crash restarts it in its
+/// own generation); the program's `slots` keep the old generation. Promote
+/// and rollback move the losing generation's processes into the winning
+/// slots' draining lists, where they finish their requests and stop.
+struct CanaryRun {
+    gen: u64,
+    stable_gen: u64,
+    percent: u8,
+    /// One per instance, each with its instance number (`Slot::index`).
+    slots: Vec<Slot>,
 }
 
 struct Program {
@@ -341,6 +391,8 @@ struct Program {
     traffic: Arc<Traffic>,
     /// A reload that arrived during a restart, applied when it is over.
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
+    /// Proxy mode: a canary in progress.
+    canary: Option<CanaryRun>,
 }
 
 /// How often pass-mode accept queues are looked at (the queue's length, a
@@ -371,7 +423,14 @@ pub fn backoff_delay(failures: u32) -> Duration {
 impl Program {
     /// Private ports held by live processes (proxy mode).
     fn ports_in_use(&self) -> Vec<u16> {
-        self.slots.iter().flat_map(Slot::ports).collect()
+        self.all_slots().flat_map(Slot::ports).collect()
+    }
+
+    /// The program's slots, then the canary's.
+    fn all_slots(&self) -> impl Iterator<Item = &Slot> {
+        self.slots
+            .iter()
+            .chain(self.canary.iter().flat_map(|c| c.slots.iter()))
     }
 
     fn set_sockets(&mut self, sockets: Sockets, cfg: &ProgramConfig) {
@@ -568,6 +627,7 @@ impl Program {
     fn handle(&mut self, msg: ProgramMsg) {
         match msg {
             ProgramMsg::Start { instance, reply } => match self.select(instance) {
+                Ok(_) if self.canary.is_some() => drop(reply.send(Err(self.canary_running()))),
                 Ok(slots) => {
                     self.supersede(&slots, "start");
                     let slots = self.start_slots(instance);
@@ -586,9 +646,18 @@ impl Program {
             },
             ProgramMsg::Restart {
                 instance,
+                canary: None,
                 progress,
                 reply,
             } => self.begin_restart(instance, None, progress, reply),
+            ProgramMsg::Restart {
+                instance,
+                canary: Some(percent),
+                progress,
+                reply,
+            } => self.begin_canary(instance, percent, progress, reply),
+            ProgramMsg::Promote { progress, reply } => self.end_canary(true, progress, reply),
+            ProgramMsg::EndCanary { progress, reply } => self.end_canary(false, progress, reply),
             ProgramMsg::Reconfigure {
                 config,
                 sockets,
@@ -602,6 +671,12 @@ impl Program {
                 let result = self.select(instance).map(|slots| {
                     for &i in &slots {
                         self.slots[i].signal(signal);
+                    }
+                    // Both generations of a canary.
+                    for s in self.canary.iter().flat_map(|c| &c.slots) {
+                        if slots.contains(&s.index()) {
+                            s.signal(signal);
+                        }
                     }
                     self.snapshots_of(&slots)
                 });
@@ -788,6 +863,16 @@ impl Program {
         sockets: Sockets,
         reply: oneshot::Sender<OpResult>,
     ) {
+        if self.canary.is_some() {
+            // The supervisor refuses such a reload whole; this is for one
+            // that raced with the start of the canary. Its settings are
+            // not applied: the program keeps its previous ones.
+            let mut e = self.canary_running();
+            e.message = format!("{}; the new settings were not applied", e.message);
+            e.kept_previous_config = true;
+            let _ = reply.send(Err(e));
+            return;
+        }
         if self.restart_busy().is_some() {
             // Applied when the running restart is over; a newer reload wins.
             if let Some((_, _, older)) = self.queued.replace((config, sockets, reply)) {
@@ -819,13 +904,25 @@ impl Program {
         if overlap {
             self.config = *config;
             self.resize_slots();
-            self.begin_replace(None, None, reply, previous);
+            self.begin_replace(None, None, reply, previous, None);
         } else {
             self.begin_restart(None, Some(config), None, reply);
         }
     }
 
+    /// The refusal of an order that would change instances during a canary.
+    fn canary_running(&self) -> OpError {
+        let name = &self.config.name;
+        let (gen, pct) = self.canary.as_ref().map_or((0, 0), |c| (c.gen, c.percent));
+        OpError::plain(format!(
+            "a canary of {name} is running (gen {gen} takes {pct} % of new clients): promote it (zdtctl promote {name}) or roll it back (zdtctl rollback {name}) first"
+        ))
+    }
+
     fn restart_busy(&self) -> Option<OpError> {
+        if self.canary.is_some() {
+            return Some(self.canary_running());
+        }
         self.ops
             .iter()
             .any(|op| matches!(op.kind, OpKind::Restart { .. } | OpKind::Replace { .. }))
@@ -845,6 +942,7 @@ impl Program {
         progress: Option<mpsc::Sender<Reply>>,
         reply: oneshot::Sender<OpResult>,
         previous: Option<Box<ops::Previous>>,
+        canary: Option<u8>,
     ) {
         if let Some(e) = self.restart_busy() {
             let _ = reply.send(Err(e));
@@ -870,7 +968,8 @@ impl Program {
             .unwrap_or(self.generation);
         self.generation += 1;
         let gen = self.generation;
-        let rolling = self.config.strategy == config::Strategy::Rolling;
+        // A canary starts all its instances at once: none switches alone.
+        let rolling = self.config.strategy == config::Strategy::Rolling && canary.is_none();
         let first = if rolling { &slots[..1] } else { &slots[..] };
         for &i in first {
             let ports = self.ports_in_use();
@@ -883,6 +982,7 @@ impl Program {
                 todo: slots.clone(),
                 started: std::time::Instant::now(),
                 previous,
+                canary,
             },
             slots,
             reply,
@@ -891,10 +991,10 @@ impl Program {
         op.progress(format!(
             "{}: starting gen {gen} beside gen {old}{}",
             self.config.name,
-            if rolling {
-                ", one instance at a time"
-            } else {
-                ""
+            match canary {
+                Some(pct) => format!(" as a canary for {pct} % of new clients"),
+                None if rolling => ", one instance at a time".to_string(),
+                None => String::new(),
             }
         ));
         self.ops.push(op);
@@ -907,12 +1007,14 @@ impl Program {
             rolling,
             todo,
             started,
+            canary,
             ..
         } = &self.ops[index].kind
         else {
             return None;
         };
-        let (gen, rolling, started, mut todo) = (*gen, *rolling, *started, todo.clone());
+        let (gen, rolling, started, mut todo, canary) =
+            (*gen, *rolling, *started, todo.clone(), *canary);
         let slots = self.ops[index].slots.clone();
         let name = self.config.name.clone();
         // A candidate failed: kill every candidate, keep the old generation.
@@ -980,6 +1082,10 @@ impl Program {
                     }
                 }
             }
+        } else if let Some(percent) = canary
+            .filter(|_| !todo.is_empty() && todo.iter().all(|&s| self.slots[s].ready_to_switch()))
+        {
+            return Some(self.start_canary(index, gen, percent, &todo, &ms));
         } else if !todo.is_empty() && todo.iter().all(|&s| self.slots[s].ready_to_switch()) {
             let old = todo
                 .iter()
@@ -1025,7 +1131,7 @@ impl Program {
             && self.config.overlaps()
             && self.slots.iter().any(Slot::wants_running)
         {
-            return self.begin_replace(instance, progress, reply, None);
+            return self.begin_replace(instance, progress, reply, None, None);
         }
         if let Some(e) = self.restart_busy() {
             let _ = reply.send(Err(e));
@@ -1111,6 +1217,15 @@ impl Program {
     }
 
     fn stop_slots(&mut self, instance: Option<u32>) -> Vec<usize> {
+        // A stop ends a canary: both generations stop (the canary's drains
+        // in the program's slots, so the stop waits for it too).
+        if let Some(c) = self.canary.take() {
+            tracing::info!(program = %self.config.name, gen = c.gen, "stop: the canary ends with the rest");
+            for s in c.slots {
+                let i = s.index();
+                self.slots[i].absorb(s, &self.config);
+            }
+        }
         let selected = self.select(instance).unwrap_or_default();
         for &i in &selected {
             self.slots[i].stop(&self.config);
@@ -1119,73 +1234,96 @@ impl Program {
     }
 
     fn on_event(&mut self, ev: ProcEvent, timers: &mpsc::UnboundedSender<BackoffDone>) {
-        let Some(role) = self.slots.get(ev.slot).and_then(|s| s.role(ev.gen)) else {
+        // An event of a canary process goes to the canary's slot.
+        let in_canary = self.canary.as_ref().is_some_and(|c| {
+            c.slots
+                .iter()
+                .any(|s| s.index() == ev.slot && s.role(ev.gen).is_some())
+        });
+        let slot = if in_canary {
+            self.canary
+                .as_mut()
+                .and_then(|c| c.slots.iter_mut().find(|s| s.index() == ev.slot))
+        } else {
+            self.slots.get_mut(ev.slot)
+        };
+        let Some(slot) = slot else {
             return;
         };
-        let slot = &mut self.slots[ev.slot];
+        let Some(role) = slot.role(ev.gen) else {
+            return;
+        };
+        let cfg = &self.config;
         match role {
-            slot::Role::Next => return slot.on_next_event(&self.config, ev.kind),
-            slot::Role::Draining => return slot.on_draining_event(&self.config, ev.gen, ev.kind),
+            slot::Role::Next => return slot.on_next_event(cfg, ev.kind),
+            slot::Role::Draining => return slot.on_draining_event(cfg, ev.gen, ev.kind),
             slot::Role::Current => {}
         }
+        let later = |delay: Duration, epoch: u64| {
+            let (timers, slot) = (timers.clone(), ev.slot);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = timers.send(BackoffDone {
+                    slot,
+                    epoch,
+                    canary: in_canary,
+                });
+            });
+        };
         match ev.kind {
             ProcEventKind::Spawned { pid } => slot.on_spawned(pid),
             ProcEventKind::SpawnFailed(err) => {
-                tracing::error!(program = %self.config.name, instance = ev.slot, cause = %err, "cannot start; FATAL");
+                tracing::error!(program = %cfg.name, instance = ev.slot, cause = %err, "cannot start; FATAL");
                 slot.on_spawn_failed(err);
             }
             ProcEventKind::SpawnShortage(err) => {
-                let Some(delay) = slot.on_spawn_shortage(&self.config.name, &err) else {
+                let Some(delay) = slot.on_spawn_shortage(&cfg.name, &err) else {
                     return;
                 };
-                tracing::warn!(program = %self.config.name, instance = ev.slot, cause = %err, retry_in = ?delay, "cannot start for lack of file descriptors or processes; retrying");
-                let (timers, slot, epoch) = (timers.clone(), ev.slot, slot.backoff_epoch());
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = timers.send(BackoffDone { slot, epoch });
-                });
+                tracing::warn!(program = %cfg.name, instance = ev.slot, cause = %err, retry_in = ?delay, "cannot start for lack of file descriptors or processes; retrying");
+                later(delay, slot.backoff_epoch());
             }
-            ProcEventKind::Up => slot.on_up(&self.config.name),
+            ProcEventKind::Up => slot.on_up(&cfg.name),
             ProcEventKind::NotReady { why, unreachable } => {
-                slot.on_not_ready(&self.config, why, unreachable)
+                slot.on_not_ready(cfg, why, unreachable)
             }
             ProcEventKind::Status(text) => slot.on_status(text),
-            ProcEventKind::Exited { status, killed } => {
-                match slot.on_exited(&self.config, status, killed) {
-                    slot::AfterExit::Backoff(delay) => {
-                        let epoch = slot.backoff_epoch();
-                        let timers = timers.clone();
-                        let index = ev.slot;
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = timers.send(BackoffDone { slot: index, epoch });
-                        });
-                    }
-                    slot::AfterExit::Restart => {
-                        let ports = self.ports_in_use();
-                        self.slots[ev.slot].respawn(&ctx!(self, &ports));
-                    }
-                    slot::AfterExit::Nothing => {}
-                }
-            }
+            ProcEventKind::Exited { status, killed } => match slot.on_exited(cfg, status, killed) {
+                slot::AfterExit::Backoff(delay) => later(delay, slot.backoff_epoch()),
+                slot::AfterExit::Restart => self.respawn(ev.slot, in_canary),
+                slot::AfterExit::Nothing => {}
+            },
+        }
+    }
+
+    /// Spawns the process of slot `index` again, in its generation (of the
+    /// canary's slots when `canary`).
+    fn respawn(&mut self, index: usize, canary: bool) {
+        let ports = self.ports_in_use();
+        let ctx = ctx!(self, &ports);
+        let slot = if canary {
+            self.canary
+                .as_mut()
+                .and_then(|c| c.slots.iter_mut().find(|s| s.index() == index))
+        } else {
+            self.slots.get_mut(index)
+        };
+        if let Some(s) = slot {
+            s.respawn(&ctx);
         }
     }
 
     fn on_backoff_done(&mut self, t: BackoffDone) {
-        if let Some(s) = self.slots.get_mut(t.slot) {
-            if s.state() == InstanceState::Backoff && s.backoff_epoch() == t.epoch {
-                let ports: Vec<u16> = self.slots.iter().flat_map(Slot::ports).collect();
-                if let Some(s) = self.slots.get_mut(t.slot) {
-                    s.respawn(&SpawnCtx {
-                        cfg: &self.config,
-                        spawner: &self.spawner,
-                        events: &self.events_tx,
-                        sockets: &self.sockets,
-                        ports_in_use: &ports,
-                        traffic: &self.traffic,
-                    });
-                }
-            }
+        let slot = if t.canary {
+            self.canary
+                .as_ref()
+                .and_then(|c| c.slots.iter().find(|s| s.index() == t.slot))
+        } else {
+            self.slots.get(t.slot)
+        };
+        if slot.is_some_and(|s| s.state() == InstanceState::Backoff && s.backoff_epoch() == t.epoch)
+        {
+            self.respawn(t.slot, t.canary);
         }
     }
 
@@ -1289,22 +1427,24 @@ impl Program {
     }
 
     fn publish(&self) {
-        self.routes
-            .set_routes(self.slots.iter().filter_map(Slot::route).collect());
+        self.routes.set_split(
+            self.slots.iter().filter_map(Slot::route).collect(),
+            self.canary_routes(),
+        );
         self.traffic
-            .set_live(self.slots.iter().flat_map(Slot::upstream_stats).collect());
+            .set_live(self.all_slots().flat_map(Slot::upstream_stats).collect());
         let new = ProgramSnapshot {
             requests: None,
             name: self.config.name.clone(),
             generation: self.generation,
             instances: self
-                .slots
-                .iter()
+                .all_slots()
                 .flat_map(|s| s.snapshots(&self.config.name))
                 .collect(),
             socket_warning: self.socket_warning.clone(),
             deploy_watch: None,
             hold: self.hold(),
+            canary: self.canary_status(),
         };
         self.snapshot.send_if_modified(|snap| {
             let changed = *snap != new;

@@ -38,6 +38,10 @@ pub(super) enum OpKind {
         /// A reload's replace: the settings and sockets in force before it,
         /// put back if no instance switched when it fails.
         previous: Option<Box<Previous>>,
+        /// A canary: once every candidate is ready, it serves this
+        /// percentage of new clients beside the old generation (no switch)
+        /// and the order is done.
+        canary: Option<u8>,
     },
 }
 

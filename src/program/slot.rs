@@ -393,6 +393,64 @@ impl Slot {
         self.set_state(&cfg.name, InstanceState::Running);
     }
 
+    /// A canary: the ready candidate leaves this slot and becomes the
+    /// current process of a slot of its own (same instance number, same log
+    /// files), which serves beside this one with the whole state machine
+    /// (a crash restarts it in its own generation). This slot goes back to
+    /// its current process's generation.
+    pub fn split_canary(&mut self, cfg: &ProgramConfig) -> Option<Slot> {
+        let next = self.next.take().filter(|n| n.ready)?;
+        if let Some(p) = &self.proc {
+            self.gen = p.gen;
+        }
+        // launch() counted the candidate's start as this slot's restart;
+        // it is the canary slot's (which keeps the count), not this one's.
+        let restarts = self.restarts;
+        self.restarts = self.restarts.saturating_sub(1);
+        tracing::info!(program = %cfg.name, instance = self.index, gen = next.gen, "canary serving beside the running generation");
+        Some(Slot {
+            index: self.index,
+            state: InstanceState::Running,
+            since_ms: now_ms(),
+            gen: next.gen,
+            proc: Some(next),
+            next: None,
+            next_failed: None,
+            draining: Vec::new(),
+            pending_start: false,
+            failures: 0,
+            shortages: 0,
+            first_failure: None,
+            restarts,
+            started_once: true,
+            last_exit: None,
+            error: None,
+            status_text: None,
+            drain_warning: None,
+            backoff_epoch: 0,
+            stdout_cfg: self.stdout_cfg.clone(),
+            stderr_cfg: self.stderr_cfg.clone(),
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+        })
+    }
+
+    /// The end of a canary: `other`'s processes (the generation that loses
+    /// the traffic) drain here, as an old generation does after a switch:
+    /// out of the routes now, stopped once their requests are done.
+    pub fn absorb(&mut self, mut other: Slot, cfg: &ProgramConfig) {
+        other.backoff_epoch += 1;
+        for mut p in other.proc.take().into_iter().chain(other.next.take()) {
+            if !p.stopping {
+                p.stopping = true;
+                drain_then_stop(&mut p, cfg);
+            }
+            tracing::info!(program = %cfg.name, instance = self.index, gen = p.gen, "draining the generation that lost the canary");
+            self.draining.push(p);
+        }
+        self.draining.append(&mut other.draining);
+    }
+
     /// A failed restart: stop the candidate, keep the current process. The
     /// candidate gets the graceful stop, not SIGKILL: on a shared socket it may
     /// already have accepted connections, which it should answer.
@@ -685,7 +743,7 @@ impl Slot {
             Some(PrivateAddr::Unix(p)) => Some(p.clone()),
             _ => None,
         };
-        let upstream = private.map(|a| Upstream::new(a, ctx.traffic));
+        let upstream = private.map(|a| Upstream::new(a, ctx.traffic, gen));
         Proc {
             upstream: upstream.clone(),
             socket_path,

@@ -45,6 +45,7 @@
 
 mod addr;
 mod body;
+mod canary;
 mod framing;
 mod gate;
 mod pool;
@@ -53,6 +54,7 @@ mod splice;
 mod workers;
 
 pub use addr::PrivateAddr;
+pub use canary::{Canary, GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
 pub use workers::set_threads;
 
@@ -94,7 +96,13 @@ pub struct Traffic {
     /// (instance, generation, counters) of every process with a private address.
     live: Mutex<Vec<(u32, u64, Arc<UpstreamStats>)>>,
     proxied: AtomicBool,
+    /// Counters per generation (newest few), shared by the generation's
+    /// processes so a crash does not reset them.
+    gens: Mutex<Vec<(u64, Arc<GenStats>)>>,
 }
+
+/// Generations whose counters are kept.
+const GENS_KEPT: usize = 4;
 
 impl Traffic {
     /// Marks the program as proxied (its snapshots carry counters) or not.
@@ -152,6 +160,26 @@ impl Traffic {
         }
     }
 
+    /// The counters of generation `gen`, created on first use; only the
+    /// newest [`GENS_KEPT`] generations are kept.
+    pub fn gen_stats(&self, gen: u64) -> Arc<GenStats> {
+        let mut gens = self.gens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, s)) = gens.iter().find(|(g, _)| *g == gen) {
+            return s.clone();
+        }
+        let s = Arc::new(GenStats::default());
+        gens.push((gen, s.clone()));
+        gens.sort_by_key(|(g, _)| std::cmp::Reverse(*g));
+        gens.truncate(GENS_KEPT);
+        s
+    }
+
+    /// Requests, 5xx answers and p99 latency (µs) of generation `gen`.
+    pub fn of_gen(&self, gen: u64) -> Option<(u64, u64, Option<u64>)> {
+        let gens = self.gens.lock().ok()?;
+        gens.iter().find(|(g, _)| *g == gen).map(|(_, s)| s.read())
+    }
+
     /// The counters of one live process, if it has a private address.
     pub fn of(&self, instance: u32, generation: u64) -> Option<RequestCounts> {
         let live = self.live.lock().ok()?;
@@ -175,11 +203,14 @@ pub struct UpstreamStats {
     /// Woken when `inflight` drops to zero.
     idle: Notify,
     program: Arc<Traffic>,
+    /// Its generation's counters.
+    gen: Arc<GenStats>,
 }
 
 impl UpstreamStats {
-    fn new(program: Arc<Traffic>) -> Self {
+    fn new(program: Arc<Traffic>, gen: Arc<GenStats>) -> Self {
         Self {
+            gen,
             inflight: AtomicU64::new(0),
             served: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -245,6 +276,10 @@ pub(crate) struct InflightGuard {
     stats: Arc<UpstreamStats>,
     /// Already counted (as failed), or not to be counted.
     recorded: bool,
+    /// For the generation's counters: Some(5xx or failed) when the request
+    /// is to be counted, None when not (abandoned, sent elsewhere, a tunnel).
+    gen_error: Option<bool>,
+    started: std::time::Instant,
 }
 
 impl InflightGuard {
@@ -253,6 +288,8 @@ impl InflightGuard {
         Self {
             stats,
             recorded: false,
+            gen_error: Some(false),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -261,6 +298,17 @@ impl InflightGuard {
         if !self.recorded {
             self.recorded = true;
             self.stats.record(false);
+            self.gen_error = self.gen_error.map(|_| true);
+        }
+    }
+
+    /// The status of the answer's head: a 5xx counts as an error of the
+    /// generation; a 101 becomes a tunnel, which is not timed.
+    pub(crate) fn status(&mut self, code: u16) {
+        match code {
+            101 => self.gen_error = None,
+            500.. => self.gen_error = self.gen_error.map(|_| true),
+            _ => {}
         }
     }
 
@@ -275,6 +323,7 @@ impl InflightGuard {
     /// away or stalled (nginx's 499), which says nothing of the upstream.
     pub(crate) fn abandon(&mut self) {
         self.recorded = true;
+        self.gen_error = None;
     }
 
     /// Whether zdt is cutting this upstream's requests.
@@ -287,6 +336,9 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         if !self.recorded {
             self.stats.record(true);
+        }
+        if let Some(error) = self.gen_error {
+            self.stats.gen.record(self.started.elapsed(), error);
         }
         if self.stats.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.stats.idle.notify_waiters();
@@ -302,6 +354,8 @@ pub struct Upstream {
     pub addr: PrivateAddr,
     /// Its counters.
     pub stats: Arc<UpstreamStats>,
+    /// The generation of its process.
+    pub gen: u64,
     /// `Host` for a request that came without one.
     authority: HeaderValue,
     /// Idle connections for the hyper path, per proxy thread.
@@ -311,14 +365,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// An upstream at `addr`.
-    pub fn new(addr: PrivateAddr, program: &Arc<Traffic>) -> Arc<Self> {
+    /// An upstream at `addr`, a process of generation `gen`.
+    pub fn new(addr: PrivateAddr, program: &Arc<Traffic>, gen: u64) -> Arc<Self> {
         Arc::new(Self {
+            gen,
             authority: addr.host(),
             pool: pool::Pool::new(addr.clone()),
             idle: relay::Idle::new(),
             addr,
-            stats: Arc::new(UpstreamStats::new(program.clone())),
+            stats: Arc::new(UpstreamStats::new(program.clone(), program.gen_stats(gen))),
         })
     }
 }
@@ -328,6 +383,9 @@ impl Upstream {
 pub struct Routes {
     /// In no particular order.
     pub upstreams: Vec<Arc<Upstream>>,
+    /// During a canary: the canary generation and its share; `upstreams`
+    /// are then the stable generation's (see `canary.rs`).
+    pub canary: Option<Canary>,
 }
 
 /// The routing state of one program: the table its proxies route by, its
@@ -418,14 +476,28 @@ impl RouteTable {
 
     /// Publishes a new routing table, unless it routes to the same upstreams.
     pub fn set_routes(&self, upstreams: Vec<Arc<Upstream>>) {
+        self.set_split(upstreams, None);
+    }
+
+    /// Publishes a routing table with a canary beside the stable
+    /// `upstreams` (None: no canary), unless nothing changed.
+    pub fn set_split(&self, upstreams: Vec<Arc<Upstream>>, canary: Option<Canary>) {
+        let same_list = |a: &[Arc<Upstream>], b: &[Arc<Upstream>]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
+        };
         self.routes.send_if_modified(|r| {
-            let same = r.upstreams.len() == upstreams.len()
-                && r.upstreams
-                    .iter()
-                    .zip(&upstreams)
-                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            let same = same_list(&r.upstreams, &upstreams)
+                && match (&r.canary, &canary) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => {
+                        (a.gen, a.stable_gen, a.percent, &a.header)
+                            == (b.gen, b.stable_gen, b.percent, &b.header)
+                            && same_list(&a.upstreams, &b.upstreams)
+                    }
+                    _ => false,
+                };
             if !same {
-                *r = Arc::new(Routes { upstreams });
+                *r = Arc::new(Routes { upstreams, canary });
             }
             !same
         });
@@ -838,9 +910,10 @@ async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared>) {
         return;
     }
     let mut tried: Vec<PrivateAddr> = Vec::new();
+    let mut pin = canary::Pin::default();
     let (upstream, mut guard) = loop {
         // Counted from before the connect, so a drain cannot miss it.
-        let (up, guard) = match route(&shared, &tried).await {
+        let (up, guard) = match route(&shared, &tried, &mut pin, &canary::NoKeys).await {
             Ok(routed) => routed,
             Err(Refused::Closed(why)) => {
                 let (why, _) = closed_message(&shared, &why);
@@ -1019,6 +1092,8 @@ enum Refused {
 async fn route(
     shared: &Shared,
     skip: &[PrivateAddr],
+    pin: &mut canary::Pin,
+    keys: &(dyn canary::Keys + Sync),
 ) -> Result<(Arc<Upstream>, InflightGuard), Refused> {
     loop {
         shared
@@ -1026,7 +1101,9 @@ async fn route(
             .admit(&shared.traffic.held)
             .await
             .map_err(Refused::Closed)?;
-        let up = choose(shared, skip).await.ok_or(Refused::NoInstance)?;
+        let up = choose(shared, skip, pin, keys)
+            .await
+            .ok_or(Refused::NoInstance)?;
         let guard = InflightGuard::new(up.stats.clone());
         // Counted in flight before this second look, so a pause that began
         // meanwhile either sees this request or is seen here (gate.rs).
@@ -1037,34 +1114,64 @@ async fn route(
     }
 }
 
-/// The least loaded upstream not in `skip`, ties round-robin.
-fn pick(shared: &Shared, routes: &Routes, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
-    let n = routes.upstreams.len();
+/// The least loaded upstream of `list` not in `skip`, ties round-robin.
+fn pick_in(shared: &Shared, list: &[Arc<Upstream>], skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
+    let n = list.len();
     let start = shared.next.fetch_add(1, Ordering::Relaxed);
     (0..n)
-        .map(|i| &routes.upstreams[(start + i) % n])
+        .map(|i| &list[(start + i) % n])
         .filter(|u| !skip.contains(&u.addr))
         .min_by_key(|u| u.stats.inflight())
         .cloned()
 }
 
-/// Waits up to `queue_timeout` for an upstream.
-async fn choose(shared: &Shared, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
-    let picked = pick(shared, &shared.routes.borrow(), skip);
+/// The least loaded upstream not in `skip`, ties round-robin; during a
+/// canary, of the side the request is pinned to (assigned now if it is
+/// not yet), else of the other side.
+fn pick(
+    shared: &Shared,
+    routes: &Routes,
+    skip: &[PrivateAddr],
+    pin: &mut canary::Pin,
+    keys: &(dyn canary::Keys + Sync),
+) -> Option<Arc<Upstream>> {
+    let Some(c) = &routes.canary else {
+        return pick_in(shared, &routes.upstreams, skip);
+    };
+    let (first, then) = match pin.side(Some(c), keys) {
+        Some(canary::Side::Canary) => (&c.upstreams, &routes.upstreams),
+        _ => (&routes.upstreams, &c.upstreams),
+    };
+    pick_in(shared, first, skip).or_else(|| pick_in(shared, then, skip))
+}
+
+/// Waits up to `queue_timeout` for an upstream (see [`pick`]).
+async fn choose(
+    shared: &Shared,
+    skip: &[PrivateAddr],
+    pin: &mut canary::Pin,
+    keys: &(dyn canary::Keys + Sync),
+) -> Option<Arc<Upstream>> {
+    let picked = pick(shared, &shared.routes.borrow(), skip, pin, keys);
     match picked {
         Some(u) => Some(u),
         // Boxed: waiting is the rare path; its timer stays out of every request.
-        None => Box::pin(wait_for_upstream(shared, skip)).await,
+        None => Box::pin(wait_for_upstream(shared, skip, pin, keys)).await,
     }
 }
 
 /// Waits up to `queue_timeout` for an upstream to become ready.
-async fn wait_for_upstream(shared: &Shared, skip: &[PrivateAddr]) -> Option<Arc<Upstream>> {
+async fn wait_for_upstream(
+    shared: &Shared,
+    skip: &[PrivateAddr],
+    pin: &mut canary::Pin,
+    keys: &(dyn canary::Keys + Sync),
+) -> Option<Arc<Upstream>> {
     let mut rx = shared.routes.clone();
     let deadline = tokio::time::Instant::now() + shared.options.queue_timeout;
     loop {
         let routes = rx.borrow_and_update().clone();
-        if let Some(u) = pick(shared, &routes, skip) {
+        if let Some(u) = pick(shared, &routes, skip, pin, keys) {
             return Some(u);
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -1200,8 +1307,9 @@ async fn handle(
     let (body, body_state) = body::RequestBody::new(body, shared.options.body_timeout);
     let mut req = Request::from_parts(parts, body);
     let mut tried: Vec<PrivateAddr> = Vec::new();
+    let mut pin = canary::Pin::default();
     loop {
-        let (up, mut guard) = match route(shared, &tried).await {
+        let (up, mut guard) = match route(shared, &tried, &mut pin, req.headers()).await {
             Ok(routed) => routed,
             Err(Refused::Closed(why)) => return closed(shared, &why),
             Err(Refused::NoInstance) if tried.is_empty() => return unavailable(shared),
@@ -1237,6 +1345,13 @@ async fn handle(
         };
         match sent {
             Ok((mut resp, lease)) => {
+                guard.status(resp.status().as_u16());
+                if let Some(v) = pin
+                    .set_cookie(&up)
+                    .and_then(|c| HeaderValue::from_str(&c).ok())
+                {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
                 // hyper hands a CONNECT answered 2xx over as upgraded.
                 decision.tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     || (connect && resp.status().is_success());

@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::time::Instant;
 
 use super::addr::Stream;
+use super::canary::{Pin, RawHead};
 use super::splice::SpliceIo;
 use super::{
     framing, route, workers, InflightGuard, PrivateAddr, Refused, Shared, CONNECT_TIMEOUT,
@@ -544,6 +545,8 @@ fn parse_request(
 struct Response {
     /// Bytes of the head in the upstream buffer.
     len: usize,
+    /// Its status code.
+    status: u16,
     body: Framing,
     /// The upstream connection may serve another request after this one.
     reusable: bool,
@@ -673,9 +676,20 @@ fn parse_response(buf: &[u8], out: &mut Vec<u8>, head: bool, close: bool) -> Par
     out.extend_from_slice(b"\r\n");
     ParsedResponse::Response(Response {
         len,
+        status: code,
         body,
         reusable: !upstream_close && body != Framing::Close,
     })
+}
+
+/// Adds `Set-Cookie: cookie` to a response head in its client form (which
+/// ends with the blank line).
+fn add_cookie(head: &mut Vec<u8>, cookie: Option<String>) {
+    if let Some(c) = cookie {
+        head.truncate(head.len().saturating_sub(2));
+        push_header(head, b"Set-Cookie", c.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
 }
 
 /// A plain-text answer of zdt's own; `headers` are added as they are.
@@ -908,6 +922,7 @@ async fn write_counted(s: &mut Stream, data: &[u8]) -> Result<(), (usize, io::Er
 /// whose new connection fails before it takes a byte, is skipped (added to
 /// `tried`). A request safe to send twice is also retried after a partial
 /// write.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     shared: &Shared,
     req: &Request,
@@ -916,9 +931,10 @@ async fn send(
     pre: &[u8],
     tried: &mut Vec<PrivateAddr>,
     fresh: bool,
+    pin: &mut Pin,
 ) -> Result<Sent, NotSent> {
     loop {
-        let (up, guard) = match route(shared, tried).await {
+        let (up, guard) = match route(shared, tried, pin, &RawHead(&out[..mark])).await {
             Ok(routed) => routed,
             Err(Refused::Closed(why)) => return Err(NotSent::Closed(why)),
             Err(Refused::NoInstance) if tried.is_empty() => return Err(NotSent::NoInstance),
@@ -1021,6 +1037,7 @@ where
     };
     let mark = out.len();
     let mut tried: Vec<PrivateAddr> = Vec::new();
+    let mut pin = Pin::default();
     let sent = send(
         &shared,
         &req,
@@ -1029,6 +1046,7 @@ where
         &c.buf[..pre],
         &mut tried,
         false,
+        &mut pin,
     )
     .await;
     let Sent {
@@ -1070,6 +1088,7 @@ where
             &shared.program,
             &up.addr,
             &out,
+            pin.set_cookie(&up),
         )
         .await;
         return match whole {
@@ -1121,7 +1140,18 @@ where
         if reused && req.resendable && !guard.is_cut() {
             tracing::debug!(program = %shared.program, upstream = %up.addr, "a reused connection was closed under a request; sending it again");
             guard.discard();
-            match send(&shared, &req, &mut out, mark, &[], &mut tried, true).await {
+            match send(
+                &shared,
+                &req,
+                &mut out,
+                mark,
+                &[],
+                &mut tried,
+                true,
+                &mut pin,
+            )
+            .await
+            {
                 Ok(s) => {
                     (up, guard, upstream) = (s.up, s.guard, s.conn);
                     let again = head_unless_gone(
@@ -1172,6 +1202,8 @@ where
             return answer(c, &bad, req.head, req.close).await;
         }
     };
+    guard.status(resp.status);
+    add_cookie(&mut head, pin.set_cookie(&up));
     rbuf.advance(resp.len);
     match relay_body(
         &mut upstream,
@@ -1436,6 +1468,7 @@ async fn duplex<S>(
     program: &str,
     addr: &PrivateAddr,
     out: &[u8],
+    cookie: Option<String>,
 ) -> Option<Duplexed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -1463,6 +1496,8 @@ where
                 Err(failed) => return Err(log.failed(guard, failed, true)),
             };
             answering_began.store(true, Ordering::Relaxed);
+            guard.status(resp.status);
+            add_cookie(&mut head, cookie);
             rbuf.advance(resp.len);
             // What the head told the client.
             let told_close = close.load(Ordering::Relaxed);

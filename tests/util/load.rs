@@ -28,6 +28,8 @@ pub struct LoadReport {
     /// When each answered request reached its worker (Unix ms; zdt-demo's
     /// `at`), to tell whether any got through while zdt held requests.
     pub reached_ms: Vec<u64>,
+    /// Requests answered, per generation.
+    pub by_generation: BTreeMap<u64, u64>,
 }
 
 /// Clients running until [`Load::stop`].
@@ -174,6 +176,7 @@ impl Load {
                                     if let Some(at) = field(&body, "at") {
                                         r.reached_ms.push(at);
                                     }
+                                    *r.by_generation.entry(gen).or_default() += 1;
                                 }
                                 _ => {
                                     r.failed += 1;
@@ -224,6 +227,14 @@ impl Load {
                 Err(format!("{} answered since", now - before))
             }
         });
+    }
+
+    /// Requests answered so far, per generation.
+    pub fn by_generation(&self) -> BTreeMap<u64, u64> {
+        self.report
+            .lock()
+            .map(|r| r.by_generation.clone())
+            .unwrap_or_default()
     }
 
     /// Stops the clients (each finishes its request) and returns the report.
