@@ -330,6 +330,7 @@ impl Supervisor {
                 base,
                 pause,
                 max_pause,
+                canary,
             } => {
                 let base = base.map_or_else(|| PathBuf::from("/"), PathBuf::from);
                 let pause = match (pause, max_pause.as_deref().map(config::parse_duration)) {
@@ -352,7 +353,12 @@ impl Supervisor {
                         return reply_now(err(ErrorBody::new("bad_request", e)))
                     }
                 };
-                let req = deploy::run::Request { from, base, pause };
+                let req = deploy::run::Request {
+                    from,
+                    base,
+                    pause,
+                    canary,
+                };
                 self.deploy(&target, DeployOrder::Deploy(req), replies);
             }
             Command::Rollback { target, release } => {
@@ -618,6 +624,11 @@ impl Supervisor {
                 return;
             }
         };
+        let list = if percent.is_none() {
+            self.with_canary_groups(list)
+        } else {
+            list
+        };
         let progress = replies.clone();
         let mut calls = self.calls(&list, move |instance, reply| match percent {
             Some(p) => ProgramMsg::Restart {
@@ -633,8 +644,21 @@ impl Supervisor {
         });
         calls.sort_by_key(|(p, _)| *p);
         let handles: Vec<ProgramHandle> = calls.iter().map(|(_, c)| c.handle.clone()).collect();
+        let groups = if percent.is_none() {
+            self.canary_groups(&list)
+        } else {
+            Vec::new()
+        };
         tokio::spawn(async move {
             let results = run_levels(calls).await;
+            let ok_all = results.iter().all(|(_, r)| matches!(r, Some(Ok(_))));
+            let mut finished = Vec::new();
+            if ok_all {
+                let mut out = deploy::run::Progress::new(Some(replies.clone()));
+                for g in &groups {
+                    finished.extend(deploy::run::finish_canary(g, true, &mut out).await);
+                }
+            }
             let message = match percent {
                 Some(_) => handles
                     .iter()
@@ -653,10 +677,54 @@ impl Supervisor {
                     .collect::<Vec<_>>()
                     .join("\n"),
             };
+            let message = std::iter::once(message)
+                .chain(finished)
+                .collect::<Vec<_>>()
+                .join("\n");
             let mut reply = collect(results, message);
             add_drain_warnings(&mut reply, &handles);
             send(&replies, reply).await;
         });
+    }
+
+    /// The deploy groups of `list` whose canary a deploy started; their
+    /// other programs are part of that canary too.
+    fn canary_groups(&self, list: &[Resolved]) -> Vec<deploy::run::Group> {
+        let mut roots: Vec<PathBuf> = Vec::new();
+        let mut groups = Vec::new();
+        for r in list {
+            let Some(d) = self
+                .programs
+                .get(&r.program)
+                .and_then(|e| e.config.deploy.as_ref())
+            else {
+                continue;
+            };
+            if roots.contains(&d.root) || deploy::Layout::new(&d.root).canary().is_none() {
+                continue;
+            }
+            roots.push(d.root.clone());
+            if let Ok(g) = self.deploy_group(&r.program) {
+                groups.push(g);
+            }
+        }
+        groups
+    }
+
+    /// `list` and the other programs of the deploy canaries it touches.
+    fn with_canary_groups(&self, list: Vec<Resolved>) -> Vec<Resolved> {
+        let mut all = list.clone();
+        for g in self.canary_groups(&list) {
+            for m in g.members {
+                if !all.iter().any(|r| r.program == m.config.name) {
+                    all.push(Resolved {
+                        program: m.config.name.clone(),
+                        instance: None,
+                    });
+                }
+            }
+        }
+        all
     }
 
     /// `rollback` of a canary: waits until the canary's generation is gone.
@@ -668,6 +736,7 @@ impl Supervisor {
                 return;
             }
         };
+        let list = self.with_canary_groups(list);
         let progress = replies.clone();
         let mut calls = self.calls(&list, move |_, reply| ProgramMsg::EndCanary {
             progress: Some(progress.clone()),
@@ -676,8 +745,18 @@ impl Supervisor {
         calls.sort_by_key(|(p, _)| *p);
         let handles: Vec<ProgramHandle> = calls.iter().map(|(_, c)| c.handle.clone()).collect();
         let message = format!("rolled back the canary of {target}: the previous generation serves all traffic; the canary is gone");
+        let groups = self.canary_groups(&list);
         tokio::spawn(async move {
             let results = run_levels(calls).await;
+            let mut message = message;
+            if results.iter().all(|(_, r)| matches!(r, Some(Ok(_)))) {
+                let mut out = deploy::run::Progress::new(Some(replies.clone()));
+                for g in &groups {
+                    if let Some(said) = deploy::run::finish_canary(g, false, &mut out).await {
+                        message = format!("{message}\n{said}");
+                    }
+                }
+            }
             let mut reply = collect(results, message);
             add_drain_warnings(&mut reply, &handles);
             send(&replies, reply).await;

@@ -524,3 +524,76 @@ fn a_full_or_read_only_deploy_root_is_a_clear_error_and_nothing_changes() {
     assert_eq!(current(&d), live);
     assert_eq!(version_of(port), "v1");
 }
+
+#[test]
+fn deploy_as_a_canary_then_promote_or_roll_back_fails_zero_requests() {
+    let port = free_port();
+    let d = Daemon::start(&(header() + &node_program(port, "proxy")));
+    let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
+    let v2 = source(&d, "v2", "contrib/node/server.js", "v2");
+    assert!(deploy(&d, &v1).status.success());
+    let first = current(&d);
+    let load = Load::start(port, 16, 16, &[0, 20]);
+    wait_load(&load, "load before the canary");
+    let out = d.ctl(&[
+        "deploy",
+        "web",
+        "--canary",
+        "50",
+        "--from",
+        &v2.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let states = |d: &Daemon| -> Vec<String> {
+        let (_, v) = d.ctl_json(&["releases", "web"]);
+        v["releases"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| r["state"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(states(&d), ["live", "canary"]);
+    // Both releases serve while the canary runs; a new deploy waits for it.
+    wait_for("both versions to answer", T, || {
+        let n = load.versions();
+        if n.get("v1").copied().unwrap_or(0) > 50 && n.get("v2").copied().unwrap_or(0) > 50 {
+            Ok(())
+        } else {
+            Err(format!("{n:?}"))
+        }
+    });
+    let out = deploy(&d, &v1);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("canary"),
+        "{out:?}"
+    );
+    let out = d.ctl(&["promote", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(states(&d), ["previous", "live"]);
+    assert_eq!(version_of(port), "v2");
+    // A canary rolled back: current goes back, the release is failed.
+    let promoted = current(&d);
+    let out = d.ctl(&[
+        "deploy",
+        "web",
+        "--canary",
+        "50",
+        "--from",
+        &v1.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_ne!(current(&d), promoted);
+    let out = d.ctl(&["rollback", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(current(&d), promoted);
+    assert_eq!(states(&d), ["previous", "live", "failed"]);
+    wait_load(&load, "load after the rollback");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    for _ in 0..20 {
+        assert_eq!(version_of(port), "v2");
+    }
+    assert_ne!(first, promoted);
+}

@@ -164,6 +164,10 @@ enum Cmd {
         /// With --pause: a request held longer gets 503 (default 30s).
         #[arg(long, value_name = "DURATION", requires = "pause")]
         max_pause: Option<String>,
+        /// Proxy mode: serve the new release to PERCENT % of new clients
+        /// (sticky) beside the old one until `promote` or `rollback`.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+        canary: Option<u8>,
     },
     /// List the releases of a program's deploy root.
     Releases {
@@ -330,11 +334,13 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             from,
             pause,
             max_pause,
+            canary,
         } => vec![Command::Deploy {
             target: target.clone(),
             from: from.clone(),
             pause: *pause,
             max_pause: max_pause.clone(),
+            canary: *canary,
             base: std::env::current_dir()
                 .ok()
                 .map(|d| d.to_string_lossy().into_owned()),

@@ -149,6 +149,10 @@ pub enum Command {
         /// With `pause`: how long one request may be held ("30s" by default).
         #[serde(default)]
         max_pause: Option<String>,
+        /// Serve the new release to this share (1-99 %) of new clients
+        /// beside the old one, until `promote` or `rollback`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<u8>,
     },
     /// The releases of the program's deploy root.
     Releases {

@@ -78,6 +78,18 @@ pub struct Journal {
     pub switched: bool,
 }
 
+/// A release serving as a canary (`deploy --canary`), kept in
+/// `.zdt/canary.json` until `promote` or `rollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryRecord {
+    /// The canary's release (what `current` names meanwhile).
+    pub release: String,
+    /// The release the stable generation runs, `current` after a rollback.
+    pub previous: Option<String>,
+    /// Unix time in milliseconds when it began.
+    pub since_ms: u64,
+}
+
 /// A deploy root's folders.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -240,6 +252,30 @@ impl Layout {
         write_new(&self.journal_path(), &data).map_err(at(&self.journal_path()))
     }
 
+    fn canary_path(&self) -> PathBuf {
+        self.meta_dir().join("canary.json")
+    }
+
+    /// The release serving as a canary, if one does.
+    pub fn canary(&self) -> Option<CanaryRecord> {
+        let data = fs::read(self.canary_path()).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Records the canary (None: there is none any more).
+    pub fn set_canary(&self, c: Option<&CanaryRecord>) -> io::Result<()> {
+        match c {
+            Some(c) => {
+                let data = serde_json::to_vec_pretty(c).map_err(io::Error::other)?;
+                write_new(&self.canary_path(), &data).map_err(at(&self.canary_path()))
+            }
+            None => match fs::remove_file(self.canary_path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(at(&self.canary_path())(e)),
+                _ => Ok(()),
+            },
+        }
+    }
+
     /// The deploy is over.
     pub fn clear_journal(&self) {
         let _ = fs::remove_file(self.journal_path());
@@ -369,6 +405,25 @@ impl Layout {
     /// failed, and if `current` was already switched to it, switches back
     /// (it was never seen ready). Returns what was done, for the log.
     pub fn recover(&self) -> Option<String> {
+        if let Some(c) = self.canary() {
+            // Its generations died with zdt: start on the stable release.
+            let mut said = format!(
+                "the canary of release {} was interrupted (zdt stopped)",
+                c.release
+            );
+            self.mark_failed(&c.release, "canary interrupted: zdt stopped");
+            if self.current_id().as_deref() == Some(c.release.as_str()) {
+                match self.switch(c.previous.as_deref()) {
+                    Ok(()) => said.push_str(&format!(
+                        "; current switched back to {}",
+                        c.previous.as_deref().unwrap_or("(none)")
+                    )),
+                    Err(e) => said.push_str(&format!("; cannot switch current back: {e}")),
+                }
+            }
+            let _ = self.set_canary(None);
+            return Some(said);
+        }
         let j = self.journal()?;
         // A deploy of another zdt on the same root still runs.
         let lock = self.lock().ok()?.ok()?;

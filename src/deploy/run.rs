@@ -51,6 +51,9 @@ pub struct Request {
     /// `--pause`: hold new requests (proxy mode) while the migrate hooks
     /// run and the new release starts; each request at most this long.
     pub pause: Option<Duration>,
+    /// `--canary PERCENT`: the new release serves that share of new
+    /// clients beside the old one until `promote` or `rollback`.
+    pub canary: Option<u8>,
 }
 
 /// Progress lines: to the client (if still there) and the release's log.
@@ -153,6 +156,10 @@ pub async fn deploy(
         .prepare()
         .map_err(|e| io_failed("cannot prepare the deploy root", e))?;
     let _lock = take_lock(&layout)?;
+    refuse_during_canary(&layout)?;
+    if let Some(p) = req.canary {
+        canary_possible(&group, p)?;
+    }
     let source = fetch::parse_source(&req.from, &req.base).map_err(|e| failed(e.to_string()))?;
     let started_ms = layout::now();
     let previous = layout.current_id();
@@ -169,6 +176,18 @@ pub async fn deploy(
     let result = deploy_locked(&group, &spawner, &layout, &source, &req, &mut journal, out).await;
     layout.clear_journal();
     let id = result?;
+    if let Some(p) = req.canary {
+        out.say(format!(
+            "release {id} serves {p} % of new clients as a canary beside {} ({})",
+            previous.as_deref().unwrap_or("none"),
+            secs(started.elapsed())
+        ));
+        return Ok(format!(
+            "canary {id} on {names}: watch it with `zdtctl status {first}`; `zdtctl promote {first}` completes the deploy, `zdtctl rollback {first}` ends it",
+            names = names(&group),
+            first = group.members.first().map_or("", |m| m.config.name.as_str())
+        ));
+    }
     out.say(format!(
         "release {id} live (was {}) in {}",
         previous.as_deref().unwrap_or("none"),
@@ -328,14 +347,25 @@ async fn deploy_locked(
             return Err(failed(msg).with_hint(format!("last output of the hook:\n{tail}")));
         }
     }
-    let live = go_live(group, layout, &id, journal, out).await;
+    let live = go_live(group, layout, &id, journal, req.canary, out).await;
     resume(&paused, out).await;
     live?;
     meta.state = BuildState::Ready;
     if let Err(e) = layout.write_meta(&meta) {
         tracing::warn!(release = %id, cause = %e, "cannot record the release as ready");
     }
-    prune(group, layout, out).await;
+    if req.canary.is_some() {
+        let record = layout::CanaryRecord {
+            release: id.clone(),
+            previous: journal.previous.clone(),
+            since_ms: layout::now(),
+        };
+        if let Err(e) = layout.set_canary(Some(&record)) {
+            out.say(format!("cannot record the canary: {e}"));
+        }
+    } else {
+        prune(&group.config, group, layout, out).await;
+    }
     Ok(id)
 }
 
@@ -346,6 +376,7 @@ async fn go_live(
     layout: &Layout,
     id: &str,
     journal: &mut Journal,
+    canary: Option<u8>,
     out: &mut Progress,
 ) -> Result<(), ErrorBody> {
     let previous = journal.previous.clone();
@@ -363,7 +394,7 @@ async fn go_live(
     let mut moved: Vec<&Member> = Vec::new();
     for m in &group.members {
         let t = Instant::now();
-        match restart(m, out).await {
+        match restart(m, canary, out).await {
             Ok(true) => {
                 out.say(format!(
                     "{}: serving {id} after {}",
@@ -394,7 +425,12 @@ async fn go_live(
                     ));
                 }
                 for back in moved {
-                    if let Err(e) = restart(back, out).await {
+                    // A canary goes back by ending it; a restart by another.
+                    let back_result = match canary {
+                        Some(_) => end_canary(back, out).await,
+                        None => restart(back, None, out).await.map(|_| ()),
+                    };
+                    if let Err(e) = back_result {
                         out.say(format!(
                             "{}: cannot go back: {}",
                             back.config.name, e.message
@@ -479,7 +515,7 @@ async fn resume(paused: &[Member], out: &mut Progress) {
 
 /// Restarts a program without downtime, or starts it when it is not
 /// running and `autostart` is set. Ok(false): left stopped.
-async fn restart(m: &Member, out: &Progress) -> Result<bool, OpError> {
+async fn restart(m: &Member, canary: Option<u8>, out: &Progress) -> Result<bool, OpError> {
     let snap = m.handle.snapshot();
     let running = snap.instances.iter().any(|i| {
         i.pid.is_some()
@@ -493,7 +529,7 @@ async fn restart(m: &Member, out: &Progress) -> Result<bool, OpError> {
         m.handle
             .call(|reply| ProgramMsg::Restart {
                 instance: None,
-                canary: None,
+                canary,
                 progress,
                 reply,
             })
@@ -528,6 +564,7 @@ pub async fn rollback(
     let started = Instant::now();
     let layout = Layout::new(&group.config.root);
     let _lock = take_lock(&layout)?;
+    refuse_during_canary(&layout)?;
     let current = layout.current_id();
     let id = match to {
         Some(id) => {
@@ -567,7 +604,7 @@ pub async fn rollback(
     layout
         .write_journal(&journal)
         .map_err(|e| io_failed("cannot record the rollback", e))?;
-    let result = go_live(&group, &layout, &id, &mut journal, out).await;
+    let result = go_live(&group, &layout, &id, &mut journal, None, out).await;
     layout.clear_journal();
     result?;
     // A release that failed before and now serves is good after all.
@@ -592,12 +629,20 @@ pub fn list(config: &DeployConfig) -> Vec<ReleaseRow> {
     let current = layout.current_id();
     let previous = layout.previous_good();
     let running = layout.journal().and_then(|j| j.release);
+    let canary = layout.canary();
     layout
         .ids()
         .into_iter()
         .map(|id| {
             let meta = layout.meta(&id);
-            let state = if current.as_deref() == Some(id.as_str()) {
+            let state = if canary.as_ref().is_some_and(|c| c.release == id) {
+                "canary"
+            } else if canary
+                .as_ref()
+                .is_some_and(|c| c.previous.as_deref() == Some(id.as_str()))
+            {
+                "live"
+            } else if canary.is_none() && current.as_deref() == Some(id.as_str()) {
                 "live"
             } else if running.as_deref() == Some(id.as_str()) {
                 "building"
@@ -625,8 +670,8 @@ pub fn list(config: &DeployConfig) -> Vec<ReleaseRow> {
 
 /// Removes the oldest releases beyond `keep_releases`, never the live one
 /// nor one a process still runs in.
-async fn prune(group: &Group, layout: &Layout, out: &mut Progress) {
-    let keep = group.config.keep_releases;
+async fn prune(config: &DeployConfig, group: &Group, layout: &Layout, out: &mut Progress) {
+    let keep = config.keep_releases;
     let ids = layout.ids();
     if ids.len() <= keep {
         return;
@@ -656,6 +701,100 @@ async fn prune(group: &Group, layout: &Layout, out: &mut Progress) {
             Err(e) => out.say(format!("cannot prune release {id}: {e}")),
         }
     }
+}
+
+/// A deploy or rollback waits for a canary to be promoted or rolled back.
+fn refuse_during_canary(layout: &Layout) -> Result<(), ErrorBody> {
+    match layout.canary() {
+        Some(c) => Err(ErrorBody::new(
+            "busy",
+            format!(
+                "release {} serves as a canary since {}",
+                c.release,
+                layout::rfc3339(c.since_ms)
+            ),
+        )
+        .with_hint("`zdtctl promote NAME` completes it, `zdtctl rollback NAME` ends it")),
+        None => Ok(()),
+    }
+}
+
+/// `--canary` needs running proxy-mode HTTP programs (the kernel, not zdt,
+/// picks which pass-mode process accepts).
+fn canary_possible(group: &Group, percent: u8) -> Result<(), ErrorBody> {
+    if !(1..=99).contains(&percent) {
+        return Err(ErrorBody::new(
+            "bad_request",
+            "--canary takes a percentage from 1 to 99",
+        ));
+    }
+    for m in &group.members {
+        let c = &m.config;
+        if c.mode != crate::config::Mode::Proxy || c.protocol != crate::config::Protocol::Http {
+            return Err(ErrorBody::new(
+                "bad_request",
+                format!("--canary needs every program on the root in mode = \"proxy\" with protocol = \"http\"; {} is not", c.name),
+            ));
+        }
+        if !m
+            .handle
+            .snapshot()
+            .instances
+            .iter()
+            .any(|i| i.state == InstanceState::Running)
+        {
+            return Err(ErrorBody::new(
+                "bad_request",
+                format!("--canary needs {} running (the canary serves beside it); deploy without --canary first", c.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn end_canary(m: &Member, out: &Progress) -> Result<(), OpError> {
+    let progress = out.sender();
+    match m
+        .handle
+        .call(|reply| ProgramMsg::EndCanary { progress, reply })
+        .await
+    {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(e),
+        None => Err(OpError {
+            message: "zdt is shutting down".into(),
+            log_tail: None,
+            kept_previous_config: false,
+        }),
+    }
+}
+
+/// After `promote` (true) or `rollback` (false) of a canary a deploy
+/// started: the release is live for good (then prune), or `current` goes
+/// back and the release is marked failed. Nothing when no deploy canary runs.
+pub async fn finish_canary(group: &Group, promoted: bool, out: &mut Progress) -> Option<String> {
+    let layout = Layout::new(&group.config.root);
+    let c = layout.canary()?;
+    let said = if promoted {
+        format!("release {} is live", c.release)
+    } else {
+        layout.mark_failed(&c.release, "canary rolled back");
+        match layout.switch(c.previous.as_deref()) {
+            Ok(()) => format!(
+                "current -> {} again; release {} marked failed",
+                c.previous.as_deref().unwrap_or("none"),
+                c.release
+            ),
+            Err(e) => format!("cannot switch current back: {e}"),
+        }
+    };
+    if let Err(e) = layout.set_canary(None) {
+        out.say(format!("cannot clear the canary record: {e}"));
+    }
+    if promoted {
+        prune(&group.config, group, &layout, out).await;
+    }
+    Some(said)
 }
 
 /// Fills `dir` from the source; returns the commit for git.

@@ -115,6 +115,7 @@ impl Task {
                 base: None,
                 pause: false,
                 max_pause: None,
+                canary: None,
             },
             replies: tx,
             peer_uid: nix::unistd::geteuid().as_raw(),

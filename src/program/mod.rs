@@ -205,6 +205,7 @@ macro_rules! ctx {
             sockets: &$p.sockets,
             ports_in_use: $ports,
             traffic: &$p.traffic,
+            pins: &$p.pins,
         }
     };
 }
@@ -295,6 +296,7 @@ pub fn spawn_program(
     let traffic = Arc::new(Traffic::default());
     let mut actor = Program {
         traffic: traffic.clone(),
+        pins: Default::default(),
         slots: Vec::new(),
         generation: 0,
         ops: Vec::new(),
@@ -389,6 +391,8 @@ struct Program {
     routes: crate::proxy::RouteTable,
     /// The program's request counters (proxy mode).
     traffic: Arc<Traffic>,
+    /// The deploy release of each recent generation.
+    pins: slot::ReleasePins,
     /// A reload that arrived during a restart, applied when it is over.
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
     /// Proxy mode: a canary in progress.

@@ -105,6 +105,30 @@ pub(super) struct SpawnCtx<'a> {
     pub ports_in_use: &'a [u16],
     /// The program's request counters (proxy mode).
     pub traffic: &'a Arc<Traffic>,
+    /// The release each recent generation runs in (programs with a deploy
+    /// root): a process respawned after a crash keeps its generation's.
+    pub pins: &'a ReleasePins,
+}
+
+/// Generation → deploy release, newest generations only.
+pub(super) type ReleasePins = std::cell::RefCell<Vec<(u64, crate::deploy::Release)>>;
+
+/// How many generations' releases are remembered.
+const PINNED_GENERATIONS: usize = 8;
+
+/// The release of generation `gen`: the one it started in, or what
+/// `root/current` names now for a generation's first process.
+fn release_of(ctx: &SpawnCtx<'_>, gen: u64) -> Option<crate::deploy::Release> {
+    let root = &ctx.cfg.deploy.as_ref()?.root;
+    let mut pins = ctx.pins.borrow_mut();
+    if let Some((_, r)) = pins.iter().find(|(g, _)| *g == gen) {
+        return Some(r.clone());
+    }
+    let r = crate::deploy::Release::resolve(root)?;
+    pins.push((gen, r.clone()));
+    pins.sort_by_key(|(g, _)| std::cmp::Reverse(*g));
+    pins.truncate(PINNED_GENERATIONS);
+    Some(r)
 }
 
 /// Stops a process: in proxy mode once its requests in flight are done (or
@@ -647,10 +671,7 @@ impl Slot {
         };
         // The release this process runs in, resolved once: a draining
         // generation keeps reading its own files after `current` switched.
-        let release = cfg
-            .deploy
-            .as_ref()
-            .and_then(|d| crate::deploy::Release::resolve(&d.root));
+        let release = release_of(ctx, gen);
         let fill = |s: &String| {
             let s = match &private {
                 Some(PrivateAddr::Tcp(a)) => s.replace("{port}", &a.port().to_string()),

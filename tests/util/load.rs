@@ -229,6 +229,14 @@ impl Load {
         });
     }
 
+    /// Requests answered so far, per `version` in the body.
+    pub fn versions(&self) -> BTreeMap<String, u64> {
+        self.report
+            .lock()
+            .map(|r| r.versions.clone())
+            .unwrap_or_default()
+    }
+
     /// Requests answered so far, per generation.
     pub fn by_generation(&self) -> BTreeMap<u64, u64> {
         self.report
