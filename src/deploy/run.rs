@@ -635,14 +635,15 @@ pub fn list(config: &DeployConfig) -> Vec<ReleaseRow> {
         .into_iter()
         .map(|id| {
             let meta = layout.meta(&id);
+            // During a canary, `current` names the canary; the stable
+            // release is the live one.
+            let live = match &canary {
+                Some(c) => c.previous.as_deref(),
+                None => current.as_deref(),
+            };
             let state = if canary.as_ref().is_some_and(|c| c.release == id) {
                 "canary"
-            } else if canary
-                .as_ref()
-                .is_some_and(|c| c.previous.as_deref() == Some(id.as_str()))
-            {
-                "live"
-            } else if canary.is_none() && current.as_deref() == Some(id.as_str()) {
+            } else if live == Some(id.as_str()) {
                 "live"
             } else if running.as_deref() == Some(id.as_str()) {
                 "building"
