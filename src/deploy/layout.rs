@@ -131,7 +131,22 @@ impl Release {
     }
 }
 
+/// Runs `f`, which may wait for the disk (fsync), without holding up the
+/// other tasks of zdt's runtime worker it runs on.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
+    off_runtime(|| write_new_now(path, data))
+}
+
+fn write_new_now(path: &Path, data: &[u8]) -> io::Result<()> {
     // Written beside, then renamed: a reader sees the old or the new whole.
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
@@ -146,7 +161,7 @@ fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    off_runtime(|| File::open(dir)?.sync_all())
 }
 
 /// Adds the path to an OS error, for the operator.
