@@ -36,6 +36,11 @@
 //! - [`instance`]: one process: spawn, readiness, signals to its process group.
 //! - [`spawn`]: the spawner thread and the reaper; everything that allocates
 //!   happens before fork.
+//! - [`deploy`]: releases under a deploy root (fetch from a folder, an
+//!   archive or git; build and migrate hooks; the atomic switch of
+//!   `current`; switch back, rollback, canary, watches). A deploy runs in a
+//!   task of the supervisor's and asks the program actors to restart; each
+//!   process resolves its release once, at spawn.
 //! - [`fds`]: the open-files limit, the fds kept for zdt itself, and what
 //!   the proxy may use.
 //! - [`logs`]: per-instance log files with rotation, the tail ring, followers.

@@ -64,6 +64,8 @@ pub struct Progress {
     /// before are kept in `early` and written then.
     log: Option<fs::File>,
     early: Vec<String>,
+    /// Lines the client's channel had no room for since the last one sent.
+    dropped: usize,
 }
 
 impl Progress {
@@ -73,6 +75,7 @@ impl Progress {
             replies,
             log: None,
             early: Vec::new(),
+            dropped: 0,
         }
     }
 
@@ -81,9 +84,26 @@ impl Progress {
         let line = line.into();
         tracing::info!(target: "zdt::deploy", "{line}");
         self.log_line(&line);
-        if let Some(r) = &self.replies {
-            // A slow client loses lines rather than holding the deploy.
-            let _ = r.try_send(Reply::Progress { message: line });
+        self.send(line);
+    }
+
+    /// To the client; a slow client loses lines rather than holding the
+    /// deploy, and is told how many (the deploy log has them all).
+    fn send(&mut self, line: String) {
+        let Some(r) = &self.replies else { return };
+        if self.dropped > 0 {
+            let note = format!(
+                "  ({} line(s) not shown: output came faster than zdtctl read it; the deploy log has them)",
+                self.dropped
+            );
+            if r.try_send(Reply::Progress { message: note }).is_err() {
+                self.dropped += 1;
+                return;
+            }
+            self.dropped = 0;
+        }
+        if r.try_send(Reply::Progress { message: line }).is_err() {
+            self.dropped += 1;
         }
     }
 
@@ -91,9 +111,7 @@ impl Progress {
     fn output(&mut self, line: &str) {
         let line = format!("  | {line}");
         self.log_line(&line);
-        if let Some(r) = &self.replies {
-            let _ = r.try_send(Reply::Progress { message: line });
-        }
+        self.send(line);
     }
 
     fn log_line(&mut self, line: &str) {
