@@ -213,6 +213,10 @@ enum Msg {
     Close(tokio::sync::oneshot::Sender<()>),
 }
 
+/// How long a clean exit waits for ended workers' groups to be gone
+/// before it leaves the state file for the next zdt.
+const CLOSE_WAIT: Duration = Duration::from_millis(800);
+
 static RECORDER: OnceLock<mpsc::UnboundedSender<Msg>> = OnceLock::new();
 
 /// Starts recording workers' groups in `path` (rewritten at once: call after
@@ -240,6 +244,16 @@ fn record_loop(path: PathBuf, mut rx: mpsc::UnboundedReceiver<Msg>) {
     loop {
         // Groups whose worker ended stay listed while members remain.
         groups.retain(|_, (e, ended)| !*ended || still_there(e));
+        if closing.is_some() {
+            // A group just signalled may take a moment to be gone (a
+            // member dying, a zombie waiting for its reaper): wait a
+            // little before leaving the file for the next zdt.
+            let until = std::time::Instant::now() + CLOSE_WAIT;
+            while !groups.is_empty() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+                groups.retain(|_, (e, ended)| !*ended || still_there(e));
+            }
+        }
         if closing.is_some() && groups.is_empty() {
             let _ = std::fs::remove_file(&path);
             return;
