@@ -23,6 +23,13 @@ fn source(d: &Daemon, name: &str, app: &str, version: &str) -> PathBuf {
     dir
 }
 
+/// A source whose build (or migration) fails: it has a FAIL file.
+fn failing_source(d: &Daemon, name: &str) -> PathBuf {
+    let dir = source(d, name, "contrib/node/server.js", name);
+    std::fs::write(dir.join("FAIL"), "").expect("write FAIL");
+    dir
+}
+
 fn node_program(port: u16, mode: &str) -> String {
     let ready = if mode == "pass" {
         "ready = { notify = true }".to_string()
@@ -163,8 +170,7 @@ fn a_failing_build_changes_nothing_and_fails_no_request() {
         + "build = [[\"sh\", \"-c\", \"echo building; if [ -f FAIL ]; then echo broken build >&2; exit 3; fi\"]]\n";
     let d = Daemon::start(&config);
     let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
-    let bad = source(&d, "bad", "contrib/node/server.js", "bad");
-    std::fs::write(bad.join("FAIL"), "").expect("write");
+    let bad = failing_source(&d, "bad");
     let out = deploy(&d, &v1);
     assert!(out.status.success(), "{out:?}");
     let live = current(&d);
@@ -367,8 +373,7 @@ fn deploy_with_pause_holds_requests_while_migrations_run() {
     let d = Daemon::start(&config);
     let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
     let v2 = source(&d, "v2", "contrib/node/server.js", "v2");
-    let bad = source(&d, "bad", "contrib/node/server.js", "bad");
-    std::fs::write(bad.join("FAIL"), "").expect("write");
+    let bad = failing_source(&d, "bad");
     assert!(deploy(&d, &v1).status.success());
     let load = Load::start(port, 16, 16, &[0, 20, 100]);
     wait_load(&load, "load before the deploy");

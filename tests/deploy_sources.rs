@@ -107,19 +107,23 @@ fn archives_deploy_and_an_unsafe_one_writes_nothing_outside_the_release() {
     serves(port, "v1").expect("still v1");
 }
 
-fn bare_repo(d: &Daemon) -> (PathBuf, PathBuf) {
-    let repo = d.path("app.git");
-    let work = d.path("work");
+/// A bare repository at `repo` and a working copy at `work` that pushes to it.
+fn init_repo(repo: &Path, work: &Path) {
     run(Command::new("git")
         .args(["init", "-q", "--bare", "-b", "main"])
-        .arg(&repo));
+        .arg(repo));
     run(Command::new("git")
         .args(["init", "-q", "-b", "main"])
-        .arg(&work));
+        .arg(work));
     git(
-        &work,
+        work,
         &["remote", "add", "origin", &repo.display().to_string()],
     );
+}
+
+fn bare_repo(d: &Daemon) -> (PathBuf, PathBuf) {
+    let (repo, work) = (d.path("app.git"), d.path("work"));
+    init_repo(&repo, &work);
     (repo, work)
 }
 
@@ -181,16 +185,7 @@ fn a_git_watch_deploys_each_push_and_tries_a_broken_commit_once() {
         );
     let d = Daemon::start(&config);
     let work = d.path("work");
-    run(Command::new("git")
-        .args(["init", "-q", "--bare", "-b", "main"])
-        .arg(&repo));
-    run(Command::new("git")
-        .args(["init", "-q", "-b", "main"])
-        .arg(&work));
-    git(
-        &work,
-        &["remote", "add", "origin", &repo.display().to_string()],
-    );
+    init_repo(&repo, &work);
     push(&work, "v1", false);
     wait_for("the watch to deploy v1", T, || serves(port, "v1"));
     push(&work, "v2", false);
