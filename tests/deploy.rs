@@ -602,3 +602,60 @@ fn deploy_as_a_canary_then_promote_or_roll_back_fails_zero_requests() {
     }
     assert_ne!(first, promoted);
 }
+
+#[test]
+fn programs_sharing_a_root_deploy_together_and_go_back_together() {
+    let port = free_port();
+    // The web server carries the settings; the queue worker names the root.
+    let config = header()
+        + &node_program(port, "proxy").replace("instances = 2", "instances = 2\npriority = 1")
+        + "\n[program.queue]\ncommand = [\"sh\", \"-c\", \"if [ -f FAIL ]; then echo queue cannot start on this release; exit 1; fi; echo $ZDT_RELEASE > queue-ran; exec sleep 600\"]\ndirectory = \"root/current\"\npriority = 2\nstartretries = 0\nstartsecs = \"300ms\"\n[program.queue.deploy]\nroot = \"root\"\n";
+    let d = Daemon::start(&config);
+    let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
+    let v2 = source(&d, "v2", "contrib/node/server.js", "v2");
+    let bad = failing_source(&d, "bad");
+    assert!(deploy(&d, &v1).status.success());
+    let load = Load::start(port, 16, 16, &[0, 20]);
+    wait_load(&load, "load before the deploys");
+    let out = deploy(&d, &v2);
+    assert!(out.status.success(), "{out:?}");
+    let live = current(&d);
+    let id = live.rsplit('/').next().unwrap_or("").to_string();
+    assert_eq!(
+        std::fs::read_to_string(d.path("root/current/queue-ran"))
+            .expect("queue ran")
+            .trim(),
+        id
+    );
+    for p in d.status() {
+        for i in p.instances.iter().filter(|i| i.pid.is_some()) {
+            assert_eq!(i.release.as_deref(), Some(id.as_str()), "{} {i:?}", p.name);
+        }
+    }
+    // The queue worker fails on the next release: the web server, which had
+    // moved to it already, goes back too.
+    let out = deploy(&d, &bad);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("queue did not start") && stderr.contains("queue cannot start"),
+        "{stderr}"
+    );
+    assert_eq!(current(&d), live);
+    wait_load(&load, "load after the failed deploy");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(version_of(port), "v2");
+    // Both run on the release that was live before, the queue worker again.
+    for p in d.status() {
+        for i in &p.instances {
+            assert_eq!(
+                i.state,
+                zdt::state::InstanceState::Running,
+                "{} {i:?}",
+                p.name
+            );
+            assert_eq!(i.release.as_deref(), Some(id.as_str()), "{} {i:?}", p.name);
+        }
+    }
+}

@@ -442,6 +442,16 @@ async fn go_live(
                             .map_or("none".to_string(), |p| format!("releases/{p}"))
                     ));
                 }
+                // A program without owned sockets restarts stop-then-start:
+                // its old process is gone, so it starts again on the old release.
+                if !m.config.overlaps() {
+                    if let Err(e) = restart(m, None, out).await {
+                        out.say(format!(
+                            "{}: cannot start again: {}",
+                            m.config.name, e.message
+                        ));
+                    }
+                }
                 for back in moved {
                     // A canary goes back by ending it; a restart by another.
                     let back_result = match canary {
