@@ -161,7 +161,7 @@ impl Traffic {
     }
 
     /// The counters of generation `gen`, created on first use; only the
-    /// newest [`GENS_KEPT`] generations are kept.
+    /// newest `GENS_KEPT` generations are kept.
     pub fn gen_stats(&self, gen: u64) -> Arc<GenStats> {
         let mut gens = self.gens.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, s)) = gens.iter().find(|(g, _)| *g == gen) {
