@@ -95,7 +95,11 @@ fn zdt_refuses_to_start_on_a_bad_config() {
 #[test]
 fn the_example_configs_in_contrib_are_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for file in ["contrib/php/supervisor.toml", "contrib/php/hyperf.toml"] {
+    for file in [
+        "contrib/php/supervisor.toml",
+        "contrib/php/hyperf.toml",
+        "contrib/php/deploy.toml",
+    ] {
         let out = std::process::Command::new(bin("zdt"))
             .args(["check", "-c"])
             .arg(root.join(file))
