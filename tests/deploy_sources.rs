@@ -206,6 +206,28 @@ fn a_git_watch_deploys_each_push_and_tries_a_broken_commit_once() {
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0]["commit"], broken.as_str());
     serves(port, "v2").expect("v2 still serves");
+    // A restarted zdt remembers it too (from the failed release).
+    let mut d = d;
+    d.signal(libc::SIGTERM);
+    d.wait_exit(T);
+    d.start_again();
+    wait_for(
+        "the restarted watch to pass over the broken commit",
+        T,
+        || {
+            let w = &d.status()[0].deploy_watch;
+            match w.as_ref().and_then(|w| w.outcome.clone()) {
+                Some(o) if o.contains("failed before") => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    );
+    let failed = releases(&d)
+        .into_iter()
+        .filter(|r| r["state"] == "failed")
+        .count();
+    assert_eq!(failed, 1);
+    serves(port, "v2").expect("v2 serves after the restart");
 }
 
 #[test]

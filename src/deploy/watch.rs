@@ -158,7 +158,7 @@ impl Task {
                 self.record(format!("up to date (commit {})", short(&head)));
                 continue;
             }
-            if failed.contains(&head) {
+            if failed.contains(&head) || self.failed_before(&head) {
                 self.record(format!(
                     "commit {} failed before; waiting for a new one",
                     short(&head)
@@ -175,6 +175,19 @@ impl Task {
             };
             self.record(outcome);
         }
+    }
+
+    /// Whether a release of `commit` failed, in this zdt's life or an
+    /// earlier one's (so a restart of zdt does not try it again).
+    fn failed_before(&self, commit: &str) -> bool {
+        let layout = Layout::new(&self.root);
+        layout
+            .ids()
+            .iter()
+            .filter_map(|id| layout.meta(id))
+            .any(|m| {
+                m.commit.as_deref() == Some(commit) && m.state == super::layout::BuildState::Failed
+            })
     }
 
     /// The commit of the live release, if it came from git.
