@@ -35,7 +35,7 @@
 # (npm ci), switch (symlink moved), ready (new processes serving), drained
 # (old processes gone), total (wall time of the whole deploy). zdt: parsed
 # from `zdtctl deploy`'s progress lines (ready: "gen G: n/n ready in";
-# drained: "old generation gone after" minus ready). pm2: from its log,
+# drained: "old generation gone N ms after the switch"). pm2: from its log,
 # stamped in ms (ready: reload start to the last "New worker listening";
 # drained: from there to the last old worker's exit). nginx: ready = restart B
 # and poll; drained = restart A (its old process stops; B takes the traffic)
@@ -220,8 +220,7 @@ deploy_zdt() { # deploy_zdt DIR TGZ
   [ "$rc" -eq 0 ] || { log "  zdtctl deploy exited $rc (see $out)"; return 1; }
   # fetch: its own figure; build: between its "running" and done lines;
   # switch: from the build's end to the switch line; ready: "n/n ready in";
-  # drained: "old generation gone after" (counted from the same start as
-  # ready) minus ready.
+  # drained: "old generation gone N ms after the switch".
   awk '
     function ms(v, u) { return u == "s" ? v * 1000 : v }
     $2 == "fetch" && $(NF) ~ /^m?s$/ { fetch = ms($(NF-1), $(NF)) }
@@ -229,8 +228,8 @@ deploy_zdt() { # deploy_zdt DIR TGZ
     $2 == "build" && $(NF) ~ /^m?s$/ { b1 = $1 }
     $2 == "switch" && $3 == "current" { sw = $1 }
     / ready in [0-9.]+ ms/ { for (i = 1; i < NF; i++) if ($i == "in" && $(i-1) == "ready") ready = $(i+1) }
-    / old generation gone after / { gone = $(NF-1) }
-    END { printf "%d %d %d %d %d\n", fetch, b1 - b0, sw - (b1 ? b1 : sw), ready, gone - ready }' "$out"
+    / old generation gone [0-9]+ ms after the switch/ { for (i = 1; i < NF; i++) if ($i == "gone") gone = $(i+1) }
+    END { printf "%d %d %d %d %d\n", fetch, b1 - b0, sw - (b1 ? b1 : sw), ready, gone }' "$out"
 }
 deploy_zdt_proxy() { deploy_zdt "$@"; }
 deploy_zdt_pass() { deploy_zdt "$@"; }

@@ -187,6 +187,7 @@ impl Program {
                 rolling: false,
                 todo: Vec::new(),
                 started: std::time::Instant::now(),
+                switched: Some(std::time::Instant::now()),
                 previous: None,
                 canary: None,
             },

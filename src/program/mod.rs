@@ -985,6 +985,7 @@ impl Program {
                 rolling,
                 todo: slots.clone(),
                 started: std::time::Instant::now(),
+                switched: None,
                 previous,
                 canary,
             },
@@ -1002,6 +1003,13 @@ impl Program {
             }
         ));
         self.ops.push(op);
+    }
+
+    /// Records that traffic just moved to the new generation of op `index`.
+    fn mark_switched(&mut self, index: usize) {
+        if let OpKind::Replace { switched, .. } = &mut self.ops[index].kind {
+            *switched = Some(std::time::Instant::now());
+        }
     }
 
     /// Advances a zero-downtime restart; Some(result) when it is over.
@@ -1076,6 +1084,7 @@ impl Program {
                 if self.slots[s].ready_to_switch() {
                     self.slots[s].switch(&self.config);
                     self.forget_queue_checks();
+                    self.mark_switched(index);
                     todo.remove(0);
                     self.ops[index].progress(format!(
                         "{name}:{s}: gen {gen} ready in {ms} ms; old generation stopping"
@@ -1100,6 +1109,7 @@ impl Program {
                 self.slots[s].switch(&self.config);
             }
             self.forget_queue_checks();
+            self.mark_switched(index);
             self.ops[index].progress(format!(
                 "{name}: gen {gen}: {n}/{n} ready in {ms} ms; gen {old}: stopping",
                 n = todo.len()
@@ -1110,8 +1120,14 @@ impl Program {
             t.clone_from(&todo);
         }
         if todo.is_empty() && slots.iter().all(|&s| !self.slots[s].is_draining()) {
+            let drained = match &self.ops[index].kind {
+                OpKind::Replace {
+                    switched: Some(t), ..
+                } => format!("{} ms after the switch, ", t.elapsed().as_millis()),
+                _ => String::new(),
+            };
             self.ops[index].progress(format!(
-                "{name}: old generation gone after {} ms",
+                "{name}: old generation gone {drained}{} ms after the restart began",
                 started.elapsed().as_millis()
             ));
             for &s in &slots {

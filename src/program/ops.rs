@@ -35,6 +35,9 @@ pub(super) enum OpKind {
         rolling: bool,
         todo: Vec<usize>,
         started: std::time::Instant,
+        /// When traffic last moved to the new generation (the drain of the
+        /// old one runs from there).
+        switched: Option<std::time::Instant>,
         /// A reload's replace: the settings and sockets in force before it,
         /// put back if no instance switched when it fails.
         previous: Option<Box<Previous>>,
