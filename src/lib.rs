@@ -67,6 +67,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod activation;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -82,6 +83,7 @@ pub mod orphans;
 pub mod program;
 pub mod proxy;
 pub mod rundir;
+pub mod sdnotify;
 pub mod signals;
 pub mod spawn;
 pub mod state;
