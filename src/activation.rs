@@ -226,3 +226,58 @@ pub fn describe(fds: &[InheritedFd]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener(addr: &str) -> (InheritedFd, ListenAddr) {
+        let a: std::net::SocketAddr = addr.parse().expect("addr");
+        let fd = crate::listen::bind(&ListenAddr::Tcp(a), None, 0o660, None).expect("bind");
+        let local = Socket::from(fd.try_clone().expect("dup"))
+            .local_addr()
+            .expect("local")
+            .as_socket()
+            .expect("inet");
+        let addr = ListenAddr::Tcp(local);
+        (
+            InheritedFd {
+                fd: 3,
+                name: None,
+                addr: Some(addr.clone()),
+                socket: fd,
+            },
+            addr,
+        )
+    }
+
+    #[test]
+    fn matches_by_name_then_by_address_and_returns_the_rest() {
+        let (mut named, named_addr) = listener("127.0.0.1:0");
+        named.name = Some("front".into());
+        let (by_addr, by_addr_addr) = listener("127.0.0.1:0");
+        let (mut stray, _) = listener("127.0.0.1:0");
+        stray.name = Some("nobody".into());
+        // "web" names another address than the socket's: its tcp entry
+        // takes the socket anyway (systemd's address wins).
+        let config = crate::config::parse(
+            &format!(
+                "[supervisor]\ncontrol = \"zdt.sock\"\n\
+                 [program.web]\ncommand = [\"x\"]\nfdname = \"front\"\nlisten = [\"tcp://127.0.0.1:1\"]\n\
+                 [program.api]\ncommand = [\"x\"]\nlisten = [\"{by_addr_addr}\"]\n"
+            ),
+            std::path::Path::new("/tmp/supervisor.toml"),
+        )
+        .expect("config");
+        let (taken, unmatched) = assign(vec![named, by_addr, stray], &config);
+        let keys: Vec<String> = taken.keys().map(ToString::to_string).collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(
+            keys.contains(&"tcp://127.0.0.1:1".to_string()),
+            "{keys:?} ({named_addr})"
+        );
+        assert!(keys.contains(&by_addr_addr.to_string()), "{keys:?}");
+        assert_eq!(unmatched.len(), 1);
+        assert_eq!(unmatched[0].name.as_deref(), Some("nobody"));
+    }
+}
