@@ -33,6 +33,17 @@ pub enum DaemonError {
     NoSuchGroup(String),
 }
 
+/// What zdt's own service manager gave it (systemd: `Type=notify` and a
+/// `.socket` unit); all empty when zdt runs otherwise.
+#[derive(Debug, Default)]
+pub struct Systemd {
+    /// Where to send READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1.
+    pub notifier: crate::sdnotify::Notifier,
+    /// Listening sockets passed with LISTEN_FDS, used instead of binding
+    /// the addresses they match.
+    pub listen_fds: Vec<crate::activation::InheritedFd>,
+}
+
 /// Runs zdt with `config` until a shutdown arrives on `signals` (or through
 /// the control socket) and every program has stopped.
 pub async fn run(
@@ -40,6 +51,7 @@ pub async fn run(
     spawner: Spawner,
     reaper: Reaper,
     signals: mpsc::Receiver<DaemonSignal>,
+    systemd: Systemd,
 ) -> Result<(), DaemonError> {
     tokio::spawn(reaper.run());
     crate::fds::raise_limit();
@@ -96,7 +108,18 @@ pub async fn run(
         policy,
         stop_control.clone(),
     ));
-    Supervisor::new(config, spawner).run(req_rx, signals).await;
+    let (inherited, unmatched) = crate::activation::assign(systemd.listen_fds, &config);
+    if !unmatched.is_empty() {
+        tracing::warn!(
+            fds = %crate::activation::describe(&unmatched),
+            "closing sockets passed by the service manager that match no program's listen address or fdname"
+        );
+        drop(unmatched);
+    }
+    let registry = crate::listen::Registry::with_inherited(inherited);
+    Supervisor::new(config, spawner, registry, systemd.notifier)
+        .run(req_rx, signals)
+        .await;
     crate::orphans::close().await;
     stop_control.cancel();
     let _ = control.await;

@@ -47,6 +47,10 @@
 //! - [`rundir`]: the checks on every path zdt creates (private and trusted
 //!   folders, files that never follow a planted link).
 //! - [`state`]: instance states and the snapshots `status` prints.
+//! - [`sdnotify`] and [`activation`]: zdt under systemd: sd_notify to its
+//!   own service manager (READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, sent
+//!   by the supervisor) and listening sockets passed to zdt itself
+//!   (LISTEN_FDS), which the [`listen`] registry uses instead of binding.
 //! - [`proxy`]: proxy mode. A few current-thread runtimes (nginx's worker
 //!   model) accepts on every proxied socket; a client connection, its requests
 //!   and the upstream pools they use stay on one thread. The program actor
@@ -67,6 +71,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod activation;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -82,6 +87,7 @@ pub mod orphans;
 pub mod program;
 pub mod proxy;
 pub mod rundir;
+pub mod sdnotify;
 pub mod signals;
 pub mod spawn;
 pub mod state;

@@ -147,12 +147,32 @@ pub fn unaccepted(port: u16, v6: bool) -> Vec<String> {
 /// changes) and releases what no program names any more; a program whose
 /// bind failed binds again on `start`, `restart` and its retry timer. The
 /// lock is held only while binding or looking up, never on the data path.
+///
+/// Sockets passed to zdt by its service manager ([`crate::activation`]) are
+/// used instead of binding their addresses and are never closed while zdt
+/// runs (`retain` does not touch them): a reload that drops an address and
+/// one that brings it back find the same socket.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     owned: Arc<Mutex<BTreeMap<ListenAddr, Arc<OwnedFd>>>>,
+    /// Fixed when zdt starts.
+    inherited: Arc<BTreeMap<ListenAddr, Arc<OwnedFd>>>,
 }
 
 impl Registry {
+    /// A registry that uses `inherited` for their addresses.
+    pub fn with_inherited(inherited: BTreeMap<ListenAddr, OwnedFd>) -> Self {
+        Self {
+            owned: Arc::default(),
+            inherited: Arc::new(
+                inherited
+                    .into_iter()
+                    .map(|(a, fd)| (a, Arc::new(fd)))
+                    .collect(),
+            ),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<ListenAddr, Arc<OwnedFd>>> {
         // A panic while holding the lock cannot leave the map half-changed
         // (every change is one insert or retain), so a poisoned map is fine.
@@ -165,7 +185,7 @@ impl Registry {
         let mut owned = self.lock();
         let mut out = Vec::with_capacity(cfg.listen.len());
         for addr in &cfg.listen {
-            let fd = match owned.get(addr) {
+            let fd = match owned.get(addr).or_else(|| self.inherited.get(addr)) {
                 Some(fd) => fd.clone(),
                 None => {
                     let fd = Arc::new(bind(
@@ -196,7 +216,10 @@ impl Registry {
         let mut errors = Vec::new();
         for cfg in programs {
             for addr in &cfg.listen {
-                if owned.contains_key(addr) || fresh.contains_key(addr) {
+                if owned.contains_key(addr)
+                    || fresh.contains_key(addr)
+                    || self.inherited.contains_key(addr)
+                {
                     continue;
                 }
                 match bind(

@@ -17,6 +17,7 @@ use crate::control::{proto::Command, ControlRequest};
 use crate::deploy;
 use crate::listen;
 use crate::program::{spawn_program, OpError, OpResult, ProgramHandle, ProgramMsg, Sockets};
+use crate::sdnotify;
 use crate::spawn::Spawner;
 use crate::target::{self, Resolved};
 
@@ -57,6 +58,9 @@ pub struct Supervisor {
     /// receiver, watches hold senders.
     internal_tx: mpsc::Sender<ControlRequest>,
     internal_rx: Option<mpsc::Receiver<ControlRequest>>,
+    /// zdt's own service manager (sd_notify): ready, reloading, stopping,
+    /// watchdog. Does nothing when zdt was not started with NOTIFY_SOCKET.
+    notifier: sdnotify::Notifier,
 }
 
 /// A reload's changes all settled: the programs in `reverted` kept the
@@ -124,7 +128,14 @@ enum Verb {
 
 impl Supervisor {
     /// A supervisor for `config`; programs start with [`Supervisor::run`].
-    pub fn new(config: Config, spawner: Spawner) -> Self {
+    /// `registry` holds the sockets zdt was given (empty otherwise);
+    /// `notifier` tells zdt's service manager how it is doing.
+    pub fn new(
+        config: Config,
+        spawner: Spawner,
+        registry: listen::Registry,
+        notifier: sdnotify::Notifier,
+    ) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         let (internal_tx, internal_rx) = mpsc::channel(8);
         Self {
@@ -134,7 +145,8 @@ impl Supervisor {
             config,
             programs: BTreeMap::new(),
             spawner,
-            registry: listen::Registry::default(),
+            registry,
+            notifier,
             settled_tx,
             settled_rx: Some(settled_rx),
         }
@@ -192,6 +204,8 @@ impl Supervisor {
             self.add_program(cfg);
         }
         self.sync_watches();
+        self.notify_ready_when_started();
+        let mut watchdog = self.notifier.watchdog_timer();
         let mut internal = match self.internal_rx.take() {
             Some(rx) => rx,
             None => mpsc::channel(1).1,
@@ -207,6 +221,7 @@ impl Supervisor {
                 Some(req) = requests.recv() => self.on_request(req, &shutdown_tx),
                 Some(req) = internal.recv() => self.on_request(req, &shutdown_tx),
                 Some(s) = settled.recv() => self.on_settled(s),
+                () = watchdog.tick() => self.notifier.watchdog(),
                 sig = signals.recv() => match sig {
                     Some(DaemonSignal::Reload) => {
                         let (tx, mut rx) = mpsc::channel(8);
@@ -225,12 +240,14 @@ impl Supervisor {
             }
         }
         tracing::info!("stopping all programs");
+        self.notifier.stopping();
         self.watches.clear();
         let stopping = self.shutdown_all();
         tokio::pin!(stopping);
         loop {
             tokio::select! {
                 () = &mut stopping => break,
+                () = watchdog.tick() => self.notifier.watchdog(),
                 sig = signals.recv() => if sig == Some(DaemonSignal::Shutdown) {
                     tracing::warn!("second stop signal: exiting now; workers are killed with zdt");
                     return;
@@ -247,6 +264,43 @@ impl Supervisor {
             }
         }
         tracing::info!("all programs stopped");
+    }
+
+    /// Sends `READY=1` to zdt's service manager once every program that
+    /// starts by itself (autostart, and deployed if it has a deploy root)
+    /// is RUNNING or has failed to start.
+    fn notify_ready_when_started(&self) {
+        if !self.notifier.enabled() {
+            return;
+        }
+        let starting = self
+            .programs
+            .values()
+            .filter(|e| e.config.autostart)
+            .filter(|e| {
+                e.config
+                    .deploy
+                    .as_ref()
+                    .is_none_or(|d| deploy::Release::resolve(&d.root).is_some())
+            })
+            .map(|e| e.handle.watch())
+            .collect();
+        let all = self.programs.values().map(|e| e.handle.watch()).collect();
+        tokio::spawn(sdnotify::ready_when_started(
+            self.notifier.clone(),
+            starting,
+            all,
+        ));
+    }
+
+    /// The `STATUS=` line for zdt's service manager.
+    fn status_line(&self) -> String {
+        let snaps: Vec<_> = self
+            .programs
+            .values()
+            .map(|e| e.handle.snapshot())
+            .collect();
+        sdnotify::summary(&snaps)
     }
 
     /// Stops every program, highest priority first, each priority level
@@ -936,7 +990,12 @@ impl Supervisor {
     /// be bound. A changed program whose new generation fails keeps its
     /// previous settings (see [`Supervisor::on_settled`]).
     fn reload(&mut self, replies: mpsc::Sender<Reply>, allow_empty: bool) {
+        self.notifier.reloading();
+        let status = self.status_line();
+        let notifier = self.notifier.clone();
         let reject = |body: ErrorBody| {
+            // Nothing changed: zdt is as ready as before.
+            notifier.ready(&status);
             let replies = replies.clone();
             tokio::spawn(async move { send(&replies, err(body)).await });
         };
@@ -1146,6 +1205,7 @@ impl Supervisor {
     /// settings as their config (so the next reload of the same file tries
     /// the change again), and sockets no program names any more are closed.
     fn on_settled(&mut self, settled: Settled) {
+        self.notifier.ready(&self.status_line());
         for r in settled.reverted {
             match self.programs.get_mut(&r.name) {
                 // Unless a later reload replaced the failed settings meanwhile

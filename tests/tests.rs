@@ -19,4 +19,5 @@ mod proxy;
 mod reload;
 mod security;
 mod spawning;
+mod systemd;
 mod zdtctl;

@@ -2,7 +2,8 @@
 //! logs to stderr; `zdt check -c FILE` validates a configuration.
 //!
 //! Exit codes: 0 stopped cleanly / config valid, 1 failed while running,
-//! 2 usage or configuration error.
+//! 2 usage or configuration error (including a `LISTEN_FDS` fd that is not
+//! a listening stream socket).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -228,6 +229,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // What zdt's own service manager passed it, taken while zdt has one
+    // thread (the variables are removed from its environment).
+    let systemd = match zdt::activation::take_from_env() {
+        Ok(listen_fds) => zdt::daemon::Systemd {
+            notifier: zdt::sdnotify::Notifier::from_env(),
+            listen_fds,
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // From here on zdt writes to stderr only through this thread: a stalled
     // reader of stderr must not freeze the daemon.
     let stderr = match zdt::logs::StderrLog::start() {
@@ -272,7 +285,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let signals = zdt::signals::daemon_signals()
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        zdt::daemon::run(config, spawner, reaper, signals)
+        zdt::daemon::run(config, spawner, reaper, signals, systemd)
             .await
             .map_err(|e| e.to_string())
     });

@@ -33,6 +33,8 @@ const SCRUBBED_ENV: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
 
 /// Everything needed to start one worker process.

@@ -118,6 +118,68 @@ pub struct Daemon {
     child: Option<Child>,
     /// RLIMIT_NOFILE (soft, hard) zdt is started with, if not ours.
     nofile: Option<(u64, u64)>,
+    /// What a service manager would give zdt (see [`Daemon::start_with`]).
+    manager: Manager,
+}
+
+/// Variables and a listening socket for zdt, as systemd passes them.
+#[derive(Clone, Debug, Default)]
+pub struct Manager {
+    /// Added to zdt's environment.
+    pub env: Vec<(String, String)>,
+    /// An fd of the test's that zdt gets as fd 3, with LISTEN_PID set to
+    /// zdt's pid (the test sets LISTEN_FDS itself).
+    pub fd3: Option<std::os::fd::RawFd>,
+}
+
+impl Manager {
+    /// `env` as owned pairs, and `fd3`.
+    pub fn new(env: &[(&str, &str)], fd3: Option<std::os::fd::RawFd>) -> Self {
+        Manager {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            fd3,
+        }
+    }
+
+    /// A command that runs zdt with `args`, the variables and fd 3: through
+    /// `sh -c 'LISTEN_PID=$$ exec zdt …'` when there is an fd (exec keeps
+    /// the pid, so LISTEN_PID is zdt's).
+    pub fn command(&self, args: &[&std::ffi::OsStr]) -> Command {
+        let mut cmd = match self.fd3 {
+            Some(fd) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+                    .arg(bin("zdt"))
+                    .args(args);
+                use std::os::unix::process::CommandExt;
+                // SAFETY: dup2 and fcntl only, both async-signal-safe.
+                unsafe {
+                    c.pre_exec(move || {
+                        if fd == 3 {
+                            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(fd, 3) != 3 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                c
+            }
+            None => {
+                let mut c = Command::new(bin("zdt"));
+                c.args(args);
+                c
+            }
+        };
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
 }
 
 /// The `[supervisor]` table every test config starts with.
@@ -166,6 +228,16 @@ impl Daemon {
     /// Like [`Daemon::start`], with zdt's open-files limit (RLIMIT_NOFILE)
     /// set to (soft, hard) before it runs.
     pub fn start_with_nofile(config: &str, nofile: Option<(u64, u64)>) -> Daemon {
+        Self::start_full(config, nofile, Manager::default())
+    }
+
+    /// Like [`Daemon::start`], as a service manager would start zdt: with
+    /// `manager`'s variables and fd 3 (kept for [`Daemon::start_again`]).
+    pub fn start_with(config: &str, manager: Manager) -> Daemon {
+        Self::start_full(config, None, manager)
+    }
+
+    fn start_full(config: &str, nofile: Option<(u64, u64)>, manager: Manager) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("supervisor.toml");
         std::fs::write(&path, config).expect("write config");
@@ -174,6 +246,7 @@ impl Daemon {
             config: path,
             child: None,
             nofile,
+            manager,
         };
         d.spawn();
         d
@@ -182,10 +255,10 @@ impl Daemon {
     fn spawn(&mut self) {
         let stderr =
             std::fs::File::create(self.dir.path().join("zdt.stderr")).expect("stderr file");
-        let mut cmd = Command::new(bin("zdt"));
-        cmd.arg("-c")
-            .arg(&self.config)
-            .env("ZDT_LOG", "debug")
+        let mut cmd = self
+            .manager
+            .command(&["-c".as_ref(), self.config.as_os_str()]);
+        cmd.env("ZDT_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
