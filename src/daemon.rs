@@ -50,7 +50,7 @@ pub async fn run(
         tracing::warn!(cause = %std::io::Error::last_os_error(), "cannot become a child subreaper");
     }
     let sup = &config.supervisor;
-    crate::proxy::set_threads(sup.proxy_threads);
+    let proxy = crate::proxy::Proxy::new(sup.proxy_threads);
     let group = match &sup.control_group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)
@@ -96,7 +96,10 @@ pub async fn run(
         policy,
         stop_control.clone(),
     ));
-    Supervisor::new(config, spawner).run(req_rx, signals).await;
+    Supervisor::new(config, spawner, proxy.clone())
+        .run(req_rx, signals)
+        .await;
+    proxy.shutdown();
     crate::orphans::close().await;
     stop_control.cancel();
     let _ = control.await;

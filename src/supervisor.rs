@@ -42,6 +42,8 @@ pub struct Supervisor {
     config: Config,
     programs: BTreeMap<String, Entry>,
     spawner: Spawner,
+    /// The proxy component every proxied program runs on.
+    proxy: crate::proxy::Proxy,
     /// Every listening socket zdt owns, bound once and kept open for zdt's
     /// life (program actors hold clones while they use them). An address
     /// dropped by a reload is closed once the reload settled and the last
@@ -124,7 +126,7 @@ enum Verb {
 
 impl Supervisor {
     /// A supervisor for `config`; programs start with [`Supervisor::run`].
-    pub fn new(config: Config, spawner: Spawner) -> Self {
+    pub fn new(config: Config, spawner: Spawner, proxy: crate::proxy::Proxy) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         let (internal_tx, internal_rx) = mpsc::channel(8);
         Self {
@@ -134,6 +136,7 @@ impl Supervisor {
             config,
             programs: BTreeMap::new(),
             spawner,
+            proxy,
             registry: listen::Registry::default(),
             settled_tx,
             settled_rx: Some(settled_rx),
@@ -155,6 +158,7 @@ impl Supervisor {
             sockets,
             self.spawner.clone(),
             self.registry.clone(),
+            self.proxy.clone(),
         );
         self.programs.insert(
             cfg.name.clone(),

@@ -102,14 +102,14 @@ fn dispatch<S: ClientIo>(
     slot: OwnedSemaphorePermit,
 ) {
     let here = workers::current();
-    let there = workers::for_new_connection();
+    let there = shared.workers.for_new_connection();
     let shared = shared.clone();
     if there == here {
-        let open = (workers::Open::on(here), slot);
+        let open = (shared.workers.open_on(here), slot);
         tokio::spawn(serve_client(s, peer, tcp, shared, open));
         return;
     }
-    let Some(rt) = workers::handles().get(there) else {
+    let Some(rt) = shared.workers.handles().get(there).cloned() else {
         return;
     };
     let std = match s.into_std() {
@@ -119,7 +119,7 @@ fn dispatch<S: ClientIo>(
             return;
         }
     };
-    let open = (workers::Open::on(there), slot);
+    let open = (shared.workers.open_on(there), slot);
     rt.spawn(async move {
         match S::from_std(std) {
             Ok(s) => serve_client(s, peer, tcp, shared, open).await,

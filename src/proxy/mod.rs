@@ -93,7 +93,6 @@ pub use canary::{Canary, GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
 pub use route::{RouteTable, Routes, Upstream};
 pub use traffic::{Traffic, UpstreamStats};
-pub use workers::set_threads;
 
 /// The parsers the fuzz targets call ([`crate::fuzz`]).
 pub(crate) use {framing::fuzz as framing_fuzz, relay::fuzz as relay_fuzz};
@@ -137,6 +136,8 @@ impl Drop for ProxyHandle {
 
 struct Shared {
     program: String,
+    /// The proxy threads connections are spread over.
+    workers: Arc<workers::Workers>,
     routes: watch::Receiver<Arc<Routes>>,
     options: Options,
     next: AtomicUsize,
@@ -190,8 +191,54 @@ impl Options {
     }
 }
 
-/// Starts accepting on `sockets` for `program`, routing by `table`.
-pub fn start(
+/// The proxy component: its threads (`[supervisor] proxy_threads`, started
+/// when the first program needs them), on which every proxied program's
+/// accept loops, client connections and upstream connections run. The
+/// daemon creates one and shuts it down when it ends; clones share it.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    workers: Arc<workers::Workers>,
+}
+
+impl Proxy {
+    /// A proxy of `threads` threads (1 to 64); none runs before it is used.
+    pub fn new(threads: usize) -> Self {
+        Self {
+            workers: Arc::new(workers::Workers::new(threads)),
+        }
+    }
+
+    /// Starts accepting on `sockets` for `program`, routing by `table`.
+    pub fn start(
+        &self,
+        program: &str,
+        sockets: &[Arc<OwnedFd>],
+        options: Options,
+        traffic: Arc<Traffic>,
+        table: &RouteTable,
+    ) -> std::io::Result<ProxyHandle> {
+        start(&self.workers, program, sockets, options, traffic, table)
+    }
+
+    /// An upstream at `addr`, a process of generation `gen` of the program
+    /// counted in `program`, with its connection pools on this proxy's
+    /// threads.
+    pub fn upstream(&self, addr: PrivateAddr, program: &Arc<Traffic>, gen: u64) -> Arc<Upstream> {
+        Upstream::new(addr, program, gen, self.workers.count())
+    }
+
+    /// Stops the proxy threads and everything on them (accept loops, client
+    /// and upstream connections), and waits for them to end. Proxies started
+    /// later accept nothing.
+    pub fn shutdown(&self) {
+        self.workers.shutdown();
+    }
+}
+
+/// Starts accepting on `sockets` for `program` on the threads of `workers`,
+/// routing by `table`.
+fn start(
+    workers: &Arc<workers::Workers>,
     program: &str,
     sockets: &[Arc<OwnedFd>],
     options: Options,
@@ -219,8 +266,9 @@ pub fn start(
         options,
         next: AtomicUsize::new(0),
         traffic,
+        workers: workers.clone(),
     });
-    let threads = workers::handles();
+    let threads = workers.handles();
     if threads.is_empty() {
         return Err(std::io::Error::other("no proxy thread could be started"));
     }
@@ -256,6 +304,7 @@ fn test_shared() -> Arc<Shared> {
     let (_tx, rx) = watch::channel(Arc::new(Routes::default()));
     Arc::new(Shared {
         program: "t".into(),
+        workers: Arc::new(workers::Workers::new(1)),
         routes: rx,
         options: Options {
             queue_timeout: Duration::from_secs(1),

@@ -35,13 +35,19 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// An upstream at `addr`, a process of generation `gen`.
-    pub fn new(addr: PrivateAddr, program: &Arc<Traffic>, gen: u64) -> Arc<Self> {
+    /// An upstream at `addr`, a process of generation `gen`, with idle
+    /// lists for `threads` proxy threads.
+    pub(super) fn new(
+        addr: PrivateAddr,
+        program: &Arc<Traffic>,
+        gen: u64,
+        threads: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             gen,
             authority: addr.host(),
-            pool: pool::Pool::new(addr.clone()),
-            idle: relay::Idle::new(),
+            pool: pool::Pool::new(addr.clone(), threads),
+            idle: relay::Idle::new(threads),
             addr,
             stats: Arc::new(UpstreamStats::new(program.clone(), program.gen_stats(gen))),
         })
