@@ -62,7 +62,7 @@ pub async fn run(
         tracing::warn!(cause = %std::io::Error::last_os_error(), "cannot become a child subreaper");
     }
     let sup = &config.supervisor;
-    crate::proxy::set_threads(sup.proxy_threads);
+    let proxy = crate::proxy::Proxy::new(sup.proxy_threads);
     let group = match &sup.control_group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)
@@ -117,9 +117,10 @@ pub async fn run(
         drop(unmatched);
     }
     let registry = crate::listen::Registry::with_inherited(inherited);
-    Supervisor::new(config, spawner, registry, systemd.notifier)
+    Supervisor::new(config, spawner, registry, systemd.notifier, proxy.clone())
         .run(req_rx, signals)
         .await;
+    proxy.shutdown();
     crate::orphans::close().await;
     stop_control.cancel();
     let _ = control.await;

@@ -43,6 +43,8 @@ pub struct Supervisor {
     config: Config,
     programs: BTreeMap<String, Entry>,
     spawner: Spawner,
+    /// The proxy component every proxied program runs on.
+    proxy: crate::proxy::Proxy,
     /// Every listening socket zdt owns, bound once and kept open for zdt's
     /// life (program actors hold clones while they use them). An address
     /// dropped by a reload is closed once the reload settled and the last
@@ -135,6 +137,7 @@ impl Supervisor {
         spawner: Spawner,
         registry: listen::Registry,
         notifier: sdnotify::Notifier,
+        proxy: crate::proxy::Proxy,
     ) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         let (internal_tx, internal_rx) = mpsc::channel(8);
@@ -147,6 +150,7 @@ impl Supervisor {
             spawner,
             registry,
             notifier,
+            proxy,
             settled_tx,
             settled_rx: Some(settled_rx),
         }
@@ -167,6 +171,7 @@ impl Supervisor {
             sockets,
             self.spawner.clone(),
             self.registry.clone(),
+            self.proxy.clone(),
         );
         self.programs.insert(
             cfg.name.clone(),

@@ -205,6 +205,7 @@ macro_rules! ctx {
             sockets: &$p.sockets,
             ports_in_use: $ports,
             traffic: &$p.traffic,
+            proxy: &$p.proxy_rt,
             pins: &$p.pins,
         }
     };
@@ -279,6 +280,7 @@ pub fn spawn_program(
     sockets: Sockets,
     spawner: Spawner,
     registry: crate::listen::Registry,
+    proxy: crate::proxy::Proxy,
 ) -> ProgramHandle {
     let (tx, rx) = mpsc::channel(64);
     let name = config.name.clone();
@@ -312,6 +314,7 @@ pub fn spawn_program(
         socket_warning: None,
         queued: None,
         proxy: None,
+        proxy_rt: proxy,
         routes: crate::proxy::RouteTable::new(),
         canary: None,
         config,
@@ -386,6 +389,9 @@ struct Program {
     /// Proxy mode: the component accepting on the sockets; routes are
     /// published to it after every change.
     proxy: Option<crate::proxy::ProxyHandle>,
+    /// The daemon's proxy component, which runs this program's proxy and
+    /// builds its upstreams.
+    proxy_rt: crate::proxy::Proxy,
     /// Proxy mode: the routes and drain flag every proxy of this program
     /// reads, kept across reloads that replace the proxy.
     routes: crate::proxy::RouteTable,
@@ -458,7 +464,7 @@ impl Program {
             self.routes.set_gate(crate::proxy::Gate::Open);
         }
         if cfg.mode == config::Mode::Proxy && self.bind_error.is_none() {
-            match crate::proxy::start(
+            match self.proxy_rt.start(
                 &cfg.name,
                 &self.sockets,
                 crate::proxy::Options::of(cfg),

@@ -105,6 +105,8 @@ pub(super) struct SpawnCtx<'a> {
     pub ports_in_use: &'a [u16],
     /// The program's request counters (proxy mode).
     pub traffic: &'a Arc<Traffic>,
+    /// The proxy component upstreams are built by (proxy mode).
+    pub proxy: &'a crate::proxy::Proxy,
     /// The release each recent generation runs in (programs with a deploy
     /// root): a process respawned after a crash keeps its generation's.
     pub pins: &'a ReleasePins,
@@ -764,7 +766,7 @@ impl Slot {
             Some(PrivateAddr::Unix(p)) => Some(p.clone()),
             _ => None,
         };
-        let upstream = private.map(|a| Upstream::new(a, ctx.traffic, gen));
+        let upstream = private.map(|a| ctx.proxy.upstream(a, ctx.traffic, gen));
         Proc {
             upstream: upstream.clone(),
             socket_path,

@@ -62,10 +62,10 @@ impl Lease {
 }
 
 impl Pool {
-    pub(crate) fn new(addr: PrivateAddr) -> Arc<Self> {
+    pub(crate) fn new(addr: PrivateAddr, threads: usize) -> Arc<Self> {
         Arc::new(Self {
             addr,
-            idle: workers::IdleLists::new(),
+            idle: workers::IdleLists::new(threads),
         })
     }
 

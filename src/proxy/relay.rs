@@ -124,8 +124,8 @@ impl std::fmt::Debug for Idle {
 }
 
 impl Idle {
-    pub(crate) fn new() -> Self {
-        Self(workers::IdleLists::new())
+    pub(crate) fn new(threads: usize) -> Self {
+        Self(workers::IdleLists::new(threads))
     }
 
     /// The most recently used idle connection the worker has not closed.

@@ -15,61 +15,115 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
 
 thread_local! {
     /// Index of the proxy thread this is, if it is one.
     static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
-
 /// Most proxy threads.
-const MAX: usize = 64;
+pub(super) const MAX: usize = 64;
 
-/// Open client connections per proxy thread.
-static OPEN: [AtomicUsize; MAX] = [const { AtomicUsize::new(0) }; MAX];
-
-/// How many threads to start (`[supervisor] proxy_threads`).
-static WANTED: AtomicUsize = AtomicUsize::new(1);
-
-/// Sets how many proxy threads start on first use; later calls have no effect
-/// once they run.
-pub fn set_threads(n: usize) {
-    WANTED.store(n.clamp(1, MAX), Ordering::Relaxed);
+/// The proxy threads of one [`super::Proxy`]: started on first use (a zdt
+/// with no proxied program runs none), stopped by [`Workers::shutdown`].
+pub(super) struct Workers {
+    /// How many threads to start (`[supervisor] proxy_threads`).
+    wanted: usize,
+    /// Their runtimes' handles, once started; empty if not one could be.
+    handles: OnceLock<Vec<Handle>>,
+    /// Open client connections per thread.
+    open: Arc<[AtomicUsize]>,
+    /// Ends the threads' runtimes (and with them every task on them).
+    stop: CancellationToken,
+    /// The threads, joined at shutdown.
+    joins: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
-/// Handles of the proxy threads, started on first use. Empty if not one
-/// could be started.
-pub(super) fn handles() -> &'static [Handle] {
-    WORKERS.get_or_init(|| {
-        let n = WANTED.load(Ordering::Relaxed);
-        (0..n).filter_map(start).collect()
-    })
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("wanted", &self.wanted)
+            .field("started", &self.handles.get().map(Vec::len))
+            .finish()
+    }
+}
+
+impl Workers {
+    /// `n` proxy threads (1 to [`MAX`]), not started yet.
+    pub(super) fn new(n: usize) -> Self {
+        let wanted = n.clamp(1, MAX);
+        Self {
+            wanted,
+            handles: OnceLock::new(),
+            open: (0..wanted).map(|_| AtomicUsize::new(0)).collect(),
+            stop: CancellationToken::new(),
+            joins: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Handles of the proxy threads, started on first use. Empty if not one
+    /// could be started, or after shutdown.
+    pub(super) fn handles(&self) -> &[Handle] {
+        if self.stop.is_cancelled() {
+            return &[];
+        }
+        self.handles.get_or_init(|| {
+            let mut joins = self.joins.lock().unwrap_or_else(|p| p.into_inner());
+            (0..self.wanted)
+                .filter_map(|i| {
+                    let (handle, join) = start(i, self.stop.clone())?;
+                    joins.push(join);
+                    Some(handle)
+                })
+                .collect()
+        })
+    }
+
+    /// How many per-thread slots per-thread state needs.
+    pub(super) fn count(&self) -> usize {
+        self.handles().len().max(1)
+    }
+
+    /// The thread a new client connection accepted on this one should live
+    /// on: this one, unless it holds clearly more open connections than the
+    /// least loaded one. Every thread accepts, and whichever wakes first
+    /// takes a connection, so without this a busy moment can leave one
+    /// thread with most of the long-lived keep-alive connections (seen: 70%
+    /// on one of two).
+    pub(super) fn for_new_connection(&self) -> usize {
+        let n = self.handles().len().min(self.open.len());
+        // On the stack: this runs for every accepted connection.
+        let mut open = [0usize; MAX];
+        for (count, o) in open.iter_mut().zip(&self.open[..n]) {
+            *count = o.load(Ordering::Relaxed);
+        }
+        thread_for(current(), &open[..n])
+    }
+
+    /// Counts a client connection as open on proxy thread `thread` while
+    /// the returned value lives.
+    pub(super) fn open_on(&self, thread: usize) -> Open {
+        let i = thread % self.open.len();
+        self.open[i].fetch_add(1, Ordering::Relaxed);
+        Open(self.open.clone(), i)
+    }
+
+    /// Stops the threads: their runtimes end, and every task on them (accept
+    /// loops, client connections, pooled upstream connections) is dropped.
+    /// Waits for the threads to end. Later uses start no thread.
+    pub(super) fn shutdown(&self) {
+        self.stop.cancel();
+        let joins = std::mem::take(&mut *self.joins.lock().unwrap_or_else(|p| p.into_inner()));
+        for j in joins {
+            let _ = j.join();
+        }
+    }
 }
 
 /// The index of the current proxy thread (0 elsewhere), for per-thread state.
 pub(super) fn current() -> usize {
     INDEX.with(Cell::get).unwrap_or(0)
-}
-
-/// How many per-thread slots per-thread state needs.
-pub(super) fn count() -> usize {
-    handles().len().max(1)
-}
-
-/// The thread a new client connection accepted on this one should live on:
-/// this one, unless it holds clearly more open connections than the least
-/// loaded one. Every thread accepts, and whichever wakes first takes a
-/// connection, so without this a busy moment can leave one thread with most
-/// of the long-lived keep-alive connections (seen: 70% on one of two).
-pub(super) fn for_new_connection() -> usize {
-    let n = handles().len().min(MAX);
-    // On the stack: this runs for every accepted connection.
-    let mut open = [0usize; MAX];
-    for (count, o) in open.iter_mut().zip(&OPEN[..n]) {
-        *count = o.load(Ordering::Relaxed);
-    }
-    thread_for(current(), &open[..n])
 }
 
 /// The thread among those with `open` connections that a connection
@@ -88,23 +142,16 @@ fn thread_for(me: usize, open: &[usize]) -> usize {
 }
 
 /// Counts a client connection as open on a proxy thread while it lives.
-pub(super) struct Open(usize);
-
-impl Open {
-    pub(super) fn on(thread: usize) -> Self {
-        let i = thread % MAX;
-        OPEN[i].fetch_add(1, Ordering::Relaxed);
-        Self(i)
-    }
-}
+pub(super) struct Open(Arc<[AtomicUsize]>, usize);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        OPEN[self.0].fetch_sub(1, Ordering::Relaxed);
+        self.0[self.1].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-fn start(index: usize) -> Option<Handle> {
+/// Starts proxy thread `index`, which runs until `stop`.
+fn start(index: usize, stop: CancellationToken) -> Option<(Handle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name(format!("zdt-proxy-{index}"))
@@ -121,14 +168,17 @@ fn start(index: usize) -> Option<Handle> {
             };
             INDEX.with(|i| i.set(Some(index)));
             if tx.send(rt.handle().clone()).is_ok() {
-                rt.block_on(std::future::pending::<()>());
+                rt.block_on(stop.cancelled());
             }
         });
-    if let Err(e) = spawned {
-        tracing::error!(cause = %e, "cannot start a proxy thread");
-        return None;
-    }
-    rx.recv().ok()
+    let join = match spawned {
+        Ok(join) => join,
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot start a proxy thread");
+            return None;
+        }
+    };
+    rx.recv().ok().map(|h| (h, join))
 }
 
 /// Idle upstream connections kept per proxy thread; more are closed.
@@ -152,9 +202,10 @@ struct IdleList<T> {
 }
 
 impl<T: Send + 'static> IdleLists<T> {
-    pub(super) fn new() -> Self {
+    /// Empty lists for `threads` proxy threads.
+    pub(super) fn new(threads: usize) -> Self {
         Self {
-            lists: (0..count())
+            lists: (0..threads.max(1))
                 .map(|_| {
                     Mutex::new(IdleList {
                         conns: Vec::new(),

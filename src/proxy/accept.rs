@@ -1,0 +1,249 @@
+//! Accepting: one `accept_loop` per listening socket per proxy thread, the
+//! `max_connections` limit and the pause when zdt is short of fds (see the
+//! module docs of [`super`]), and the hand-over of a new client connection to
+//! the least loaded proxy thread (`dispatch`), which serves it on the relay
+//! path or, for `protocol = "tcp"`, as bytes.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{relay, splice, tcp, workers, Shared};
+
+pub(super) enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// A client connection just accepted.
+enum Accepted {
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Self::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+            Self::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix(l) => l.as_raw_fd(),
+        }
+    }
+
+    pub(super) fn from_fd(fd: &OwnedFd) -> std::io::Result<Self> {
+        let dup = fd.try_clone()?;
+        let sock = socket2::Socket::from(dup);
+        sock.set_nonblocking(true)?;
+        if sock.local_addr()?.as_unix().is_some() {
+            let std: std::os::unix::net::UnixListener = sock.into();
+            Ok(Self::Unix(tokio::net::UnixListener::from_std(std)?))
+        } else {
+            let std: std::net::TcpListener = sock.into();
+            Ok(Self::Tcp(tokio::net::TcpListener::from_std(std)?))
+        }
+    }
+}
+
+/// A client connection that can move from the proxy thread that accepted it
+/// to another one (deregistered from one reactor, registered with the other).
+trait ClientIo:
+    splice::SpliceIo
+    + tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + Unpin
+    + Send
+    + Sync
+    + Sized
+    + 'static
+{
+    type Std: Send + 'static;
+    fn into_std(self) -> std::io::Result<Self::Std>;
+    fn from_std(s: Self::Std) -> std::io::Result<Self>;
+}
+
+impl ClientIo for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
+    }
+}
+
+impl ClientIo for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
+    }
+}
+
+/// Serves an accepted client connection on this proxy thread, or on a less
+/// loaded one. `slot` is its place under `max_connections`, held until it
+/// closes.
+fn dispatch<S: ClientIo>(
+    s: S,
+    peer: Option<std::net::IpAddr>,
+    tcp: bool,
+    shared: &Arc<Shared>,
+    slot: OwnedSemaphorePermit,
+) {
+    let here = workers::current();
+    let there = shared.workers.for_new_connection();
+    let shared = shared.clone();
+    if there == here {
+        let open = (shared.workers.open_on(here), slot);
+        tokio::spawn(serve_client(s, peer, tcp, shared, open));
+        return;
+    }
+    let Some(rt) = shared.workers.handles().get(there).cloned() else {
+        return;
+    };
+    let std = match s.into_std() {
+        Ok(std) => std,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot move a client connection; closed");
+            return;
+        }
+    };
+    let open = (shared.workers.open_on(there), slot);
+    rt.spawn(async move {
+        match S::from_std(std) {
+            Ok(s) => serve_client(s, peer, tcp, shared, open).await,
+            Err(e) => tracing::warn!(cause = %e, "cannot move a client connection"),
+        }
+    });
+}
+
+async fn serve_client<S: ClientIo>(
+    s: S,
+    peer: Option<std::net::IpAddr>,
+    tcp: bool,
+    shared: Arc<Shared>,
+    _open: (workers::Open, OwnedSemaphorePermit),
+) {
+    if tcp {
+        tcp::serve_tcp(s, shared).await;
+    } else {
+        relay::serve(s, peer, shared).await;
+    }
+}
+
+/// First pause of an accept loop short of fds; it doubles up to [`PAUSE_MAX`].
+const PAUSE_MIN: Duration = Duration::from_millis(100);
+/// Longest pause of an accept loop short of fds.
+const PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts client connections on one socket for one proxy thread until
+/// `stop`, at most as many at once as `slots` has permits (shared by the
+/// socket's loops on every thread). See the module docs for when it pauses.
+pub(super) async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    use std::os::fd::AsRawFd;
+    let tcp = shared.options.protocol == crate::config::Protocol::Tcp;
+    let probe = listener.as_raw_fd();
+    // Short of fds: wait this long before checking again.
+    let mut pause: Option<Duration> = None;
+    // When "max_connections reached" and "near the open-files limit" were
+    // last logged: at most once a minute each per loop, as both can come at
+    // every connection that closes.
+    let mut warned: Option<std::time::Instant> = None;
+    let mut warned_fds: Option<std::time::Instant> = None;
+    let due = |at: &mut Option<std::time::Instant>| {
+        let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            *at = Some(std::time::Instant::now());
+        }
+        due
+    };
+    loop {
+        // A place under max_connections first: while there is none, nothing
+        // is accepted and new clients wait in the backlog.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if due(&mut warned) {
+                    tracing::warn!(program = %shared.program, "max_connections reached; new connections wait in the listen backlog until one closes");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        // Never closed; should it be, accepting ends.
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
+        if let Some(p) = pause {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(p) => {}
+            }
+            if !crate::fds::has_room(probe, shared.fd_ceiling) {
+                pause = Some((p * 2).min(PAUSE_MAX));
+                continue;
+            }
+            tracing::debug!(program = %shared.program, "file descriptors free again; accepting");
+            pause = None;
+        }
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        // The client is served even when its fd is in the reserve; only
+        // the next accept waits.
+        let mut in_reserve = |fd: std::os::fd::RawFd| {
+            let crowded = fd as u64 >= shared.fd_ceiling;
+            if crowded && due(&mut warned_fds) {
+                tracing::warn!(program = %shared.program, fd_ceiling = shared.fd_ceiling, "near the open-files limit: pausing accept to keep file descriptors for the control socket and spawning (new connections wait in the listen backlog)");
+            }
+            crowded
+        };
+        let crowded = match accepted {
+            Ok(Accepted::Tcp(s, addr)) => {
+                let _ = s.set_nodelay(true);
+                let crowded = in_reserve(s.as_raw_fd());
+                dispatch(s, Some(addr.ip()), tcp, &shared, slot);
+                crowded
+            }
+            Ok(Accepted::Unix(s)) => {
+                let crowded = in_reserve(s.as_raw_fd());
+                dispatch(s, None, tcp, &shared, slot);
+                crowded
+            }
+            // Running out of fds (or kernel memory) pauses; other errors
+            // are the connection's own and are ignored.
+            Err(e) => {
+                let short = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if short && due(&mut warned_fds) {
+                    tracing::warn!(program = %shared.program, cause = %e, "accept failed; pausing (new connections wait in the listen backlog)");
+                }
+                short
+            }
+        };
+        if crowded {
+            pause = Some(PAUSE_MIN);
+        }
+    }
+}
