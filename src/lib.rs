@@ -51,7 +51,8 @@
 //!   own service manager (READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, sent
 //!   by the supervisor) and listening sockets passed to zdt itself
 //!   (LISTEN_FDS), which the [`listen`] registry uses instead of binding.
-//! - [`proxy`]: proxy mode. A few current-thread runtimes (nginx's worker
+//! - [`proxy`]: proxy mode, an owned `proxy::Proxy` the daemon creates,
+//!   hands to the program actors and shuts down as it ends. A few current-thread runtimes (nginx's worker
 //!   model) accepts on every proxied socket; a client connection, its requests
 //!   and the upstream pools they use stay on one thread. The program actor
 //!   publishes the routes (a `watch`: the switch is atomic) and reads the
