@@ -112,6 +112,20 @@ fn only_deploy_changed(old: &ProgramConfig, new: &ProgramConfig) -> bool {
         } == *new
 }
 
+/// `--max-pause` of `pause` and `deploy --pause`: a duration above zero,
+/// [`DEFAULT_MAX_PAUSE`] when not given.
+fn max_pause_of(given: Option<&str>) -> Result<std::time::Duration, ErrorBody> {
+    match given.map(config::parse_duration) {
+        None => Ok(DEFAULT_MAX_PAUSE),
+        Some(Ok(d)) if !d.is_zero() => Ok(d),
+        Some(Ok(_)) => Err(ErrorBody::new(
+            "bad_request",
+            "--max-pause must be longer than 0s",
+        )),
+        Some(Err(e)) => Err(ErrorBody::new("bad_request", e)),
+    }
+}
+
 /// What a deploy task does.
 enum DeployOrder {
     /// A new release.
@@ -392,7 +406,7 @@ impl Supervisor {
                 canary,
             } => {
                 let base = base.map_or_else(|| PathBuf::from("/"), PathBuf::from);
-                let pause = match (pause, max_pause.as_deref().map(config::parse_duration)) {
+                let pause = match (pause, max_pause) {
                     (false, None) => None,
                     (false, Some(_)) => {
                         return reply_now(err(ErrorBody::new(
@@ -400,17 +414,10 @@ impl Supervisor {
                             "--max-pause needs --pause",
                         )))
                     }
-                    (true, None) => Some(DEFAULT_MAX_PAUSE),
-                    (true, Some(Ok(d))) if !d.is_zero() => Some(d),
-                    (true, Some(Ok(_))) => {
-                        return reply_now(err(ErrorBody::new(
-                            "bad_request",
-                            "--max-pause must be longer than 0s",
-                        )))
-                    }
-                    (true, Some(Err(e))) => {
-                        return reply_now(err(ErrorBody::new("bad_request", e)))
-                    }
+                    (true, max) => match max_pause_of(max.as_deref()) {
+                        Ok(d) => Some(d),
+                        Err(e) => return reply_now(err(e)),
+                    },
                 };
                 let req = deploy::run::Request {
                     from,
@@ -453,16 +460,9 @@ impl Supervisor {
             Command::Drain { target } => self.drain(&target, true, replies),
             Command::Undrain { target } => self.drain(&target, false, replies),
             Command::Pause { target, max_pause } => {
-                let max = match max_pause.as_deref().map(config::parse_duration) {
-                    None => DEFAULT_MAX_PAUSE,
-                    Some(Ok(d)) if !d.is_zero() => d,
-                    Some(Ok(_)) => {
-                        return reply_now(err(ErrorBody::new(
-                            "bad_request",
-                            "--max-pause must be longer than 0s",
-                        )))
-                    }
-                    Some(Err(e)) => return reply_now(err(ErrorBody::new("bad_request", e))),
+                let max = match max_pause_of(max_pause.as_deref()) {
+                    Ok(d) => d,
+                    Err(e) => return reply_now(err(e)),
                 };
                 let message = format!(
                     "{target}: paused; no request in flight; new requests are held until `zdtctl resume {target}` (each at most {max:?}, then 503)"

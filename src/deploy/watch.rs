@@ -308,9 +308,8 @@ fn archives_in(dir: &Path) -> std::io::Result<Vec<(PathBuf, (u64, i64))>> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let archive = [".tar.gz", ".tgz", ".tar", ".zip"]
-            .iter()
-            .any(|s| name.ends_with(s));
+        // The names `zdtctl deploy --from` takes as archives.
+        let archive = super::fetch::kind_by_name(&e.path()).is_some();
         if !archive || name.starts_with('.') {
             continue;
         }

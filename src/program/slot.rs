@@ -259,6 +259,21 @@ fn lines_tail(bytes: &[u8], n: usize) -> String {
 
 impl Slot {
     pub fn new(cfg: &ProgramConfig, index: usize, on_drop: &Arc<Notify>) -> Self {
+        Self::with_logs(
+            index,
+            (
+                sink_for(&cfg.stdout_log, &cfg.name, index, on_drop),
+                cfg.stdout_log.clone(),
+            ),
+            (
+                sink_for(&cfg.stderr_log, &cfg.name, index, on_drop),
+                cfg.stderr_log.clone(),
+            ),
+        )
+    }
+
+    /// A slot with no process yet, writing to these log sinks.
+    fn with_logs(index: usize, stdout: (LogSink, LogConfig), stderr: (LogSink, LogConfig)) -> Self {
         Self {
             index,
             state: InstanceState::Stopped,
@@ -279,10 +294,10 @@ impl Slot {
             status_text: None,
             drain_warning: None,
             backoff_epoch: 0,
-            stdout: sink_for(&cfg.stdout_log, &cfg.name, index, on_drop),
-            stderr: sink_for(&cfg.stderr_log, &cfg.name, index, on_drop),
-            stdout_cfg: cfg.stdout_log.clone(),
-            stderr_cfg: cfg.stderr_log.clone(),
+            stdout: stdout.0,
+            stderr: stderr.0,
+            stdout_cfg: stdout.1,
+            stderr_cfg: stderr.1,
         }
     }
 
@@ -435,29 +450,16 @@ impl Slot {
         self.restarts = self.restarts.saturating_sub(1);
         tracing::info!(program = %cfg.name, instance = self.index, gen = next.gen, "canary serving beside the running generation");
         Some(Slot {
-            index: self.index,
             state: InstanceState::Running,
-            since_ms: now_ms(),
             gen: next.gen,
             proc: Some(next),
-            next: None,
-            next_failed: None,
-            draining: Vec::new(),
-            pending_start: false,
-            failures: 0,
-            shortages: 0,
-            first_failure: None,
             restarts,
             started_once: true,
-            last_exit: None,
-            error: None,
-            status_text: None,
-            drain_warning: None,
-            backoff_epoch: 0,
-            stdout_cfg: self.stdout_cfg.clone(),
-            stderr_cfg: self.stderr_cfg.clone(),
-            stdout: self.stdout.clone(),
-            stderr: self.stderr.clone(),
+            ..Slot::with_logs(
+                self.index,
+                (self.stdout.clone(), self.stdout_cfg.clone()),
+                (self.stderr.clone(), self.stderr_cfg.clone()),
+            )
         })
     }
 

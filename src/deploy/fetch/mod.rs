@@ -62,7 +62,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use copy::{copy_dir, tree_size};
-pub use source::parse_source;
+pub use source::{kind_by_name, parse_source};
 pub use unpack::unpack;
 
 /// Most entries an archive may have.

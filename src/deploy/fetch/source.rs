@@ -105,7 +105,9 @@ fn is_scp_like(url: &str) -> bool {
     }
 }
 
-fn kind_by_name(path: &Path) -> Option<ArchiveKind> {
+/// The archive format a file's name says (`.tar`, `.tar.gz`, `.tgz`,
+/// `.zip`, any case), or None.
+pub fn kind_by_name(path: &Path) -> Option<ArchiveKind> {
     let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
     if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
         Some(ArchiveKind::TarGz)
