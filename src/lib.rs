@@ -94,3 +94,4 @@ pub mod spawn;
 pub mod state;
 pub mod supervisor;
 pub mod target;
+pub mod upgrade;

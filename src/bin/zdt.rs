@@ -52,6 +52,14 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Whether this binary can take over from a running zdt (run by
+    /// `zdtctl upgrade` before it hands over).
+    #[command(name = "__upgrade-check", hide = true)]
+    UpgradeCheck {
+        /// The carried state.
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Send sd_notify messages (READY=1, STATUS=...) to $NOTIFY_SOCKET, like
     /// systemd-notify: for workers in languages without unix datagrams (Node).
     Notify {
@@ -196,11 +204,42 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
 
 fn main() -> ExitCode {
     sanitize_fds();
+    zdt::upgrade::remember_start();
     let args = Args::parse();
     if let Some(Cmd::Notify { messages }) = &args.command {
         return notify(messages);
     }
+    if let Some(Cmd::UpgradeCheck { state }) = &args.command {
+        return zdt::upgrade::check(state);
+    }
+    // An upgrade in place: the previous binary's state and configuration
+    // (a state this binary cannot use execs the previous binary again).
+    let found = match zdt::upgrade::take_from_env() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (found, carried_config) = match found {
+        zdt::upgrade::Found::State {
+            carried,
+            config,
+            failed,
+        } => (
+            zdt::upgrade::Found::State {
+                carried,
+                config: Box::new((*config).clone()),
+                failed,
+            },
+            Some(*config),
+        ),
+        other => (other, None),
+    };
     let run_file = match &args.command {
+        Some(Cmd::Run { .. }) if carried_config.is_some() => {
+            carried_config.as_ref().map(|c| c.file.clone())
+        }
         Some(cmd @ Cmd::Run { .. }) => match write_run_config(cmd) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -210,9 +249,12 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let config = match load(run_file.as_deref().or(args.config.as_deref())) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let config = match carried_config {
+        Some(c) => c,
+        None => match load(run_file.as_deref().or(args.config.as_deref())) {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
     };
     if let Some(Cmd::Check) = args.command {
         if config.programs.is_empty() {
@@ -250,7 +292,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Some(name) = config.programs.keys().next().filter(|_| run_file.is_some()) {
+    let upgraded = matches!(found, zdt::upgrade::Found::State { .. });
+    if let Some(name) = config
+        .programs
+        .keys()
+        .next()
+        .filter(|_| run_file.is_some() && !upgraded)
+    {
         stderr.write_bytes(format!(
             "zdt: control socket {sock}\nzdt: restart without downtime with: zdtctl -s {sock} restart {name}\n",
             sock = config.supervisor.control.display()
@@ -285,7 +333,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let signals = zdt::signals::daemon_signals()
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        zdt::daemon::run(config, spawner, reaper, signals, systemd)
+        zdt::daemon::run(config, spawner, reaper, signals, systemd, found)
             .await
             .map_err(|e| e.to_string())
     });

@@ -81,9 +81,16 @@ pub struct Spawned {
 /// Pids whose exit statuses somebody waits for.
 type ExitTable = Arc<Mutex<HashMap<i32, oneshot::Sender<ExitStatus>>>>;
 
-struct Job {
-    spec: SpawnSpec,
-    reply: oneshot::Sender<Result<Spawned, SpawnError>>,
+enum Job {
+    Spawn {
+        spec: SpawnSpec,
+        reply: oneshot::Sender<Result<Spawned, SpawnError>>,
+    },
+    /// Replace zdt's image (an upgrade); the reply comes only on failure.
+    Exec {
+        exec: crate::upgrade::Exec,
+        reply: oneshot::Sender<std::io::Error>,
+    },
 }
 
 /// Handle to the spawner thread. Cheap to clone.
@@ -116,9 +123,23 @@ fn spawner_loop(jobs: std::sync::mpsc::Receiver<Job>, table: ExitTable) {
     // kernel sends PR_SET_PDEATHSIG when the forking thread ends. It returns only
     // when every Spawner handle is gone, which happens as zdt exits.
     while let Ok(job) = jobs.recv() {
-        let result = spawn_registered(job.spec, &table);
-        // The requester may have given up; the child is then reaped as an orphan.
-        let _ = job.reply.send(result);
+        match job {
+            Job::Spawn { spec, reply } => {
+                let result = spawn_registered(spec, &table);
+                // The requester may have given up; the child is then reaped as an orphan.
+                let _ = reply.send(result);
+            }
+            // From this thread, so that every worker stays a child of the
+            // thread that becomes the new image's only thread (see
+            // crate::upgrade); the reaper's lock is held so no status is
+            // taken from the table meanwhile.
+            Job::Exec { exec, reply } => {
+                let guard = table.lock().unwrap_or_else(|p| p.into_inner());
+                let err = exec.run();
+                drop(guard);
+                let _ = reply.send(err);
+            }
+        }
     }
     // Keep the thread alive until the process exits, so that late children
     // are not killed by PDEATHSIG while zdt is still stopping them.
@@ -150,13 +171,36 @@ impl Spawner {
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job { spec, reply })
+            .send(Job::Spawn { spec, reply })
             .map_err(|_| SpawnError::SpawnerGone)?;
         rx.await.map_err(|_| SpawnError::SpawnerGone)?
+    }
+
+    /// Replaces zdt's image with `exec` from the spawner thread; returns
+    /// only if the exec failed, with why.
+    pub async fn exec(&self, exec: crate::upgrade::Exec) -> std::io::Error {
+        let (reply, rx) = oneshot::channel();
+        if self.jobs.send(Job::Exec { exec, reply }).is_err() {
+            return std::io::Error::other("the spawner thread has stopped");
+        }
+        rx.await
+            .unwrap_or_else(|_| std::io::Error::other("the spawner thread has stopped"))
     }
 }
 
 impl Reaper {
+    /// The exit status of `pid`, a child this process has from before an
+    /// upgrade. Call before [`Reaper::run`] starts, so that no status is
+    /// reaped unclaimed.
+    pub fn expect(&self, pid: u32) -> oneshot::Receiver<ExitStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(pid as i32, tx);
+        rx
+    }
+
     /// Reaps every child that has exited, delivering statuses to their owners.
     /// Returns how many orphans (pids nobody waited for) were reaped.
     pub fn reap(&self) -> usize {
