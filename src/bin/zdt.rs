@@ -107,6 +107,13 @@ fn sanitize_fds() {
             );
         }
     }
+    // After an upgrade every inherited fd is one the previous binary
+    // carried on purpose (it cleared close-on-exec on those alone): they are
+    // taken and marked close-on-exec as they are adopted, and a fallback to
+    // the previous binary needs them open across its exec.
+    if std::env::var_os(zdt::upgrade::STATE_VAR).is_some() {
+        return;
+    }
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
@@ -311,35 +318,50 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    // The spawner thread forks every worker and must live as long as zdt.
     // The last lines get a bounded chance to reach a slow reader.
     let fail = |text: String| {
         stderr.write_bytes(format!("error: {text}\n").as_bytes());
         stderr.flush(EXIT_FLUSH);
         ExitCode::from(1)
     };
-    let (spawner, reaper) = match zdt::spawn::start() {
-        Ok(s) => s,
-        Err(e) => return fail(format!("cannot start the spawner thread: {e}")),
+    // The main thread forks every worker (and execs an upgrade) and lives
+    // as long as zdt; the runtime runs on threads of its own.
+    let (spawner, reaper, forker) = zdt::spawn::start();
+    let stopper = spawner.clone();
+    let daemon = std::thread::Builder::new()
+        .name("zdt-runtime".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"));
+            let result = runtime.and_then(|runtime| {
+                let result = runtime.block_on(async move {
+                    let signals = zdt::signals::daemon_signals()
+                        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+                    zdt::daemon::run(config, spawner, reaper, signals, systemd, found)
+                        .await
+                        .map_err(|e| e.to_string())
+                });
+                // Every program has stopped (or a second stop signal said to
+                // exit now): do not wait for tasks still busy with workers
+                // that die with zdt.
+                runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+                result
+            });
+            stopper.stop();
+            result
+        });
+    let result = match daemon {
+        Ok(daemon) => {
+            forker.run();
+            daemon
+                .join()
+                .unwrap_or_else(|_| Err("the runtime thread panicked".into()))
+        }
+        Err(e) => Err(format!("cannot start the runtime thread: {e}")),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
-    };
-    let result = runtime.block_on(async move {
-        let signals = zdt::signals::daemon_signals()
-            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        zdt::daemon::run(config, spawner, reaper, signals, systemd, found)
-            .await
-            .map_err(|e| e.to_string())
-    });
-    // Every program has stopped (or a second stop signal said to exit now):
-    // do not wait for tasks still busy with workers that die with zdt.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     if let Some(f) = &run_file {
         let _ = std::fs::remove_file(f);
     }
