@@ -297,10 +297,12 @@ fn as_pid_1_of_a_pid_namespace_zdt_stays_pid_1_and_keeps_its_workers() {
         return;
     }
     let port = free_port();
-    let mut manager = Manager::default();
-    manager.wrap = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
-        .map(String::from)
-        .to_vec();
+    let manager = Manager {
+        wrap: ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+            .map(String::from)
+            .to_vec(),
+        ..Manager::default()
+    };
     let d = Daemon::start_with(
         &(header()
             + &format!(
