@@ -75,6 +75,8 @@ pub struct Supervisor {
     control_fd: Option<std::os::fd::RawFd>,
     /// Deploys in progress (an upgrade waits for them).
     deploys: Arc<std::sync::atomic::AtomicUsize>,
+    /// Reload the file once started (an upgrade found it changed).
+    reload_at_start: bool,
 }
 
 /// What the supervisor takes over from an earlier binary (see
@@ -87,6 +89,9 @@ pub struct Resumed {
     pub record: Option<crate::upgrade::UpgradeRecord>,
     /// The listening control socket's fd.
     pub control_fd: Option<std::os::fd::RawFd>,
+    /// The configuration file changed since the previous binary loaded
+    /// it: reload once the programs are taken over.
+    pub reload: bool,
 }
 
 /// A reload's changes all settled: the programs in `reverted` kept the
@@ -216,6 +221,7 @@ impl Supervisor {
             last_upgrade: resumed.record,
             control_fd: resumed.control_fd,
             deploys: Arc::default(),
+            reload_at_start: resumed.reload,
         }
     }
 
@@ -273,6 +279,12 @@ impl Supervisor {
             self.add_program(cfg);
         }
         self.sync_watches();
+        if self.reload_at_start {
+            tracing::info!(
+                "the configuration file changed since the previous binary loaded it: reloading"
+            );
+            self.reload_logged();
+        }
         self.notify_ready_when_started();
         let mut watchdog = self.notifier.watchdog_timer();
         let mut internal = match self.internal_rx.take() {
@@ -297,17 +309,7 @@ impl Supervisor {
                 Some(s) = settled.recv() => self.on_settled(s),
                 () = watchdog.tick() => self.notifier.watchdog(),
                 sig = signals.recv() => match sig {
-                    Some(DaemonSignal::Reload) => {
-                        let (tx, mut rx) = mpsc::channel(8);
-                        self.reload(tx, false);
-                        tokio::spawn(async move {
-                            while let Some(r) = rx.recv().await {
-                                if let Reply::Error { error } = r {
-                                    tracing::error!("reload rejected: {}", error.message);
-                                }
-                            }
-                        });
-                    }
+                    Some(DaemonSignal::Reload) => self.reload_logged(),
                     Some(DaemonSignal::Upgrade) => {
                         let (tx, mut rx) = mpsc::channel(8);
                         tokio::spawn(async move {
@@ -349,6 +351,24 @@ impl Supervisor {
             }
         }
         tracing::info!("all programs stopped");
+    }
+
+    /// A reload nobody waits for (SIGHUP, after an upgrade): its outcome
+    /// goes to the log.
+    fn reload_logged(&mut self) {
+        let (tx, mut rx) = mpsc::channel(8);
+        self.reload(tx, false);
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                match r {
+                    Reply::Error { error } => {
+                        tracing::error!("reload rejected: {}", error.message);
+                    }
+                    Reply::Ok { result } => tracing::info!(?result, "reloaded"),
+                    _ => {}
+                }
+            }
+        });
     }
 
     /// `zdtctl upgrade` and SIGUSR2 (see [`crate::upgrade`]): returns only

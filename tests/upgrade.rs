@@ -142,6 +142,40 @@ fn proxy_mode_upgrades_under_load_fail_zero_requests_with_node_and_php() {
 }
 
 #[test]
+fn an_upgrade_applies_a_changed_configuration_file_without_touching_unchanged_programs() {
+    let (port, port2) = (free_port(), free_port());
+    let web = crate::util::demo_program(
+        "web",
+        &[],
+        &format!("listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n"),
+    );
+    let d = Daemon::start(&(header() + &web));
+    let pid = d.wait_state("web", 0, Running, T).pid;
+    let api = crate::util::demo_program(
+        "api",
+        &[],
+        &format!("listen = [\"tcp://127.0.0.1:{port2}\"]\nready = {{ notify = true }}\n"),
+    );
+    d.write_config(&(header() + &web + &api));
+    upgrade_ok(&d, &[]);
+    d.wait_state("api", 0, Running, T);
+    assert_eq!(http_get(port2, "/").map(|r| r.0), Ok(200));
+    assert_eq!(
+        d.instance("web", 0).pid,
+        pid,
+        "an unchanged program was restarted"
+    );
+    // The status text of the adopted worker came along.
+    assert!(
+        d.instance("web", 0)
+            .status_text
+            .is_some_and(|s| s.contains("serving")),
+        "{:?}",
+        d.instance("web", 0)
+    );
+}
+
+#[test]
 fn sigusr2_upgrades_in_place() {
     let port = free_port();
     let d = Daemon::start(

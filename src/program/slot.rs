@@ -886,6 +886,7 @@ impl Slot {
             failures: self.failures,
             started_once: self.started_once,
             error: self.error.clone(),
+            status: self.status_text.clone(),
             proc,
         })
     }
@@ -904,6 +905,7 @@ impl Slot {
         self.failures = carried.failures;
         self.started_once = carried.started_once;
         self.error = carried.error;
+        self.status_text = carried.status;
         let Some(mut cp) = carried.proc else {
             self.set_state(&cfg.name, carried.state);
             return (carried.state == InstanceState::Backoff).then(|| backoff_delay(self.failures));

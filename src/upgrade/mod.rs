@@ -163,8 +163,17 @@ pub fn take_from_env() -> Result<Found, String> {
         // Kept open for a fallback to read again; marked close-on-exec.
         std::mem::forget(file);
         let carried = carried?;
-        let config = crate::config::parse(&carried.config_text, &carried.config_file)
+        let mut config = crate::config::parse(&carried.config_text, &carried.config_file)
             .map_err(|e| StateError::Config(e.render()))?;
+        // `[supervisor]` as the file says now (zdt starts afresh, so its
+        // own settings can change here, not by a reload), except the
+        // control socket, which is carried; the programs as they run (a
+        // changed file is then applied to them by a reload).
+        if let Ok(disk) = crate::config::load(&carried.config_file) {
+            let control = config.supervisor.control.clone();
+            config.supervisor = disk.supervisor;
+            config.supervisor.control = control;
+        }
         Ok((carried, config))
     };
     match read() {
@@ -473,6 +482,9 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
             });
         }
     }
+    let reload = crate::config::load(&carried.config_file)
+        .map(|disk| disk.text != carried.config_text)
+        .unwrap_or(false);
     let record = UpgradeRecord {
         token: carried.token,
         ok: failed.is_none(),
@@ -487,6 +499,7 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
             programs,
             record: Some(record),
             control_fd: None,
+            reload,
         },
         control,
         owned,

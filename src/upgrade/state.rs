@@ -120,6 +120,9 @@ pub struct CarriedSlot {
     pub started_once: bool,
     /// Why it is FATAL or backing off.
     pub error: Option<String>,
+    /// The worker's last STATUS= text.
+    #[serde(default)]
+    pub status: Option<String>,
     /// Its process, when it runs.
     pub proc: Option<CarriedProc>,
 }
@@ -276,6 +279,7 @@ mod tests {
                     failures: 0,
                     started_once: true,
                     error: None,
+                    status: None,
                     proc: Some(CarriedProc {
                         pid: 42,
                         gen: 3,
