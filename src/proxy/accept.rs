@@ -1,6 +1,7 @@
 //! Accepting: one `accept_loop` per listening socket per proxy thread, the
-//! `max_connections` limit and the pause when zdt is short of fds (see the
-//! module docs of [`super`]), and the hand-over of a new client connection to
+//! `max_connections` limit, the pause when zdt is short of fds (see the
+//! module docs of [`super`]) and the pause while the proxy is retired
+//! (`retire.rs`), and the hand-over of a new client connection to
 //! the least loaded proxy thread (`dispatch`), which serves it on the relay
 //! path or, for `protocol = "tcp"`, as bytes.
 
@@ -149,20 +150,35 @@ const PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts client connections on one socket for one proxy thread until
 /// `stop`, at most as many at once as `slots` has permits (shared by the
-/// socket's loops on every thread). See the module docs for when it pauses.
+/// socket's loops on every thread). See the module docs for when it pauses;
+/// it also pauses while the proxy is retired (`retire.rs`), and accepts
+/// again when it resumes.
 pub(super) async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
 ) {
+    let retire = shared.workers.retire();
+    let mut paused = retire.subscribe();
     let mut acceptor = Acceptor::new(listener, &shared, slots);
     loop {
-        let (client, slot) = tokio::select! {
+        // Counted as accepting while this lives; waits while retired.
+        let _accepting = tokio::select! {
             () = stop.cancelled() => return,
-            next = acceptor.next() => next,
+            a = retire.accepting(&mut paused) => a,
         };
-        acceptor.serve(client, slot);
+        loop {
+            // Retiring begins: no further accept (what is being waited for
+            // is cancel-safe), and the loop pauses above.
+            let (client, slot) = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                Ok(()) = paused.changed() => break,
+                next = acceptor.next() => next,
+            };
+            acceptor.serve(client, slot);
+        }
     }
 }
 
