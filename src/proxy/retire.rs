@@ -403,3 +403,6 @@ pub(super) async fn retire(conns: &Arc<Conns>, grace: Duration, deadline: Durati
     }
     retired
 }
+
+#[cfg(test)]
+mod tests;
