@@ -1247,10 +1247,12 @@ where
         up.idle.put(upstream, shared.options.upstream_idle_timeout);
     }
     drop(guard);
-    if close.told() {
-        Outcome::Close
-    } else {
-        Outcome::KeepAlive
+    match (close.told(), req.close) {
+        (false, _) => Outcome::KeepAlive,
+        (true, true) => Outcome::Close,
+        // Closed because the proxy retires: a client that pipelined its
+        // next request must not get a reset in place of this answer.
+        (true, false) => Outcome::CloseUnread,
     }
 }
 
