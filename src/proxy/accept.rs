@@ -1,12 +1,13 @@
 //! Accepting: one `accept_loop` per listening socket per proxy thread, the
-//! `max_connections` limit and the pause when zdt is short of fds (see the
-//! module docs of [`super`]), and the hand-over of a new client connection to
+//! `max_connections` limit, the pause when zdt is short of fds (see the
+//! module docs of [`super`]) and the pause while the proxy is retired
+//! (`retire.rs`), and the hand-over of a new client connection to
 //! the least loaded proxy thread (`dispatch`), which serves it on the relay
 //! path or, for `protocol = "tcp"`, as bytes.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -149,101 +150,147 @@ const PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts client connections on one socket for one proxy thread until
 /// `stop`, at most as many at once as `slots` has permits (shared by the
-/// socket's loops on every thread). See the module docs for when it pauses.
+/// socket's loops on every thread). See the module docs for when it pauses;
+/// it also pauses while the proxy is retired (`retire.rs`), and accepts
+/// again when it resumes.
 pub(super) async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
 ) {
-    use std::os::fd::AsRawFd;
-    let tcp = shared.options.protocol == crate::config::Protocol::Tcp;
-    let probe = listener.as_raw_fd();
-    // Short of fds: wait this long before checking again.
-    let mut pause: Option<Duration> = None;
-    // When "max_connections reached" and "near the open-files limit" were
-    // last logged: at most once a minute each per loop, as both can come at
-    // every connection that closes.
-    let mut warned: Option<std::time::Instant> = None;
-    let mut warned_fds: Option<std::time::Instant> = None;
-    let due = |at: &mut Option<std::time::Instant>| {
-        let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-        if due {
-            *at = Some(std::time::Instant::now());
-        }
-        due
-    };
+    let retire = shared.workers.retire();
+    let mut paused = retire.subscribe();
+    let mut acceptor = Acceptor::new(listener, &shared, slots);
     loop {
-        // A place under max_connections first: while there is none, nothing
-        // is accepted and new clients wait in the backlog.
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                if due(&mut warned) {
-                    tracing::warn!(program = %shared.program, "max_connections reached; new connections wait in the listen backlog until one closes");
-                }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        // Never closed; should it be, accepting ends.
-                        Err(_) => return,
-                    },
-                }
-            }
-        };
-        if let Some(p) = pause {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(p) => {}
-            }
-            if !crate::fds::has_room(probe, shared.fd_ceiling) {
-                pause = Some((p * 2).min(PAUSE_MAX));
-                continue;
-            }
-            tracing::debug!(program = %shared.program, "file descriptors free again; accepting");
-            pause = None;
-        }
-        let accepted = tokio::select! {
+        // Counted as accepting while this lives; waits while retired.
+        let _accepting = tokio::select! {
             () = stop.cancelled() => return,
-            r = listener.accept() => r,
+            a = retire.accepting(&mut paused) => a,
         };
-        // The client is served even when its fd is in the reserve; only
-        // the next accept waits.
-        let mut in_reserve = |fd: std::os::fd::RawFd| {
-            let crowded = fd as u64 >= shared.fd_ceiling;
-            if crowded && due(&mut warned_fds) {
+        loop {
+            // Retiring begins: no further accept (what is being waited for
+            // is cancel-safe), and the loop pauses above.
+            let (client, slot) = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                Ok(()) = paused.changed() => break,
+                next = acceptor.next() => next,
+            };
+            acceptor.serve(client, slot);
+        }
+    }
+}
+
+/// One accept loop's state: its listener, and when it last warned.
+struct Acceptor<'a> {
+    listener: Listener,
+    shared: &'a Arc<Shared>,
+    slots: Arc<Semaphore>,
+    /// Serve clients as bytes (`protocol = "tcp"`).
+    tcp: bool,
+    /// Short of fds: wait this long before checking again.
+    pause: Option<Duration>,
+    /// When "max_connections reached" and "near the open-files limit" were
+    /// last logged: at most once a minute each per loop, as both can come at
+    /// every connection that closes.
+    warned: Option<Instant>,
+    warned_fds: Option<Instant>,
+}
+
+/// Whether a minute has passed since `at` (then it is now).
+fn due(at: &mut Option<Instant>) -> bool {
+    let due = at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+    if due {
+        *at = Some(Instant::now());
+    }
+    due
+}
+
+impl<'a> Acceptor<'a> {
+    fn new(listener: Listener, shared: &'a Arc<Shared>, slots: Arc<Semaphore>) -> Self {
+        Self {
+            listener,
+            tcp: shared.options.protocol == crate::config::Protocol::Tcp,
+            shared,
+            slots,
+            pause: None,
+            warned: None,
+            warned_fds: None,
+        }
+    }
+
+    /// The next client, with its place under max_connections. Cancel-safe:
+    /// dropped while waiting, it has accepted nothing.
+    async fn next(&mut self) -> (Accepted, OwnedSemaphorePermit) {
+        let shared = self.shared;
+        loop {
+            // A place under max_connections first: while there is none,
+            // nothing is accepted and new clients wait in the backlog.
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if due(&mut self.warned) {
+                        tracing::warn!(program = %shared.program, "max_connections reached; new connections wait in the listen backlog until one closes");
+                    }
+                    match self.slots.clone().acquire_owned().await {
+                        Ok(slot) => slot,
+                        // Never closed; should it be, this loop accepts
+                        // nothing more (it still ends at `stop`).
+                        Err(_) => std::future::pending().await,
+                    }
+                }
+            };
+            if let Some(p) = self.pause {
+                tokio::time::sleep(p).await;
+                if !crate::fds::has_room(self.listener.as_raw_fd(), shared.fd_ceiling) {
+                    self.pause = Some((p * 2).min(PAUSE_MAX));
+                    continue;
+                }
+                tracing::debug!(program = %shared.program, "file descriptors free again; accepting");
+                self.pause = None;
+            }
+            match self.listener.accept().await {
+                Ok(client) => return (client, slot),
+                // Running out of fds (or kernel memory) pauses; other
+                // errors are the connection's own and are ignored.
+                Err(e) => {
+                    let short = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    if short {
+                        if due(&mut self.warned_fds) {
+                            tracing::warn!(program = %shared.program, cause = %e, "accept failed; pausing (new connections wait in the listen backlog)");
+                        }
+                        self.pause = Some(PAUSE_MIN);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves `client` (see `dispatch`). The client is served even when
+    /// its fd is in the reserve; only the next accept waits.
+    fn serve(&mut self, client: Accepted, slot: OwnedSemaphorePermit) {
+        use std::os::fd::AsRawFd;
+        let fd = match &client {
+            Accepted::Tcp(s, _) => s.as_raw_fd(),
+            Accepted::Unix(s) => s.as_raw_fd(),
+        };
+        let shared = self.shared;
+        match client {
+            Accepted::Tcp(s, addr) => {
+                let _ = s.set_nodelay(true);
+                dispatch(s, Some(addr.ip()), self.tcp, shared, slot);
+            }
+            Accepted::Unix(s) => dispatch(s, None, self.tcp, shared, slot),
+        }
+        if fd as u64 >= shared.fd_ceiling {
+            if due(&mut self.warned_fds) {
                 tracing::warn!(program = %shared.program, fd_ceiling = shared.fd_ceiling, "near the open-files limit: pausing accept to keep file descriptors for the control socket and spawning (new connections wait in the listen backlog)");
             }
-            crowded
-        };
-        let crowded = match accepted {
-            Ok(Accepted::Tcp(s, addr)) => {
-                let _ = s.set_nodelay(true);
-                let crowded = in_reserve(s.as_raw_fd());
-                dispatch(s, Some(addr.ip()), tcp, &shared, slot);
-                crowded
-            }
-            Ok(Accepted::Unix(s)) => {
-                let crowded = in_reserve(s.as_raw_fd());
-                dispatch(s, None, tcp, &shared, slot);
-                crowded
-            }
-            // Running out of fds (or kernel memory) pauses; other errors
-            // are the connection's own and are ignored.
-            Err(e) => {
-                let short = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                );
-                if short && due(&mut warned_fds) {
-                    tracing::warn!(program = %shared.program, cause = %e, "accept failed; pausing (new connections wait in the listen backlog)");
-                }
-                short
-            }
-        };
-        if crowded {
-            pause = Some(PAUSE_MIN);
+            self.pause = Some(PAUSE_MIN);
         }
     }
 }

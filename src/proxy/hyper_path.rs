@@ -17,7 +17,9 @@ use hyper_util::rt::TokioIo;
 use super::answers::{closed, unavailable};
 use super::body::{self, GuardedBody};
 use super::route::{route, Refused};
-use super::{canary, framing, pool, InflightGuard, PrivateAddr, ProxyBody, Shared, MAX_HEADERS};
+use super::{
+    canary, framing, pool, workers, InflightGuard, PrivateAddr, ProxyBody, Shared, MAX_HEADERS,
+};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
@@ -37,11 +39,31 @@ pub(super) async fn serve<I>(
     );
     // The client's address as a header value, once per connection.
     let peer = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
+    let conns = shared.workers.conns().clone();
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let peer = peer.clone();
         let gate = gate.clone();
-        async move { Ok::<_, Infallible>(handle(req, &peer, &shared, &gate).await) }
+        async move {
+            let connect = req.method() == Method::CONNECT;
+            let version = req.version();
+            let mut resp = handle(req, &peer, &shared, &gate).await;
+            // Retiring: the answer closes its connection, unless it makes
+            // a tunnel of it (then hyper hands the connection over).
+            let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && resp.status().is_success());
+            if shared.workers.retire().is_retiring() && !tunnel {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                // hyper would add `keep-alive` for an HTTP/1.0 client that
+                // asked for it unless the answer is HTTP/1.0 too (it is
+                // sent as HTTP/1.0 to such a client anyway).
+                if version == hyper::Version::HTTP_10 {
+                    *resp.version_mut() = hyper::Version::HTTP_10;
+                }
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -52,7 +74,27 @@ pub(super) async fn serve<I>(
         .max_buf_size((max_header + 16 * 1024).max(8192))
         .serve_connection(io, svc)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    // The relay's task serves this: its `Registered` wakes it when
+    // retiring begins or ends.
+    let retire = &conns.retire;
+    let ended = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            () = retire.turned(false) => {}
+        }
+        // Retiring: an idle connection gets `grace` for a next request;
+        // then hyper closes it, or ends it after the answer in progress.
+        tokio::select! {
+            biased;
+            r = &mut conn => break r,
+            () = retire.turned(true) => continue,
+            () = tokio::time::sleep(retire.grace()) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        break conn.await;
+    };
+    if let Err(e) = ended {
         tracing::debug!(cause = %e, "client connection ended with an error");
     }
 }
@@ -105,13 +147,15 @@ pub(super) fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
 
 /// Copies bytes both ways between an upgraded client connection and its
 /// upstream until the upstream side ends (closed, or killed at `max_wait`);
-/// the client closing its side is passed on as a half-close.
+/// the client closing its side is passed on as a half-close. Counted as an
+/// open client connection (`open`) while it runs: retiring waits for it.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     mut guard: InflightGuard,
     program: String,
     path: String,
+    _open: workers::Open,
 ) {
     use tokio::io::AsyncWriteExt;
     let (client, upstream) = match tokio::join!(client, upstream) {
@@ -280,12 +324,16 @@ async fn handle(
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client) = client_upgrade {
                         let upstream = hyper::upgrade::on(&mut resp);
+                        // Counted as an open client connection (and on this
+                        // thread's load) until it closes.
+                        let open = shared.workers.open_on(workers::current());
                         tokio::spawn(tunnel(
                             client,
                             upstream,
                             guard,
                             shared.program.clone(),
                             path.to_string(),
+                            open,
                         ));
                         // The connection is the tunnel now, never pooled again.
                         drop(lease);

@@ -24,6 +24,9 @@
 //!               per-thread idle lists, which thread a connection goes to
 //!  accept.rs    accept_loop per socket per thread: max_connections, fd
 //!               reserve pause; dispatch to the least loaded thread
+//!  retire.rs    Proxy::retire before zdt re-executes itself: accepting
+//!               paused, connections closed at a request boundary (idle
+//!               ones after a grace), waits for them; Retired resumes on drop
 //!     │ client connection
 //!     ├─ http ─► relay.rs     HTTP/1.1 relay: parse the head, route, forward
 //!     │                       head and body (its chunk parser), pooled conns;
@@ -62,8 +65,10 @@
 //! before that, as soon as a request's head is read.
 //!
 //! Accepting (`accept_loop`, one per listening socket per proxy thread)
-//! stops, and never spins, in two cases; clients then wait in the listen
+//! stops, and never spins, in three cases; clients then wait in the listen
 //! backlog and the listener stays open (nginx's behaviour):
+//! - the proxy is retired ([`Proxy::retire`], before zdt re-executes
+//!   itself): it accepts again if the [`Retired`] is dropped;
 //! - the listener holds `max_connections` open client connections (a
 //!   semaphore shared by its accept loops; a permit lives as long as the
 //!   connection): it accepts again when one closes;
@@ -82,6 +87,7 @@ mod gate;
 mod hyper_path;
 mod pool;
 mod relay;
+mod retire;
 mod route;
 mod splice;
 mod tcp;
@@ -91,6 +97,7 @@ mod workers;
 pub use addr::PrivateAddr;
 pub use canary::{Canary, GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
+pub use retire::Retired;
 pub use route::{RouteTable, Routes, Upstream};
 pub use traffic::{Traffic, UpstreamStats};
 
@@ -225,6 +232,25 @@ impl Proxy {
     /// threads.
     pub fn upstream(&self, addr: PrivateAddr, program: &Arc<Traffic>, gen: u64) -> Arc<Upstream> {
         Upstream::new(addr, program, gen, self.workers.count())
+    }
+
+    /// Hands over before zdt re-executes itself: every accept loop stops
+    /// accepting (the listening sockets stay open, so new clients wait in
+    /// the listen backlog for the new process; proxies started meanwhile
+    /// do not accept either), and every client connection closes at its
+    /// next request boundary. An HTTP answer not yet begun says
+    /// `Connection: close` and its connection closes after it; an idle
+    /// keep-alive connection waits up to `grace` for one more request
+    /// (answered the same way), then closes; `protocol = "tcp"`
+    /// connections and Upgrade tunnels are waited for.
+    ///
+    /// Resolves when no client connection is open, or once `deadline` has
+    /// passed; the [`Retired`] says how many were still open then (the
+    /// exec cuts them) and how long it took. Dropping it, or this future
+    /// before it resolves, resumes: accepting again, keeping alive again.
+    /// [`Retired::commit`] keeps the proxy retired for the exec.
+    pub async fn retire(&self, grace: Duration, deadline: Duration) -> Retired {
+        retire::retire(self.workers.conns(), grace, deadline).await
     }
 
     /// Stops the proxy threads and everything on them (accept loops, client

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use super::addr::Stream;
 use super::canary::{Pin, RawHead};
+use super::retire::{Closing, Registered};
 use super::splice::SpliceIo;
 use super::{
     framing, route, workers, InflightGuard, PrivateAddr, Refused, Shared, CONNECT_TIMEOUT,
@@ -737,12 +738,15 @@ where
         peer: peer.map(|ip| ip.to_string().into_bytes().into_boxed_slice()),
         shared,
     };
+    // Woken when retiring begins or ends.
+    let _registered = Registered::here(c.shared.workers.conns()).await;
     let timeout = c.shared.options.header_timeout;
     let sleep = tokio::time::sleep(timeout);
     tokio::pin!(sleep);
     loop {
         // The header timeout runs from connect or from the previous response.
-        sleep.as_mut().reset(Instant::now() + timeout);
+        let deadline = Instant::now() + timeout;
+        sleep.as_mut().reset(deadline);
         let mut out = Vec::new();
         // Where the bytes not yet searched for the end of a head begin.
         let mut unsearched = 0;
@@ -750,10 +754,27 @@ where
             if c.buf.is_empty() {
                 // Idle: no buffer is held while the client thinks.
                 c.buf.release();
+                // Retiring: a next request may already be on its way, so
+                // the connection waits up to `grace` for it, then closes.
+                let retire = c.shared.workers.retire();
+                let retiring = retire.is_retiring();
+                if retiring {
+                    sleep
+                        .as_mut()
+                        .reset(deadline.min(Instant::now() + retire.grace()));
+                }
                 tokio::select! {
                     biased;
                     r = c.io.ready(Interest::READABLE) => if r.is_err() { return },
                     () = &mut sleep => return,
+                    () = retire.turned(retiring) => {
+                        sleep.as_mut().reset(deadline);
+                        continue;
+                    }
+                }
+                if retiring {
+                    // A head is coming: it has the whole header timeout.
+                    sleep.as_mut().reset(deadline);
                 }
             } else if request_line_too_long(&c.buf) {
                 // At once, not when (if ever) the head is whole.
@@ -1114,7 +1135,7 @@ where
     // watching the client. One that goes away meanwhile ends the request:
     // the worker's connection is closed, so it may stop, and a drain does
     // not wait for it (nginx's 499).
-    let close = AtomicBool::new(req.close);
+    let close = Closing::new(req.close, shared.workers.retire());
     let mut head = Vec::new();
     let mut resp = match head_unless_gone(
         &mut upstream,
@@ -1198,8 +1219,9 @@ where
     let resp = match resp {
         Ok(r) => r,
         Err(failed) => {
-            let bad = log.failed(&mut guard, failed, req.close);
-            return answer(c, &bad, req.head, req.close).await;
+            let close = close.now();
+            let bad = log.failed(&mut guard, failed, close);
+            return answer(c, &bad, req.head, close).await;
         }
     };
     guard.status(resp.status);
@@ -1225,10 +1247,12 @@ where
         up.idle.put(upstream, shared.options.upstream_idle_timeout);
     }
     drop(guard);
-    if req.close {
-        Outcome::Close
-    } else {
-        Outcome::KeepAlive
+    match (close.told(), req.close) {
+        (false, _) => Outcome::KeepAlive,
+        (true, true) => Outcome::Close,
+        // Closed because the proxy retires: a client that pipelined its
+        // next request must not get a reset in place of this answer.
+        (true, false) => Outcome::CloseUnread,
     }
 }
 
@@ -1239,7 +1263,7 @@ async fn head_unless_gone<S: SpliceIo>(
     rbuf: &mut Buffer,
     head: &mut Vec<u8>,
     req: &Request,
-    close: &AtomicBool,
+    close: &Closing<'_>,
     client: &S,
     response_timeout: std::time::Duration,
 ) -> Option<Result<Response, Failed>> {
@@ -1481,7 +1505,7 @@ where
     };
     // The answer says Connection: close unless the body was whole by the
     // time its head was written.
-    let close = AtomicBool::new(true);
+    let close = Closing::new(true, c.shared.workers.retire());
     // Set once an answer head came: from then on bytes may reach the client.
     let answering_began = AtomicBool::new(false);
     let (mut cr, mut cw) = tokio::io::split(&mut c.io);
@@ -1500,7 +1524,7 @@ where
             add_cookie(&mut head, cookie);
             rbuf.advance(resp.len);
             // What the head told the client.
-            let told_close = close.load(Ordering::Relaxed);
+            let told_close = close.told();
             match relay_body(&mut ur, &mut cw, rbuf, head, resp.body, guard, &log).await {
                 Relayed::Whole => Ok(Some((resp.reusable, told_close))),
                 Relayed::NothingSent(bad) => Err(bad),
@@ -1516,7 +1540,7 @@ where
             tokio::select! {
                 r = &mut sending, if !sent => {
                     match r {
-                        Ok(()) => close.store(req.close, Ordering::Relaxed),
+                        Ok(()) => close.set(req.close),
                         // The answer, if any, tells the rest.
                         Err(BodyEnd::WorkerGone) => {}
                         Err(BodyEnd::WorkerStalled) if began() => {}
@@ -1614,7 +1638,7 @@ async fn read_response<R: AsyncRead + Unpin>(
     rbuf: &mut BytesMut,
     head: &mut Vec<u8>,
     head_request: bool,
-    close: &AtomicBool,
+    close: &Closing<'_>,
 ) -> Result<Response, Failed> {
     let mut received = false;
     loop {
@@ -1632,7 +1656,7 @@ async fn read_response<R: AsyncRead + Unpin>(
         }
         received = true;
         loop {
-            match parse_response(rbuf, head, head_request, close.load(Ordering::Relaxed)) {
+            match parse_response(rbuf, head, head_request, close.now()) {
                 ParsedResponse::Response(r) => return Ok(r),
                 ParsedResponse::Interim(n) => rbuf.advance(n),
                 ParsedResponse::Partial => break,

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+use super::retire::Retire;
+
 thread_local! {
     /// Index of the proxy thread this is, if it is one.
     static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
@@ -32,8 +34,8 @@ pub(super) struct Workers {
     wanted: usize,
     /// Their runtimes' handles, once started; empty if not one could be.
     handles: OnceLock<Vec<Handle>>,
-    /// Open client connections per thread.
-    open: Arc<[AtomicUsize]>,
+    /// Open client connections per thread, and the retiring state.
+    conns: Arc<Conns>,
     /// Ends the threads' runtimes (and with them every task on them).
     stop: CancellationToken,
     /// The threads, joined at shutdown.
@@ -56,7 +58,10 @@ impl Workers {
         Self {
             wanted,
             handles: OnceLock::new(),
-            open: (0..wanted).map(|_| AtomicUsize::new(0)).collect(),
+            conns: Arc::new(Conns {
+                open: (0..wanted).map(|_| AtomicUsize::new(0)).collect(),
+                retire: Retire::new(wanted),
+            }),
             stop: CancellationToken::new(),
             joins: Mutex::new(Vec::new()),
         }
@@ -92,10 +97,10 @@ impl Workers {
     /// thread with most of the long-lived keep-alive connections (seen: 70%
     /// on one of two).
     pub(super) fn for_new_connection(&self) -> usize {
-        let n = self.handles().len().min(self.open.len());
+        let n = self.handles().len().min(self.conns.open.len());
         // On the stack: this runs for every accepted connection.
         let mut open = [0usize; MAX];
-        for (count, o) in open.iter_mut().zip(&self.open[..n]) {
+        for (count, o) in open.iter_mut().zip(&self.conns.open[..n]) {
             *count = o.load(Ordering::Relaxed);
         }
         thread_for(current(), &open[..n])
@@ -104,9 +109,19 @@ impl Workers {
     /// Counts a client connection as open on proxy thread `thread` while
     /// the returned value lives.
     pub(super) fn open_on(&self, thread: usize) -> Open {
-        let i = thread % self.open.len();
-        self.open[i].fetch_add(1, Ordering::Relaxed);
-        Open(self.open.clone(), i)
+        let i = thread % self.conns.open.len();
+        self.conns.open[i].fetch_add(1, Ordering::Relaxed);
+        Open(self.conns.clone(), i)
+    }
+
+    /// The open connection counts and the retiring state.
+    pub(super) fn conns(&self) -> &Arc<Conns> {
+        &self.conns
+    }
+
+    /// The retiring state (see `retire.rs`).
+    pub(super) fn retire(&self) -> &Retire {
+        &self.conns.retire
     }
 
     /// Stops the threads: their runtimes end, and every task on them (accept
@@ -141,12 +156,31 @@ fn thread_for(me: usize, open: &[usize]) -> usize {
     }
 }
 
+/// The client connections of one [`super::Proxy`]: how many are open on
+/// each proxy thread, and the retiring state that waits for them.
+pub(super) struct Conns {
+    /// Per proxy thread; each [`Open`] counts one.
+    open: Box<[AtomicUsize]>,
+    /// Woken by every [`Open`] that drops while retiring.
+    pub(super) retire: Retire,
+}
+
+impl Conns {
+    /// Client connections open on all threads.
+    pub(super) fn open(&self) -> usize {
+        self.open.iter().map(|n| n.load(Ordering::SeqCst)).sum()
+    }
+}
+
 /// Counts a client connection as open on a proxy thread while it lives.
-pub(super) struct Open(Arc<[AtomicUsize]>, usize);
+pub(super) struct Open(Arc<Conns>, usize);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0[self.1].fetch_sub(1, Ordering::Relaxed);
+        // SeqCst, then the retiring flag read (SeqCst): a retire that
+        // began before is woken, one that begins after sees the count.
+        self.0.open[self.1].fetch_sub(1, Ordering::SeqCst);
+        self.0.retire.changed();
     }
 }
 
