@@ -402,6 +402,7 @@ impl Supervisor {
                     registry: &self.registry,
                     control_fd,
                     spawner: &self.spawner,
+                    proxy: &self.proxy,
                     notifier: &self.notifier,
                     progress: &replies,
                 })

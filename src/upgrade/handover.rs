@@ -28,11 +28,18 @@ pub struct HandOver<'a> {
     pub control_fd: std::os::fd::RawFd,
     /// Forks and execs.
     pub spawner: &'a crate::spawn::Spawner,
+    /// The proxy component, whose client connections cannot cross the exec.
+    pub proxy: &'a crate::proxy::Proxy,
     /// zdt's service manager.
     pub notifier: &'a crate::sdnotify::Notifier,
     /// Progress lines for the client.
     pub progress: &'a mpsc::Sender<Reply>,
 }
+
+/// How long a kept-alive client connection with no request in progress
+/// is given to send one before an upgrade closes it: a client that has its
+/// next request on the way gets it answered (with `Connection: close`).
+const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 async fn say(progress: &mpsc::Sender<Reply>, message: String) {
     tracing::info!("upgrade: {message}");
@@ -94,7 +101,35 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
     )
     .await;
     h.notifier.reloading();
-    // 3. The sockets, by address.
+    // 3. Proxy mode: no new connections (they wait in the backlog); each
+    // open one closes after the answer it is in, an idle one after the grace.
+    let proxied: Vec<&crate::config::ProgramConfig> = h
+        .config
+        .programs
+        .values()
+        .filter(|p| p.mode == crate::config::Mode::Proxy)
+        .collect();
+    let retired = match proxied.iter().map(|p| p.max_wait).max() {
+        Some(deadline) => {
+            let r = h.proxy.retire(RETIRE_GRACE, deadline).await;
+            say(
+                h.progress,
+                format!(
+                    "proxy: client connections closed in {} ms{}",
+                    r.took.as_millis(),
+                    if r.still_open > 0 {
+                        format!("; {} still open at max_wait are cut", r.still_open)
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+            .await;
+            Some(r)
+        }
+        None => None,
+    };
+    // 4. The sockets, by address.
     let sockets = h.registry.all();
     carried.sockets = sockets
         .iter()
@@ -104,7 +139,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
             inherited: *inherited,
         })
         .collect();
-    // 4. The exec, from the spawner thread.
+    // 5. The exec, from the spawner thread.
     let memfd = match super::write_state(&carried) {
         Ok(f) => f,
         Err(e) => return format!("cannot write the state: {e}"),
@@ -115,6 +150,8 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
     };
     say(h.progress, format!("executing {binary}")).await;
     let err = h.spawner.exec(exec).await;
+    // Still here: accept and keep alive again, and let the programs go on.
+    drop(retired);
     drop(thaws);
     h.notifier
         .ready("upgrade failed; the running binary serves on");
