@@ -52,7 +52,16 @@ pub async fn run(
     reaper: Reaper,
     signals: mpsc::Receiver<DaemonSignal>,
     systemd: Systemd,
+    found: crate::upgrade::Found,
 ) -> Result<(), DaemonError> {
+    // After an upgrade: the previous binary's processes are registered
+    // with the reaper before it first reaps.
+    let mut resuming = match found {
+        crate::upgrade::Found::State {
+            carried, failed, ..
+        } => Some(crate::upgrade::resume(*carried, failed, &reaper)),
+        crate::upgrade::Found::Nothing => None,
+    };
     tokio::spawn(reaper.run());
     crate::fds::raise_limit();
     // Orphans of workers (double-forked helpers) become zdt's children, so
@@ -76,15 +85,28 @@ pub async fn run(
     // logs.rs creates log_dir when it first writes; it must not be (or be
     // under) a folder another user controls (see crate::rundir).
     crate::rundir::check_existing(&sup.log_dir).map_err(DaemonError::LogDir)?;
-    let listener = server::bind(&sup.control, sup.control_mode, group)?;
-    // The control socket is ours now, so no live zdt uses this state file:
-    // kill what a zdt killed on this path left, before binding its ports.
+    let carried_control = resuming.as_mut().and_then(|r| r.control.take());
+    let upgraded = resuming.is_some();
+    let listener = match carried_control {
+        Some(fd) => server::from_fd(fd, &sup.control)?,
+        None => server::bind(&sup.control, sup.control_mode, group)?,
+    };
+    let control_fd = {
+        use std::os::fd::AsRawFd;
+        listener.as_raw_fd()
+    };
     let groups_file = crate::orphans::state_path(&sup.control);
-    crate::orphans::sweep(&groups_file).await;
+    if !upgraded {
+        // The control socket is ours now, so no live zdt uses this state
+        // file: kill what a zdt killed on this path left, before binding
+        // its ports. (After an upgrade, those groups are our workers.)
+        crate::orphans::sweep(&groups_file).await;
+    }
     crate::orphans::start_recorder(groups_file);
     let control_path = sup.control.clone();
     let pidfile = sup.pidfile.clone();
-    if let Some(path) = &pidfile {
+    // After an upgrade the pid, and so the file, is the same.
+    if let Some(path) = pidfile.as_ref().filter(|_| !upgraded) {
         // A new file (O_EXCL|O_NOFOLLOW) in a trusted folder: a link planted
         // at the path is removed, never written through.
         let pid = format!("{}\n", std::process::id());
@@ -116,10 +138,41 @@ pub async fn run(
         );
         drop(unmatched);
     }
-    let registry = crate::listen::Registry::with_inherited(inherited);
-    Supervisor::new(config, spawner, registry, systemd.notifier, proxy.clone())
-        .run(req_rx, signals)
-        .await;
+    let (registry, mut resumed) = match resuming {
+        Some(r) => {
+            let mut all_inherited = r.inherited;
+            all_inherited.extend(inherited);
+            (
+                crate::listen::Registry::resumed(r.owned, all_inherited),
+                r.supervisor,
+            )
+        }
+        None => (
+            crate::listen::Registry::with_inherited(inherited),
+            crate::supervisor::Resumed::default(),
+        ),
+    };
+    if let Some(rec) = &resumed.record {
+        match &rec.error {
+            None => {
+                tracing::info!(from = %rec.from, to = %rec.to, ms = rec.ms, "upgraded in place")
+            }
+            Some(e) => {
+                tracing::error!(error = %e, "the upgrade failed; this is the previous binary again")
+            }
+        }
+    }
+    resumed.control_fd = Some(control_fd);
+    Supervisor::new(
+        config,
+        spawner,
+        registry,
+        systemd.notifier,
+        proxy.clone(),
+        resumed,
+    )
+    .run(req_rx, signals)
+    .await;
     proxy.shutdown();
     crate::orphans::close().await;
     stop_control.cancel();

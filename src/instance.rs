@@ -42,6 +42,8 @@ pub enum ProcEventKind {
     Spawned {
         /// Process id (and process group id).
         pid: u32,
+        /// Dups of its pipes and notify socket, carried by an upgrade.
+        keep: ProcFds,
     },
     /// It could not be started at all; no process exists.
     SpawnFailed(String),
@@ -78,6 +80,30 @@ pub struct ProcEvent {
     pub gen: u64,
     /// What happened.
     pub kind: ProcEventKind,
+}
+
+/// Dups of a process's output pipes and notify socket (close-on-exec),
+/// which an upgrade hands to the next binary.
+#[derive(Debug, Default)]
+pub struct ProcFds {
+    /// Read end of its stdout pipe.
+    pub stdout: Option<std::os::fd::OwnedFd>,
+    /// Read end of its stderr pipe.
+    pub stderr: Option<std::os::fd::OwnedFd>,
+    /// Its NOTIFY_SOCKET.
+    pub notify: Option<std::os::fd::OwnedFd>,
+}
+
+/// A process of an earlier binary of this zdt (see [`crate::upgrade`]),
+/// ready, whose exit the reaper was told to expect.
+#[derive(Debug)]
+pub struct Adopted {
+    /// Its pid.
+    pub pid: u32,
+    /// Its exit status, from the reaper.
+    pub exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+    /// Its pipes and notify socket.
+    pub fds: ProcFds,
 }
 
 /// Handle to one process task.
@@ -132,7 +158,21 @@ pub fn launch(
     events: mpsc::UnboundedSender<ProcEvent>,
 ) -> ProcHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(spawner, params, events, rx));
+    tokio::spawn(run(spawner, params, None, events, rx));
+    ProcHandle { cmds: tx }
+}
+
+/// Starts the task for a process an earlier binary of this zdt started:
+/// ready already, so no readiness is checked; it is watched, signalled and
+/// reported like any other from here on.
+pub fn adopt(
+    spawner: Spawner,
+    params: ProcParams,
+    adopted: Adopted,
+    events: mpsc::UnboundedSender<ProcEvent>,
+) -> ProcHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(spawner, params, Some(adopted), events, rx));
     ProcHandle { cmds: tx }
 }
 
@@ -220,6 +260,7 @@ async fn probe_until_ready(
 async fn run(
     spawner: Spawner,
     mut p: ProcParams,
+    adopted: Option<Adopted>,
     events: mpsc::UnboundedSender<ProcEvent>,
     mut cmds: mpsc::UnboundedReceiver<ProcCmd>,
 ) {
@@ -231,7 +272,16 @@ async fn run(
             kind,
         });
     };
-    let notify = if p.ready == Ready::Notify {
+    let mut adopted = adopted;
+    let notify = if let Some(a) = adopted.as_mut() {
+        a.fds.notify.take().and_then(|fd| match NotifySocket::from_fd(fd) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                tracing::warn!(pid = a.pid, cause = %err, "cannot watch the worker's NOTIFY_SOCKET any more");
+                None
+            }
+        })
+    } else if p.ready == Ready::Notify {
         match NotifySocket::bind(NOTIFY_SEQ.fetch_add(1, Ordering::Relaxed)) {
             Ok((sock, name)) => {
                 p.spec.env.push(("NOTIFY_SOCKET".into(), name));
@@ -265,38 +315,55 @@ async fn run(
     };
     let (probe_seen, probe_last) = tokio::sync::watch::channel((String::new(), false));
     let probe = match &p.ready {
+        _ if adopted.is_some() => None,
         Ready::Exec(argv) => Some(Probe::Exec(argv.clone(), p.spec.directory.clone())),
         Ready::Http(path) => p.private.clone().map(|a| Probe::Http(a, path.clone())),
         Ready::Tcp => p.private.clone().map(Probe::Tcp),
         _ => None,
     };
-    let spawned = match spawner.spawn(p.spec).await {
-        Ok(s) => s,
-        Err(err) if err.is_shortage() => {
-            send(ProcEventKind::SpawnShortage(err.to_string()));
-            return;
-        }
-        Err(err) => {
-            send(ProcEventKind::SpawnFailed(err.to_string()));
-            return;
-        }
+    let was_adopted = adopted.is_some();
+    let (pid, stdout, stderr, mut exit) = match adopted {
+        Some(a) => (
+            Pid::from_raw(a.pid as i32),
+            a.fds.stdout,
+            a.fds.stderr,
+            a.exit,
+        ),
+        None => match spawner.spawn(p.spec).await {
+            Ok(s) => {
+                let keep = ProcFds {
+                    stdout: crate::upgrade::keep(&s.stdout),
+                    stderr: s.stderr.as_ref().and_then(crate::upgrade::keep),
+                    notify: notify.as_ref().and_then(NotifySocket::keep),
+                };
+                send(ProcEventKind::Spawned {
+                    pid: s.pid.as_raw() as u32,
+                    keep,
+                });
+                (s.pid, Some(s.stdout), s.stderr, s.exit)
+            }
+            Err(err) if err.is_shortage() => {
+                send(ProcEventKind::SpawnShortage(err.to_string()));
+                return;
+            }
+            Err(err) => {
+                send(ProcEventKind::SpawnFailed(err.to_string()));
+                return;
+            }
+        },
     };
-    let pid = spawned.pid;
     // Until the task ends (and while its group has members after that), a
     // later zdt can find the group if this one is killed.
     let _recorded = crate::orphans::Recorded::new(pid.as_raw() as u32, &p.program);
-    send(ProcEventKind::Spawned {
-        pid: pid.as_raw() as u32,
-    });
     let mut pumps = Vec::new();
-    if let Some(r) = pipe_reader(spawned.stdout) {
+    if let Some(r) = stdout.and_then(pipe_reader) {
         pumps.push(tokio::spawn(logs::pump(
             r,
             p.stdout.clone(),
             p.prefix.clone(),
         )));
     }
-    if let Some(r) = spawned.stderr.and_then(pipe_reader) {
+    if let Some(r) = stderr.and_then(pipe_reader) {
         pumps.push(tokio::spawn(logs::pump(
             r,
             p.stderr.clone(),
@@ -304,7 +371,6 @@ async fn run(
         )));
     }
 
-    let mut exit = spawned.exit;
     let start = Instant::now();
     // When the process counts as ready by time alone.
     let ready_at = match p.ready {
@@ -330,13 +396,14 @@ async fn run(
         };
         AbortOnDrop(task)
     });
-    let mut up_sent = false;
+    // An adopted process is ready already (its slot says RUNNING).
+    let mut up_sent = was_adopted;
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
     let mut orders_open = true;
     let mut buf = vec![0u8; 4096];
     // Armed once ready; pushed back by every WATCHDOG=1.
-    let mut watchdog_at: Option<Instant> = None;
+    let mut watchdog_at: Option<Instant> = p.watchdog.filter(|_| was_adopted).map(|w| start + w);
     // Notify messages dropped because they came from outside the group.
     let mut foreign = 0u64;
     let status = loop {

@@ -21,7 +21,7 @@
 //!                                           │ readiness (startsecs, notify socket,
 //!                                           │ delay, exec probe), stop/kill timers
 //!                                           ▼ SpawnSpec
-//!  spawn::Spawner (one long-lived thread: fork + pre_exec + execve) ──pid──►
+//!  spawn::Spawner (zdt's main thread: fork + pre_exec + execve) ──pid──►
 //!  spawn::Reaper  (SIGCHLD → waitpid(-1) → oneshot to the owning task; orphans reaped)
 //! ```
 //!
@@ -34,8 +34,10 @@
 //!   replace, reconfigure) as ops checked after every event; the instance state
 //!   machine lives in `program::slot`.
 //! - [`instance`]: one process: spawn, readiness, signals to its process group.
-//! - [`spawn`]: the spawner thread and the reaper; everything that allocates
-//!   happens before fork.
+//! - [`spawn`]: the spawner (on the main thread) and the reaper; everything
+//!   that allocates happens before fork.
+//! - [`upgrade`]: `zdtctl upgrade` and SIGUSR2: the state carried across
+//!   zdt's exec of its new binary, the check of that binary, the fallback.
 //! - [`deploy`]: releases under a deploy root (fetch from a folder, an
 //!   archive or git; build and migrate hooks; the atomic switch of
 //!   `current`; switch back, rollback, canary, watches). A deploy runs in a
@@ -68,7 +70,12 @@
 //! Shutdown order: TERM → supervisor stops programs by descending priority
 //! (each level waits for the one before) → program actors stop their slots and
 //! end → the control server stops → zdt exits. Every worker also dies with zdt
-//! (PR_SET_PDEATHSIG, set by the spawner thread, which lives as long as zdt).
+//! (PR_SET_PDEATHSIG, set when forked by the main thread, which lives as long
+//! as zdt; the tokio runtime runs on threads of its own).
+//!
+//! Upgrade ([`upgrade`]): the supervisor freezes the program actors, the main
+//! thread execs the new binary with the state in a memfd, and the new binary
+//! adopts every process and socket under the same pid.
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
@@ -94,3 +101,4 @@ pub mod spawn;
 pub mod state;
 pub mod supervisor;
 pub mod target;
+pub mod upgrade;

@@ -173,6 +173,32 @@ impl Registry {
         }
     }
 
+    /// A registry of the sockets an earlier binary of this zdt owned
+    /// (`owned`) and was given (`inherited`), see [`crate::upgrade`].
+    pub fn resumed(
+        owned: BTreeMap<ListenAddr, OwnedFd>,
+        inherited: BTreeMap<ListenAddr, OwnedFd>,
+    ) -> Self {
+        let r = Self::with_inherited(inherited);
+        r.lock()
+            .extend(owned.into_iter().map(|(a, fd)| (a, Arc::new(fd))));
+        r
+    }
+
+    /// Every socket, with whether it was inherited, for an upgrade.
+    pub fn all(&self) -> Vec<(ListenAddr, Arc<OwnedFd>, bool)> {
+        let owned = self.lock();
+        owned
+            .iter()
+            .map(|(a, fd)| (a.clone(), fd.clone(), false))
+            .chain(
+                self.inherited
+                    .iter()
+                    .map(|(a, fd)| (a.clone(), fd.clone(), true)),
+            )
+            .collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<ListenAddr, Arc<OwnedFd>>> {
         // A panic while holding the lock cannot leave the map half-changed
         // (every change is one insert or retain), so a poisoned map is fine.

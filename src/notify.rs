@@ -167,6 +167,20 @@ impl NotifySocket {
         ))
     }
 
+    /// A dup of the socket (close-on-exec), which an upgrade carries.
+    pub fn keep(&self) -> Option<std::os::fd::OwnedFd> {
+        crate::upgrade::keep(&self.sock)
+    }
+
+    /// The socket an earlier binary of this zdt bound (see [`crate::upgrade`]).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        let sock = UnixDatagram::from(fd);
+        sock.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            sock: tokio::net::UnixDatagram::from_std(sock)?,
+        })
+    }
+
     /// Receives one message into `buf` (cut at its length) with its sender's
     /// credentials. Descriptors sent along (a barrier's pipe) are closed.
     pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<Datagram> {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,6 +29,8 @@ pub enum DaemonSignal {
     Shutdown,
     /// SIGHUP: reload the configuration.
     Reload,
+    /// SIGUSR2: upgrade in place to the binary zdt was started from.
+    Upgrade,
 }
 
 /// How long `zdtctl pause` holds one request without `--max-pause`.
@@ -63,6 +66,32 @@ pub struct Supervisor {
     /// zdt's own service manager (sd_notify): ready, reloading, stopping,
     /// watchdog. Does nothing when zdt was not started with NOTIFY_SOCKET.
     notifier: sdnotify::Notifier,
+    /// After an upgrade: the programs as the previous binary ran them,
+    /// taken by the program actors as they are created.
+    carried: BTreeMap<String, crate::upgrade::CarriedProgram>,
+    /// How the last upgrade went (`zdtctl version`).
+    last_upgrade: Option<crate::upgrade::UpgradeRecord>,
+    /// The listening control socket, which an upgrade carries.
+    control_fd: Option<std::os::fd::RawFd>,
+    /// Deploys in progress (an upgrade waits for them).
+    deploys: Arc<std::sync::atomic::AtomicUsize>,
+    /// Reload the file once started (an upgrade found it changed).
+    reload_at_start: bool,
+}
+
+/// What the supervisor takes over from an earlier binary (see
+/// [`crate::upgrade`]).
+#[derive(Default)]
+pub struct Resumed {
+    /// The programs, with their adopted processes.
+    pub programs: Vec<crate::upgrade::CarriedProgram>,
+    /// The outcome of the upgrade, for `zdtctl upgrade` to read.
+    pub record: Option<crate::upgrade::UpgradeRecord>,
+    /// The listening control socket's fd.
+    pub control_fd: Option<std::os::fd::RawFd>,
+    /// The configuration file changed since the previous binary loaded
+    /// it: reload once the programs are taken over.
+    pub reload: bool,
 }
 
 /// A reload's changes all settled: the programs in `reverted` kept the
@@ -101,6 +130,22 @@ fn ok(result: Outcome) -> Reply {
 
 fn err(body: ErrorBody) -> Reply {
     Reply::Error { error: body }
+}
+
+/// Counts a deploy in progress while it lives.
+struct DeployRunning(Arc<std::sync::atomic::AtomicUsize>);
+
+impl DeployRunning {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for DeployRunning {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Whether `new` differs from `old` in its deploy settings only.
@@ -152,6 +197,7 @@ impl Supervisor {
         registry: listen::Registry,
         notifier: sdnotify::Notifier,
         proxy: crate::proxy::Proxy,
+        resumed: Resumed,
     ) -> Self {
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
         let (internal_tx, internal_rx) = mpsc::channel(8);
@@ -167,6 +213,15 @@ impl Supervisor {
             proxy,
             settled_tx,
             settled_rx: Some(settled_rx),
+            carried: resumed
+                .programs
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect(),
+            last_upgrade: resumed.record,
+            control_fd: resumed.control_fd,
+            deploys: Arc::default(),
+            reload_at_start: resumed.reload,
         }
     }
 
@@ -186,6 +241,7 @@ impl Supervisor {
             self.spawner.clone(),
             self.registry.clone(),
             self.proxy.clone(),
+            self.carried.remove(&cfg.name),
         );
         self.programs.insert(
             cfg.name.clone(),
@@ -223,6 +279,12 @@ impl Supervisor {
             self.add_program(cfg);
         }
         self.sync_watches();
+        if self.reload_at_start {
+            tracing::info!(
+                "the configuration file changed since the previous binary loaded it: reloading"
+            );
+            self.reload_logged();
+        }
         self.notify_ready_when_started();
         let mut watchdog = self.notifier.watchdog_timer();
         let mut internal = match self.internal_rx.take() {
@@ -237,21 +299,27 @@ impl Supervisor {
         };
         loop {
             tokio::select! {
-                Some(req) = requests.recv() => self.on_request(req, &shutdown_tx),
+                Some(req) = requests.recv() => match req.command {
+                    Command::Upgrade { binary, token } => {
+                        self.upgrade(binary.map(PathBuf::from), token, req.replies).await;
+                    }
+                    _ => self.on_request(req, &shutdown_tx),
+                },
                 Some(req) = internal.recv() => self.on_request(req, &shutdown_tx),
                 Some(s) = settled.recv() => self.on_settled(s),
                 () = watchdog.tick() => self.notifier.watchdog(),
                 sig = signals.recv() => match sig {
-                    Some(DaemonSignal::Reload) => {
+                    Some(DaemonSignal::Reload) => self.reload_logged(),
+                    Some(DaemonSignal::Upgrade) => {
                         let (tx, mut rx) = mpsc::channel(8);
-                        self.reload(tx, false);
                         tokio::spawn(async move {
                             while let Some(r) = rx.recv().await {
                                 if let Reply::Error { error } = r {
-                                    tracing::error!("reload rejected: {}", error.message);
+                                    tracing::error!("upgrade failed: {}", error.message);
                                 }
                             }
                         });
+                        self.upgrade(None, None, tx).await;
                     }
                     Some(DaemonSignal::Shutdown) | None => break,
                 },
@@ -283,6 +351,73 @@ impl Supervisor {
             }
         }
         tracing::info!("all programs stopped");
+    }
+
+    /// A reload nobody waits for (SIGHUP, after an upgrade): its outcome
+    /// goes to the log.
+    fn reload_logged(&mut self) {
+        let (tx, mut rx) = mpsc::channel(8);
+        self.reload(tx, false);
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                match r {
+                    Reply::Error { error } => {
+                        tracing::error!("reload rejected: {}", error.message);
+                    }
+                    Reply::Ok { result } => tracing::info!(?result, "reloaded"),
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    /// `zdtctl upgrade` and SIGUSR2 (see [`crate::upgrade`]): returns only
+    /// if the upgrade did not happen, after replying why.
+    async fn upgrade(
+        &mut self,
+        binary: Option<PathBuf>,
+        token: Option<String>,
+        replies: mpsc::Sender<Reply>,
+    ) {
+        let begun_ms = crate::state::now_ms();
+        let token = token.unwrap_or_else(|| format!("signal-{begun_ms}"));
+        let why = match (binary.or_else(crate::upgrade::own_path), self.control_fd) {
+            (None, _) => "the path of zdt's binary is unknown; name it with --binary".to_string(),
+            (_, None) => "the control socket cannot be carried".to_string(),
+            (Some(_), _) if self.deploys.load(std::sync::atomic::Ordering::SeqCst) > 0 => {
+                "not now: a deploy is in progress; upgrade when it has finished".to_string()
+            }
+            (Some(binary), Some(control_fd)) => {
+                tracing::info!(binary = %binary.display(), "upgrade asked for");
+                crate::upgrade::handover::hand_over(crate::upgrade::handover::HandOver {
+                    binary,
+                    token: token.clone(),
+                    begun_ms,
+                    config: &self.config,
+                    programs: self
+                        .programs
+                        .iter()
+                        .map(|(n, e)| (n.clone(), e.handle.clone()))
+                        .collect(),
+                    registry: &self.registry,
+                    control_fd,
+                    spawner: &self.spawner,
+                    notifier: &self.notifier,
+                    progress: &replies,
+                })
+                .await
+            }
+        };
+        tracing::error!("upgrade failed: {why}; the running binary serves on");
+        self.last_upgrade = Some(crate::upgrade::UpgradeRecord {
+            token,
+            ok: false,
+            from: env!("CARGO_PKG_VERSION").to_string(),
+            to: env!("CARGO_PKG_VERSION").to_string(),
+            ms: crate::state::now_ms().saturating_sub(begun_ms),
+            error: Some(why.clone()),
+        });
+        send(&replies, err(ErrorBody::new("failed", why))).await;
     }
 
     /// Sends `READY=1` to zdt's service manager once every program that
@@ -391,7 +526,13 @@ impl Supervisor {
             Command::Version => reply_now(ok(Outcome::Version {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 pid: std::process::id(),
+                upgrade: self.last_upgrade.clone(),
             })),
+            // Taken in the loop (it waits for the upgrade).
+            Command::Upgrade { .. } => reply_now(err(ErrorBody::new(
+                "failed",
+                "an upgrade cannot be asked for from here",
+            ))),
             Command::Shutdown => {
                 reply_now(ok(Outcome::ShuttingDown));
                 let _ = shutdown.try_send(());
@@ -644,7 +785,9 @@ impl Supervisor {
             }
         };
         let spawner = self.spawner.clone();
+        let running = DeployRunning::new(&self.deploys);
         tokio::spawn(async move {
+            let _running = running;
             let handles: Vec<ProgramHandle> =
                 group.members.iter().map(|m| m.handle.clone()).collect();
             let mut out = deploy::run::Progress::new(Some(replies.clone()));

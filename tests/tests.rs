@@ -20,4 +20,5 @@ mod reload;
 mod security;
 mod spawning;
 mod systemd;
+mod upgrade;
 mod zdtctl;

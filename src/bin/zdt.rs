@@ -52,6 +52,14 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Whether this binary can take over from a running zdt (run by
+    /// `zdtctl upgrade` before it hands over).
+    #[command(name = "__upgrade-check", hide = true)]
+    UpgradeCheck {
+        /// The carried state.
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Send sd_notify messages (READY=1, STATUS=...) to $NOTIFY_SOCKET, like
     /// systemd-notify: for workers in languages without unix datagrams (Node).
     Notify {
@@ -98,6 +106,13 @@ fn sanitize_fds() {
                 nix::sys::stat::Mode::empty(),
             );
         }
+    }
+    // After an upgrade every inherited fd is one the previous binary
+    // carried on purpose (it cleared close-on-exec on those alone): they are
+    // taken and marked close-on-exec as they are adopted, and a fallback to
+    // the previous binary needs them open across its exec.
+    if std::env::var_os(zdt::upgrade::STATE_VAR).is_some() {
+        return;
     }
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
@@ -196,11 +211,42 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
 
 fn main() -> ExitCode {
     sanitize_fds();
+    zdt::upgrade::remember_start();
     let args = Args::parse();
     if let Some(Cmd::Notify { messages }) = &args.command {
         return notify(messages);
     }
+    if let Some(Cmd::UpgradeCheck { state }) = &args.command {
+        return zdt::upgrade::check(state);
+    }
+    // An upgrade in place: the previous binary's state and configuration
+    // (a state this binary cannot use execs the previous binary again).
+    let found = match zdt::upgrade::take_from_env() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (found, carried_config) = match found {
+        zdt::upgrade::Found::State {
+            carried,
+            config,
+            failed,
+        } => (
+            zdt::upgrade::Found::State {
+                carried,
+                config: Box::new((*config).clone()),
+                failed,
+            },
+            Some(*config),
+        ),
+        other => (other, None),
+    };
     let run_file = match &args.command {
+        Some(Cmd::Run { .. }) if carried_config.is_some() => {
+            carried_config.as_ref().map(|c| c.file.clone())
+        }
         Some(cmd @ Cmd::Run { .. }) => match write_run_config(cmd) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -210,9 +256,12 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let config = match load(run_file.as_deref().or(args.config.as_deref())) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let config = match carried_config {
+        Some(c) => c,
+        None => match load(run_file.as_deref().or(args.config.as_deref())) {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
     };
     if let Some(Cmd::Check) = args.command {
         if config.programs.is_empty() {
@@ -250,7 +299,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Some(name) = config.programs.keys().next().filter(|_| run_file.is_some()) {
+    let upgraded = matches!(found, zdt::upgrade::Found::State { .. });
+    if let Some(name) = config
+        .programs
+        .keys()
+        .next()
+        .filter(|_| run_file.is_some() && !upgraded)
+    {
         stderr.write_bytes(format!(
             "zdt: control socket {sock}\nzdt: restart without downtime with: zdtctl -s {sock} restart {name}\n",
             sock = config.supervisor.control.display()
@@ -263,35 +318,50 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    // The spawner thread forks every worker and must live as long as zdt.
     // The last lines get a bounded chance to reach a slow reader.
     let fail = |text: String| {
         stderr.write_bytes(format!("error: {text}\n").as_bytes());
         stderr.flush(EXIT_FLUSH);
         ExitCode::from(1)
     };
-    let (spawner, reaper) = match zdt::spawn::start() {
-        Ok(s) => s,
-        Err(e) => return fail(format!("cannot start the spawner thread: {e}")),
+    // The main thread forks every worker (and execs an upgrade) and lives
+    // as long as zdt; the runtime runs on threads of its own.
+    let (spawner, reaper, forker) = zdt::spawn::start();
+    let stopper = spawner.clone();
+    let daemon = std::thread::Builder::new()
+        .name("zdt-runtime".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the runtime: {e}"));
+            let result = runtime.and_then(|runtime| {
+                let result = runtime.block_on(async move {
+                    let signals = zdt::signals::daemon_signals()
+                        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+                    zdt::daemon::run(config, spawner, reaper, signals, systemd, found)
+                        .await
+                        .map_err(|e| e.to_string())
+                });
+                // Every program has stopped (or a second stop signal said to
+                // exit now): do not wait for tasks still busy with workers
+                // that die with zdt.
+                runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+                result
+            });
+            stopper.stop();
+            result
+        });
+    let result = match daemon {
+        Ok(daemon) => {
+            forker.run();
+            daemon
+                .join()
+                .unwrap_or_else(|_| Err("the runtime thread panicked".into()))
+        }
+        Err(e) => Err(format!("cannot start the runtime thread: {e}")),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
-    };
-    let result = runtime.block_on(async move {
-        let signals = zdt::signals::daemon_signals()
-            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        zdt::daemon::run(config, spawner, reaper, signals, systemd)
-            .await
-            .map_err(|e| e.to_string())
-    });
-    // Every program has stopped (or a second stop signal said to exit now):
-    // do not wait for tasks still busy with workers that die with zdt.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     if let Some(f) = &run_file {
         let _ = std::fs::remove_file(f);
     }

@@ -186,6 +186,15 @@ enum Cmd {
     },
     /// Stop all programs and exit zdt.
     Shutdown,
+    /// Replace zdt's binary in place without stopping anything: same pid,
+    /// workers and sockets kept (SIGUSR2 does the same). Exits 1 with the
+    /// reason when the old binary serves on.
+    Upgrade {
+        /// The new binary (default: the path zdt was started from, where a
+        /// package manager puts the new version).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Print the daemon's version.
     Version,
 }
@@ -353,6 +362,8 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
             release: release.clone(),
         }],
         Cmd::Shutdown => vec![Command::Shutdown],
+        // Sent by `upgrade`, which waits for the new binary.
+        Cmd::Upgrade { .. } => Vec::new(),
         Cmd::Version => vec![Command::Version],
     }
 }
@@ -578,7 +589,7 @@ fn print_outcome(out: &Out, outcome: &Outcome) {
             );
         }
         Outcome::Tail { data } => out.print(data),
-        Outcome::Version { version, pid } => outln!(out, "zdt {version} (pid {pid})"),
+        Outcome::Version { version, pid, .. } => outln!(out, "zdt {version} (pid {pid})"),
         Outcome::ShuttingDown => outln!(out, "zdt is stopping all programs and will exit"),
         Outcome::Releases { root, releases } => print_releases(out, root, releases),
     }
@@ -672,7 +683,110 @@ async fn run(args: Args, socket: PathBuf) -> u8 {
     }
 }
 
+/// How long `upgrade` waits for the new binary to answer after the exec.
+const UPGRADE_ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `upgrade`: asks for it, then (the connection ends with the exec) asks
+/// the new binary how it went, by a token of this run's.
+async fn upgrade(
+    out: &Out,
+    json: bool,
+    socket: &std::path::Path,
+    binary: Option<&std::path::Path>,
+) -> u8 {
+    let binary = match binary.map(std::path::absolute).transpose() {
+        Ok(b) => b.map(|b| b.to_string_lossy().into_owned()),
+        Err(e) => {
+            err_line(&format!("error: --binary: {e}"));
+            return EXIT_USAGE;
+        }
+    };
+    let token = format!("{}-{}", std::process::id(), now_ms());
+    let mut client = match Client::connect(socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            report_client_error(out, &e, json);
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let asked = client
+        .request(
+            Command::Upgrade {
+                binary,
+                token: Some(token.clone()),
+            },
+            |reply| {
+                if let Reply::Progress { message } = reply {
+                    if !json {
+                        outln!(out, "{message}");
+                    }
+                }
+            },
+        )
+        .await;
+    match asked {
+        // The old binary said why not; it serves on.
+        Ok(Err(body)) => {
+            print_error(out, &body, json);
+            return EXIT_FAILED;
+        }
+        // The exec ended the connection (an answer would be unusual).
+        Ok(Ok(_)) | Err(ClientError::Closed | ClientError::Io(_)) => {}
+        Err(e) => {
+            report_client_error(out, &e, json);
+            return EXIT_UNREACHABLE;
+        }
+    }
+    let deadline = std::time::Instant::now() + UPGRADE_ANSWER;
+    let mut last = String::from("no answer");
+    while std::time::Instant::now() < deadline {
+        // The control socket stays open across the exec: a connection made
+        // meanwhile waits in its backlog for the new binary.
+        let answer = match Client::connect(socket).await {
+            Ok(mut c) => c.request(Command::Version, |_| {}).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Ok(Outcome::Version {
+                upgrade: Some(rec),
+                pid,
+                ..
+            })) if rec.token == token => {
+                if json {
+                    outln!(out, "{}", serde_json::json!({ "upgrade": rec, "pid": pid }));
+                } else if rec.ok {
+                    outln!(
+                        out,
+                        "upgraded: zdt {} -> zdt {}, pid {pid} unchanged, {} ms",
+                        rec.from,
+                        rec.to,
+                        rec.ms
+                    );
+                } else {
+                    err_line(&format!(
+                        "error: the upgrade failed; zdt {} (pid {pid}) serves on: {}",
+                        rec.to,
+                        rec.error.as_deref().unwrap_or("no reason recorded")
+                    ));
+                }
+                return if rec.ok { 0 } else { EXIT_FAILED };
+            }
+            Ok(Ok(_)) => last = "zdt answers but has no record of this upgrade".into(),
+            Ok(Err(body)) => last = body.message,
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    err_line(&format!(
+        "error: no outcome of the upgrade within {UPGRADE_ANSWER:?}: {last}"
+    ));
+    EXIT_FAILED
+}
+
 async fn requests_to(out: &Out, args: &Args, socket: &std::path::Path) -> u8 {
+    if let Cmd::Upgrade { binary } = &args.command {
+        return upgrade(out, args.json, socket, binary.as_deref()).await;
+    }
     let mut client = match Client::connect(socket).await {
         Ok(c) => c,
         Err(e) => {

@@ -763,5 +763,6 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         supervisor,
         programs,
+        text: text.to_string(),
     })
 }

@@ -73,6 +73,8 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// The `[program.NAME]` tables, by name.
     pub programs: BTreeMap<String, ProgramConfig>,
+    /// The text it was parsed from (an upgrade hands it to the next binary).
+    pub text: String,
 }
 
 /// The `[supervisor]` table.

@@ -172,6 +172,17 @@ pub enum Command {
     },
     /// Stop everything and exit.
     Shutdown,
+    /// Replace zdt's binary in place: same pid, workers and sockets kept.
+    /// The old binary answers until it execs; the outcome is then read with
+    /// `version` (its `upgrade` record carries `token`).
+    Upgrade {
+        /// The new binary (absolute); default: the path zdt was started from.
+        #[serde(default)]
+        binary: Option<String>,
+        /// Chosen by the client, to find the outcome by.
+        #[serde(default)]
+        token: Option<String>,
+    },
     /// The daemon's version.
     Version,
 }
@@ -260,6 +271,9 @@ pub enum Outcome {
         version: String,
         /// The daemon's pid.
         pid: u32,
+        /// How the last upgrade went, if there was one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upgrade: Option<crate::upgrade::UpgradeRecord>,
     },
     /// For `shutdown`: the daemon is stopping.
     ShuttingDown,

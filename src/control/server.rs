@@ -122,6 +122,18 @@ pub fn bind(path: &Path, mode: u32, group: Option<Gid>) -> Result<UnixListener, 
     Ok(listener)
 }
 
+/// The control socket an earlier binary of this zdt bound at `path` (see
+/// [`crate::upgrade`]).
+pub fn from_fd(fd: std::os::fd::OwnedFd, path: &Path) -> Result<UnixListener, ControlError> {
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let std = std::os::unix::net::UnixListener::from(fd);
+    std.set_nonblocking(true).map_err(bind_err)?;
+    UnixListener::from_std(std).map_err(bind_err)
+}
+
 /// Accepts clients until `shutdown` is cancelled.
 pub async fn serve(
     listener: UnixListener,

@@ -188,6 +188,15 @@ pub enum ProgramMsg {
         /// Resolves when every process is gone.
         reply: oneshot::Sender<OpResult>,
     },
+    /// An upgrade: reply with the program as the next binary takes it
+    /// over, then do nothing until `thaw` resolves (the exec failed); or
+    /// reply why it cannot be carried now.
+    Freeze {
+        /// The program, or why not now.
+        reply: oneshot::Sender<Result<crate::upgrade::CarriedProgram, String>>,
+        /// Resolves (or is dropped) if the upgrade did not happen.
+        thaw: oneshot::Receiver<()>,
+    },
 }
 
 /// A program's listening sockets (owned by zdt, shared with the actor), or why
@@ -281,6 +290,7 @@ pub fn spawn_program(
     spawner: Spawner,
     registry: crate::listen::Registry,
     proxy: crate::proxy::Proxy,
+    carried: Option<crate::upgrade::CarriedProgram>,
 ) -> ProgramHandle {
     let (tx, rx) = mpsc::channel(64);
     let name = config.name.clone();
@@ -323,7 +333,7 @@ pub fn spawn_program(
     actor.set_sockets(sockets, &cfg);
     actor.resize_slots();
     actor.publish();
-    tokio::spawn(actor.run(rx, events_rx));
+    tokio::spawn(actor.run(rx, events_rx, carried));
     ProgramHandle {
         name,
         tx,
@@ -481,16 +491,23 @@ impl Program {
         mut self,
         mut orders: mpsc::Receiver<ProgramMsg>,
         mut events: mpsc::UnboundedReceiver<ProcEvent>,
+        carried: Option<crate::upgrade::CarriedProgram>,
     ) {
         // Backoff timer tasks hold senders; the actor holds the receiver.
         let (timer_tx, mut timers) = mpsc::unbounded_channel::<BackoffDone>();
         let mut shutting_down = false;
+        let adopting = carried.is_some();
+        if let Some(c) = carried {
+            self.adopt(c, &timer_tx);
+        }
         let undeployed = self
             .config
             .deploy
             .as_ref()
             .filter(|d| crate::deploy::Release::resolve(&d.root).is_none());
-        if let Some(d) = undeployed {
+        if adopting {
+            // Its processes run already.
+        } else if let Some(d) = undeployed {
             tracing::info!(
                 program = %self.config.name,
                 root = %d.root.display(),
@@ -515,6 +532,15 @@ impl Program {
                         let slots = self.stop_slots(None);
                         self.ops.push(Op::new(OpKind::Stop, slots, reply, None));
                     }
+                    Some(ProgramMsg::Freeze { reply, thaw }) => match self.carry() {
+                        Ok(c) => {
+                            let _ = reply.send(Ok(c));
+                            // Nothing changes until the exec, or until the
+                            // upgrade gives up; events wait in their queues.
+                            let _ = thaw.await;
+                        }
+                        Err(e) => drop(reply.send(Err(e))),
+                    },
                     Some(msg) => self.handle(msg),
                     None => {
                         shutting_down = true;
@@ -539,6 +565,89 @@ impl Program {
             }
         }
         tracing::debug!(program = %self.config.name, "program actor ended");
+    }
+
+    /// The program as an upgrade carries it, or why it cannot be carried
+    /// now: an order, a canary or a pause is in progress, or a process is
+    /// starting or stopping.
+    fn carry(&self) -> Result<crate::upgrade::CarriedProgram, String> {
+        let name = &self.config.name;
+        if self.canary.is_some() {
+            return Err(format!(
+                "{name}: a canary runs; promote or roll it back first"
+            ));
+        }
+        if !self.ops.is_empty() || self.queued.is_some() {
+            return Err(format!(
+                "{name}: a start, stop, restart or reload of it is in progress"
+            ));
+        }
+        if self.hold().is_some() {
+            return Err(format!(
+                "{name} is paused or in maintenance; `zdtctl resume {name}` first"
+            ));
+        }
+        let slots = self
+            .slots
+            .iter()
+            .map(Slot::carry)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{name}: {e}"))?;
+        Ok(crate::upgrade::CarriedProgram {
+            name: name.clone(),
+            generation: self.generation,
+            drained: self.routes.is_draining(),
+            pins: self
+                .pins
+                .borrow()
+                .iter()
+                .map(|(g, r)| (*g, r.id.clone(), r.path.clone()))
+                .collect(),
+            slots,
+        })
+    }
+
+    /// Takes over the program's processes from an earlier binary of this
+    /// zdt (see [`crate::upgrade`]).
+    fn adopt(
+        &mut self,
+        carried: crate::upgrade::CarriedProgram,
+        timers: &mpsc::UnboundedSender<BackoffDone>,
+    ) {
+        self.generation = carried.generation;
+        if carried.drained {
+            self.routes.set_draining(true);
+        }
+        *self.pins.borrow_mut() = carried
+            .pins
+            .into_iter()
+            .map(|(g, id, path)| (g, crate::deploy::Release { id, path }))
+            .collect();
+        let ports: Vec<u16> = carried
+            .slots
+            .iter()
+            .filter_map(|s| s.proc.as_ref()?.private_port)
+            .collect();
+        for c in carried.slots {
+            let index = c.index;
+            let ctx = ctx!(self, &ports);
+            let Some(slot) = self.slots.get_mut(index) else {
+                tracing::warn!(program = %self.config.name, instance = index, "a carried instance the configuration does not have");
+                continue;
+            };
+            if let Some(delay) = slot.adopt(&ctx, c) {
+                let (timers, epoch) = (timers.clone(), slot.backoff_epoch());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = timers.send(BackoffDone {
+                        slot: index,
+                        epoch,
+                        canary: false,
+                    });
+                });
+            }
+        }
+        tracing::info!(program = %self.config.name, generation = self.generation, "taken over from the previous binary");
     }
 
     /// Pass mode: a socket whose accept queue stays non-empty while an
@@ -636,6 +745,10 @@ impl Program {
 
     fn handle(&mut self, msg: ProgramMsg) {
         match msg {
+            // Taken in the actor's loop, which waits while frozen.
+            ProgramMsg::Freeze { reply, .. } => {
+                drop(reply.send(Err("not frozen from here".into())));
+            }
             ProgramMsg::Start { instance, reply } => match self.select(instance) {
                 Ok(_) if self.canary.is_some() => drop(reply.send(Err(self.canary_running()))),
                 Ok(slots) => {
@@ -1297,7 +1410,7 @@ impl Program {
             });
         };
         match ev.kind {
-            ProcEventKind::Spawned { pid } => slot.on_spawned(pid),
+            ProcEventKind::Spawned { pid, keep } => slot.on_spawned(pid, keep),
             ProcEventKind::SpawnFailed(err) => {
                 tracing::error!(program = %cfg.name, instance = ev.slot, cause = %err, "cannot start; FATAL");
                 slot.on_spawn_failed(err);

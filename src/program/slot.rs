@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig, Ready, UpstreamKind};
-use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcHandle, ProcParams};
+use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcFds, ProcHandle, ProcParams};
 use crate::logs::LogSink;
 use crate::proxy::{PrivateAddr, Traffic, Upstream, UpstreamStats};
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
@@ -85,6 +85,8 @@ struct Proc {
     failure: Option<String>,
     /// The deploy release it runs in (its id), when the program has a deploy root.
     release: Option<String>,
+    /// Its pipes and notify socket, for an upgrade to carry.
+    keep: ProcFds,
 }
 
 impl Drop for Proc {
@@ -503,9 +505,10 @@ impl Slot {
         };
         let gen = next.gen;
         match kind {
-            ProcEventKind::Spawned { pid } => {
+            ProcEventKind::Spawned { pid, keep } => {
                 next.pid = Some(pid);
                 next.started_ms = Some(now_ms());
+                next.keep = keep;
             }
             ProcEventKind::Up => {
                 next.ready = true;
@@ -537,7 +540,7 @@ impl Slot {
             return;
         };
         match kind {
-            ProcEventKind::Spawned { pid } => self.draining[pos].pid = Some(pid),
+            ProcEventKind::Spawned { pid, .. } => self.draining[pos].pid = Some(pid),
             ProcEventKind::Exited { status, killed } => {
                 let old = self.draining.remove(pos);
                 let how = match status {
@@ -782,6 +785,7 @@ impl Slot {
             ready_at: None,
             failure: None,
             release: release.map(|r| r.id),
+            keep: ProcFds::default(),
         }
     }
 
@@ -818,12 +822,152 @@ impl Slot {
         }
     }
 
-    pub fn on_spawned(&mut self, pid: u32) {
+    pub fn on_spawned(&mut self, pid: u32, keep: ProcFds) {
         self.shortages = 0;
         if let Some(p) = &mut self.proc {
             p.pid = Some(pid);
             p.started_ms = Some(now_ms());
+            p.keep = keep;
         }
+    }
+
+    /// The slot as an upgrade carries it, or why it cannot be carried now
+    /// (a process is starting, switching or stopping).
+    pub fn carry(&self) -> Result<crate::upgrade::CarriedSlot, String> {
+        use std::os::fd::AsRawFd;
+        let busy = |what: &str| Err(format!("instance {} is {what}", self.index));
+        if self.next.is_some() {
+            return busy("starting a new generation");
+        }
+        if !self.draining.is_empty() {
+            return busy("draining an old generation");
+        }
+        if self.pending_start {
+            return busy("about to start");
+        }
+        let carried_state = matches!(
+            self.state,
+            InstanceState::Running
+                | InstanceState::Stopped
+                | InstanceState::Exited
+                | InstanceState::Fatal
+                | InstanceState::Backoff
+        );
+        if !carried_state {
+            return busy(self.state.as_str());
+        }
+        let proc = match &self.proc {
+            None => None,
+            Some(p) if self.state == InstanceState::Running && !p.stopping => {
+                let Some(pid) = p.pid else {
+                    return busy("starting");
+                };
+                let raw = |fd: &Option<OwnedFd>| fd.as_ref().map(AsRawFd::as_raw_fd);
+                Some(crate::upgrade::CarriedProc {
+                    pid,
+                    gen: p.gen,
+                    private_port: p.private.as_ref().and_then(|(port, _)| *port),
+                    socket_path: p.socket_path.clone(),
+                    started_ms: p.started_ms,
+                    stdout_fd: raw(&p.keep.stdout),
+                    stderr_fd: raw(&p.keep.stderr),
+                    notify_fd: raw(&p.keep.notify),
+                    release: p.release.clone(),
+                    adopted: None,
+                })
+            }
+            Some(_) => return busy("stopping"),
+        };
+        Ok(crate::upgrade::CarriedSlot {
+            index: self.index,
+            state: self.state,
+            gen: self.gen,
+            restarts: self.restarts,
+            failures: self.failures,
+            started_once: self.started_once,
+            error: self.error.clone(),
+            status: self.status_text.clone(),
+            proc,
+        })
+    }
+
+    /// Takes over what an earlier binary of this zdt ran in this slot (see
+    /// [`crate::upgrade`]). Returns the backoff still due when it was
+    /// backing off.
+    pub fn adopt(
+        &mut self,
+        ctx: &SpawnCtx<'_>,
+        carried: crate::upgrade::CarriedSlot,
+    ) -> Option<Duration> {
+        let cfg = ctx.cfg;
+        self.gen = carried.gen;
+        self.restarts = carried.restarts;
+        self.failures = carried.failures;
+        self.started_once = carried.started_once;
+        self.error = carried.error;
+        self.status_text = carried.status;
+        let Some(mut cp) = carried.proc else {
+            self.set_state(&cfg.name, carried.state);
+            return (carried.state == InstanceState::Backoff).then(|| backoff_delay(self.failures));
+        };
+        let Some(adopted) = cp.adopted.take() else {
+            // The daemon adopts every carried process before the actors
+            // start; one without is gone: start it again.
+            self.set_state(&cfg.name, InstanceState::Backoff);
+            return Some(Duration::ZERO);
+        };
+        let private = match (cp.private_port, &cp.socket_path) {
+            (Some(port), _) => Some(PrivateAddr::Tcp(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                port,
+            )))),
+            (None, Some(path)) => Some(PrivateAddr::Unix(path.clone())),
+            (None, None) => None,
+        };
+        // Dups for the next upgrade; the originals go to the process task.
+        let keep = ProcFds {
+            stdout: adopted.fds.stdout.as_ref().and_then(crate::upgrade::keep),
+            stderr: adopted.fds.stderr.as_ref().and_then(crate::upgrade::keep),
+            notify: adopted.fds.notify.as_ref().and_then(crate::upgrade::keep),
+        };
+        let handle = instance::adopt(
+            ctx.spawner.clone(),
+            ProcParams {
+                slot: self.index,
+                gen: cp.gen,
+                program: cfg.name.clone(),
+                spec: SpawnSpec::default(),
+                ready: cfg.ready.clone(),
+                startsecs: cfg.startsecs,
+                ready_timeout: cfg.ready_timeout,
+                watchdog: cfg.watchdog,
+                private: private.clone(),
+                stdout: self.stdout.clone(),
+                stderr: self.stderr.clone(),
+                prefix: format!("[gen {}:{}] ", cp.gen, self.index),
+            },
+            adopted,
+            ctx.events.clone(),
+        );
+        let upstream = private.map(|a| ctx.proxy.upstream(a, ctx.traffic, cp.gen));
+        self.proc = Some(Proc {
+            private: upstream.as_ref().map(|u| (u.addr.port(), u.stats.clone())),
+            upstream,
+            socket_path: cp.socket_path,
+            handle,
+            gen: cp.gen,
+            pid: Some(cp.pid),
+            started_ms: cp.started_ms,
+            stopping: false,
+            ready: true,
+            // Held long ago, as far as the `startsecs` rule is concerned.
+            ready_at: Instant::now().checked_sub(cfg.startsecs),
+            failure: None,
+            release: cp.release,
+            keep,
+        });
+        self.set_state(&cfg.name, InstanceState::Running);
+        None
     }
 
     /// The current process was not ready in time: kill it; its exit counts

@@ -3,8 +3,8 @@
 //! Two traps shape this module (see DESIGN.md, "Traps in the implementation"):
 //!
 //! - `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits. All
-//!   children are therefore forked by one dedicated thread, the spawner, that
-//!   lives as long as zdt.
+//!   children are therefore forked by one thread, zdt's main thread, which
+//!   lives as long as zdt (the tokio runtime runs on others).
 //! - zdt reaps with `waitpid(-1)` (it may be PID 1 and inherit orphans), which
 //!   would steal exit statuses from any other waiter. All reaping happens in one
 //!   place, [`Reaper`], which hands each status to the instance that owns the pid
@@ -81,9 +81,18 @@ pub struct Spawned {
 /// Pids whose exit statuses somebody waits for.
 type ExitTable = Arc<Mutex<HashMap<i32, oneshot::Sender<ExitStatus>>>>;
 
-struct Job {
-    spec: SpawnSpec,
-    reply: oneshot::Sender<Result<Spawned, SpawnError>>,
+enum Job {
+    Spawn {
+        spec: SpawnSpec,
+        reply: oneshot::Sender<Result<Spawned, SpawnError>>,
+    },
+    /// End the loop: zdt is exiting.
+    Stop,
+    /// Replace zdt's image (an upgrade); the reply comes only on failure.
+    Exec {
+        exec: crate::upgrade::Exec,
+        reply: oneshot::Sender<std::io::Error>,
+    },
 }
 
 /// Handle to the spawner thread. Cheap to clone.
@@ -99,31 +108,57 @@ pub struct Reaper {
     table: ExitTable,
 }
 
-/// Starts the spawner thread and returns its handle with the reaper that goes
-/// with it. Call once, early, from the main thread.
-pub fn start() -> std::io::Result<(Spawner, Reaper)> {
-    let table: ExitTable = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let thread_table = table.clone();
-    std::thread::Builder::new()
-        .name("zdt-spawner".into())
-        .spawn(move || spawner_loop(rx, thread_table))?;
-    Ok((Spawner { jobs: tx }, Reaper { table }))
+/// The spawner's loop, to run on zdt's main thread ([`Forker::run`]).
+pub struct Forker {
+    jobs: std::sync::mpsc::Receiver<Job>,
+    table: ExitTable,
 }
 
-fn spawner_loop(jobs: std::sync::mpsc::Receiver<Job>, table: ExitTable) {
-    // This thread forks every worker: it must outlive them all, because the
-    // kernel sends PR_SET_PDEATHSIG when the forking thread ends. It returns only
-    // when every Spawner handle is gone, which happens as zdt exits.
-    while let Ok(job) = jobs.recv() {
-        let result = spawn_registered(job.spec, &table);
-        // The requester may have given up; the child is then reaped as an orphan.
-        let _ = job.reply.send(result);
-    }
-    // Keep the thread alive until the process exits, so that late children
-    // are not killed by PDEATHSIG while zdt is still stopping them.
-    loop {
-        std::thread::park();
+/// The spawner's handle with the reaper that goes with it, and the loop
+/// that forks, which the caller runs on the main thread. Call once, early.
+///
+/// The main thread, because an upgrade execs from the forking thread (see
+/// [`crate::upgrade`]): the exec'ing thread becomes the new image's main
+/// thread, so only if it was the main thread all along does the new binary
+/// fork from the same thread as the old one, and a second upgrade keep
+/// the first one's workers (PR_SET_PDEATHSIG fires when their forking
+/// thread ends, and exec ends every thread but the caller).
+pub fn start() -> (Spawner, Reaper, Forker) {
+    let table: ExitTable = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    (
+        Spawner { jobs: tx },
+        Reaper {
+            table: table.clone(),
+        },
+        Forker { jobs: rx, table },
+    )
+}
+
+impl Forker {
+    /// Forks (and execs, for an upgrade) until every [`Spawner`] handle is
+    /// gone, which happens as zdt exits. This thread must outlive every
+    /// worker: the kernel sends PR_SET_PDEATHSIG when the forking thread
+    /// ends.
+    pub fn run(self) {
+        while let Ok(job) = self.jobs.recv() {
+            match job {
+                Job::Spawn { spec, reply } => {
+                    let result = spawn_registered(spec, &self.table);
+                    // The requester may have given up; the child is then reaped as an orphan.
+                    let _ = reply.send(result);
+                }
+                // From this thread (see above); the reaper's lock is held so
+                // that no status is taken from the table meanwhile.
+                Job::Exec { exec, reply } => {
+                    let guard = self.table.lock().unwrap_or_else(|p| p.into_inner());
+                    let err = exec.run();
+                    drop(guard);
+                    let _ = reply.send(err);
+                }
+                Job::Stop => return,
+            }
+        }
     }
 }
 
@@ -150,13 +185,41 @@ impl Spawner {
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job { spec, reply })
+            .send(Job::Spawn { spec, reply })
             .map_err(|_| SpawnError::SpawnerGone)?;
         rx.await.map_err(|_| SpawnError::SpawnerGone)?
+    }
+
+    /// Ends [`Forker::run`]: every program has stopped and zdt exits.
+    pub fn stop(&self) {
+        let _ = self.jobs.send(Job::Stop);
+    }
+
+    /// Replaces zdt's image with `exec` from the spawner thread; returns
+    /// only if the exec failed, with why.
+    pub async fn exec(&self, exec: crate::upgrade::Exec) -> std::io::Error {
+        let (reply, rx) = oneshot::channel();
+        if self.jobs.send(Job::Exec { exec, reply }).is_err() {
+            return std::io::Error::other("the spawner thread has stopped");
+        }
+        rx.await
+            .unwrap_or_else(|_| std::io::Error::other("the spawner thread has stopped"))
     }
 }
 
 impl Reaper {
+    /// The exit status of `pid`, a child this process has from before an
+    /// upgrade. Call before [`Reaper::run`] starts, so that no status is
+    /// reaped unclaimed.
+    pub fn expect(&self, pid: u32) -> oneshot::Receiver<ExitStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(pid as i32, tx);
+        rx
+    }
+
     /// Reaps every child that has exited, delivering statuses to their owners.
     /// Returns how many orphans (pids nobody waited for) were reaped.
     pub fn reap(&self) -> usize {

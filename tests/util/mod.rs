@@ -130,6 +130,8 @@ pub struct Manager {
     /// An fd of the test's that zdt gets as fd 3, with LISTEN_PID set to
     /// zdt's pid (the test sets LISTEN_FDS itself).
     pub fd3: Option<std::os::fd::RawFd>,
+    /// A command zdt runs under (`unshare --pid --fork ...`).
+    pub wrap: Vec<String>,
 }
 
 impl Manager {
@@ -141,6 +143,7 @@ impl Manager {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             fd3,
+            wrap: Vec::new(),
         }
     }
 
@@ -171,11 +174,18 @@ impl Manager {
                 }
                 c
             }
-            None => {
-                let mut c = Command::new(bin("zdt"));
-                c.args(args);
-                c
-            }
+            None => match self.wrap.split_first() {
+                Some((first, rest)) => {
+                    let mut c = Command::new(first);
+                    c.args(rest).arg(bin("zdt")).args(args);
+                    c
+                }
+                None => {
+                    let mut c = Command::new(bin("zdt"));
+                    c.args(args);
+                    c
+                }
+            },
         };
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd

@@ -1,0 +1,355 @@
+//! `zdtctl upgrade` and SIGUSR2: zdt replaces its own binary in place. The
+//! pid stays, workers keep running (pass mode: untouched), and no request
+//! fails; an upgrade to something that cannot take over leaves the old
+//! binary serving with the same state.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use zdt::state::InstanceState::Running;
+
+use crate::util::{bin, free_port, header, http_get, load::Load, wait_for, Daemon, Manager};
+
+const T: Duration = Duration::from_secs(20);
+
+/// (program, instance) → pid of every instance.
+fn pids(d: &Daemon) -> BTreeMap<(String, u32), u32> {
+    d.status()
+        .into_iter()
+        .flat_map(|p| {
+            let name = p.name.clone();
+            p.instances
+                .into_iter()
+                .map(move |i| ((name.clone(), i.instance), i.pid.unwrap_or(0)))
+        })
+        .collect()
+}
+
+/// The pid zdt reports for itself.
+fn zdt_pid(d: &Daemon) -> u64 {
+    let (code, v) = d.ctl_json(&["version"]);
+    assert_eq!(code, 0, "{v}");
+    v["pid"].as_u64().expect("pid")
+}
+
+fn upgrade_ok(d: &Daemon, args: &[&str]) {
+    let mut all = vec!["upgrade"];
+    all.extend_from_slice(args);
+    let out = d.ctl(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "upgrade failed: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.stderr()
+    );
+    assert!(stdout.contains("upgraded: zdt "), "{stdout}");
+}
+
+fn node_script() -> String {
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "node is needed for this test (.ci/run installs it)"
+    );
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib/node/server.js")
+        .display()
+        .to_string()
+}
+
+/// `n` upgrades under keep-alive and new-connection clients: zero failed
+/// requests, the same zdt pid and (`same_workers`) the same worker pids.
+fn upgrades_under_load(d: &Daemon, port: u16, n: usize) {
+    wait_for("the service to answer", T, || http_get(port, "/"));
+    let pid = zdt_pid(d);
+    let workers = pids(d);
+    let load = Load::start(port, 16, 16, &[0, 0, 5, 50]);
+    for _ in 0..n {
+        load.wait_progress("load between upgrades");
+        upgrade_ok(d, &[]);
+    }
+    load.wait_progress("load after the last upgrade");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert_eq!(zdt_pid(d), pid, "zdt's pid changed");
+    assert_eq!(pids(d), workers, "a worker was replaced");
+    // The workers answered throughout, and they are the ones from before.
+    let before: std::collections::BTreeSet<u64> = workers.values().map(|&p| p as u64).collect();
+    assert!(report.pids.is_subset(&before), "{:?}", report.pids);
+}
+
+#[test]
+fn pass_mode_upgrades_under_load_keep_the_workers_and_fail_zero_requests() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &format!(
+                "[program.node]\ncommand = [\"node\", {:?}]\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ notify = true }}\ninstances = 2\nenvironment = {{ ZDT_BIN = {:?} }}\n",
+                node_script(),
+                bin("zdt").display().to_string()
+            )),
+    );
+    d.wait_state("node", 0, Running, T);
+    d.wait_state("node", 1, Running, T);
+    upgrades_under_load(&d, port, 20);
+    // Still supervised: a restart and a crash are handled by the new binary.
+    let out = d.ctl(&["restart", "node"]);
+    assert!(out.status.success(), "{out:?}");
+    let pid = d.wait_state("node", 0, Running, T).pid.expect("pid");
+    crate::util::kill(pid, libc::SIGKILL);
+    wait_for("the crashed worker to be replaced", T, || {
+        let i = d.instance("node", 0);
+        match i.pid {
+            Some(p) if p != pid && i.state == Running => Ok(()),
+            _ => Err(format!("{i:?}")),
+        }
+    });
+}
+
+#[test]
+fn proxy_mode_upgrades_under_load_fail_zero_requests_with_node_and_php() {
+    let php = std::process::Command::new("php").arg("-v").output();
+    assert!(
+        php.is_ok_and(|o| o.status.success()),
+        "this test needs php-cli; .ci/run installs it"
+    );
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/php/app.php");
+    let (node_port, php_port) = (free_port(), free_port());
+    let d = Daemon::start(&format!(
+        "{}[program.node]\ncommand = [\"node\", {:?}]\nmode = \"proxy\"\n\
+         listen = [\"tcp://127.0.0.1:{node_port}\"]\nready = {{ http = \"/\" }}\ninstances = 2\n\n\
+         [program.php]\ncommand = [\"php\", \"-S\", \"127.0.0.1:{{port}}\", {:?}]\n\
+         environment = {{ PHP_CLI_SERVER_WORKERS = \"4\" }}\nmode = \"proxy\"\n\
+         listen = [\"tcp://127.0.0.1:{php_port}\"]\nready = {{ http = \"/health\" }}\n",
+        header(),
+        node_script(),
+        app.display().to_string()
+    ));
+    for (program, n) in [("node", 2), ("php", 1)] {
+        for i in 0..n {
+            d.wait_state(program, i, Running, T);
+        }
+    }
+    upgrades_under_load(&d, node_port, 20);
+    upgrades_under_load(&d, php_port, 20);
+    for program in ["node", "php"] {
+        let r = d.requests(program);
+        assert_eq!((r.failed, r.unavailable), (0, 0), "{program}: {r:?}");
+    }
+}
+
+#[test]
+fn an_upgrade_applies_a_changed_configuration_file_without_touching_unchanged_programs() {
+    let (port, port2) = (free_port(), free_port());
+    let web = crate::util::demo_program(
+        "web",
+        &[],
+        &format!("listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n"),
+    );
+    let d = Daemon::start(&(header() + &web));
+    let pid = d.wait_state("web", 0, Running, T).pid;
+    let api = crate::util::demo_program(
+        "api",
+        &[],
+        &format!("listen = [\"tcp://127.0.0.1:{port2}\"]\nready = {{ notify = true }}\n"),
+    );
+    d.write_config(&(header() + &web + &api));
+    upgrade_ok(&d, &[]);
+    d.wait_state("api", 0, Running, T);
+    assert_eq!(http_get(port2, "/").map(|r| r.0), Ok(200));
+    assert_eq!(
+        d.instance("web", 0).pid,
+        pid,
+        "an unchanged program was restarted"
+    );
+    // The status text of the adopted worker came along.
+    assert!(
+        d.instance("web", 0)
+            .status_text
+            .is_some_and(|s| s.contains("serving")),
+        "{:?}",
+        d.instance("web", 0)
+    );
+}
+
+#[test]
+fn sigusr2_upgrades_in_place() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &crate::util::demo_program(
+                "web",
+                &[],
+                &format!("listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n"),
+            )),
+    );
+    let pid = d.wait_state("web", 0, Running, T).pid;
+    d.signal(libc::SIGUSR2);
+    wait_for("the upgrade's record", T, || {
+        let (_, v) = d.ctl_json(&["version"]);
+        match v["upgrade"]["ok"].as_bool() {
+            Some(true)
+                if v["upgrade"]["token"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("signal-")) =>
+            {
+                Ok(())
+            }
+            _ => Err(v.to_string()),
+        }
+    });
+    assert_eq!(d.instance("web", 0).pid, pid);
+    assert_eq!(http_get(port, "/").map(|r| r.0), Ok(200));
+}
+
+/// A new binary that cannot take over: `zdtctl upgrade` exits 1 with
+/// `expect` in its output, and the old binary serves on with the same
+/// state (pids, generations) and still obeys.
+fn refused(binary: &Path, expect: &str) {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &crate::util::demo_program(
+                "web",
+                &[],
+                &format!(
+                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\ninstances = 2\n"
+                ),
+            )),
+    );
+    d.wait_state("web", 0, Running, T);
+    d.wait_state("web", 1, Running, T);
+    let (pid, workers) = (zdt_pid(&d), pids(&d));
+    let load = Load::start(port, 8, 8, &[0, 5]);
+    load.wait_progress("load before the upgrade");
+    let out = d.ctl(&["upgrade", "--binary", &binary.display().to_string()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(expect), "expected {expect:?} in: {text}");
+    load.wait_progress("load after the failed upgrade");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert_eq!(zdt_pid(&d), pid);
+    assert_eq!(pids(&d), workers);
+    let out = d.ctl(&["restart", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(d.instance("web", 0).generation, 2);
+}
+
+fn script(dir: &Path, name: &str, body: &str, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_exits_at_once_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = script(
+        dir.path(),
+        "zdt-broken",
+        "#!/bin/sh\necho broken\nexit 3\n",
+        0o755,
+    );
+    refused(
+        &b,
+        "is not a zdt that can take over (its check ended with exit 3): broken",
+    );
+}
+
+#[test]
+fn an_upgrade_to_a_file_that_is_not_executable_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = script(dir.path(), "zdt-plain", "not a program\n", 0o644);
+    refused(&b, "Permission denied");
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_read_the_state_falls_back_to_the_old_one() {
+    // It passes the check, then refuses the state once executed: it execs
+    // the old binary again (kept open as an fd), which resumes the same state.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = script(
+        dir.path(),
+        "zdt-refuses",
+        &format!(
+            "#!/bin/sh\nZDT_UPGRADE_REFUSE=1 exec {:?} \"$@\"\n",
+            bin("zdt").display().to_string()
+        ),
+        0o755,
+    );
+    refused(&b, "the carried state was refused");
+}
+
+#[test]
+fn an_upgrade_is_refused_while_a_restart_runs() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &crate::util::demo_program(
+                "web",
+                &["--start-delay", "3000"],
+                &format!(
+                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\nready_timeout = \"20s\"\n"
+                ),
+            )),
+    );
+    d.wait_state("web", 0, Running, T);
+    let restart = d.ctl_in_background(&["restart", "web"]);
+    wait_for("the restart to start a new generation", T, || {
+        let s = d.status();
+        if s[0].generation == 2 {
+            Ok(())
+        } else {
+            Err(format!("{s:?}"))
+        }
+    });
+    let out = d.ctl(&["upgrade"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not now: web"), "{err}");
+    assert!(restart.join().expect("restart").status.success());
+    upgrade_ok(&d, &[]);
+}
+
+#[test]
+fn as_pid_1_of_a_pid_namespace_zdt_stays_pid_1_and_keeps_its_workers() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "--mount-proc", "true"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: unshare --pid is not permitted here");
+        return;
+    }
+    let port = free_port();
+    let manager = Manager {
+        wrap: ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+            .map(String::from)
+            .to_vec(),
+        ..Manager::default()
+    };
+    let d = Daemon::start_with(
+        &(header()
+            + &format!(
+                "[program.node]\ncommand = [\"node\", {:?}]\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ notify = true }}\ninstances = 2\nenvironment = {{ ZDT_BIN = {:?} }}\n",
+                node_script(),
+                bin("zdt").display().to_string()
+            )),
+        manager,
+    );
+    d.wait_state("node", 0, Running, T);
+    d.wait_state("node", 1, Running, T);
+    assert_eq!(zdt_pid(&d), 1, "zdt is not PID 1 in its namespace");
+    upgrades_under_load(&d, port, 3);
+    assert_eq!(zdt_pid(&d), 1);
+}
