@@ -225,6 +225,7 @@ event_zdt() { # event_zdt DIR I
     return 1
   fi
   ours "$MASTER" || { EV_WHY="zdt ($MASTER) is gone after the upgrade"; return 1; }
+  EV_NOTE="zdt says $(sed -n 's/^upgraded: .*, \([0-9][0-9]*\) ms$/\1/p' "$out" | head -1) ms"
 }
 event_zdt_pass() { event_zdt "$@"; }
 event_zdt_proxy() { event_zdt "$@"; }
@@ -462,7 +463,7 @@ run_row() { # run_row KEY LABEL
   for ((i = 1; i <= N; i++)); do
     load_window_start "$dir" "$i"
     sleep 0.5
-    EV_WHY=""; EV_DONE=""; EV_SERVE=""
+    EV_WHY=""; EV_DONE=""; EV_SERVE=""; EV_NOTE=""
     if "event_$key" "$dir" "$i"; then
       ok=$((ok + 1))
       echo "$EV_DONE $EV_SERVE" >>"$dir/events.txt"
@@ -471,7 +472,7 @@ run_row() { # run_row KEY LABEL
     fi
     sleep 0.5
     load_window_end "$dir" "$i"
-    log "  $i: done ${EV_DONE:--} ms, serving ${EV_SERVE:--} ms; keep-alive: $(fmt_load <(tail -1 "$dir/ka.txt") | tr '\t' ' ') p99; new-connection: $(fmt_load <(tail -1 "$dir/close.txt") | tr '\t' ' ') p99"
+    log "  $i: done ${EV_DONE:--} ms, serving ${EV_SERVE:--} ms${EV_NOTE:+ ($EV_NOTE)}; keep-alive: $(fmt_load <(tail -1 "$dir/ka.txt") | tr '\t' ' ') p99; new-connection: $(fmt_load <(tail -1 "$dir/close.txt") | tr '\t' ' ') p99"
     if [ -n "$why" ]; then
       log "  $label: $why"
       [ "$evkind" = zdt ] && { [ "$i" -lt "$N" ] && log "  $label: stopping the row at its first failed upgrade"; break; }
