@@ -95,11 +95,17 @@ pub struct ProcFds {
 }
 
 /// A process of an earlier binary of this zdt (see [`crate::upgrade`]),
-/// ready, whose exit the reaper was told to expect.
+/// whose exit the reaper was told to expect.
 #[derive(Debug)]
 pub struct Adopted {
     /// Its pid.
     pub pid: u32,
+    /// It was ready; if not, readiness is checked from here on (a READY=1
+    /// sent meanwhile waits in the carried notify socket).
+    pub ready: bool,
+    /// How long ago it was spawned (its `startsecs` and `ready_timeout`
+    /// count from then).
+    pub age: Duration,
     /// Its exit status, from the reaper.
     pub exit: tokio::sync::oneshot::Receiver<ExitStatus>,
     /// Its pipes and notify socket.
@@ -162,9 +168,9 @@ pub fn launch(
     ProcHandle { cmds: tx }
 }
 
-/// Starts the task for a process an earlier binary of this zdt started:
-/// ready already, so no readiness is checked; it is watched, signalled and
-/// reported like any other from here on.
+/// Starts the task for a process an earlier binary of this zdt started; it
+/// is watched, signalled and reported like any other from here on (its
+/// readiness checked, if it was not ready yet).
 pub fn adopt(
     spawner: Spawner,
     params: ProcParams,
@@ -314,14 +320,15 @@ async fn run(
         _ => "readiness".into(),
     };
     let (probe_seen, probe_last) = tokio::sync::watch::channel((String::new(), false));
+    let adopted_ready = adopted.as_ref().is_some_and(|a| a.ready);
+    let age = adopted.as_ref().map_or(Duration::ZERO, |a| a.age);
     let probe = match &p.ready {
-        _ if adopted.is_some() => None,
+        _ if adopted_ready => None,
         Ready::Exec(argv) => Some(Probe::Exec(argv.clone(), p.spec.directory.clone())),
         Ready::Http(path) => p.private.clone().map(|a| Probe::Http(a, path.clone())),
         Ready::Tcp => p.private.clone().map(Probe::Tcp),
         _ => None,
     };
-    let was_adopted = adopted.is_some();
     let (pid, stdout, stderr, mut exit) = match adopted {
         Some(a) => (
             Pid::from_raw(a.pid as i32),
@@ -371,7 +378,7 @@ async fn run(
         )));
     }
 
-    let start = Instant::now();
+    let start = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
     // When the process counts as ready by time alone.
     let ready_at = match p.ready {
         Ready::Startsecs => Some(start + p.startsecs),
@@ -396,14 +403,17 @@ async fn run(
         };
         AbortOnDrop(task)
     });
-    // An adopted process is ready already (its slot says RUNNING).
-    let mut up_sent = was_adopted;
+    // An adopted process that was ready is ready (its slot says RUNNING).
+    let mut up_sent = adopted_ready;
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
     let mut orders_open = true;
     let mut buf = vec![0u8; 4096];
     // Armed once ready; pushed back by every WATCHDOG=1.
-    let mut watchdog_at: Option<Instant> = p.watchdog.filter(|_| was_adopted).map(|w| start + w);
+    let mut watchdog_at: Option<Instant> = p
+        .watchdog
+        .filter(|_| adopted_ready)
+        .map(|w| Instant::now() + w);
     // Notify messages dropped because they came from outside the group.
     let mut foreign = 0u64;
     let status = loop {

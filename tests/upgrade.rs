@@ -177,6 +177,34 @@ fn an_upgrade_applies_a_changed_configuration_file_without_touching_unchanged_pr
 }
 
 #[test]
+fn an_instance_still_starting_is_carried_and_its_readiness_checked_by_the_new_binary() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &crate::util::demo_program(
+                "web",
+                &["--start-delay", "1500"],
+                &format!(
+                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\nready_timeout = \"20s\"\n"
+                ),
+            )),
+    );
+    let starting = d.wait_state("web", 0, zdt::state::InstanceState::Starting, T);
+    upgrade_ok(&d, &[]);
+    let after = d.instance("web", 0);
+    assert_eq!(
+        after.state,
+        zdt::state::InstanceState::Starting,
+        "{after:?}"
+    );
+    // Its READY=1 reaches the new binary: same process, now RUNNING.
+    let running = d.wait_state("web", 0, Running, T);
+    assert_eq!(running.pid, starting.pid);
+    assert_eq!(running.restarts, 0);
+    assert_eq!(http_get(port, "/").map(|r| r.0), Ok(200));
+}
+
+#[test]
 fn sigusr2_upgrades_in_place() {
     let port = free_port();
     let d = Daemon::start(

@@ -848,6 +848,7 @@ impl Slot {
         let carried_state = matches!(
             self.state,
             InstanceState::Running
+                | InstanceState::Starting
                 | InstanceState::Stopped
                 | InstanceState::Exited
                 | InstanceState::Fatal
@@ -856,15 +857,17 @@ impl Slot {
         if !carried_state {
             return busy(self.state.as_str());
         }
+        let live = matches!(self.state, InstanceState::Running | InstanceState::Starting);
         let proc = match &self.proc {
             None => None,
-            Some(p) if self.state == InstanceState::Running && !p.stopping => {
+            Some(p) if live && !p.stopping && p.failure.is_none() => {
                 let Some(pid) = p.pid else {
                     return busy("starting");
                 };
                 let raw = |fd: &Option<OwnedFd>| fd.as_ref().map(AsRawFd::as_raw_fd);
                 Some(crate::upgrade::CarriedProc {
                     pid,
+                    ready: self.state == InstanceState::Running,
                     gen: p.gen,
                     private_port: p.private.as_ref().and_then(|(port, _)| *port),
                     socket_path: p.socket_path.clone(),
@@ -881,6 +884,8 @@ impl Slot {
         Ok(crate::upgrade::CarriedSlot {
             index: self.index,
             state: self.state,
+            since_ms: self.since_ms,
+            last_exit: self.last_exit.clone(),
             gen: self.gen,
             restarts: self.restarts,
             failures: self.failures,
@@ -959,14 +964,24 @@ impl Slot {
             pid: Some(cp.pid),
             started_ms: cp.started_ms,
             stopping: false,
-            ready: true,
+            ready: cp.ready,
             // Held long ago, as far as the `startsecs` rule is concerned.
-            ready_at: Instant::now().checked_sub(cfg.startsecs),
+            ready_at: Instant::now()
+                .checked_sub(cfg.startsecs)
+                .filter(|_| cp.ready),
             failure: None,
             release: cp.release,
             keep,
         });
-        self.set_state(&cfg.name, InstanceState::Running);
+        self.set_state(
+            &cfg.name,
+            if cp.ready {
+                InstanceState::Running
+            } else {
+                InstanceState::Starting
+            },
+        );
+        self.since_ms = carried.since_ms;
         None
     }
 

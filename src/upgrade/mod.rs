@@ -475,8 +475,13 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
                 // The sender dropped: the task sees an exit of unknown status.
                 tokio::sync::oneshot::channel().1
             };
+            let age = cp.started_ms.map_or(Duration::ZERO, |t| {
+                Duration::from_millis(now_ms().saturating_sub(t))
+            });
             cp.adopted = Some(crate::instance::Adopted {
                 pid: cp.pid,
+                ready: cp.ready,
+                age,
                 exit,
                 fds,
             });

@@ -107,9 +107,15 @@ pub struct CarriedProgram {
 pub struct CarriedSlot {
     /// Instance number.
     pub index: usize,
-    /// RUNNING, STOPPED, EXITED, FATAL or BACKOFF (an upgrade waits for
-    /// the others to pass).
+    /// RUNNING, STARTING (of a first start or a crash restart, not of a
+    /// zero-downtime restart), STOPPED, EXITED, FATAL or BACKOFF.
     pub state: InstanceState,
+    /// Since when it is in that state (ms since the epoch).
+    #[serde(default)]
+    pub since_ms: u64,
+    /// How its last process ended.
+    #[serde(default)]
+    pub last_exit: Option<crate::state::ExitInfo>,
     /// The generation of its newest process.
     pub gen: u64,
     /// Restarts so far.
@@ -127,11 +133,14 @@ pub struct CarriedSlot {
     pub proc: Option<CarriedProc>,
 }
 
-/// A running (ready) worker process.
+/// A running worker process.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CarriedProc {
     /// Its pid (and process group).
     pub pid: u32,
+    /// Whether it was ready (else it was starting).
+    #[serde(default = "yes")]
+    pub ready: bool,
     /// Its generation.
     pub gen: u64,
     /// Proxy mode: its private TCP port.
@@ -151,6 +160,10 @@ pub struct CarriedProc {
     /// In the new binary: its exit status and fds, taken at start.
     #[serde(skip)]
     pub adopted: Option<crate::instance::Adopted>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why a carried state cannot be used.
@@ -274,6 +287,8 @@ mod tests {
                 slots: vec![CarriedSlot {
                     index: 0,
                     state: InstanceState::Running,
+                    since_ms: 0,
+                    last_exit: None,
                     gen: 3,
                     restarts: 2,
                     failures: 0,
@@ -282,6 +297,7 @@ mod tests {
                     status: None,
                     proc: Some(CarriedProc {
                         pid: 42,
+                        ready: true,
                         gen: 3,
                         private_port: Some(4000),
                         socket_path: None,
