@@ -47,6 +47,17 @@ fn upgrade_ok(d: &Daemon, args: &[&str]) {
     assert!(stdout.contains("upgraded: zdt "), "{stdout}");
 }
 
+/// A config running the demo worker as NAME with `args`, on `port` (pass
+/// mode, ready = notify), plus `extra` keys.
+fn notify_demo(name: &str, port: u16, args: &[&str], extra: &str) -> String {
+    header()
+        + &crate::util::demo_program(
+            name,
+            args,
+            &format!("listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n{extra}"),
+        )
+}
+
 fn node_script() -> String {
     let node = std::process::Command::new("node").arg("--version").output();
     assert!(
@@ -179,16 +190,12 @@ fn an_upgrade_applies_a_changed_configuration_file_without_touching_unchanged_pr
 #[test]
 fn an_instance_still_starting_is_carried_and_its_readiness_checked_by_the_new_binary() {
     let port = free_port();
-    let d = Daemon::start(
-        &(header()
-            + &crate::util::demo_program(
-                "web",
-                &["--start-delay", "1500"],
-                &format!(
-                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\nready_timeout = \"20s\"\n"
-                ),
-            )),
-    );
+    let d = Daemon::start(&notify_demo(
+        "web",
+        port,
+        &["--start-delay", "1500"],
+        "ready_timeout = \"20s\"\n",
+    ));
     let starting = d.wait_state("web", 0, zdt::state::InstanceState::Starting, T);
     upgrade_ok(&d, &[]);
     let after = d.instance("web", 0);
@@ -207,14 +214,7 @@ fn an_instance_still_starting_is_carried_and_its_readiness_checked_by_the_new_bi
 #[test]
 fn sigusr2_upgrades_in_place() {
     let port = free_port();
-    let d = Daemon::start(
-        &(header()
-            + &crate::util::demo_program(
-                "web",
-                &[],
-                &format!("listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\n"),
-            )),
-    );
+    let d = Daemon::start(&notify_demo("web", port, &[], ""));
     let pid = d.wait_state("web", 0, Running, T).pid;
     d.signal(libc::SIGUSR2);
     wait_for("the upgrade's record", T, || {
@@ -239,16 +239,7 @@ fn sigusr2_upgrades_in_place() {
 /// state (pids, generations) and still obeys.
 fn refused(binary: &Path, expect: &str) {
     let port = free_port();
-    let d = Daemon::start(
-        &(header()
-            + &crate::util::demo_program(
-                "web",
-                &[],
-                &format!(
-                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\ninstances = 2\n"
-                ),
-            )),
-    );
+    let d = Daemon::start(&notify_demo("web", port, &[], "instances = 2\n"));
     d.wait_state("web", 0, Running, T);
     d.wait_state("web", 1, Running, T);
     let (pid, workers) = (zdt_pid(&d), pids(&d));
@@ -322,16 +313,12 @@ fn an_upgrade_to_a_binary_that_cannot_read_the_state_falls_back_to_the_old_one()
 #[test]
 fn an_upgrade_is_refused_while_a_restart_runs() {
     let port = free_port();
-    let d = Daemon::start(
-        &(header()
-            + &crate::util::demo_program(
-                "web",
-                &["--start-delay", "3000"],
-                &format!(
-                    "listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ notify = true }}\nready_timeout = \"20s\"\n"
-                ),
-            )),
-    );
+    let d = Daemon::start(&notify_demo(
+        "web",
+        port,
+        &["--start-delay", "3000"],
+        "ready_timeout = \"20s\"\n",
+    ));
     d.wait_state("web", 0, Running, T);
     let restart = d.ctl_in_background(&["restart", "web"]);
     wait_for("the restart to start a new generation", T, || {

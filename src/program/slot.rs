@@ -659,6 +659,30 @@ impl Slot {
         self.set_state(&ctx.cfg.name, InstanceState::Starting);
     }
 
+    /// What the process task of a process of generation `gen` needs.
+    fn params(
+        &self,
+        cfg: &ProgramConfig,
+        gen: u64,
+        spec: SpawnSpec,
+        private: Option<PrivateAddr>,
+    ) -> ProcParams {
+        ProcParams {
+            slot: self.index,
+            gen,
+            program: cfg.name.clone(),
+            spec,
+            ready: cfg.ready.clone(),
+            startsecs: cfg.startsecs,
+            ready_timeout: cfg.ready_timeout,
+            watchdog: cfg.watchdog,
+            private,
+            stdout: self.stdout.clone(),
+            stderr: self.stderr.clone(),
+            prefix: format!("[gen {gen}:{}] ", self.index),
+        }
+    }
+
     /// Starts a process of generation `gen` for this slot and returns it.
     fn launch(&mut self, ctx: &SpawnCtx<'_>, gen: u64) -> Proc {
         let cfg = ctx.cfg;
@@ -750,20 +774,7 @@ impl Slot {
         } else {
             instance::launch(
                 ctx.spawner.clone(),
-                ProcParams {
-                    slot: self.index,
-                    gen,
-                    program: cfg.name.clone(),
-                    spec,
-                    ready: cfg.ready.clone(),
-                    startsecs: cfg.startsecs,
-                    ready_timeout: cfg.ready_timeout,
-                    watchdog: cfg.watchdog,
-                    private: private.clone(),
-                    stdout: self.stdout.clone(),
-                    stderr: self.stderr.clone(),
-                    prefix: format!("[gen {gen}:{}] ", self.index),
-                },
+                self.params(cfg, gen, spec, private.clone()),
                 ctx.events.clone(),
             )
         };
@@ -937,20 +948,7 @@ impl Slot {
         };
         let handle = instance::adopt(
             ctx.spawner.clone(),
-            ProcParams {
-                slot: self.index,
-                gen: cp.gen,
-                program: cfg.name.clone(),
-                spec: SpawnSpec::default(),
-                ready: cfg.ready.clone(),
-                startsecs: cfg.startsecs,
-                ready_timeout: cfg.ready_timeout,
-                watchdog: cfg.watchdog,
-                private: private.clone(),
-                stdout: self.stdout.clone(),
-                stderr: self.stderr.clone(),
-                prefix: format!("[gen {}:{}] ", cp.gen, self.index),
-            },
+            self.params(cfg, cp.gen, SpawnSpec::default(), private.clone()),
             adopted,
             ctx.events.clone(),
         );
