@@ -52,16 +52,13 @@ pub async fn run(
     reaper: Reaper,
     signals: mpsc::Receiver<DaemonSignal>,
     systemd: Systemd,
-    found: crate::upgrade::Found,
+    resumed: Option<(crate::upgrade::Carried, Option<String>)>,
 ) -> Result<(), DaemonError> {
-    // After an upgrade: the previous binary's processes are registered
-    // with the reaper before it first reaps.
-    let mut resuming = match found {
-        crate::upgrade::Found::State {
-            carried, failed, ..
-        } => Some(crate::upgrade::resume(*carried, failed, &reaper)),
-        crate::upgrade::Found::Nothing => None,
-    };
+    // After an upgrade (`resumed`: the state and, after a fallback, why the
+    // upgrade failed): the previous binary's processes are registered with
+    // the reaper before it first reaps.
+    let mut resuming =
+        resumed.map(|(carried, failed)| crate::upgrade::resume(carried, failed, &reaper));
     tokio::spawn(reaper.run());
     crate::fds::raise_limit();
     // Orphans of workers (double-forked helpers) become zdt's children, so

@@ -228,20 +228,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (found, carried_config) = match found {
+    let (resumed, carried_config) = match found {
         zdt::upgrade::Found::State {
             carried,
             config,
             failed,
-        } => (
-            zdt::upgrade::Found::State {
-                carried,
-                config: Box::new((*config).clone()),
-                failed,
-            },
-            Some(*config),
-        ),
-        other => (other, None),
+        } => (Some((*carried, failed)), Some(*config)),
+        zdt::upgrade::Found::Nothing => (None, None),
     };
     let run_file = match &args.command {
         Some(Cmd::Run { .. }) if carried_config.is_some() => {
@@ -299,7 +292,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let upgraded = matches!(found, zdt::upgrade::Found::State { .. });
+    let upgraded = resumed.is_some();
     if let Some(name) = config
         .programs
         .keys()
@@ -340,7 +333,7 @@ fn main() -> ExitCode {
                 let result = runtime.block_on(async move {
                     let signals = zdt::signals::daemon_signals()
                         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-                    zdt::daemon::run(config, spawner, reaper, signals, systemd, found)
+                    zdt::daemon::run(config, spawner, reaper, signals, systemd, resumed)
                         .await
                         .map_err(|e| e.to_string())
                 });
