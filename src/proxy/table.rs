@@ -451,7 +451,37 @@ mod tests {
     }
 
     #[test]
-    fn a_drain_waits_on_the_process_even_after_it_is_no_longer_counted() {
+    fn what_crosses_the_boundary_round_trips_as_json() {
+        let set = RouteSet {
+            routes: vec![route(0, 1, 1, 4001)],
+            canary: Some(CanarySplit {
+                generation: 2,
+                stable_generation: 1,
+                percent: 10,
+                header: None,
+                routes: vec![Route {
+                    process: route(0, 2, 2, 1).process,
+                    addr: PrivateAddr::Unix("/run/zdt/web.0.2.sock".into()),
+                }],
+            }),
+            counted: vec![route(1, 1, 3, 1).process],
+        };
+        let text = serde_json::to_string(&set).expect("serialize");
+        assert_eq!(serde_json::from_str::<RouteSet>(&text).expect("parse"), set);
+        let t = table();
+        t.set_proxied(true);
+        t.publish(&set);
+        let counts = t.counters().read().expect("proxied");
+        assert_eq!(counts.processes.len(), 3);
+        let text = serde_json::to_string(&counts).expect("serialize");
+        assert_eq!(
+            serde_json::from_str::<ProgramCounts>(&text).expect("parse"),
+            counts
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_on_the_process_even_after_it_is_no_longer_counted() {
         let t = table();
         let a = route(0, 1, 1, 4001);
         t.publish(&RouteSet {
@@ -462,10 +492,14 @@ mod tests {
         let guard = super::super::InflightGuard::new(up.stats.clone());
         let drain = t.counters().drain(a.process);
         t.publish(&RouteSet::default());
+        let busy = tokio::time::timeout(std::time::Duration::ZERO, drain.idle()).await;
+        assert!(busy.is_err(), "one request is in flight");
         assert_eq!(drain.cut(), 1);
         drop(guard);
+        drain.idle().await;
         assert_eq!(up.stats.counts().served, 1);
         let never = t.counters().drain(route(5, 5, 5, 1).process);
+        never.idle().await;
         assert_eq!(never.cut(), 0);
     }
 }
