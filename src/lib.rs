@@ -4,7 +4,8 @@
 //!
 //! Actors own their state; messages change it; observers read `watch`
 //! snapshots. Nothing is shared behind a lock except the reaper's pid table
-//! (and, in proxy mode, the table of live upstream counters status reads).
+//! (and, in proxy mode, the proxy's table of counters per process, which
+//! status reads).
 //!
 //! ```text
 //!  zdtctl ──NDJSON──► control::server ──ControlRequest──► supervisor (root actor)
@@ -57,8 +58,11 @@
 //!   hands to the program actors and shuts down as it ends. A few current-thread runtimes (nginx's worker
 //!   model) accepts on every proxied socket; a client connection, its requests
 //!   and the upstream pools they use stay on one thread. The program actor
-//!   publishes the routes (a `watch`: the switch is atomic) and reads the
-//!   counters (`proxy::Traffic`, atomics) into status; nothing on the data
+//!   publishes its routes as plain data (`proxy::RouteSet`; the proxy
+//!   builds and owns the upstreams and their pools, and swaps them in with
+//!   one `watch` send: the switch is atomic) and reads the counters back
+//!   (`proxy::Counters`) into status and drains; that boundary could be a
+//!   channel to a proxy in another process. Nothing on the data
 //!   path waits on an actor (a pause holds requests on a `watch` of the
 //!   program's gate, published with its routes). During a canary
 //!   (`program::canary`) the routes carry two generations and a share; each

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Mode, Protocol};
 use crate::control::proto::Reply;
-use crate::proxy::Canary;
+use crate::proxy::CanarySplit;
 use crate::state::{CanaryStatus, GenerationTraffic, InstanceState};
 
 use super::ops::{Op, OpKind};
@@ -202,18 +202,14 @@ impl Program {
     }
 
     /// The canary half of the routes, if a canary runs.
-    pub(super) fn canary_routes(&self) -> Option<Canary> {
+    pub(super) fn canary_routes(&self) -> Option<CanarySplit> {
         let c = self.canary.as_ref()?;
-        Some(Canary {
-            gen: c.gen,
-            stable_gen: c.stable_gen,
+        Some(CanarySplit {
+            generation: c.gen,
+            stable_generation: c.stable_gen,
             percent: c.percent,
-            header: self
-                .config
-                .canary_header
-                .as_ref()
-                .and_then(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).ok()),
-            upstreams: c.slots.iter().filter_map(Slot::route).collect(),
+            header: self.config.canary_header.clone(),
+            routes: c.slots.iter().filter_map(Slot::route).collect(),
         })
     }
 

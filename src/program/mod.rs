@@ -36,7 +36,6 @@ use crate::config::{self, ProgramConfig};
 use crate::control::proto::Reply;
 use crate::instance::{ProcEvent, ProcEventKind};
 use crate::logs::LogSink;
-use crate::proxy::Traffic;
 use crate::spawn::Spawner;
 use crate::state::{InstanceSnapshot, InstanceState, ProgramSnapshot};
 
@@ -213,8 +212,7 @@ macro_rules! ctx {
             events: &$p.events_tx,
             sockets: &$p.sockets,
             ports_in_use: $ports,
-            traffic: &$p.traffic,
-            proxy: &$p.proxy_rt,
+            counters: &$p.counters,
             pins: &$p.pins,
         }
     };
@@ -231,7 +229,7 @@ pub struct ProgramHandle {
     /// The latest snapshot, published by the actor after every change.
     snapshot: watch::Receiver<ProgramSnapshot>,
     /// Request counters (proxy mode), read live into status snapshots.
-    traffic: Arc<Traffic>,
+    counters: crate::proxy::Counters,
 }
 
 impl ProgramHandle {
@@ -244,18 +242,18 @@ impl ProgramHandle {
     /// mode), for status.
     pub fn status(&self) -> ProgramSnapshot {
         let mut snap = self.snapshot();
-        if self.traffic.is_proxied() {
-            snap.requests = Some(self.traffic.totals());
+        if let Some(counts) = self.counters.read() {
+            snap.requests = Some(counts.totals);
             for i in &mut snap.instances {
-                i.requests = self.traffic.of(i.instance, i.generation);
+                i.requests = counts.of(i.instance, i.generation);
             }
             if let Some(crate::state::Hold::Paused { held, .. }) = &mut snap.hold {
-                *held = self.traffic.held();
+                *held = counts.held;
             }
             if let Some(c) = &mut snap.canary {
                 for g in [&mut c.stable, &mut c.canary] {
-                    if let Some((requests, errors, p99)) = self.traffic.of_gen(g.generation) {
-                        (g.requests, g.errors_5xx, g.p99_us) = (requests, errors, p99);
+                    if let Some(n) = counts.of_gen(g.generation) {
+                        (g.requests, g.errors_5xx, g.p99_us) = (n.requests, n.errors_5xx, n.p99_us);
                     }
                 }
             }
@@ -305,9 +303,10 @@ pub fn spawn_program(
         hold: None,
         canary: None,
     });
-    let traffic = Arc::new(Traffic::default());
+    let routes = proxy.table();
+    let counters = routes.counters();
     let mut actor = Program {
-        traffic: traffic.clone(),
+        counters: counters.clone(),
         pins: Default::default(),
         slots: Vec::new(),
         generation: 0,
@@ -325,7 +324,7 @@ pub fn spawn_program(
         queued: None,
         proxy: None,
         proxy_rt: proxy,
-        routes: crate::proxy::RouteTable::new(),
+        routes,
         canary: None,
         config,
     };
@@ -338,7 +337,7 @@ pub fn spawn_program(
         name,
         tx,
         snapshot,
-        traffic,
+        counters,
     }
 }
 
@@ -399,14 +398,14 @@ struct Program {
     /// Proxy mode: the component accepting on the sockets; routes are
     /// published to it after every change.
     proxy: Option<crate::proxy::ProxyHandle>,
-    /// The daemon's proxy component, which runs this program's proxy and
-    /// builds its upstreams.
+    /// The daemon's proxy component, which runs this program's proxy.
     proxy_rt: crate::proxy::Proxy,
-    /// Proxy mode: the routes and drain flag every proxy of this program
-    /// reads, kept across reloads that replace the proxy.
+    /// Proxy mode: the routes (plain data in; the proxy builds its
+    /// upstreams from them), drain flag and gate every proxy of this
+    /// program reads, kept across reloads that replace the proxy.
     routes: crate::proxy::RouteTable,
-    /// The program's request counters (proxy mode).
-    traffic: Arc<Traffic>,
+    /// The program's request counters (proxy mode), read from the proxy.
+    counters: crate::proxy::Counters,
     /// The deploy release of each recent generation.
     pins: slot::ReleasePins,
     /// A reload that arrived during a restart, applied when it is over.
@@ -468,7 +467,7 @@ impl Program {
         // routed by the same live table. A drain in force stays in force:
         // only `undrain` ends it.
         self.proxy = None;
-        self.traffic.set_proxied(cfg.mode == config::Mode::Proxy);
+        self.routes.set_proxied(cfg.mode == config::Mode::Proxy);
         if cfg.mode != config::Mode::Proxy {
             // Nothing of a pass-mode program goes through zdt to hold.
             self.routes.set_gate(crate::proxy::Gate::Open);
@@ -478,7 +477,6 @@ impl Program {
                 &cfg.name,
                 &self.sockets,
                 crate::proxy::Options::of(cfg),
-                self.traffic.clone(),
                 &self.routes,
             ) {
                 Ok(p) => self.proxy = Some(p),
@@ -849,7 +847,7 @@ impl Program {
             ProgramMsg::Resume { reply } => {
                 let result = self.not_proxied("resume").map(|()| {
                     if self.routes.gate() != crate::proxy::Gate::Open {
-                        tracing::info!(program = %self.config.name, held = self.traffic.held(), "resume");
+                        tracing::info!(program = %self.config.name, held = self.counters.held(), "resume");
                     }
                     self.routes.set_gate(crate::proxy::Gate::Open);
                     self.all_snapshots()
@@ -899,7 +897,7 @@ impl Program {
         // The gate first: from here on no request starts (proxy/gate.rs).
         self.routes.set_gate(gate);
         tracing::info!(program = %self.config.name, ?max_pause, "pause");
-        let traffic = self.traffic.clone();
+        let counters = self.counters.clone();
         let mut changes = self.routes.watch_gate();
         let max_wait = self.config.max_wait;
         let name = self.config.name.clone();
@@ -907,13 +905,13 @@ impl Program {
         tokio::spawn(async move {
             let ended = changes.wait_for(|g| !matches!(g, crate::proxy::Gate::Paused { .. }));
             let result = tokio::select! {
-                () = traffic.wait_idle() => Ok(snaps),
+                () = counters.wait_idle() => Ok(snaps),
                 _ = ended => Err(OpError::plain(format!(
                     "{name}: the pause was ended (resume or maintenance) before the requests in flight finished"
                 ))),
                 () = tokio::time::sleep(max_wait) => Err(OpError::plain(format!(
                     "{name}: paused, but {} request(s) still in flight after max_wait ({max_wait:?}); new requests are held until `zdtctl resume {name}`",
-                    traffic.totals().inflight
+                    counters.inflight()
                 ))),
             };
             if let Err(e) = &result {
@@ -1566,12 +1564,11 @@ impl Program {
     }
 
     fn publish(&self) {
-        self.routes.set_split(
-            self.slots.iter().filter_map(Slot::route).collect(),
-            self.canary_routes(),
-        );
-        self.traffic
-            .set_live(self.all_slots().flat_map(Slot::upstream_stats).collect());
+        self.routes.publish(&crate::proxy::RouteSet {
+            routes: self.slots.iter().filter_map(Slot::route).collect(),
+            canary: self.canary_routes(),
+            counted: self.all_slots().flat_map(Slot::counted).collect(),
+        });
         let new = ProgramSnapshot {
             requests: None,
             name: self.config.name.clone(),

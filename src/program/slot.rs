@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::config::{AutoRestart, LogConfig, Mode, ProgramConfig, Ready, UpstreamKind};
 use crate::instance::{self, ProcCmd, ProcEvent, ProcEventKind, ProcFds, ProcHandle, ProcParams};
 use crate::logs::LogSink;
-use crate::proxy::{PrivateAddr, Traffic, Upstream, UpstreamStats};
+use crate::proxy::{Counters, PrivateAddr, ProcessId, Route};
 use crate::spawn::{ExitStatus, SpawnSpec, Spawner};
 use crate::state::{now_ms, ExitInfo, InstanceSnapshot, InstanceState};
 
@@ -64,13 +64,15 @@ pub(super) enum AfterExit {
 
 struct Proc {
     handle: ProcHandle,
-    /// Proxy mode: the process's private address and connection pools, while
-    /// requests may be routed to it. Dropped when it starts to drain, so its
-    /// idle upstream connections close once no request holds them.
-    upstream: Option<Arc<Upstream>>,
-    /// Proxy mode: its private port (none for a unix socket) and request
-    /// counters, for its whole life.
-    private: Option<(Option<u16>, Arc<UpstreamStats>)>,
+    /// Which process it is, for the proxy's routes and counters.
+    id: ProcessId,
+    /// Proxy mode: its private address and the program's counters, for its
+    /// whole life (its requests are counted while it lives).
+    private: Option<(PrivateAddr, Counters)>,
+    /// Proxy mode: whether requests may be routed to it (when RUNNING).
+    /// Cleared when it starts to drain: the proxy then lets go of its
+    /// upstream, whose idle connections close once no request holds them.
+    routable: bool,
     /// Proxy mode with `upstream = "unix"`: the socket file, removed with the process.
     socket_path: Option<std::path::PathBuf>,
     gen: u64,
@@ -97,6 +99,9 @@ impl Drop for Proc {
     }
 }
 
+/// The serial of the next process zdt starts or adopts ([`ProcessId`]).
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// What a slot needs to spawn a process.
 pub(super) struct SpawnCtx<'a> {
     pub cfg: &'a ProgramConfig,
@@ -105,10 +110,8 @@ pub(super) struct SpawnCtx<'a> {
     pub sockets: &'a [Arc<OwnedFd>],
     /// Private ports of live processes (proxy mode), never handed out twice.
     pub ports_in_use: &'a [u16],
-    /// The program's request counters (proxy mode).
-    pub traffic: &'a Arc<Traffic>,
-    /// The proxy component upstreams are built by (proxy mode).
-    pub proxy: &'a crate::proxy::Proxy,
+    /// The program's request counters (proxy mode), which drains wait on.
+    pub counters: &'a Counters,
     /// The release each recent generation runs in (programs with a deploy
     /// root): a process respawned after a crash keeps its generation's.
     pub pins: &'a ReleasePins,
@@ -139,20 +142,17 @@ fn release_of(ctx: &SpawnCtx<'_>, gen: u64) -> Option<crate::deploy::Release> {
 /// `max_wait` passed), at once otherwise; SIGKILL after `kill_timeout`.
 fn drain_then_stop(p: &mut Proc, cfg: &ProgramConfig) {
     let (signal, kill_after) = (cfg.stop_signal, cfg.kill_timeout);
-    p.upstream = None;
-    let Some((_, stats)) = &p.private else {
+    p.routable = false;
+    let Some((_, counters)) = &p.private else {
         p.handle.send(ProcCmd::Stop { signal, kill_after });
         return;
     };
-    let (stats, handle, max_wait) = (stats.clone(), p.handle.clone(), cfg.max_wait);
+    let (drain, handle, max_wait) = (counters.drain(p.id), p.handle.clone(), cfg.max_wait);
     tokio::spawn(async move {
-        if tokio::time::timeout(max_wait, stats.wait_idle())
-            .await
-            .is_err()
-        {
-            stats.cutting();
+        if tokio::time::timeout(max_wait, drain.idle()).await.is_err() {
+            let inflight = drain.cut();
             tracing::warn!(
-                inflight = stats.inflight(),
+                inflight,
                 "max_wait passed with requests in flight; stopping anyway (they will be cut)"
             );
         }
@@ -336,12 +336,16 @@ impl Slot {
         self.proc.is_none() && self.next.is_none() && self.draining.is_empty()
     }
 
-    /// Proxy mode: the upstream of the current process if it is RUNNING.
-    pub fn route(&self) -> Option<Arc<Upstream>> {
+    /// Proxy mode: the route to the current process if it is RUNNING.
+    pub fn route(&self) -> Option<Route> {
         if self.state != InstanceState::Running {
             return None;
         }
-        self.proc.as_ref().and_then(|p| p.upstream.clone())
+        let p = self.proc.as_ref().filter(|p| p.routable)?;
+        p.private.as_ref().map(|(addr, _)| Route {
+            process: p.id,
+            addr: addr.clone(),
+        })
     }
 
     /// Private ports held by this slot's live processes.
@@ -350,7 +354,7 @@ impl Slot {
             .iter()
             .chain(&self.next)
             .chain(&self.draining)
-            .filter_map(|p| p.private.as_ref().and_then(|(port, _)| *port))
+            .filter_map(|p| p.private.as_ref().and_then(|(addr, _)| addr.port()))
     }
 
     /// Generation of the current process (0 if none).
@@ -555,7 +559,8 @@ impl Slot {
                 let cut = old
                     .private
                     .as_ref()
-                    .map_or(0, |(_, s)| s.counts().cut + s.inflight());
+                    .and_then(|(_, c)| c.of(old.id))
+                    .map_or(0, |c| c.cut + c.inflight);
                 if killed || cut > 0 {
                     let text = match &old.private {
                         // Pass: SIGKILL came at max_wait.
@@ -782,12 +787,12 @@ impl Slot {
             Some(PrivateAddr::Unix(p)) => Some(p.clone()),
             _ => None,
         };
-        let upstream = private.map(|a| ctx.proxy.upstream(a, ctx.traffic, gen));
         Proc {
-            upstream: upstream.clone(),
+            id: self.process_id(gen),
+            routable: private.is_some(),
+            private: private.map(|a| (a, ctx.counters.clone())),
             socket_path,
             handle,
-            private: upstream.as_ref().map(|u| (u.addr.port(), u.stats.clone())),
             gen,
             pid: None,
             started_ms: None,
@@ -880,7 +885,7 @@ impl Slot {
                     pid,
                     ready: self.state == InstanceState::Running,
                     gen: p.gen,
-                    private_port: p.private.as_ref().and_then(|(port, _)| *port),
+                    private_port: p.private.as_ref().and_then(|(addr, _)| addr.port()),
                     socket_path: p.socket_path.clone(),
                     started_ms: p.started_ms,
                     stdout_fd: raw(&p.keep.stdout),
@@ -952,10 +957,10 @@ impl Slot {
             adopted,
             ctx.events.clone(),
         );
-        let upstream = private.map(|a| ctx.proxy.upstream(a, ctx.traffic, cp.gen));
         self.proc = Some(Proc {
-            private: upstream.as_ref().map(|u| (u.addr.port(), u.stats.clone())),
-            upstream,
+            id: self.process_id(cp.gen),
+            routable: private.is_some(),
+            private: private.map(|a| (a, ctx.counters.clone())),
             socket_path: cp.socket_path,
             handle,
             gen: cp.gen,
@@ -1161,19 +1166,24 @@ impl Slot {
         }
     }
 
-    /// (instance, generation, counters) of each of its processes with a
-    /// private address (proxy mode).
-    pub fn upstream_stats(&self) -> Vec<(u32, u64, Arc<UpstreamStats>)> {
+    /// Each of its processes with a private address (proxy mode): their
+    /// requests are counted.
+    pub fn counted(&self) -> impl Iterator<Item = ProcessId> + '_ {
         self.proc
             .iter()
             .chain(self.next.iter())
             .chain(self.draining.iter())
-            .filter_map(|p| {
-                p.private
-                    .as_ref()
-                    .map(|(_, stats)| (self.index as u32, p.gen, stats.clone()))
-            })
-            .collect()
+            .filter(|p| p.private.is_some())
+            .map(|p| p.id)
+    }
+
+    /// A new process's id: this instance, generation `gen`, the next serial.
+    fn process_id(&self, gen: u64) -> ProcessId {
+        ProcessId {
+            instance: self.index as u32,
+            generation: gen,
+            serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// The slot's row, then one row per candidate or draining process.

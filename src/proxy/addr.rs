@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Where one process of one generation listens, chosen by zdt.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PrivateAddr {
     /// `127.0.0.1:PORT` (`PORT`, `{port}`).
     Tcp(SocketAddr),

@@ -34,7 +34,7 @@ pub const COOKIE: &str = "zdt_canary";
 
 /// The canary half of a program's routes.
 #[derive(Debug)]
-pub struct Canary {
+pub(crate) struct Canary {
     /// The canary generation.
     pub gen: u64,
     /// The generation that keeps the rest of the traffic.

@@ -1,12 +1,36 @@
 //! Proxy mode: zdt accepts on the sockets it owns and forwards each HTTP
 //! request to a ready instance's private address, so it sees every request.
 //!
-//! The proxy is a component given listening sockets and a routing table: the
-//! program actor publishes the table ([`RouteTable::set_routes`], one `watch`
-//! send: the switch between generations is atomic), and each [`Upstream`]
-//! counts its requests in flight with an RAII guard held until the response
-//! body has been sent. The data path never waits on an actor. (Built so that it
-//! can later run in a process of its own, behind the same interface.)
+//! The proxy is a component given listening sockets and a routing table,
+//! reporting request counters. A program actor talks to it only across the
+//! boundary below, in plain data, so that the proxy can later run in a
+//! process of its own (`zdt proxy`) with these calls carried as messages.
+//! The data path never waits on an actor: it reads the routes the table
+//! built (one `watch` borrow per request; switching generations is one
+//! `send`) and counts each request in flight with an RAII guard held until
+//! the response body has been sent.
+//!
+//! # The boundary
+//!
+//! | direction | call                                   | carries                                        |
+//! |-----------|----------------------------------------|------------------------------------------------|
+//! | in        | [`Proxy::table`]                       | a new program's [`RouteTable`]                 |
+//! | in        | [`Proxy::start`] → [`ProxyHandle`]     | listening sockets, [`Options`]; drop: stop accepting |
+//! | in        | [`RouteTable::publish`]                | a [`RouteSet`]: [`Route`]s (process, address), the [`CanarySplit`], the counted [`ProcessId`]s |
+//! | in        | [`RouteTable::set_draining`], [`RouteTable::set_gate`], [`RouteTable::set_proxied`] | a flag, a [`Gate`] |
+//! | in        | [`Proxy::retire`], [`Proxy::shutdown`] | before an exec, at exit                        |
+//! | out       | [`Counters::read`]                     | a [`ProgramCounts`]: totals, held, per process, per generation |
+//! | out       | [`Counters::wait_idle`], [`Counters::drain`] → [`Drain::idle`] | "in flight reached zero", for the whole program (pause) or one process (drain); [`Drain::cut`] marks the rest cut at `max_wait` |
+//!
+//! What goes in holds no data-path object: the proxy owns every upstream
+//! and its connection pools. On each publish the table keeps the upstream
+//! of a process that stays routed (same [`ProcessId`], same address),
+//! builds one for a newly routed process, and lets go of the rest; an
+//! upstream no longer routed closes its idle connections once no request
+//! holds it. Counters live per counted process, from the first publish that
+//! counts it to the first that leaves it out; a [`Drain`] keeps its
+//! process's counters past that. Over a channel, the waits would be
+//! requests answered when the count reaches zero.
 //!
 //! Two HTTP paths share this: ordinary HTTP/1.1 requests go through
 //! `relay.rs` (zdt's own head parsing and body relaying), and what it hands
@@ -16,9 +40,11 @@
 //! # Component map
 //!
 //! ```text
-//!  program actor ──RouteTable (routes: watch, drain flag, gate)──┐
-//!                 ◄──Traffic / UpstreamStats (atomics)───────┐   │
-//!                                                            │   ▼
+//!  program actor ──RouteTable: RouteSet (plain), drain flag, gate──┐
+//!                 ◄──Counters: ProgramCounts, idle waits─────────┐  │
+//!                                                                │  ▼
+//!  table.rs     the boundary: RouteTable (builds Routes and their
+//!               Upstreams from a RouteSet), Counters, Drain
 //!  mod.rs       start(): given sockets, options, a table → ProxyHandle
 //!  workers.rs   the proxy threads (one current-thread runtime each),
 //!               per-thread idle lists, which thread a connection goes to
@@ -36,11 +62,11 @@
 //!     │            framing.rs  the request framing check the hyper path reads
 //!     │                        through (holds back what follows an Upgrade)
 //!     └─ tcp ──► tcp.rs       bytes, copied then spliced (splice.rs)
-//!  route.rs     RouteTable (routes, drain flag, gate), Routes, Upstream;
-//!               route(): the gate (gate.rs), then pick/choose the least
+//!  route.rs     Routes, Upstream (a routed process: address, counters,
+//!               pools); route(): the gate (gate.rs), then pick/choose the least
 //!               loaded upstream (canary.rs splits by generation)
-//!  traffic.rs   counters: Traffic, UpstreamStats, InflightGuard (drain waits
-//!               on their in-flight counts: Traffic::wait_idle)
+//!  traffic.rs   counters: Traffic, UpstreamStats (per counted process),
+//!               InflightGuard (drain waits on their in-flight counts)
 //!  answers.rs   what a refused request gets (503: no instance, closed gate)
 //!  addr.rs      private addresses (TCP port or Unix socket) and connecting
 //! ```
@@ -90,16 +116,23 @@ mod relay;
 mod retire;
 mod route;
 mod splice;
+mod table;
 mod tcp;
 mod traffic;
 mod workers;
 
 pub use addr::PrivateAddr;
-pub use canary::{Canary, GenStats, COOKIE as CANARY_COOKIE};
+pub use canary::{GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
 pub use retire::Retired;
-pub use route::{RouteTable, Routes, Upstream};
-pub use traffic::{Traffic, UpstreamStats};
+pub use table::{
+    CanarySplit, Counters, Drain, GenerationCounts, ProcessId, ProgramCounts, Route, RouteSet,
+    RouteTable,
+};
+
+use canary::Canary;
+use route::{Routes, Upstream};
+use traffic::Traffic;
 
 /// The parsers the fuzz targets call ([`crate::fuzz`]).
 pub(crate) use {framing::fuzz as framing_fuzz, relay::fuzz as relay_fuzz};
@@ -221,17 +254,16 @@ impl Proxy {
         program: &str,
         sockets: &[Arc<OwnedFd>],
         options: Options,
-        traffic: Arc<Traffic>,
         table: &RouteTable,
     ) -> std::io::Result<ProxyHandle> {
-        start(&self.workers, program, sockets, options, traffic, table)
+        start(&self.workers, program, sockets, options, table)
     }
 
-    /// An upstream at `addr`, a process of generation `gen` of the program
-    /// counted in `program`, with its connection pools on this proxy's
-    /// threads.
-    pub fn upstream(&self, addr: PrivateAddr, program: &Arc<Traffic>, gen: u64) -> Arc<Upstream> {
-        Upstream::new(addr, program, gen, self.workers.count())
+    /// A new program's routing table on this proxy: empty, not draining,
+    /// gate open. Its upstreams keep their connection pools on this
+    /// proxy's threads.
+    pub fn table(&self) -> RouteTable {
+        RouteTable::new(self.workers.clone())
     }
 
     /// Hands over before zdt re-executes itself: every accept loop stops
@@ -268,7 +300,6 @@ fn start(
     program: &str,
     sockets: &[Arc<OwnedFd>],
     options: Options,
-    traffic: Arc<Traffic>,
     table: &RouteTable,
 ) -> std::io::Result<ProxyHandle> {
     let stop = CancellationToken::new();
@@ -291,7 +322,7 @@ fn start(
         routes: table.routes.subscribe(),
         options,
         next: AtomicUsize::new(0),
-        traffic,
+        traffic: table.traffic.clone(),
         workers: workers.clone(),
     });
     let threads = workers.handles();

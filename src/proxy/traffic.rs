@@ -1,13 +1,15 @@
 //! The counters: a program's [`Traffic`] (its totals, its generations'
-//! counters and the live table `zdtctl status` reads), each upstream's
-//! [`UpstreamStats`], and the [`InflightGuard`] a request holds while it is in
-//! flight, which drain waits on ([`Traffic::wait_idle`]).
+//! counters and the live table `zdtctl status` reads), each counted
+//! process's [`UpstreamStats`], and the [`InflightGuard`] a request holds
+//! while it is in flight, which drain waits on ([`Traffic::wait_idle`]).
+//! The program actor reads them through `table.rs`'s `Counters`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use super::table::{GenerationCounts, ProcessId, ProgramCounts};
 use super::{GenStats, RequestCounts};
 
 /// Request counters of one program, across all its generations, and the
@@ -20,8 +22,8 @@ pub struct Traffic {
     pub(super) unavailable: AtomicU64,
     /// Requests (tcp: connections) held at a paused gate right now.
     pub(super) held: AtomicU64,
-    /// (instance, generation, counters) of every process with a private address.
-    live: Mutex<Vec<(u32, u64, Arc<UpstreamStats>)>>,
+    /// The counters of every counted process (see `RouteSet::counted`).
+    live: Mutex<Vec<(ProcessId, Arc<UpstreamStats>)>>,
     proxied: AtomicBool,
     /// Counters per generation (newest few), shared by the generation's
     /// processes so a crash does not reset them.
@@ -42,11 +44,66 @@ impl Traffic {
         self.proxied.load(Ordering::Relaxed)
     }
 
-    /// Replaces the table of live upstreams (the program actor calls this
-    /// after every change).
-    pub fn set_live(&self, live: Vec<(u32, u64, Arc<UpstreamStats>)>) {
-        if let Ok(mut l) = self.live.lock() {
-            *l = live;
+    /// Keeps the counters of the processes in `ids` (new ones start at
+    /// zero), drops the others; the table as it is then.
+    pub(super) fn set_live(
+        self: &Arc<Self>,
+        ids: impl Iterator<Item = ProcessId>,
+    ) -> Vec<(ProcessId, Arc<UpstreamStats>)> {
+        let mut l = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut live: Vec<(ProcessId, Arc<UpstreamStats>)> = Vec::with_capacity(l.len());
+        for id in ids {
+            if live.iter().any(|(i, _)| *i == id) {
+                continue;
+            }
+            let stats = match l.iter().find(|(i, _)| *i == id) {
+                Some((_, s)) => s.clone(),
+                None => Arc::new(UpstreamStats::new(
+                    self.clone(),
+                    self.gen_stats(id.generation),
+                )),
+            };
+            live.push((id, stats));
+        }
+        *l = live.clone();
+        live
+    }
+
+    /// The counters of process `id`, if it is counted.
+    pub(super) fn stats_of(&self, id: ProcessId) -> Option<Arc<UpstreamStats>> {
+        let l = self.live.lock().ok()?;
+        l.iter().find(|(i, _)| *i == id).map(|(_, s)| s.clone())
+    }
+
+    /// Everything, as plain data.
+    pub(super) fn read(&self) -> ProgramCounts {
+        let processes = self
+            .live
+            .lock()
+            .map(|l| l.iter().map(|(id, s)| (*id, s.counts())).collect())
+            .unwrap_or_default();
+        let generations = self
+            .gens
+            .lock()
+            .map(|g| {
+                g.iter()
+                    .map(|(generation, s)| {
+                        let (requests, errors_5xx, p99_us) = s.read();
+                        GenerationCounts {
+                            generation: *generation,
+                            requests,
+                            errors_5xx,
+                            p99_us,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ProgramCounts {
+            totals: self.totals(),
+            held: self.held(),
+            processes,
+            generations,
         }
     }
 
@@ -55,7 +112,7 @@ impl Traffic {
         let inflight = self
             .live
             .lock()
-            .map(|l| l.iter().map(|(_, _, s)| s.inflight()).sum())
+            .map(|l| l.iter().map(|(_, s)| s.inflight()).sum())
             .unwrap_or(0);
         RequestCounts {
             inflight,
@@ -77,8 +134,8 @@ impl Traffic {
         loop {
             let busy = self.live.lock().ok().and_then(|l| {
                 l.iter()
-                    .find(|(_, _, s)| s.inflight() > 0)
-                    .map(|(_, _, s)| s.clone())
+                    .find(|(_, s)| s.inflight() > 0)
+                    .map(|(_, s)| s.clone())
             });
             match busy {
                 Some(s) => s.wait_idle().await,
@@ -89,7 +146,7 @@ impl Traffic {
 
     /// The counters of generation `gen`, created on first use; only the
     /// newest `GENS_KEPT` generations are kept.
-    pub fn gen_stats(&self, gen: u64) -> Arc<GenStats> {
+    fn gen_stats(&self, gen: u64) -> Arc<GenStats> {
         let mut gens = self.gens.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, s)) = gens.iter().find(|(g, _)| *g == gen) {
             return s.clone();
@@ -100,24 +157,9 @@ impl Traffic {
         gens.truncate(GENS_KEPT);
         s
     }
-
-    /// Requests, 5xx answers and p99 latency (µs) of generation `gen`.
-    pub fn of_gen(&self, gen: u64) -> Option<(u64, u64, Option<u64>)> {
-        let gens = self.gens.lock().ok()?;
-        gens.iter().find(|(g, _)| *g == gen).map(|(_, s)| s.read())
-    }
-
-    /// The counters of one live process, if it has a private address.
-    pub fn of(&self, instance: u32, generation: u64) -> Option<RequestCounts> {
-        let live = self.live.lock().ok()?;
-        let (_, _, s) = live
-            .iter()
-            .find(|(i, g, _)| *i == instance && *g == generation)?;
-        Some(s.counts())
-    }
 }
 
-/// Counters of one upstream (one process of one generation).
+/// Counters of one counted process.
 #[derive(Debug)]
 pub struct UpstreamStats {
     inflight: AtomicU64,

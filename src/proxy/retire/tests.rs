@@ -12,7 +12,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::Retired;
 use crate::config::Protocol;
-use crate::proxy::{Options, PrivateAddr, Proxy, ProxyHandle, RouteTable, Traffic};
+use crate::proxy::{
+    Options, PrivateAddr, ProcessId, Proxy, ProxyHandle, Route, RouteSet, RouteTable,
+};
 
 /// Bound on every wait for something that should happen.
 const WAIT: Duration = Duration::from_secs(5);
@@ -183,7 +185,6 @@ struct Fixture {
     proxy: Proxy,
     up: Upstream,
     table: RouteTable,
-    traffic: Arc<Traffic>,
     handles: Vec<ProxyHandle>,
 }
 
@@ -191,14 +192,22 @@ impl Fixture {
     async fn new() -> Self {
         let up = Upstream::start().await;
         let proxy = Proxy::new(2);
-        let traffic = Arc::new(Traffic::default());
-        let table = RouteTable::new();
-        table.set_routes(vec![proxy.upstream(PrivateAddr::Tcp(up.addr), &traffic, 1)]);
+        let table = proxy.table();
+        table.publish(&RouteSet {
+            routes: vec![Route {
+                process: ProcessId {
+                    instance: 0,
+                    generation: 1,
+                    serial: 1,
+                },
+                addr: PrivateAddr::Tcp(up.addr),
+            }],
+            ..RouteSet::default()
+        });
         Self {
             proxy,
             up,
             table,
-            traffic,
             handles: Vec::new(),
         }
     }
@@ -221,7 +230,7 @@ impl Fixture {
         };
         let handle = self
             .proxy
-            .start("t", &[fd], options, self.traffic.clone(), &self.table)
+            .start("t", &[fd], options, &self.table)
             .expect("start the proxy");
         self.handles.push(handle);
         addr
