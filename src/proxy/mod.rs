@@ -82,6 +82,7 @@ mod addr;
 mod answers;
 mod body;
 mod canary;
+mod codec;
 mod framing;
 mod gate;
 mod hyper_path;
