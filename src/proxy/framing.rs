@@ -7,21 +7,23 @@
 //! `chunked` (hyper takes `identity, chunked` or two of them as chunked), a
 //! `Content-Length` that is not plain digits or too large (hyper: 431), two
 //! `Host`s, none in HTTP/1.1 (RFC 9112 3.2), and a request line over
-//! [`MAX_REQUEST_LINE`](super::codec::MAX_REQUEST_LINE): the rules of the
-//! codec (`codec/`), the ones the relay applies. A [`Framing`] reader
-//! follows the client's byte stream (heads, ended by CRLF or bare LF lines
-//! as hyper reads them, then bodies by their length, or by their chunks
-//! with the codec's follower read as hyper reads them) and, when a head is
-//! refused, turns the
-//! final byte of the blank line ending it into one no header line may hold,
-//! so hyper answers 400 and the request goes nowhere.
+//! [`MAX_REQUEST_LINE`](super::codec::MAX_REQUEST_LINE): the codec's rules
+//! (`codec/`), the ones the relay applies.
+//!
+//! A [`Framing`] reader follows the client's byte stream as hyper reads it:
+//! heads, ended by CRLF or bare LF lines and parsed by httparse as hyper
+//! parses them, then bodies by their length, or by their chunks with the
+//! codec's follower read as hyper's decoder reads them. When a head is
+//! refused, it turns the final byte of the blank line ending it into one no
+//! header line may hold, so hyper answers 400 and the request goes nowhere.
 //!
 //! After an `Upgrade` or `CONNECT` request the bytes that follow are a
 //! tunnel's if the answer switches protocols, or the next request if not:
 //! the reader holds them back until the handler has answered it (through
 //! the connection's [`Gate`]), then stops watching or goes on. What it
-//! cannot follow (a head longer than hyper takes) ends the watching for that
-//! connection: hyper refuses such a head anyway.
+//! cannot follow (a head longer than hyper takes, a head or a chunked body
+//! hyper refuses) ends the watching for that connection: hyper reads no
+//! further on it either.
 
 #[doc(hidden)]
 pub mod fuzz;
