@@ -36,8 +36,7 @@
 //!     │   relay/idle.rs       the relay's pooled upstream connections
 //!     │     └ hands over ─► hyper_path.rs  hyper server + client
 //!     │                       (pool.rs, body.rs), Upgrade tunnels
-//!     │   framing.rs          the framing check the hyper path reads through:
-//!     │                       refuses ambiguous heads, holds back after Upgrade
+//!     │   framing.rs          the hyper path's framing check, Upgrade hold-back
 //!     │   codec/mod.rs        HTTP/1 codec of both: body framing, header names
 //!     │   codec/request.rs    request heads: framing rules, parse, head end
 //!     │   codec/response.rs   response heads from a worker
