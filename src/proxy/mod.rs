@@ -33,9 +33,10 @@
 //! requests answered when the count reaches zero.
 //!
 //! Two HTTP paths share this: ordinary HTTP/1.1 requests go through
-//! `relay.rs` (zdt's own head parsing and body relaying), and what it hands
-//! over (HTTP/1.0, Upgrade, Expect, malformed heads) through hyper's server
-//! and client (`hyper_path.rs`).
+//! `relay.rs` (zdt's own head parsing and body relaying, with the codec in
+//! `codec/`), and what it hands over (HTTP/1.0, Upgrade, Expect, malformed
+//! heads) through hyper's server and client (`hyper_path.rs`), read through
+//! `framing.rs`, which judges heads and follows bodies with the same codec.
 //!
 //! # Component map
 //!
@@ -54,13 +55,18 @@
 //!               paused, connections closed at a request boundary (idle
 //!               ones after a grace), waits for them; Retired resumes on drop
 //!     │ client connection
-//!     ├─ http ─► relay.rs     HTTP/1.1 relay: parse the head, route, forward
-//!     │                       head and body (its chunk parser), pooled conns;
-//!     │                       the GET/HEAD/OPTIONS resend rule
-//!     │            └ hands over ─► hyper_path.rs  hyper server + client
-//!     │                            (pool.rs, body.rs), Upgrade tunnels
-//!     │            framing.rs  the request framing check the hyper path reads
-//!     │                        through (holds back what follows an Upgrade)
+//!     ├─ http ─► relay.rs     HTTP/1.1 relay: a connection's loop, hand-over
+//!     │   relay/forward.rs    one request: drain, send, resend rule, 502/504
+//!     │   relay/bodies.rs     bodies both ways by their framing (duplex)
+//!     │   relay/buffer.rs     read buffers kept per thread between uses
+//!     │   relay/idle.rs       the relay's pooled upstream connections
+//!     │     └ hands over ─► hyper_path.rs  hyper server + client
+//!     │                       (pool.rs, body.rs), Upgrade tunnels
+//!     │   framing.rs          the hyper path's framing check, Upgrade hold-back
+//!     │   codec/mod.rs        HTTP/1 codec of both: body framing, header names
+//!     │   codec/request.rs    request heads: framing rules, parse, head end
+//!     │   codec/response.rs   response heads from a worker
+//!     │   codec/chunked.rs    the chunk follower (strict, or as hyper reads)
 //!     └─ tcp ──► tcp.rs       bytes, copied then spliced (splice.rs)
 //!  route.rs     Routes, Upstream (a routed process: address, counters,
 //!               pools); route(): the gate (gate.rs), then pick/choose the least
@@ -108,6 +114,7 @@ mod addr;
 mod answers;
 mod body;
 mod canary;
+mod codec;
 mod framing;
 mod gate;
 mod hyper_path;

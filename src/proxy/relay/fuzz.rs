@@ -1,14 +1,15 @@
-//! The relay's request head parser and chunked body follower, as they are,
+//! The relay's request head parser and chunked body follower (the codec's),
+//! as they are,
 //! behind wrappers the fuzz targets (fuzz/) can call. Nothing here is used
 //! by zdt itself.
 
-use super::{parse_request, Chunks, Framing, Parsed as Inner, MAX_EXTENSION, MAX_TRAILERS};
+use crate::proxy::codec::{parse_request, Chunks, Framing, Grammar, Parsed as Inner, Strict};
 
 /// Longest chunk extension the follower takes.
-pub const CHUNK_EXTENSION_MAX: usize = MAX_EXTENSION as usize;
+pub const CHUNK_EXTENSION_MAX: usize = Strict::MAX_EXTENSION as usize;
 
 /// Most trailer bytes (names and values) the follower takes.
-pub const CHUNK_TRAILERS_MAX: usize = MAX_TRAILERS as usize;
+pub const CHUNK_TRAILERS_MAX: usize = Strict::MAX_TRAILERS as usize;
 
 /// How the relay frames a request body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +84,7 @@ pub fn parse_request_head(
 
 /// Follows a chunked body from its first byte.
 #[derive(Debug)]
-pub struct ChunkedBody(Chunks);
+pub struct ChunkedBody(Chunks<Strict>);
 
 impl Default for ChunkedBody {
     fn default() -> Self {
@@ -100,6 +101,6 @@ impl ChunkedBody {
 
     /// Whether the body has ended.
     pub fn is_done(&self) -> bool {
-        self.0 == Chunks::Done
+        self.0.is_done()
     }
 }
