@@ -54,11 +54,24 @@ fn proc_stat(pid: u32) -> Option<(char, u32, u64)> {
     parse_stat(&text)
 }
 
-/// Parses a `/proc/PID/stat` line (the command name may hold spaces and
-/// parentheses: fields are counted after the last ')').
-fn parse_stat(text: &str) -> Option<(char, u32, u64)> {
+/// The parent pid of `pid`, from `/proc/PID/stat`.
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields[1] is field 4, ppid.
+    stat_fields(&text)?.get(1)?.parse().ok()
+}
+
+/// The fields of a `/proc/PID/stat` line from field 3 (state) on: the
+/// command name before them may hold spaces and parentheses, so they are
+/// counted after the last ')'.
+fn stat_fields(text: &str) -> Option<Vec<&str>> {
     let (_, rest) = text.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(rest.split_whitespace().collect())
+}
+
+/// Parses a `/proc/PID/stat` line: (state, pgrp, start time).
+fn parse_stat(text: &str) -> Option<(char, u32, u64)> {
+    let fields = stat_fields(text)?;
     // fields[0] is field 3 (state); pgrp is field 5, starttime field 22.
     let state = fields.first()?.chars().next()?;
     let pgrp = fields.get(2)?.parse().ok()?;

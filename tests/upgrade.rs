@@ -212,6 +212,41 @@ fn an_instance_still_starting_is_carried_and_its_readiness_checked_by_the_new_bi
 }
 
 #[test]
+fn after_upgrades_the_workers_still_die_with_zdt() {
+    // `old` is forked by the first binary and adopted twice; `new` by the
+    // second binary and adopted once. PR_SET_PDEATHSIG ties each to the
+    // thread that forked it: both must end when zdt is killed.
+    let (p1, p2) = (free_port(), free_port());
+    let mut d = Daemon::start(
+        &(notify_demo("old", p1, &[], "")
+            + &crate::util::demo_program(
+                "new",
+                &[],
+                &format!("listen = [\"tcp://127.0.0.1:{p2}\"]\nready = {{ notify = true }}\n"),
+            )),
+    );
+    let old = d.wait_state("old", 0, Running, T).pid.expect("pid");
+    upgrade_ok(&d, &[]);
+    let out = d.ctl(&["restart", "new"]);
+    assert!(out.status.success(), "{out:?}");
+    let new = d.wait_state("new", 0, Running, T).pid.expect("pid");
+    upgrade_ok(&d, &[]);
+    assert_eq!(d.instance("old", 0).pid, Some(old));
+    assert_eq!(d.instance("new", 0).pid, Some(new));
+    d.signal(libc::SIGKILL);
+    d.wait_exit(T);
+    for pid in [old, new] {
+        wait_for("the worker to die with zdt", T, || {
+            if crate::util::alive(pid) {
+                Err(format!("{pid} still runs"))
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
+
+#[test]
 fn sigusr2_upgrades_in_place() {
     let port = free_port();
     let d = Daemon::start(&notify_demo("web", port, &[], ""));

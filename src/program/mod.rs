@@ -350,6 +350,17 @@ struct BackoffDone {
     canary: bool,
 }
 
+impl BackoffDone {
+    /// Sends this to the actor's `timers` after `delay`.
+    fn after(self, delay: Duration, timers: &mpsc::UnboundedSender<BackoffDone>) {
+        let timers = timers.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = timers.send(self);
+        });
+    }
+}
+
 /// A canary in progress: the new generation serves `percent` % of new
 /// clients beside the old one. Each instance of the canary has a slot of
 /// its own here, with the whole state machine (a crash restarts it in its
@@ -634,15 +645,12 @@ impl Program {
                 continue;
             };
             if let Some(delay) = slot.adopt(&ctx, c) {
-                let (timers, epoch) = (timers.clone(), slot.backoff_epoch());
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = timers.send(BackoffDone {
-                        slot: index,
-                        epoch,
-                        canary: false,
-                    });
-                });
+                BackoffDone {
+                    slot: index,
+                    epoch: slot.backoff_epoch(),
+                    canary: false,
+                }
+                .after(delay, timers);
             }
         }
         tracing::info!(program = %self.config.name, generation = self.generation, "taken over from the previous binary");
@@ -1397,15 +1405,12 @@ impl Program {
             slot::Role::Current => {}
         }
         let later = |delay: Duration, epoch: u64| {
-            let (timers, slot) = (timers.clone(), ev.slot);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = timers.send(BackoffDone {
-                    slot,
-                    epoch,
-                    canary: in_canary,
-                });
-            });
+            BackoffDone {
+                slot: ev.slot,
+                epoch,
+                canary: in_canary,
+            }
+            .after(delay, timers);
         };
         match ev.kind {
             ProcEventKind::Spawned { pid, keep } => slot.on_spawned(pid, keep),

@@ -50,17 +50,16 @@ pub const FAILED_VAR: &str = "ZDT_UPGRADE_FAILED";
 /// Makes the new binary refuse the carried state (tests of the fallback).
 pub const REFUSE_VAR: &str = "ZDT_UPGRADE_REFUSE";
 
-/// Variables never passed on to the next binary: the hand-over's own and
-/// the ones zdt's service manager meant for the first start only.
-const DROPPED: [&str; 7] = [
-    STATE_VAR,
-    FALLBACK_VAR,
-    FAILED_VAR,
-    REFUSE_VAR,
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-];
+/// The hand-over's own variables: taken by the binary they are meant for.
+const HAND_OVER: [&str; 4] = [STATE_VAR, FALLBACK_VAR, FAILED_VAR, REFUSE_VAR];
+
+/// Variables zdt's service manager meant for the first start only.
+const FIRST_START: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+
+/// Whether `key` is never passed on to the next binary.
+fn dropped(key: &std::ffi::OsStr) -> bool {
+    HAND_OVER.iter().chain(&FIRST_START).any(|d| key == *d)
+}
 
 /// How zdt was started: what the next binary is started with.
 struct Start {
@@ -81,9 +80,7 @@ pub fn remember_start() {
     let binary = std::fs::File::open("/proc/self/exe").ok();
     let _ = START.set(Start {
         argv: std::env::args_os().collect(),
-        env: std::env::vars_os()
-            .filter(|(k, _)| !DROPPED.iter().any(|d| k == d))
-            .collect(),
+        env: std::env::vars_os().filter(|(k, _)| !dropped(k)).collect(),
         exe: std::env::current_exe().ok(),
         binary,
     });
@@ -159,12 +156,10 @@ pub fn take_from_env() -> Result<Found, String> {
             )));
         };
         let file = std::fs::File::from(fd);
-        let carried = Carried::read(&file);
+        let read = Carried::read_running(&file);
         // Kept open for a fallback to read again; marked close-on-exec.
         std::mem::forget(file);
-        let carried = carried?;
-        let mut config = crate::config::parse(&carried.config_text, &carried.config_file)
-            .map_err(|e| StateError::Config(e.render()))?;
+        let (carried, mut config) = read?;
         // `[supervisor]` as the file says now (zdt starts afresh, so its
         // own settings can change here, not by a reload), except the
         // control socket, which is carried; the programs as they run (a
@@ -178,7 +173,7 @@ pub fn take_from_env() -> Result<Found, String> {
     };
     match read() {
         Ok((carried, config)) => {
-            for v in DROPPED.iter().take(4) {
+            for v in HAND_OVER {
                 std::env::remove_var(v);
             }
             if let Some(fd) = fallback {
@@ -377,15 +372,7 @@ pub async fn precheck(
 pub fn check(state_path: &Path) -> std::process::ExitCode {
     let result = std::fs::File::open(state_path)
         .map_err(|e| format!("cannot open {}: {e}", state_path.display()))
-        .and_then(|f| Carried::read(&f).map_err(|e| e.to_string()))
-        .and_then(|c| {
-            crate::config::parse(&c.config_text, &c.config_file).map_err(|e| {
-                format!(
-                    "the running configuration does not load here:\n{}",
-                    e.render()
-                )
-            })
-        });
+        .and_then(|f| Carried::read_running(&f).map_err(|e| e.to_string()));
     match result {
         Ok(_) => {
             println!(
@@ -402,22 +389,9 @@ pub fn check(state_path: &Path) -> std::process::ExitCode {
     }
 }
 
-/// Milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    crate::state::now_ms()
-}
-
 /// Whether `pid` is a live (or unreaped) child of this process.
 pub fn is_own_child(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // pid (comm) state ppid ...; comm may hold spaces and parentheses.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-    ppid == Some(std::process::id())
+    crate::orphans::parent_of(pid) == Some(std::process::id())
 }
 
 /// Keeps `fd` open (as an owned dup) for the next upgrade.
@@ -476,7 +450,7 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
                 tokio::sync::oneshot::channel().1
             };
             let age = cp.started_ms.map_or(Duration::ZERO, |t| {
-                Duration::from_millis(now_ms().saturating_sub(t))
+                Duration::from_millis(crate::state::now_ms().saturating_sub(t))
             });
             cp.adopted = Some(crate::instance::Adopted {
                 pid: cp.pid,
@@ -495,7 +469,7 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
         ok: failed.is_none(),
         from: carried.from_version,
         to: env!("CARGO_PKG_VERSION").to_string(),
-        ms: now_ms().saturating_sub(carried.begun_ms),
+        ms: crate::state::now_ms().saturating_sub(carried.begun_ms),
         error: failed,
     };
     let control = state::take_fd(carried.control_fd);

@@ -205,6 +205,15 @@ impl Carried {
         Self::parse(&bytes)
     }
 
+    /// Reads the state from `fd` and loads the configuration it runs: what
+    /// a binary must manage to take over (its check does exactly this).
+    pub fn read_running(fd: &std::fs::File) -> Result<(Self, crate::config::Config), StateError> {
+        let carried = Self::read(fd)?;
+        let config = crate::config::parse(&carried.config_text, &carried.config_file)
+            .map_err(|e| StateError::Config(e.render()))?;
+        Ok((carried, config))
+    }
+
     /// Parses and checks the state.
     pub fn parse(bytes: &[u8]) -> Result<Self, StateError> {
         // The format first, so that a newer state says what it is even when
