@@ -68,7 +68,17 @@ pub async fn run(
         tracing::warn!(cause = %std::io::Error::last_os_error(), "cannot become a child subreaper");
     }
     let sup = &config.supervisor;
-    let proxy = crate::proxy::Proxy::new(sup.proxy_threads);
+    // The previous binary's proxy process (an upgrade) serves until this
+    // binary's own takes over.
+    let old_proxy = resuming.as_mut().and_then(|r| r.proxy.take());
+    let proxy = if sup.proxy_process {
+        crate::proxy::Proxy::in_child(sup.proxy_threads, spawner.clone(), old_proxy)
+    } else {
+        if let Some(old) = old_proxy {
+            tokio::spawn(old.retire(crate::proxy::RETIRE_DEADLINE));
+        }
+        crate::proxy::Proxy::new(sup.proxy_threads)
+    };
     let group = match &sup.control_group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)

@@ -286,6 +286,7 @@ impl Supervisor {
             self.reload_logged();
         }
         self.notify_ready_when_started();
+        self.proxy_ready();
         let mut watchdog = self.notifier.watchdog_timer();
         let mut internal = match self.internal_rx.take() {
             Some(rx) => rx,
@@ -448,6 +449,29 @@ impl Supervisor {
         ));
     }
 
+    /// Once every program has published its routes (after an upgrade: with
+    /// the processes it adopted) and the proxy has them, the proxy process a
+    /// previous binary left is retired, within the longest `max_wait`.
+    fn proxy_ready(&self) {
+        let handles: Vec<ProgramHandle> = self.programs.values().map(|e| e.handle.clone()).collect();
+        let deadline = self
+            .config
+            .programs
+            .values()
+            .filter(|p| p.mode == config::Mode::Proxy)
+            .map(|p| p.max_wait)
+            .max()
+            .unwrap_or(crate::proxy::RETIRE_DEADLINE);
+        let proxy = self.proxy.clone();
+        tokio::spawn(async move {
+            let settled = handles
+                .iter()
+                .map(|h| h.call(|reply| ProgramMsg::Settled { reply }));
+            futures_util::future::join_all(settled).await;
+            proxy.ready(deadline).await;
+        });
+    }
+
     /// The `STATUS=` line for zdt's service manager.
     fn status_line(&self) -> String {
         let snaps: Vec<_> = self
@@ -498,24 +522,33 @@ impl Supervisor {
                     None => Ok(self.resolve("all").unwrap_or_default()),
                     Some(t) => self.resolve(t),
                 };
-                reply_now(match resolved {
-                    Ok(list) => ok(Outcome::Status {
-                        programs: list
-                            .iter()
-                            .filter_map(|r| self.programs.get(&r.program))
-                            .map(|e| {
-                                let mut snap = e.handle.status();
-                                snap.deploy_watch = e
-                                    .config
-                                    .deploy
-                                    .as_ref()
-                                    .and_then(|d| self.watches.get(&d.root))
-                                    .map(|w| w.state.borrow().clone());
-                                snap
-                            })
-                            .collect(),
-                    }),
-                    Err(e) => err(e),
+                let list = match resolved {
+                    Ok(list) => list,
+                    Err(e) => return reply_now(err(e)),
+                };
+                // Each with its deploy watch; the request counters are read
+                // from the proxy as the reply is made.
+                let programs: Vec<_> = list
+                    .iter()
+                    .filter_map(|r| self.programs.get(&r.program))
+                    .map(|e| {
+                        let watch = e
+                            .config
+                            .deploy
+                            .as_ref()
+                            .and_then(|d| self.watches.get(&d.root))
+                            .map(|w| w.state.borrow().clone());
+                        (e.handle.clone(), watch)
+                    })
+                    .collect();
+                tokio::spawn(async move {
+                    let snaps = programs.into_iter().map(|(h, watch)| async move {
+                        let mut snap = h.status().await;
+                        snap.deploy_watch = watch;
+                        snap
+                    });
+                    let programs = futures_util::future::join_all(snaps).await;
+                    send(&replies, ok(Outcome::Status { programs })).await;
                 });
             }
             Command::Pid { target } => reply_now(match self.resolve(&target) {

@@ -1237,15 +1237,19 @@ fn several_proxy_threads_keep_restarts_at_zero_failures() {
     let d = Daemon::start(&config);
     d.wait_state("web", 0, Running, T);
     d.wait_state("web", 1, Running, T);
-    let threads = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
-        .expect("tasks")
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with("zdt-proxy"))
-        .count();
-    assert_eq!(threads, 3, "proxy threads running");
+    // They run in zdt's proxy process (`proxy_process`, the default).
+    let proxy = d.proxy_pid(T);
+    wait_for("3 proxy threads", T, || {
+        let threads = std::fs::read_dir(format!("/proc/{proxy}/task"))
+            .map_err(|e| e.to_string())?
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("zdt-proxy"))
+            .count();
+        (threads == 3).then_some(()).ok_or(format!("{threads} running"))
+    });
     restart_under_load(&d, "web", port, 5);
     // Each thread carried some of the 64 clients: each used CPU time.
-    for task in std::fs::read_dir(format!("/proc/{}/task", d.pid())).expect("tasks") {
+    for task in std::fs::read_dir(format!("/proc/{proxy}/task")).expect("tasks") {
         let task = task.expect("task").path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
         if !comm.starts_with("zdt-proxy") {

@@ -60,6 +60,14 @@ enum Cmd {
         #[arg(long)]
         state: PathBuf,
     },
+    /// The proxy in a process of its own, started by zdt with its channel
+    /// as fd 3 (`[supervisor] proxy_process`).
+    #[command(name = "__proxy", hide = true)]
+    Proxy {
+        /// Proxy threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
     /// Send sd_notify messages (READY=1, STATUS=...) to $NOTIFY_SOCKET, like
     /// systemd-notify: for workers in languages without unix datagrams (Node).
     Notify {
@@ -209,10 +217,51 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
     Ok(file)
 }
 
+/// `zdt __proxy`: serves the orders zdt sends on the channel (fd 3) until
+/// zdt closes it, shuts the proxy down, or retires it.
+fn proxy_process(threads: usize) -> ExitCode {
+    let channel = match zdt::proxy::take_channel() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stderr = match zdt::logs::StderrLog::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the stderr writer thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(stderr.clone())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    zdt::fds::raise_limit();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| rt.block_on(zdt::proxy::serve_process(channel, threads)));
+    if let Err(e) = result {
+        stderr.write_bytes(format!("error: proxy process: {e}\n").as_bytes());
+        stderr.flush(EXIT_FLUSH);
+        return ExitCode::from(1);
+    }
+    stderr.flush(EXIT_FLUSH);
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     sanitize_fds();
-    zdt::upgrade::remember_start();
     let args = Args::parse();
+    if let Some(Cmd::Proxy { threads }) = &args.command {
+        return proxy_process(*threads);
+    }
+    zdt::upgrade::remember_start();
     if let Some(Cmd::Notify { messages }) = &args.command {
         return notify(messages);
     }

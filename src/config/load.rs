@@ -38,6 +38,7 @@ struct RawSupervisor {
     log_dir: Option<String>,
     pidfile: Option<String>,
     proxy_threads: Option<Spanned<i64>>,
+    proxy_process: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +329,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 }
             },
         },
+        proxy_process: s.proxy_process.unwrap_or(true),
     };
     let is_root = nix::unistd::geteuid().is_root();
     let mut programs = BTreeMap::new();

@@ -92,6 +92,9 @@ pub struct SupervisorConfig {
     pub pidfile: Option<PathBuf>,
     /// Threads of the proxy (proxy mode). Default: one per CPU (at most 64).
     pub proxy_threads: usize,
+    /// Run the proxy in a process of its own (`zdt __proxy`), so that
+    /// upgrading zdt closes no client connection. Default true.
+    pub proxy_process: bool,
 }
 
 /// When an exited instance is started again.
@@ -163,7 +166,8 @@ pub enum Mode {
 }
 
 /// What the proxy forwards (proxy mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1, request by request.
     Http,

@@ -99,6 +99,13 @@ pub enum ProgramMsg {
         /// Resolves when done.
         reply: oneshot::Sender<OpResult>,
     },
+    /// Replies once the actor has taken every message before this one (it
+    /// has published its routes; after an upgrade, with the processes it
+    /// adopted).
+    Settled {
+        /// Resolves with nothing.
+        reply: oneshot::Sender<()>,
+    },
     /// A canary's generation takes all traffic; the old generation drains
     /// and stops as after a restart. Replies when it is gone; an error when
     /// no canary runs or one of its instances is not RUNNING.
@@ -240,9 +247,10 @@ impl ProgramHandle {
 
     /// The latest snapshot with the request counters as they are now (proxy
     /// mode), for status.
-    pub fn status(&self) -> ProgramSnapshot {
+    pub async fn status(&self) -> ProgramSnapshot {
+        let counts = self.counters.read().await;
         let mut snap = self.snapshot();
-        if let Some(counts) = self.counters.read() {
+        if let Some(counts) = counts {
             snap.requests = Some(counts.totals);
             for i in &mut snap.instances {
                 i.requests = counts.of(i.instance, i.generation);
@@ -303,7 +311,7 @@ pub fn spawn_program(
         hold: None,
         canary: None,
     });
-    let routes = proxy.table();
+    let routes = proxy.table(&name);
     let counters = routes.counters();
     let mut actor = Program {
         counters: counters.clone(),
@@ -820,6 +828,9 @@ impl Program {
                 let _ = reply.send(sink);
             }
             ProgramMsg::SetDeploy { deploy } => self.config.deploy = deploy,
+            ProgramMsg::Settled { reply } => {
+                let _ = reply.send(());
+            }
             ProgramMsg::Drain { on, reply } => {
                 let result = match &self.proxy {
                     Some(_) => {
@@ -855,7 +866,11 @@ impl Program {
             ProgramMsg::Resume { reply } => {
                 let result = self.not_proxied("resume").map(|()| {
                     if self.routes.gate() != crate::proxy::Gate::Open {
-                        tracing::info!(program = %self.config.name, held = self.counters.held(), "resume");
+                        let (name, counters) = (self.config.name.clone(), self.counters.clone());
+                        tokio::spawn(async move {
+                            let held = counters.held().await;
+                            tracing::info!(program = %name, held, "resume");
+                        });
                     }
                     self.routes.set_gate(crate::proxy::Gate::Open);
                     self.all_snapshots()
@@ -911,16 +926,22 @@ impl Program {
         let name = self.config.name.clone();
         let snaps = self.all_snapshots();
         tokio::spawn(async move {
-            let ended = changes.wait_for(|g| !matches!(g, crate::proxy::Gate::Paused { .. }));
+            let ended = async {
+                let _ = changes
+                    .wait_for(|g| !matches!(g, crate::proxy::Gate::Paused { .. }))
+                    .await;
+            };
             let result = tokio::select! {
                 () = counters.wait_idle() => Ok(snaps),
-                _ = ended => Err(OpError::plain(format!(
+                () = ended => Err(OpError::plain(format!(
                     "{name}: the pause was ended (resume or maintenance) before the requests in flight finished"
                 ))),
-                () = tokio::time::sleep(max_wait) => Err(OpError::plain(format!(
-                    "{name}: paused, but {} request(s) still in flight after max_wait ({max_wait:?}); new requests are held until `zdtctl resume {name}`",
-                    counters.inflight()
-                ))),
+                () = tokio::time::sleep(max_wait) => {
+                    let inflight = counters.inflight().await;
+                    Err(OpError::plain(format!(
+                        "{name}: paused, but {inflight} request(s) still in flight after max_wait ({max_wait:?}); new requests are held until `zdtctl resume {name}`"
+                    )))
+                }
             };
             if let Err(e) = &result {
                 tracing::warn!(program = %name, cause = %e.message, "pause did not reach zero requests in flight");

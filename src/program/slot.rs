@@ -89,6 +89,9 @@ struct Proc {
     release: Option<String>,
     /// Its pipes and notify socket, for an upgrade to carry.
     keep: ProcFds,
+    /// Proxy mode: requests still in flight when its drain reached
+    /// `max_wait` (set by the drain task before it stops the process).
+    cut: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Proc {
@@ -148,9 +151,11 @@ fn drain_then_stop(p: &mut Proc, cfg: &ProgramConfig) {
         return;
     };
     let (drain, handle, max_wait) = (counters.drain(p.id), p.handle.clone(), cfg.max_wait);
+    let cut = p.cut.clone();
     tokio::spawn(async move {
         if tokio::time::timeout(max_wait, drain.idle()).await.is_err() {
-            let inflight = drain.cut();
+            let inflight = drain.cut().await;
+            cut.store(inflight, std::sync::atomic::Ordering::SeqCst);
             tracing::warn!(
                 inflight,
                 "max_wait passed with requests in flight; stopping anyway (they will be cut)"
@@ -554,13 +559,9 @@ impl Slot {
                     Some(s) => s.to_string(),
                     None => "unknown".to_string(),
                 };
-                // Requests of a process that is gone are cut, whether their
-                // failure was counted yet or not.
-                let cut = old
-                    .private
-                    .as_ref()
-                    .and_then(|(_, c)| c.of(old.id))
-                    .map_or(0, |c| c.cut + c.inflight);
+                // Requests in flight when its drain ran out of time are cut
+                // by its stop, whether their failure was counted yet or not.
+                let cut = old.cut.load(std::sync::atomic::Ordering::SeqCst);
                 if killed || cut > 0 {
                     let text = match &old.private {
                         // Pass: SIGKILL came at max_wait.
@@ -767,6 +768,7 @@ impl Slot {
                 ctx.sockets.to_vec()
             },
             fdname: cfg.fdname.clone(),
+            ..SpawnSpec::default()
         };
         let handle = if proxied && private.is_none() {
             // The probe for a free port could not be bound: out of fds, most likely.
@@ -802,6 +804,7 @@ impl Slot {
             failure: None,
             release: release.map(|r| r.id),
             keep: ProcFds::default(),
+            cut: Arc::default(),
         }
     }
 
@@ -975,6 +978,7 @@ impl Slot {
             failure: None,
             release: cp.release,
             keep,
+            cut: Arc::default(),
         });
         self.set_state(
             &cfg.name,

@@ -112,6 +112,7 @@
 mod accept;
 mod addr;
 mod answers;
+mod boundary;
 mod body;
 mod canary;
 mod codec;
@@ -120,6 +121,7 @@ mod gate;
 mod hyper_path;
 mod pool;
 mod relay;
+mod remote;
 mod retire;
 mod route;
 mod splice;
@@ -132,10 +134,10 @@ pub use addr::PrivateAddr;
 pub use canary::{GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
 pub use retire::Retired;
-pub use table::{
-    CanarySplit, Counters, Drain, GenerationCounts, ProcessId, ProgramCounts, Route, RouteSet,
-    RouteTable,
-};
+pub use boundary::{Counters, Drain, Proxy, ProxyHandle, RouteTable, RETIRE_DEADLINE};
+pub use remote::{serve as serve_process, take_channel, Retiring};
+pub use table::{CanarySplit, GenerationCounts, ProcessId, ProgramCounts, Route, RouteSet};
+use table::LocalTable;
 
 use canary::Canary;
 use route::{Routes, Upstream};
@@ -166,16 +168,16 @@ pub use crate::state::RequestCounts;
 /// Response body type of the proxy.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// Handle to a running proxy: its accept loops. Dropping it stops accepting;
-/// connections that are open finish on their own, routed by the program's
-/// live [`RouteTable`].
+/// The accept loops of one [`LocalProxy::start`]. Dropping it stops
+/// accepting; connections that are open finish on their own, routed by the
+/// program's live table.
 #[derive(Debug)]
-pub struct ProxyHandle {
+pub struct LocalHandle {
     /// Cancels the accept loops.
     stop: CancellationToken,
 }
 
-impl Drop for ProxyHandle {
+impl Drop for LocalHandle {
     fn drop(&mut self) {
         self.stop.cancel();
     }
@@ -198,7 +200,7 @@ struct Shared {
 }
 
 /// How the proxy treats clients (from the program's config).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     /// How long a request waits for a ready instance before 503.
     pub queue_timeout: Duration,
@@ -238,16 +240,17 @@ impl Options {
     }
 }
 
-/// The proxy component: its threads (`[supervisor] proxy_threads`, started
-/// when the first program needs them), on which every proxied program's
-/// accept loops, client connections and upstream connections run. The
-/// daemon creates one and shuts it down when it ends; clones share it.
+/// The proxy component in this process: its threads (`[supervisor]
+/// proxy_threads`, started when the first program needs them), on which
+/// every proxied program's accept loops, client connections and upstream
+/// connections run. The daemon (in-process mode) or `zdt __proxy` creates
+/// one and shuts it down when it ends; clones share it.
 #[derive(Clone, Debug)]
-pub struct Proxy {
+pub struct LocalProxy {
     workers: Arc<workers::Workers>,
 }
 
-impl Proxy {
+impl LocalProxy {
     /// A proxy of `threads` threads (1 to 64); none runs before it is used.
     pub fn new(threads: usize) -> Self {
         Self {
@@ -261,16 +264,16 @@ impl Proxy {
         program: &str,
         sockets: &[Arc<OwnedFd>],
         options: Options,
-        table: &RouteTable,
-    ) -> std::io::Result<ProxyHandle> {
+        table: &LocalTable,
+    ) -> std::io::Result<LocalHandle> {
         start(&self.workers, program, sockets, options, table)
     }
 
     /// A new program's routing table on this proxy: empty, not draining,
     /// gate open. Its upstreams keep their connection pools on this
     /// proxy's threads.
-    pub fn table(&self) -> RouteTable {
-        RouteTable::new(self.workers.clone())
+    pub fn table(&self) -> LocalTable {
+        LocalTable::new(self.workers.clone())
     }
 
     /// Hands over before zdt re-executes itself: every accept loop stops
@@ -307,8 +310,8 @@ fn start(
     program: &str,
     sockets: &[Arc<OwnedFd>],
     options: Options,
-    table: &RouteTable,
-) -> std::io::Result<ProxyHandle> {
+    table: &LocalTable,
+) -> std::io::Result<LocalHandle> {
     let stop = CancellationToken::new();
     let max_connections = options
         .max_connections
@@ -352,7 +355,7 @@ fn start(
             ));
         }
     }
-    Ok(ProxyHandle { stop })
+    Ok(LocalHandle { stop })
 }
 
 /// Most headers in a request or an answer (hyper's default, 100, is fewer

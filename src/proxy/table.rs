@@ -1,10 +1,10 @@
 //! The boundary between a program actor and the proxy: what goes in is
 //! plain data ([`RouteSet`]: which processes requests may go to, with the
 //! canary split; the drain flag; the gate), what comes out is counters
-//! ([`Counters`]: a [`ProgramCounts`] snapshot, and the "in flight reached
+//! ([`LocalCounters`]: a [`ProgramCounts`] snapshot, and the "in flight reached
 //! zero" waits drain and pause need).
 //!
-//! The program actor holds the [`RouteTable`] and publishes to it; nothing
+//! The program actor holds the [`LocalTable`] and publishes to it; nothing
 //! it publishes refers to a data-path object. The table turns a
 //! [`RouteSet`] into the [`Routes`] the proxy's connection tasks read (one
 //! [`Upstream`], with its connection pools, per routed process): it keeps
@@ -123,11 +123,11 @@ impl ProgramCounts {
 /// Reads a program's counters (the way out of the boundary). Clones share
 /// them; holding one keeps nothing of the data path alive but counters.
 #[derive(Clone, Debug)]
-pub struct Counters {
+pub struct LocalCounters {
     traffic: Arc<Traffic>,
 }
 
-impl Counters {
+impl LocalCounters {
     /// The counters as they are now; None unless the program is proxied.
     pub fn read(&self) -> Option<ProgramCounts> {
         self.traffic.is_proxied().then(|| self.traffic.read())
@@ -156,22 +156,22 @@ impl Counters {
 
     /// The drain of process `id`: its in-flight count as it is from now on,
     /// even once it is no longer counted.
-    pub fn drain(&self, id: ProcessId) -> Drain {
-        Drain {
+    pub fn drain(&self, id: ProcessId) -> LocalDrain {
+        LocalDrain {
             stats: self.traffic.stats_of(id),
         }
     }
 }
 
 /// One process's requests in flight, for its drain: taken when the drain
-/// begins (see [`Counters::drain`]).
+/// begins (see [`LocalCounters::drain`]).
 #[derive(Debug)]
-pub struct Drain {
+pub struct LocalDrain {
     /// None: the process was never counted, so nothing can be in flight.
     stats: Option<Arc<UpstreamStats>>,
 }
 
-impl Drain {
+impl LocalDrain {
     /// Resolves when the process has no request in flight.
     pub async fn idle(&self) {
         if let Some(s) = &self.stats {
@@ -198,7 +198,7 @@ impl Drain {
 /// accepted before it follow the live routes. Dropping it drops the gate
 /// (held requests go on) and every upstream not held by a request.
 #[derive(Debug)]
-pub struct RouteTable {
+pub struct LocalTable {
     /// The table; proxies' connection tasks hold receivers.
     pub(super) routes: watch::Sender<Arc<Routes>>,
     /// Set by `zdtctl drain`: every new request gets 503 at once.
@@ -214,9 +214,11 @@ pub struct RouteTable {
     /// permit count, the semaphore): kept across the proxies a reload
     /// replaces, so connections from before a reload still count.
     limits: Mutex<Vec<(u64, usize, Arc<Semaphore>)>>,
+    /// The program's name (set by the proxy process, for its logs).
+    pub(super) program: String,
 }
 
-impl RouteTable {
+impl LocalTable {
     /// An empty table, not draining, for a program on `workers`.
     pub(super) fn new(workers: Arc<workers::Workers>) -> Self {
         Self {
@@ -226,6 +228,7 @@ impl RouteTable {
             traffic: Arc::new(Traffic::default()),
             workers,
             limits: Mutex::new(Vec::new()),
+            program: String::new(),
         }
     }
 
@@ -257,8 +260,8 @@ impl RouteTable {
     }
 
     /// The program's counters, for whoever reads them.
-    pub fn counters(&self) -> Counters {
-        Counters {
+    pub fn counters(&self) -> LocalCounters {
+        LocalCounters {
             traffic: self.traffic.clone(),
         }
     }
@@ -368,8 +371,8 @@ mod tests {
         }
     }
 
-    fn table() -> RouteTable {
-        RouteTable::new(Arc::new(workers::Workers::new(1)))
+    fn table() -> LocalTable {
+        LocalTable::new(Arc::new(workers::Workers::new(1)))
     }
 
     #[test]

@@ -60,6 +60,13 @@ pub struct SpawnSpec {
     pub fds: Vec<std::sync::Arc<OwnedFd>>,
     /// The name of every fd in LISTEN_FDNAMES.
     pub fdname: String,
+    /// The file to execute, when not `argv[0]` looked up in PATH (zdt's
+    /// own helper processes: `/proc/self/exe`).
+    pub exe: Option<PathBuf>,
+    /// stdout and stderr go to zdt's own stderr, not to pipes (zdt's own
+    /// helper processes, which log as zdt does); the pipes [`super::Spawned`]
+    /// returns then read end-of-file at once.
+    pub to_zdt_stderr: bool,
 }
 
 /// A resolved user to switch to.
@@ -286,8 +293,11 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         env.insert("LISTEN_FDS".into(), spec.fds.len().to_string().into());
         env.insert("LISTEN_FDNAMES".into(), names.into());
     }
-    let path = resolve_program(&argv0, env.get(OsStr::new("PATH")).map(OsString::as_os_str))
-        .map_err(exec_err)?;
+    let path = match &spec.exe {
+        Some(exe) => exe.clone(),
+        None => resolve_program(&argv0, env.get(OsStr::new("PATH")).map(OsString::as_os_str))
+            .map_err(exec_err)?,
+    };
     let argv: Vec<CString> = spec
         .argv
         .iter()
@@ -338,6 +348,20 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| exec_err(std::io::Error::from(e)))?;
         (Some(r), w)
+    };
+    let (out_w, err_w) = if spec.to_zdt_stderr {
+        drop((out_w, err_w));
+        let zdt_stderr = || {
+            nix::unistd::dup(2)
+                .map(|fd| {
+                    // SAFETY: dup just returned this fd; nothing else owns it.
+                    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+                })
+                .map_err(|e| exec_err(std::io::Error::from(e)))
+        };
+        (zdt_stderr()?, zdt_stderr()?)
+    } else {
+        (out_w, err_w)
     };
     command
         .stdin(Stdio::null())

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::state::{Carried, CarriedSocket, FORMAT};
+use super::state::{Carried, CarriedProxy, CarriedSocket, FORMAT};
 use crate::control::proto::Reply;
 use crate::program::{ProgramHandle, ProgramMsg};
 
@@ -60,6 +60,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         control_fd: h.control_fd,
         sockets: Vec::new(),
         programs: Vec::new(),
+        proxy: None,
     };
     // 1. The new binary must read this format and load this configuration.
     let checked = match super::write_state(&carried) {
@@ -109,9 +110,12 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         .values()
         .filter(|p| p.mode == crate::config::Mode::Proxy)
         .collect();
-    let retired = match proxied.iter().map(|p| p.max_wait).max() {
-        Some(deadline) => {
-            let r = h.proxy.retire(RETIRE_GRACE, deadline).await;
+    // A proxy process (`proxy_process`) goes on serving across the exec:
+    // the new binary retires it once its own proxy process accepts.
+    let in_process = h.proxy.local();
+    let retired = match (in_process, proxied.iter().map(|p| p.max_wait).max()) {
+        (Some(proxy), Some(deadline)) => {
+            let r = proxy.retire(RETIRE_GRACE, deadline).await;
             say(
                 h.progress,
                 format!(
@@ -127,7 +131,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
             .await;
             Some(r)
         }
-        None => None,
+        _ => None,
     };
     // 4. The sockets, by address.
     let sockets = h.registry.all();
@@ -139,6 +143,12 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
             inherited: *inherited,
         })
         .collect();
+    // The proxy process serves on; the new binary retires it.
+    carried.proxy = h
+        .proxy
+        .remote()
+        .and_then(|c| c.carry())
+        .map(|(pid, channel_fd)| CarriedProxy { pid, channel_fd });
     // 5. The exec, from the spawner thread.
     let memfd = match super::write_state(&carried) {
         Ok(f) => f,

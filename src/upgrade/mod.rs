@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use state::{Carried, CarriedProc, CarriedProgram, CarriedSlot, StateError};
+pub use state::{Carried, CarriedProc, CarriedProgram, CarriedProxy, CarriedSlot, StateError};
 
 /// The state memfd's fd number.
 pub const STATE_VAR: &str = "ZDT_UPGRADE_STATE";
@@ -409,6 +409,9 @@ pub struct Resuming {
     pub inherited: std::collections::BTreeMap<crate::config::ListenAddr, OwnedFd>,
     /// What the supervisor takes.
     pub supervisor: crate::supervisor::Resumed,
+    /// The previous binary's proxy process, serving until this binary's
+    /// own proxy takes over.
+    pub proxy: Option<crate::proxy::Retiring>,
 }
 
 /// Takes every fd and process the state names. Call before the reaper
@@ -473,7 +476,24 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
         error: failed,
     };
     let control = state::take_fd(carried.control_fd);
+    let proxy = carried.proxy.and_then(|p| {
+        let Some(channel) = state::take_fd(p.channel_fd) else {
+            tracing::error!(pid = p.pid, "the previous proxy process's channel is not open");
+            return None;
+        };
+        let exit = if is_own_child(p.pid) {
+            reaper.expect(p.pid)
+        } else {
+            tokio::sync::oneshot::channel().1
+        };
+        Some(crate::proxy::Retiring {
+            pid: p.pid,
+            channel,
+            exit,
+        })
+    });
     Resuming {
+        proxy,
         supervisor: crate::supervisor::Resumed {
             programs,
             record: Some(record),

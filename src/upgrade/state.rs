@@ -40,6 +40,19 @@ pub struct Carried {
     pub sockets: Vec<CarriedSocket>,
     /// Every program and its processes.
     pub programs: Vec<CarriedProgram>,
+    /// The proxy process (`proxy_process`), serving on across the exec
+    /// until the new binary's own proxy process takes over.
+    #[serde(default)]
+    pub proxy: Option<CarriedProxy>,
+}
+
+/// A proxy process left running for the next binary to retire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CarriedProxy {
+    /// Its pid (a child of zdt).
+    pub pid: u32,
+    /// zdt's end of its channel.
+    pub channel_fd: RawFd,
 }
 
 /// A listening socket.
@@ -233,6 +246,7 @@ impl Carried {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.control_fd];
         fds.extend(self.sockets.iter().map(|s| s.fd));
+        fds.extend(self.proxy.as_ref().map(|p| p.channel_fd));
         for p in &self.programs {
             for s in &p.slots {
                 if let Some(pr) = &s.proc {
@@ -320,10 +334,15 @@ mod tests {
                 }],
                 ..CarriedProgram::default()
             }],
+            proxy: Some(CarriedProxy {
+                pid: 43,
+                channel_fd: 11,
+            }),
         };
         let bytes = serde_json::to_vec(&c).expect("json");
         let back = Carried::parse(&bytes).expect("parse");
-        assert_eq!(back.fds(), vec![7, 8, 9, 10]);
+        assert_eq!(back.fds(), vec![7, 8, 11, 9, 10]);
+        assert_eq!(back.proxy.as_ref().map(|p| p.pid), Some(43));
         assert_eq!(
             back.programs[0].slots[0].proc.as_ref().map(|p| p.pid),
             Some(42)

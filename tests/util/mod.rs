@@ -50,6 +50,18 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
 }
 
 /// Whether a process exists (and is not a zombie).
+/// The `zdt __proxy` child of `parent`, if one runs.
+pub fn proxy_child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let is_proxy = cmdline.split(|&b| b == 0).any(|a| a == b"__proxy");
+        (ppid == parent && is_proxy).then_some(pid)
+    })
+}
+
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => !s
@@ -317,6 +329,15 @@ impl Daemon {
     /// zdt's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).expect("zdt is running")
+    }
+
+    /// The pid of zdt's proxy process (`zdt __proxy`, its child), once it
+    /// runs.
+    pub fn proxy_pid(&self, timeout: Duration) -> u32 {
+        let zdt = self.pid();
+        wait_for("zdt's proxy process", timeout, || {
+            proxy_child_of(zdt).ok_or_else(|| format!("no `zdt __proxy` child of {zdt}"))
+        })
     }
 
     /// The exit status if zdt has exited.

@@ -12,8 +12,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::Retired;
 use crate::config::Protocol;
+use crate::proxy::table::LocalTable as RouteTable;
 use crate::proxy::{
-    Options, PrivateAddr, ProcessId, Proxy, ProxyHandle, Route, RouteSet, RouteTable,
+    LocalHandle as ProxyHandle, LocalProxy as Proxy, Options, PrivateAddr, ProcessId, Route,
+    RouteSet,
 };
 
 /// Bound on every wait for something that should happen.
