@@ -453,7 +453,8 @@ impl Supervisor {
     /// the processes it adopted) and the proxy has them, the proxy process a
     /// previous binary left is retired, within the longest `max_wait`.
     fn proxy_ready(&self) {
-        let handles: Vec<ProgramHandle> = self.programs.values().map(|e| e.handle.clone()).collect();
+        let handles: Vec<ProgramHandle> =
+            self.programs.values().map(|e| e.handle.clone()).collect();
         let deadline = self
             .config
             .programs

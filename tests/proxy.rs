@@ -1245,7 +1245,9 @@ fn several_proxy_threads_keep_restarts_at_zero_failures() {
             .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
             .filter(|name| name.starts_with("zdt-proxy"))
             .count();
-        (threads == 3).then_some(()).ok_or(format!("{threads} running"))
+        (threads == 3)
+            .then_some(())
+            .ok_or(format!("{threads} running"))
     });
     restart_under_load(&d, "web", port, 5);
     // Each thread carried some of the 64 clients: each used CPU time.

@@ -16,6 +16,7 @@ mod logs;
 mod pass;
 mod pause;
 mod proxy;
+mod proxy_process;
 mod reload;
 mod security;
 mod spawning;

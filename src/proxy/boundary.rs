@@ -57,9 +57,9 @@ impl Proxy {
         table: &RouteTable,
     ) -> std::io::Result<ProxyHandle> {
         match (self, table) {
-            (Self::Local(p), RouteTable::Local(t)) => {
-                p.start(program, sockets, options, t).map(ProxyHandle::Local)
-            }
+            (Self::Local(p), RouteTable::Local(t)) => p
+                .start(program, sockets, options, t)
+                .map(ProxyHandle::Local),
             (Self::Remote(c), RouteTable::Remote(t)) => {
                 Ok(ProxyHandle::Remote(c.start_proxy(t, sockets, options)))
             }

@@ -112,8 +112,8 @@
 mod accept;
 mod addr;
 mod answers;
-mod boundary;
 mod body;
+mod boundary;
 mod canary;
 mod codec;
 mod framing;
@@ -131,13 +131,13 @@ mod traffic;
 mod workers;
 
 pub use addr::PrivateAddr;
+pub use boundary::{Counters, Drain, Proxy, ProxyHandle, RouteTable, RETIRE_DEADLINE};
 pub use canary::{GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
-pub use retire::Retired;
-pub use boundary::{Counters, Drain, Proxy, ProxyHandle, RouteTable, RETIRE_DEADLINE};
 pub use remote::{serve as serve_process, take_channel, Retiring};
-pub use table::{CanarySplit, GenerationCounts, ProcessId, ProgramCounts, Route, RouteSet};
+pub use retire::Retired;
 use table::LocalTable;
+pub use table::{CanarySplit, GenerationCounts, ProcessId, ProgramCounts, Route, RouteSet};
 
 use canary::Canary;
 use route::{Routes, Upstream};

@@ -478,7 +478,10 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
     let control = state::take_fd(carried.control_fd);
     let proxy = carried.proxy.and_then(|p| {
         let Some(channel) = state::take_fd(p.channel_fd) else {
-            tracing::error!(pid = p.pid, "the previous proxy process's channel is not open");
+            tracing::error!(
+                pid = p.pid,
+                "the previous proxy process's channel is not open"
+            );
             return None;
         };
         let exit = if is_own_child(p.pid) {

@@ -50,16 +50,36 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
 }
 
 /// Whether a process exists (and is not a zombie).
-/// The `zdt __proxy` child of `parent`, if one runs.
+/// The `zdt __proxy` children of `parent` (more than one while an upgrade
+/// retires the previous binary's).
+pub fn proxy_children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<u32> = dir
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let is_proxy = cmdline.split(|&b| b == 0).any(|a| a == b"__proxy");
+            (ppid == parent && is_proxy).then_some(pid)
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// The `zdt __proxy` child of `parent`, if one runs (the first, if two do).
 pub fn proxy_child_of(parent: u32) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let is_proxy = cmdline.split(|&b| b == 0).any(|a| a == b"__proxy");
-        (ppid == parent && is_proxy).then_some(pid)
-    })
+    proxy_children_of(parent).first().copied()
 }
 
 pub fn alive(pid: u32) -> bool {

@@ -637,7 +637,12 @@ impl Retiring {
                     still_open, took, ..
                 }) = serde_json::from_slice(&buf[..n])
                 {
-                    tracing::info!(pid, still_open, took_ms = took.as_millis() as u64, "previous proxy process retired");
+                    tracing::info!(
+                        pid,
+                        still_open,
+                        took_ms = took.as_millis() as u64,
+                        "previous proxy process retired"
+                    );
                     break;
                 }
             }

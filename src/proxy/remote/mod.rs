@@ -66,13 +66,30 @@ const MAX_FDS: usize = 64;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(super) enum Order {
     /// A new program's table, empty.
-    Table { table: u64, program: String },
+    Table {
+        table: u64,
+        program: String,
+    },
     /// The program is gone: drop its table.
-    DropTable { table: u64 },
-    Proxied { table: u64, on: bool },
-    Draining { table: u64, on: bool },
-    Gate { table: u64, gate: WireGate },
-    Publish { table: u64, set: RouteSet },
+    DropTable {
+        table: u64,
+    },
+    Proxied {
+        table: u64,
+        on: bool,
+    },
+    Draining {
+        table: u64,
+        on: bool,
+    },
+    Gate {
+        table: u64,
+        gate: WireGate,
+    },
+    Publish {
+        table: u64,
+        set: RouteSet,
+    },
     /// Accept on the sockets attached, for `table`'s program.
     Start {
         start: u64,
@@ -80,11 +97,19 @@ pub(super) enum Order {
         options: Options,
     },
     /// Stop accepting for that start.
-    Stop { start: u64 },
+    Stop {
+        start: u64,
+    },
     /// Answered with [`Answer::Counts`].
-    Read { id: u64, table: u64 },
+    Read {
+        id: u64,
+        table: u64,
+    },
     /// Answered with [`Answer::Done`] once nothing is in flight.
-    WaitIdle { id: u64, table: u64 },
+    WaitIdle {
+        id: u64,
+        table: u64,
+    },
     /// Keep counting `process` for a drain from now on.
     DrainBegin {
         drain: u64,
@@ -92,12 +117,22 @@ pub(super) enum Order {
         process: ProcessId,
     },
     /// Answered with [`Answer::Done`] once the drained process is idle.
-    DrainIdle { id: u64, drain: u64 },
+    DrainIdle {
+        id: u64,
+        drain: u64,
+    },
     /// Answered with [`Answer::Cut`].
-    DrainCut { id: u64, drain: u64 },
-    DrainEnd { drain: u64 },
+    DrainCut {
+        id: u64,
+        drain: u64,
+    },
+    DrainEnd {
+        drain: u64,
+    },
     /// Answered with [`Answer::Done`] once every order before it is applied.
-    Sync { id: u64 },
+    Sync {
+        id: u64,
+    },
     /// Hand over to another proxy process: answered with
     /// [`Answer::Retired`], then the process exits.
     Retire {
@@ -195,11 +230,8 @@ pub fn take_channel() -> Result<OwnedFd, String> {
             "no proxy channel (LISTEN_FDS={fds:?} LISTEN_FDNAMES={names:?}): `zdt __proxy` is started by zdt itself"
         ));
     }
-    let kind = nix::sys::socket::getsockopt(
-        &unsafe_fd_3(),
-        nix::sys::socket::sockopt::SockType,
-    )
-    .map_err(|e| format!("fd 3 is not the proxy channel: {e}"))?;
+    let kind = nix::sys::socket::getsockopt(&unsafe_fd_3(), nix::sys::socket::sockopt::SockType)
+        .map_err(|e| format!("fd 3 is not the proxy channel: {e}"))?;
     if kind != SockType::SeqPacket {
         return Err("fd 3 is not the proxy channel (not a SOCK_SEQPACKET socket)".into());
     }
@@ -286,7 +318,10 @@ impl Channel {
                         fds.extend(got.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
                     }
                 }
-                if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+                if msg
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+                {
                     return Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE));
                 }
                 Ok((msg.bytes, fds))

@@ -97,7 +97,10 @@ impl Served {
     fn table(&self, table: u64) -> Option<&LocalTable> {
         let t = self.tables.get(&table);
         if t.is_none() {
-            tracing::warn!(table, "proxy channel: an order for a table this proxy does not have");
+            tracing::warn!(
+                table,
+                "proxy channel: an order for a table this proxy does not have"
+            );
         }
         t
     }
