@@ -55,14 +55,17 @@
 //!   by the supervisor) and listening sockets passed to zdt itself
 //!   (LISTEN_FDS), which the [`listen`] registry uses instead of binding.
 //! - [`proxy`]: proxy mode, an owned `proxy::Proxy` the daemon creates,
-//!   hands to the program actors and shuts down as it ends. A few current-thread runtimes (nginx's worker
+//!   hands to the program actors and shuts down as it ends; by default it
+//!   runs in `zdt __proxy`, a child process given the listening sockets and
+//!   the routes over a channel (`proxy::remote`), restarted if it dies and
+//!   left serving across an upgrade; `proxy_process = false` runs it in
+//!   zdt's own process. A few current-thread runtimes (nginx's worker
 //!   model) accepts on every proxied socket; a client connection, its requests
 //!   and the upstream pools they use stay on one thread. The program actor
 //!   publishes its routes as plain data (`proxy::RouteSet`; the proxy
 //!   builds and owns the upstreams and their pools, and swaps them in with
 //!   one `watch` send: the switch is atomic) and reads the counters back
-//!   (`proxy::Counters`) into status and drains; that boundary could be a
-//!   channel to a proxy in another process. Nothing on the data
+//!   (`proxy::Counters`) into status and drains. Nothing on the data
 //!   path waits on an actor (a pause holds requests on a `watch` of the
 //!   program's gate, published with its routes). During a canary
 //!   (`program::canary`) the routes carry two generations and a share; each
@@ -79,7 +82,8 @@
 //!
 //! Upgrade ([`upgrade`]): the supervisor freezes the program actors, the main
 //! thread execs the new binary with the state in a memfd, and the new binary
-//! adopts every process and socket under the same pid.
+//! adopts every process and socket under the same pid; the proxy process
+//! serves throughout, and the new binary retires it once its own accepts.
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 

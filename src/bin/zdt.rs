@@ -220,6 +220,20 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
 /// `zdt __proxy`: serves the orders zdt sends on the channel (fd 3) until
 /// zdt closes it, shuts the proxy down, or retires it.
 fn proxy_process(threads: usize) -> ExitCode {
+    // zdt alone tells this process to stop (over the channel), and its
+    // death kills it (PR_SET_PDEATHSIG): a `pkill zdt`, or a signal meant
+    // for zdt, must not end the proxy while zdt drains through it.
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGUSR2,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code; this runs before any
+        // other thread exists.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
     let channel = match zdt::proxy::take_channel() {
         Ok(fd) => fd,
         Err(e) => {

@@ -3,12 +3,15 @@
 //!
 //! The proxy is a component given listening sockets and a routing table,
 //! reporting request counters. A program actor talks to it only across the
-//! boundary below, in plain data, so that the proxy can later run in a
-//! process of its own (`zdt proxy`) with these calls carried as messages.
-//! The data path never waits on an actor: it reads the routes the table
-//! built (one `watch` borrow per request; switching generations is one
-//! `send`) and counts each request in flight with an RAII guard held until
-//! the response body has been sent.
+//! boundary below, in plain data. By default the component runs in a
+//! process of its own, `zdt __proxy` (`remote/`: the calls become messages
+//! on a channel, and the proxy process outlives zdt's exec during an
+//! upgrade); with `[supervisor] proxy_process = false` it runs on threads
+//! of zdt's own process (`boundary.rs` is the enum of the two). The data
+//! path never waits on an actor: it reads the routes the table built (one
+//! `watch` borrow per request; switching generations is one `send`) and
+//! counts each request in flight with an RAII guard held until the
+//! response body has been sent.
 //!
 //! # The boundary
 //!
@@ -18,7 +21,7 @@
 //! | in        | [`Proxy::start`] → [`ProxyHandle`]     | listening sockets, [`Options`]; drop: stop accepting |
 //! | in        | [`RouteTable::publish`]                | a [`RouteSet`]: [`Route`]s (process, address), the [`CanarySplit`], the counted [`ProcessId`]s |
 //! | in        | [`RouteTable::set_draining`], [`RouteTable::set_gate`], [`RouteTable::set_proxied`] | a flag, a [`Gate`] |
-//! | in        | [`Proxy::retire`], [`Proxy::shutdown`] | before an exec, at exit                        |
+//! | in        | [`LocalProxy::retire`], [`Proxy::ready`], [`Proxy::shutdown`] | before an exec (in-process), after one (retires the previous proxy process), at exit |
 //! | out       | [`Counters::read`]                     | a [`ProgramCounts`]: totals, held, per process, per generation |
 //! | out       | [`Counters::wait_idle`], [`Counters::drain`] → [`Drain::idle`] | "in flight reached zero", for the whole program (pause) or one process (drain); [`Drain::cut`] marks the rest cut at `max_wait` |
 //!
@@ -29,8 +32,8 @@
 //! upstream no longer routed closes its idle connections once no request
 //! holds it. Counters live per counted process, from the first publish that
 //! counts it to the first that leaves it out; a [`Drain`] keeps its
-//! process's counters past that. Over a channel, the waits would be
-//! requests answered when the count reaches zero.
+//! process's counters past that. Across the channel, reads and waits are
+//! questions the proxy process answers, a wait once its count reaches zero.
 //!
 //! Two HTTP paths share this: ordinary HTTP/1.1 requests go through
 //! `relay.rs` (zdt's own head parsing and body relaying, with the codec in
@@ -44,9 +47,15 @@
 //!  program actor ──RouteTable: RouteSet (plain), drain flag, gate──┐
 //!                 ◄──Counters: ProgramCounts, idle waits─────────┐  │
 //!                                                                │  ▼
-//!  table.rs     the boundary: RouteTable (builds Routes and their
-//!               Upstreams from a RouteSet), Counters, Drain
-//!  mod.rs       start(): given sockets, options, a table → ProxyHandle
+//!  boundary.rs  the boundary: Proxy, RouteTable, Counters, Drain, each
+//!               local or remote
+//!  remote/      the proxy process: the channel and its messages (mod.rs),
+//!               zdt's side (client.rs: starts, restarts and feeds the
+//!               process, retires a previous binary's), the process's
+//!               side (server.rs: orders applied to a LocalProxy)
+//!  table.rs     LocalTable (builds Routes and their Upstreams from a
+//!               RouteSet), LocalCounters, LocalDrain
+//!  mod.rs       LocalProxy::start(): sockets, options, a table → handle
 //!  workers.rs   the proxy threads (one current-thread runtime each),
 //!               per-thread idle lists, which thread a connection goes to
 //!  accept.rs    accept_loop per socket per thread: max_connections, fd
@@ -99,7 +108,7 @@
 //! Accepting (`accept_loop`, one per listening socket per proxy thread)
 //! stops, and never spins, in three cases; clients then wait in the listen
 //! backlog and the listener stays open (nginx's behaviour):
-//! - the proxy is retired ([`Proxy::retire`], before zdt re-executes
+//! - the proxy is retired ([`LocalProxy::retire`], before zdt re-executes
 //!   itself): it accepts again if the [`Retired`] is dropped;
 //! - the listener holds `max_connections` open client connections (a
 //!   semaphore shared by its accept loops; a permit lives as long as the

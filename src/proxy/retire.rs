@@ -1,4 +1,4 @@
-//! Retiring ([`super::Proxy::retire`]): the proxy hands over before zdt
+//! Retiring ([`super::LocalProxy::retire`]): the proxy hands over before zdt
 //! re-executes itself. The listening sockets cross the exec; client
 //! connections cannot, so the proxy stops taking new ones and lets the ones
 //! it has end at a request boundary.
@@ -52,7 +52,7 @@ use tokio::sync::{watch, Notify};
 
 use super::workers::{self, Conns};
 
-/// The retiring state of one [`super::Proxy`], in its [`Conns`].
+/// The retiring state of one [`super::LocalProxy`], in its [`Conns`].
 pub(super) struct Retire {
     /// Set while retired; read (relaxed) once per request on the data path.
     active: AtomicBool,
@@ -310,7 +310,7 @@ impl<'a> Closing<'a> {
     }
 }
 
-/// What [`super::Proxy::retire`] ended with. Dropping it resumes the proxy
+/// What [`super::LocalProxy::retire`] ended with. Dropping it resumes the proxy
 /// (the exec did not happen): accept loops accept again and connections
 /// keep alive. [`Retired::commit`] keeps it retired (the exec follows).
 #[must_use = "dropping a Retired resumes the proxy; commit() it when zdt re-executes"]
@@ -358,7 +358,7 @@ impl Drop for Retired {
 }
 
 /// Retires the proxy whose connections `conns` counts (see the module
-/// docs and [`super::Proxy::retire`]).
+/// docs and [`super::LocalProxy::retire`]).
 pub(super) async fn retire(conns: &Arc<Conns>, grace: Duration, deadline: Duration) -> Retired {
     let began = Instant::now();
     let until = tokio::time::Instant::from_std(began) + deadline;

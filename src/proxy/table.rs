@@ -1,18 +1,16 @@
-//! The boundary between a program actor and the proxy: what goes in is
-//! plain data ([`RouteSet`]: which processes requests may go to, with the
-//! canary split; the drain flag; the gate), what comes out is counters
-//! ([`LocalCounters`]: a [`ProgramCounts`] snapshot, and the "in flight reached
-//! zero" waits drain and pause need).
+//! The plain data that crosses the boundary ([`RouteSet`] in,
+//! [`ProgramCounts`] out) and the proxy's side of it in the process that
+//! runs the proxy: a program's [`LocalTable`], its [`LocalCounters`] and a
+//! process's [`LocalDrain`] (`boundary.rs` wraps them for the program
+//! actor, directly or across the proxy process's channel).
 //!
-//! The program actor holds the [`LocalTable`] and publishes to it; nothing
-//! it publishes refers to a data-path object. The table turns a
+//! Nothing published refers to a data-path object. The table turns a
 //! [`RouteSet`] into the [`Routes`] the proxy's connection tasks read (one
 //! [`Upstream`], with its connection pools, per routed process): it keeps
 //! the upstream of a process that stays routed, builds one for a process
 //! routed for the first time, and lets go of the others (an upstream no
 //! longer routed closes its idle connections once no request holds it). So
-//! the proxy owns its upstreams and pools, and every call across this
-//! boundary could be a message to a proxy in another process.
+//! the proxy owns its upstreams and pools.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -27,7 +27,7 @@ thread_local! {
 /// Most proxy threads.
 pub(super) const MAX: usize = 64;
 
-/// The proxy threads of one [`super::Proxy`]: started on first use (a zdt
+/// The proxy threads of one [`super::LocalProxy`]: started on first use (a zdt
 /// with no proxied program runs none), stopped by [`Workers::shutdown`].
 pub(super) struct Workers {
     /// How many threads to start (`[supervisor] proxy_threads`).
@@ -156,7 +156,7 @@ fn thread_for(me: usize, open: &[usize]) -> usize {
     }
 }
 
-/// The client connections of one [`super::Proxy`]: how many are open on
+/// The client connections of one [`super::LocalProxy`]: how many are open on
 /// each proxy thread, and the retiring state that waits for them.
 pub(super) struct Conns {
     /// Per proxy thread; each [`Open`] counts one.

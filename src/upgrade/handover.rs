@@ -41,6 +41,9 @@ pub struct HandOver<'a> {
 /// next request on the way gets it answered (with `Connection: close`).
 const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How long the exec waits for the progress lines to reach the client.
+const PROGRESS_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
+
 async fn say(progress: &mpsc::Sender<Reply>, message: String) {
     tracing::info!("upgrade: {message}");
     let _ = progress.send(Reply::Progress { message }).await;
@@ -159,6 +162,13 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         Err(e) => return e,
     };
     say(h.progress, format!("executing {binary}")).await;
+    // The exec ends the client's connection task: let it take every
+    // progress line first (the channel is empty once all permits are free).
+    let _ = tokio::time::timeout(
+        PROGRESS_FLUSH,
+        h.progress.reserve_many(h.progress.max_capacity()),
+    )
+    .await;
     let err = h.spawner.exec(exec).await;
     // Still here: accept and keep alive again, and let the programs go on.
     drop(retired);
