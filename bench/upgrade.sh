@@ -13,6 +13,9 @@
 #   zdt proxy, node     zdt accepts and forwards to 2 Node workers on private
 #                       ports (ready = GET /); event: `zdtctl upgrade`.
 #   zdt proxy, php -S   the same with 2 `php -S` workers (ready = /health).
+#   zdt proxy in zdt's process, node   zdt proxy, node with proxy_process =
+#                       false: zdt closes its client connections before the
+#                       exec instead of leaving its proxy process serving.
 #   nginx -s reload     nginx (worker_processes auto, upstream keepalive 32)
 #                       in front of 2 plain Node processes; event: rewrite
 #                       nginx.conf (a new `add_header X-Reload: I`), then
@@ -109,8 +112,10 @@ wait_up() { # wait_up PORT SECONDS
 # kv KEY LINE -> the value of KEY=value in LINE (also inside "(a=1,b=2)").
 kv() { sed -n "s/.*[ (,]$1=\([^ ,)]*\).*/\1/p" <<<" $2"; }
 # The live (not zombie) children of PID, sorted, on one line.
+# Live children of PID, but for zdt's proxy process (zdt __proxy), which an
+# upgrade replaces on purpose: the workers.
 kids() {
-  { ps -o pid=,stat= --ppid "$1" 2>/dev/null || true; } | awk '$2 !~ /^Z/ { print $1 }' | sort -n | tr '\n' ' ' | sed 's/ $//'
+  { ps -o pid=,stat=,args= --ppid "$1" 2>/dev/null || true; } | awk '$2 !~ /^Z/ && $0 !~ / __proxy/ { print $1 }' | sort -n | tr '\n' ' ' | sed 's/ $//'
 }
 # Whether PID is alive and still a child of this script.
 ours() { [ "$(ps -o ppid= -p "$1" 2>/dev/null | tr -d ' ')" = "$$" ]; }
@@ -168,8 +173,8 @@ trap 'exit 130' INT TERM
 # --- upgraded or reloaded) and returns once it serves; event_KEY DIR I does
 # --- one upgrade/reload and sets EV_DONE and EV_SERVE (ms) or EV_WHY ---
 
-zdt_start() { # zdt_start DIR MODE APP
-  local dir=$1 mode=$2 app=$3 cmd ready env instances=2 i
+zdt_start() { # zdt_start DIR MODE APP [SUPERVISOR_LINE]
+  local dir=$1 mode=$2 app=$3 extra=${4:-} cmd ready env instances=2 i
   PORT=$(free_port)
   case $app in
     node) cmd="[\"node\", \"$NODE_APP\"]"
@@ -182,6 +187,7 @@ zdt_start() { # zdt_start DIR MODE APP
 [supervisor]
 control = "$dir/zdt.sock"
 log_dir = "$dir/logs"
+$extra
 [program.web]
 command = $cmd
 listen = ["tcp://127.0.0.1:$PORT"]
@@ -203,6 +209,7 @@ EOF
 start_zdt_pass() { zdt_start "$1" pass node; }
 start_zdt_proxy() { zdt_start "$1" proxy node; }
 start_zdt_php() { zdt_start "$1" proxy php; }
+start_zdt_inproc() { zdt_start "$1" proxy node "proxy_process = false"; }
 event_zdt() { # event_zdt DIR I
   local dir=$1 out="$1/upgrade-$2.txt" t0 rc=0 pid
   t0=$(now_ms)
@@ -230,6 +237,7 @@ event_zdt() { # event_zdt DIR I
 event_zdt_pass() { event_zdt "$@"; }
 event_zdt_proxy() { event_zdt "$@"; }
 event_zdt_php() { event_zdt "$@"; }
+event_zdt_inproc() { event_zdt "$@"; }
 
 # The 2 plain Node copies nginx and haproxy forward to: APP_A, APP_B.
 start_apps() {
@@ -536,6 +544,7 @@ row() {
 row zdt_pass "zdt upgrade, pass, node" node
 row zdt_proxy "zdt upgrade, proxy, node" node
 row zdt_php "zdt upgrade, proxy, php -S" php
+row zdt_inproc "zdt upgrade, proxy in zdt's process, node" node
 if [ "$QUICK" = 1 ]; then
   log "--quick: zdt rows only"
 else

@@ -562,6 +562,7 @@ impl Supervisor {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 pid: std::process::id(),
                 upgrade: self.last_upgrade.clone(),
+                proxy_pid: self.proxy.remote().and_then(|c| c.pid()),
             })),
             // Taken in the loop (it waits for the upgrade).
             Command::Upgrade { .. } => reply_now(err(ErrorBody::new(

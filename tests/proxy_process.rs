@@ -22,6 +22,15 @@ fn proxied(port: u16, supervisor: &str) -> String {
         )
 }
 
+/// zdt with "web" proxied on `port`, running and answering; the daemon and
+/// the worker's pid.
+fn serving(port: u16, supervisor: &str) -> (Daemon, u32) {
+    let d = Daemon::start(&proxied(port, supervisor));
+    let worker = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    (d, worker)
+}
+
 fn upgrade(d: &Daemon) {
     let out = d.ctl(&["upgrade"]);
     assert!(
@@ -36,9 +45,7 @@ fn upgrade(d: &Daemon) {
 #[test]
 fn a_request_in_flight_crosses_an_upgrade_and_the_old_proxy_process_exits_after_it() {
     let port = free_port();
-    let d = Daemon::start(&proxied(port, ""));
-    let worker = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, worker) = serving(port, "");
     let old = d.proxy_pid(T);
     // A request the worker answers in 3 s, and keep-alive clients around it.
     let slow = std::thread::spawn(move || {
@@ -86,9 +93,7 @@ fn a_request_in_flight_crosses_an_upgrade_and_the_old_proxy_process_exits_after_
 #[test]
 fn a_killed_proxy_process_is_replaced_and_serving_goes_on() {
     let port = free_port();
-    let d = Daemon::start(&proxied(port, ""));
-    let worker = d.wait_state("web", 0, Running, T).pid.expect("pid");
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, worker) = serving(port, "");
     let first = d.proxy_pid(T);
     // Signals meant for zdt (`pkill zdt`) leave it alone: zdt stops it.
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2] {
@@ -124,6 +129,13 @@ fn a_killed_proxy_process_is_replaced_and_serving_goes_on() {
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
     assert_eq!(proxy_children_of(d.pid()), vec![second]);
+    let (code, version) = d.ctl_json(&["version"]);
+    assert_eq!(code, 0, "{version}");
+    assert_eq!(
+        version["proxy_pid"].as_u64(),
+        Some(u64::from(second)),
+        "{version}"
+    );
     assert!(
         d.requests("web").served > 0,
         "counters read from the new process"
@@ -133,10 +145,10 @@ fn a_killed_proxy_process_is_replaced_and_serving_goes_on() {
 #[test]
 fn in_process_mode_has_no_proxy_process_and_still_upgrades_without_failures() {
     let port = free_port();
-    let d = Daemon::start(&proxied(port, "proxy_process = false\n"));
-    d.wait_state("web", 0, Running, T);
-    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let (d, _) = serving(port, "proxy_process = false\n");
     assert_eq!(proxy_child_of(d.pid()), None, "a proxy process runs");
+    let (_, version) = d.ctl_json(&["version"]);
+    assert!(version.get("proxy_pid").is_none(), "{version}");
     let load = Load::start(port, 8, 8, &[0, 5]);
     for _ in 0..3 {
         load.wait_progress("load between upgrades");

@@ -217,6 +217,26 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
     Ok(file)
 }
 
+/// From here on the process writes to stderr only through this thread: a
+/// stalled reader of stderr must not freeze the daemon (or its proxy).
+fn stderr_writer() -> Result<zdt::logs::StderrLog, ExitCode> {
+    zdt::logs::StderrLog::start().map_err(|e| {
+        eprintln!("error: cannot start the stderr writer thread: {e}");
+        ExitCode::from(1)
+    })
+}
+
+/// zdt's log on `stderr`, filtered by `ZDT_LOG` (default `info`).
+fn init_tracing(stderr: &zdt::logs::StderrLog) {
+    tracing_subscriber::fmt()
+        .with_writer(stderr.clone())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
 /// `zdt __proxy`: serves the orders zdt sends on the channel (fd 3) until
 /// zdt closes it, shuts the proxy down, or retires it.
 fn proxy_process(threads: usize) -> ExitCode {
@@ -241,20 +261,11 @@ fn proxy_process(threads: usize) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let stderr = match zdt::logs::StderrLog::start() {
+    let stderr = match stderr_writer() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot start the stderr writer thread: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_writer(stderr.clone())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing(&stderr);
     zdt::fds::raise_limit();
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -346,14 +357,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // From here on zdt writes to stderr only through this thread: a stalled
-    // reader of stderr must not freeze the daemon.
-    let stderr = match zdt::logs::StderrLog::start() {
+    let stderr = match stderr_writer() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot start the stderr writer thread: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let upgraded = resumed.is_some();
     if let Some(name) = config
@@ -367,13 +373,7 @@ fn main() -> ExitCode {
             sock = config.supervisor.control.display()
         ).as_bytes());
     }
-    tracing_subscriber::fmt()
-        .with_writer(stderr.clone())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing(&stderr);
     // The last lines get a bounded chance to reach a slow reader.
     let fail = |text: String| {
         stderr.write_bytes(format!("error: {text}\n").as_bytes());

@@ -589,7 +589,15 @@ fn print_outcome(out: &Out, outcome: &Outcome) {
             );
         }
         Outcome::Tail { data } => out.print(data),
-        Outcome::Version { version, pid, .. } => outln!(out, "zdt {version} (pid {pid})"),
+        Outcome::Version {
+            version,
+            pid,
+            proxy_pid,
+            ..
+        } => match proxy_pid {
+            Some(p) => outln!(out, "zdt {version} (pid {pid}, proxy process {p})"),
+            None => outln!(out, "zdt {version} (pid {pid})"),
+        },
         Outcome::ShuttingDown => outln!(out, "zdt is stopping all programs and will exit"),
         Outcome::Releases { root, releases } => print_releases(out, root, releases),
     }

@@ -274,6 +274,9 @@ pub enum Outcome {
         /// How the last upgrade went, if there was one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upgrade: Option<crate::upgrade::UpgradeRecord>,
+        /// The pid of zdt's proxy process (`proxy_process`), while one runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proxy_pid: Option<u32>,
     },
     /// For `shutdown`: the daemon is stopping.
     ShuttingDown,

@@ -152,6 +152,16 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         .remote()
         .and_then(|c| c.carry())
         .map(|(pid, channel_fd)| CarriedProxy { pid, channel_fd });
+    if let Some(p) = &carried.proxy {
+        say(
+            h.progress,
+            format!(
+                "proxy process {} serves on; the new binary retires it once its own accepts",
+                p.pid
+            ),
+        )
+        .await;
+    }
     // 5. The exec, from the spawner thread.
     let memfd = match super::write_state(&carried) {
         Ok(f) => f,

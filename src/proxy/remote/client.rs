@@ -271,6 +271,12 @@ impl Client {
         link.as_ref().map(|(pid, fd)| (*pid, fd.as_raw_fd()))
     }
 
+    /// The pid of the proxy process now running.
+    pub fn pid(&self) -> Option<u32> {
+        let link = self.inner.carried.lock().unwrap_or_else(|p| p.into_inner());
+        link.as_ref().map(|(pid, _)| *pid)
+    }
+
     /// Resolves once a proxy process has applied every order sent so far;
     /// then retires the one a previous binary left (in a task of its own,
     /// bounded by `deadline`).
