@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::state::{Carried, CarriedProxy, CarriedSocket, FORMAT};
+use super::state::{format_for, Carried, CarriedProxy, CarriedSocket};
 use crate::control::proto::Reply;
 use crate::program::{ProgramHandle, ProgramMsg};
 
@@ -54,7 +54,7 @@ async fn say(progress: &mpsc::Sender<Reply>, message: String) {
 pub async fn hand_over(h: HandOver<'_>) -> String {
     let binary = h.binary.display().to_string();
     let mut carried = Carried {
-        format: FORMAT,
+        format: format_for(h.proxy.remote().is_some()),
         from_version: env!("CARGO_PKG_VERSION").to_string(),
         token: h.token.clone(),
         begun_ms: h.begun_ms,

@@ -13,9 +13,27 @@ use serde::{Deserialize, Serialize};
 use crate::config::ListenAddr;
 use crate::state::InstanceState;
 
-/// The format this binary writes and reads. A binary asked to read another
-/// refuses, and the old binary keeps running.
-pub const FORMAT: u32 = 1;
+/// The newest format this binary writes and reads. A binary asked to read
+/// another refuses, and the old binary keeps running.
+///
+/// 2 may carry a proxy process ([`Carried::proxy`]), which a binary that
+/// reads only 1 would leave serving beside its own proxy: a state with a
+/// proxy process is written as 2, any other as 1 (so an upgrade to a binary
+/// of format 1 still works where no proxy process runs).
+pub const FORMAT: u32 = 2;
+
+/// The oldest format this binary reads.
+pub const OLDEST_FORMAT: u32 = 1;
+
+/// The format a state is written in: the oldest that can say what it
+/// carries.
+pub fn format_for(proxy_process: bool) -> u32 {
+    if proxy_process {
+        FORMAT
+    } else {
+        OLDEST_FORMAT
+    }
+}
 
 /// zdt's state as the old binary hands it over.
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,7 +207,9 @@ pub enum StateError {
     #[error("cannot parse the carried state: {0}")]
     Parse(serde_json::Error),
     /// Written by a binary of another format.
-    #[error("the carried state has format {0}; this zdt reads format {FORMAT}")]
+    #[error(
+        "the carried state has format {0}; this zdt reads formats {OLDEST_FORMAT} to {FORMAT}"
+    )]
     Format(u32),
     /// The configuration it runs does not load in this binary.
     #[error("the running configuration does not load in this binary:\n{0}")]
@@ -236,7 +256,7 @@ impl Carried {
             format: u32,
         }
         let head: Head = serde_json::from_slice(bytes).map_err(StateError::Parse)?;
-        if head.format != FORMAT {
+        if !(OLDEST_FORMAT..=FORMAT).contains(&head.format) {
             return Err(StateError::Format(head.format));
         }
         serde_json::from_slice(bytes).map_err(StateError::Parse)
@@ -285,6 +305,20 @@ mod tests {
             Carried::parse(b"not json"),
             Err(StateError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn formats_1_and_2_are_read_and_a_newer_one_is_refused() {
+        assert_eq!((format_for(false), format_for(true)), (1, 2));
+        for format in [1, 2] {
+            let text = format!(
+                r#"{{"format":{format},"from_version":"1","token":"t","begun_ms":1,"config_file":"/x","config_text":"","control_fd":3,"sockets":[],"programs":[]}}"#
+            );
+            let c = Carried::parse(text.as_bytes()).expect("readable");
+            assert!(c.proxy.is_none());
+        }
+        let newer = br#"{"format":3,"anything":true}"#;
+        assert!(matches!(Carried::parse(newer), Err(StateError::Format(3))));
     }
 
     #[test]
