@@ -24,7 +24,9 @@
 #   restart   with --restart: zdt again, while `zdtctl -c CONF restart app`
 #             runs every 2 s (the next one right after the last returned when
 #             it took longer); with the restarts done and failed. zdt's
-#             program has max_wait = "5s" and kill_timeout = "3s"
+#             program has max_wait = "5s", kill_timeout = "3s" and, like
+#             HAProxy's maxconn, max_connections = IDLE + the connections
+#             + 1000 (its default follows the open-files limit)
 # zdt and nginx add X-Forwarded-For, X-Real-IP and X-Forwarded-Proto; HAProxy
 # is set to add the same three.
 #
@@ -278,8 +280,13 @@ start_stacks() {
          env='{ PHP_CLI_SERVER_WORKERS = "4" }' ;;
   esac
   ZDT=$(free_port); ZIN=$(free_port); NGX=$(free_port); HAP=$(free_port)
+  # Room for the idle clients and the busiest cell in zdt and HAProxy: their
+  # defaults follow the open-files limit (zdt: half of it less a reserve,
+  # 8,750 with a limit of 20,000), nginx has worker_connections 20000.
+  for c in "${CONN_LIST[@]}"; do [ "$c" -gt "$maxc" ] && maxc=$c; done
+  maxc=$((IDLE + maxc + 1000))
   # zdt_config DIR PORT PROXY_PROCESS: zdt with the backend proxied on PORT
-  # (cmd, ready, n and env are start_stacks' locals).
+  # (cmd, ready, n, env and maxc are start_stacks' locals).
   zdt_config() {
     mkdir -p "$1"
     cat >"$1/supervisor.toml" <<TOML
@@ -297,6 +304,7 @@ instances = $n
 environment = $env
 max_wait = "5s"
 kill_timeout = "3s"
+max_connections = $maxc
 TOML
   }
   zdt_config "$d/zdt" "$ZDT" true
@@ -331,14 +339,13 @@ NGINX
   nginx -p "$d/nginx" -c "$d/nginx/nginx.conf" -e "$d/nginx/error.log" -g 'daemon off;' 2>"$d/nginx/stderr" & NGX_PID=$!; track "$NGX_PID"
 
   if [ "$HAVE_HAPROXY" = 1 ]; then
-    for c in "${CONN_LIST[@]}"; do [ "$c" -gt "$maxc" ] && maxc=$c; done
     # HAProxy counts two fds per connection in maxconn and refuses to start
     # when that passes the fd limit (20,000 on some machines); an idle client
     # needs one, so `no strict-limits` lets it start with its warning.
     cat >"$d/haproxy.cfg" <<HAPROXY
 global
   nbthread $NCPU
-  maxconn $((IDLE + maxc + 1000))
+  maxconn $maxc
   ulimit-n $(ulimit -n)
   no strict-limits
 defaults
