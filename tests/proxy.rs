@@ -1425,6 +1425,11 @@ fn the_relay_rewrites_heads_frames_every_body_and_keeps_the_client_connection() 
     );
     assert_eq!(a.body, "close-delimited");
     assert_eq!(a.header("connection"), None, "{:?}", a.headers);
+    // Also when it comes in pieces, with pauses before more and before the
+    // close.
+    let a = ask("GET /eof-pieces HTTP/1.1\r\nHost: a\r\n\r\n", false);
+    assert_eq!(a.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(a.body, "first,second,third");
     // A chunked body and its trailer pass through.
     let a = ask("GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n", false);
     assert_eq!(
@@ -1462,7 +1467,7 @@ fn the_relay_rewrites_heads_frames_every_body_and_keeps_the_client_connection() 
     assert!(a.body.contains("Host: one"), "{:?}", a.body);
     let b = read_answer(&mut r, false);
     assert!(b.body.contains("Host: two"), "{:?}", b.body);
-    assert_eq!(d.requests("raw").served, served + 11);
+    assert_eq!(d.requests("raw").served, served + 12);
     assert_eq!(d.requests("raw").failed, 2);
 }
 

@@ -63,6 +63,15 @@ def respond(conn, method, target, headers, body):
     if target == "/eof":
         conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nclose-delimited")
         return False
+    if target == "/eof-pieces":
+        # A close-delimited body in three pieces, the last after a pause,
+        # then the close after another.
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nfirst,")
+        conn.sendall(b"second,")
+        time.sleep(0.05)
+        conn.sendall(b"third")
+        time.sleep(0.05)
+        return False
     if target == "/chunked":
         conn.sendall(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Buf;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -58,11 +59,29 @@ where
         first = false;
         ended |= done;
         let data = &rbuf[..k];
+        // Set when the read after this write is already done: its result.
+        let mut next = None;
+        // Whether `rbuf` was emptied for that read.
+        let mut consumed = false;
         let written = if rechunk {
             if k > 0 {
                 pending.extend_from_slice(format!("{k:x}\r\n").as_bytes());
                 pending.extend_from_slice(data);
                 pending.extend_from_slice(b"\r\n");
+            }
+            if !ended {
+                // A worker that ends its answer with its connection has
+                // mostly closed it by now (php -S): its end, taken without
+                // waiting, lets the last chunk go out in this same write.
+                rbuf.advance(k);
+                rbuf.clear();
+                rbuf.room();
+                consumed = true;
+                match up.read_buf(&mut rbuf.0).now_or_never() {
+                    Some(Ok(0)) if !guard.is_cut() => ended = true,
+                    Some(r) => next = Some(r),
+                    None => {}
+                }
             }
             if ended {
                 pending.extend_from_slice(b"0\r\n\r\n");
@@ -82,13 +101,22 @@ where
             return Relayed::Broken;
         }
         pending.clear();
-        rbuf.advance(k);
+        if !consumed {
+            rbuf.advance(k);
+        }
         if ended {
             return Relayed::Whole;
         }
-        rbuf.clear();
-        rbuf.room();
-        match up.read_buf(&mut rbuf.0).await {
+        let read = match next {
+            Some(r) => r,
+            None if consumed => up.read_buf(&mut rbuf.0).await,
+            None => {
+                rbuf.clear();
+                rbuf.room();
+                up.read_buf(&mut rbuf.0).await
+            }
+        };
+        match read {
             Ok(n) if n > 0 => {}
             // A body framed by the connection's end has ended, unless zdt
             // cut the worker at max_wait.
