@@ -66,7 +66,7 @@ fn a_request_in_flight_crosses_an_upgrade_and_the_old_proxy_process_exits_after_
         "the upgrade ({upgraded_in:?}) did not wait for the request ({took:?})"
     );
     // A new proxy process serves; the old one exits once its request is done.
-    wait_for("a new proxy process", T, || {
+    let new = wait_for("a new proxy process", T, || {
         proxy_children_of(d.pid())
             .into_iter()
             .find(|&p| p != old)
@@ -88,6 +88,18 @@ fn a_request_in_flight_crosses_an_upgrade_and_the_old_proxy_process_exits_after_
         "{}",
         d.stderr()
     );
+    // The proxy process the new binary forked dies with zdt, as a worker
+    // does (PR_SET_PDEATHSIG, from the thread that lives as long as zdt).
+    let mut d = d;
+    d.signal(libc::SIGKILL);
+    d.wait_exit(T);
+    wait_for("the proxy process to die with zdt", T, || {
+        if alive(new) {
+            Err(format!("{new} still runs"))
+        } else {
+            Ok(())
+        }
+    });
 }
 
 #[test]

@@ -843,7 +843,7 @@ impl Program {
                         self.config.name
                     ))),
                 };
-                let _ = reply.send(result);
+                self.reply_when_applied(reply, result);
             }
             ProgramMsg::Pause { max_pause, reply } => self.pause(max_pause, reply),
             ProgramMsg::Maintenance { message, reply } => {
@@ -861,7 +861,7 @@ impl Program {
                     });
                     self.all_snapshots()
                 });
-                let _ = reply.send(result);
+                self.reply_when_applied(reply, result);
             }
             ProgramMsg::Resume { reply } => {
                 let result = self.not_proxied("resume").map(|()| {
@@ -875,13 +875,24 @@ impl Program {
                     self.routes.set_gate(crate::proxy::Gate::Open);
                     self.all_snapshots()
                 });
-                let _ = reply.send(result);
+                self.reply_when_applied(reply, result);
             }
             ProgramMsg::Shutdown { reply } => {
                 // Handled in run(); kept total for the compiler.
                 let _ = reply.send(Err(OpError::plain("already shutting down".into())));
             }
         }
+    }
+
+    /// Replies once the proxy has applied what this order changed (the drain
+    /// flag, the gate): with the proxy in its own process that is a round
+    /// trip, and the client must not see the old gate after the reply.
+    fn reply_when_applied(&self, reply: oneshot::Sender<OpResult>, result: OpResult) {
+        let counters = self.counters.clone();
+        tokio::spawn(async move {
+            counters.applied().await;
+            let _ = reply.send(result);
+        });
     }
 
     /// Pause and maintenance hold requests in zdt's proxy: an error naming

@@ -229,6 +229,14 @@ impl Counters {
         self.read().await.map_or(0, |c| c.totals.inflight)
     }
 
+    /// Resolves once the proxy has applied every order sent to it before
+    /// (at once in-process).
+    pub async fn applied(&self) {
+        if let Self::Remote(c) = self {
+            c.applied().await;
+        }
+    }
+
     /// Resolves when no request is in flight on any counted process.
     pub async fn wait_idle(&self) {
         match self {

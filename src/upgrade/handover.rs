@@ -147,11 +147,12 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         })
         .collect();
     // The proxy process serves on; the new binary retires it.
-    carried.proxy = h
-        .proxy
-        .remote()
-        .and_then(|c| c.carry())
-        .map(|(pid, channel_fd)| CarriedProxy { pid, channel_fd });
+    // Held until the exec: the number the state names stays this channel.
+    let proxy_channel = h.proxy.remote().and_then(|c| c.carry());
+    carried.proxy = proxy_channel.as_ref().map(|(pid, fd)| CarriedProxy {
+        pid: *pid,
+        channel_fd: fd.as_raw_fd(),
+    });
     if let Some(p) = &carried.proxy {
         say(
             h.progress,
@@ -181,6 +182,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
     .await;
     let err = h.spawner.exec(exec).await;
     // Still here: accept and keep alive again, and let the programs go on.
+    drop(proxy_channel);
     drop(retired);
     drop(thaws);
     h.notifier

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,7 +75,8 @@ struct TableState {
     program: String,
     proxied: bool,
     draining: bool,
-    gate: Gate,
+    /// The gate as last set; the program actor holds receivers.
+    gate: watch::Sender<Gate>,
     set: RouteSet,
 }
 
@@ -133,7 +134,7 @@ impl State {
             self.send(
                 &Order::Gate {
                     table,
-                    gate: WireGate::from(&t.gate),
+                    gate: WireGate::from(&*t.gate.borrow()),
                 },
                 Vec::new(),
             );
@@ -221,7 +222,7 @@ impl Client {
                         program,
                         proxied: false,
                         draining: false,
-                        gate: Gate::Open,
+                        gate: watch::channel(Gate::Open).0,
                         set: RouteSet::default(),
                     },
                 );
@@ -230,8 +231,6 @@ impl Client {
         Table {
             client: self.clone(),
             table,
-            draining: AtomicBool::new(false),
-            gate: watch::channel(Gate::Open).0,
         }
     }
 
@@ -264,11 +263,14 @@ impl Client {
         }
     }
 
-    /// The pid of the proxy process now running and its end of the
-    /// channel, for an upgrade to carry; None between processes.
-    pub fn carry(&self) -> Option<(u32, std::os::fd::RawFd)> {
+    /// The pid of the proxy process now running and a copy of zdt's end of
+    /// its channel, for an upgrade to carry: the caller holds it until the
+    /// exec, so its number stays this channel's even if the process dies
+    /// meanwhile. None between processes.
+    pub fn carry(&self) -> Option<(u32, OwnedFd)> {
         let link = self.inner.carried.lock().unwrap_or_else(|p| p.into_inner());
-        link.as_ref().map(|(pid, fd)| (*pid, fd.as_raw_fd()))
+        let (pid, fd) = link.as_ref()?;
+        Some((*pid, fd.try_clone().ok()?))
     }
 
     /// The pid of the proxy process now running.
@@ -425,16 +427,13 @@ async fn read(chan: &Channel, inner: &Inner) {
     }
 }
 
-/// A program's routing state in the proxy process, with the drain flag
-/// and gate kept here as well (the program actor reads them back).
-/// Dropping it drops the table there.
+/// A program's routing state in the proxy process; what it was told is
+/// kept in the client's [`State`] too, where the program actor reads its
+/// drain flag and gate back. Dropping it drops the table there.
 #[derive(Debug)]
 pub struct Table {
     client: Client,
     table: u64,
-    draining: AtomicBool,
-    /// The gate as last set; the program actor holds receivers.
-    gate: watch::Sender<Gate>,
 }
 
 impl Table {
@@ -465,7 +464,6 @@ impl Table {
     }
 
     pub(in crate::proxy) fn set_draining(&self, on: bool) {
-        self.draining.store(on, Ordering::SeqCst);
         let order = Order::Draining {
             table: self.table,
             on,
@@ -475,7 +473,8 @@ impl Table {
     }
 
     pub(in crate::proxy) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        let st = self.client.state();
+        st.tables.get(&self.table).is_some_and(|t| t.draining)
     }
 
     pub(in crate::proxy) fn set_gate(&self, gate: Gate) {
@@ -483,14 +482,22 @@ impl Table {
             table: self.table,
             gate: WireGate::from(&gate),
         };
-        let kept = gate.clone();
-        self.client
-            .order(order, Vec::new(), self.with(|t| t.gate = kept));
-        self.gate.send_replace(gate);
+        self.client.order(
+            order,
+            Vec::new(),
+            self.with(|t| {
+                t.gate.send_replace(gate);
+            }),
+        );
     }
 
     pub(in crate::proxy) fn watch_gate(&self) -> watch::Receiver<Gate> {
-        self.gate.subscribe()
+        let st = self.client.state();
+        match st.tables.get(&self.table) {
+            Some(t) => t.gate.subscribe(),
+            // Not reached: the table lives as long as this handle.
+            None => watch::channel(Gate::Open).1,
+        }
     }
 
     pub(in crate::proxy) fn publish(&self, set: &RouteSet) {
@@ -534,6 +541,12 @@ impl Counters {
                 proxied.then(ProgramCounts::default)
             }
         }
+    }
+
+    /// Resolves once the proxy process has applied every order sent before
+    /// (at once with no process: the next one is given all of them first).
+    pub(in crate::proxy) async fn applied(&self) {
+        self.client.ask(|id| Order::Sync { id }).await;
     }
 
     /// Resolves when nothing is in flight (at once with no process).
