@@ -27,7 +27,7 @@
 pub mod fuzz;
 
 mod bodies;
-mod buffer;
+pub(super) mod buffer;
 mod forward;
 mod idle;
 
@@ -81,10 +81,12 @@ struct Client<S> {
 }
 
 /// Serves a client connection: ordinary requests here, the rest handed to
-/// the hyper path with the bytes already read.
-pub(super) async fn serve<S>(io: S, peer: Option<IpAddr>, shared: Arc<Shared>)
+/// the hyper path with the bytes already read. `_open` is held until the
+/// connection closes (its place under `max_connections`).
+pub(super) async fn serve<S, O>(io: S, peer: Option<IpAddr>, shared: Arc<Shared>, _open: O)
 where
     S: SpliceIo + AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    O: Send,
 {
     let mut c = Client {
         io,
@@ -252,7 +254,7 @@ mod memory {
             .expect("bind");
         let addr = l.local_addr().expect("address");
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let serving = super::serve(client, None, super::super::test_shared());
+        let serving = super::serve(client, None, super::super::test_shared(), ());
         let size = std::mem::size_of_val(&serving);
         assert!(size <= 768, "the serve future takes {size} bytes");
     }

@@ -3,6 +3,8 @@
 
 use bytes::BytesMut;
 
+use crate::proxy::workers;
+
 /// Size of the read buffers, for requests and for responses.
 pub(super) const BUF: usize = 16 * 1024;
 
@@ -16,12 +18,19 @@ thread_local! {
     static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Frees this thread's spare buffers: its load is over (the heartbeat in
+/// `workers.rs` saw a quiet interval), so an idle proxy holds none.
+pub(in crate::proxy) fn free_spares() {
+    SPARE.with(|s| *s.borrow_mut() = Vec::new());
+}
+
 /// A read buffer from this thread's spares, given back when dropped.
 #[derive(Default)]
 pub(super) struct Buffer(pub(super) BytesMut);
 
 impl Buffer {
     pub(super) fn take() -> Self {
+        workers::busy();
         let spare = SPARE.with(|s| s.borrow_mut().pop());
         Self(spare.unwrap_or_else(|| BytesMut::with_capacity(BUF)))
     }
