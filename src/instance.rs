@@ -559,19 +559,40 @@ enum Probe {
     Tcp(crate::proxy::PrivateAddr),
 }
 
-/// Interval between readiness probes.
+/// Interval between readiness probes that reached the worker.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 
+/// Shortest interval between connects to a worker that does not listen yet.
+const CONNECT_PROBE_MIN: Duration = Duration::from_millis(1);
+
+/// The pause before the next readiness probe. Until the worker listens, a
+/// probe is one refused connect on loopback, a few microseconds, so it is
+/// tried again after 1/50 of the time the start has taken so far (1 ms at
+/// first, at most [`PROBE_EVERY`]): zdt then sees the worker listen within
+/// 2% of its own start time. At a fixed 50 ms, a Node server that starts in
+/// 40 ms waited 25 ms more on average, longer than the rest of the restart.
+/// A worker that answered but not with 2xx is asked again every
+/// [`PROBE_EVERY`], to keep probes out of its access log.
+fn probe_pause(started: Instant, could_not_connect: bool) -> Duration {
+    if could_not_connect {
+        (started.elapsed() / 50).clamp(CONNECT_PROBE_MIN, PROBE_EVERY)
+    } else {
+        PROBE_EVERY
+    }
+}
+
 async fn tcp_until_ready(addr: crate::proxy::PrivateAddr, seen: ProbeSeen) {
+    let started = Instant::now();
     while let Err(e) = addr.connect().await {
         seen.send_replace((e.to_string(), true));
-        tokio::time::sleep(PROBE_EVERY).await;
+        tokio::time::sleep(probe_pause(started, true)).await;
     }
 }
 
 /// `GET path` on the private address until it answers 2xx.
 async fn http_until_ready(addr: crate::proxy::PrivateAddr, path: String, seen: ProbeSeen) {
     use http_body_util::Empty;
+    let started = Instant::now();
     loop {
         // Err((what it saw, could not connect)).
         let check = async {
@@ -595,16 +616,19 @@ async fn http_until_ready(addr: crate::proxy::PrivateAddr, path: String, seen: P
                 Err((format!("answered {}", resp.status()), false))
             }
         };
-        match tokio::time::timeout(Duration::from_secs(2), check).await {
+        let refused = match tokio::time::timeout(Duration::from_secs(2), check).await {
             Ok(Ok(())) => return,
             Ok(Err(saw)) => {
+                let refused = saw.1;
                 seen.send_replace(saw);
+                refused
             }
             Err(_) => {
                 seen.send_replace(("no answer within 2s".into(), false));
+                false
             }
-        }
-        tokio::time::sleep(PROBE_EVERY).await;
+        };
+        tokio::time::sleep(probe_pause(started, refused)).await;
     }
 }
 
@@ -621,5 +645,22 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_not_listening_yet_is_probed_at_a_fiftieth_of_its_start_time() {
+        let started = Instant::now();
+        assert_eq!(probe_pause(started, true), CONNECT_PROBE_MIN);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(probe_pause(started, true), Duration::from_millis(10));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(probe_pause(started, true), PROBE_EVERY);
+        // A worker that answered, but not 2xx, is not asked more often.
+        assert_eq!(probe_pause(Instant::now(), false), PROBE_EVERY);
     }
 }
