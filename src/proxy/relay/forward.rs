@@ -11,12 +11,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest};
 
 use super::bodies::{duplex, relay_body, Duplexed, Relayed};
 use super::buffer::{Buffer, BUF};
 use super::{answer, text, Client, Outcome, BAD_CHUNKS, CLOSE, FAILED, NO_ANSWER, UNREACHABLE};
-use crate::proxy::addr::Stream;
+use crate::proxy::addr::{write_counted, Stream};
 use crate::proxy::canary::{Pin, RawHead};
 use crate::proxy::codec::{
     add_cookie, parse_response, push_header, ParsedResponse, Request, Response,
@@ -48,19 +48,6 @@ enum NotSent {
     /// Writing failed after the worker may have taken some of the request,
     /// which is not safe to send twice (502, counted as failed).
     Broken(Arc<Upstream>, InflightGuard, io::Error),
-}
-
-/// Writes all of `data`; on failure says how many bytes the kernel took.
-async fn write_counted(s: &mut Stream, data: &[u8]) -> Result<(), (usize, io::Error)> {
-    let mut done = 0;
-    while done < data.len() {
-        match s.write(&data[done..]).await {
-            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
-            Ok(n) => done += n,
-            Err(e) => return Err((done, e)),
-        }
-    }
-    Ok(())
 }
 
 /// Sends the request head in `out` (rebuilt for each instance from `mark`:
@@ -110,21 +97,18 @@ async fn send(
                 Err((_, e)) => return Err(NotSent::Broken(up, guard, e)),
             }
         }
-        let cause = match Box::pin(up.addr.connect_within(CONNECT_TIMEOUT)).await {
-            Ok(mut conn) => match write_counted(&mut conn, out).await {
-                Ok(()) => {
-                    return Ok(Sent {
-                        up,
-                        guard,
-                        conn,
-                        reused: false,
-                    })
-                }
-                Err((0, e)) => e,
-                Err((_, e)) if req.resendable => e,
-                Err((_, e)) => return Err(NotSent::Broken(up, guard, e)),
-            },
-            Err(e) => e,
+        let cause = match Box::pin(up.addr.connect_sending(out, CONNECT_TIMEOUT)).await {
+            Ok(conn) => {
+                return Ok(Sent {
+                    up,
+                    guard,
+                    conn,
+                    reused: false,
+                })
+            }
+            Err((0, e)) => e,
+            Err((_, e)) if req.resendable => e,
+            Err((_, e)) => return Err(NotSent::Broken(up, guard, e)),
         };
         tracing::warn!(program = %shared.program, upstream = %up.addr, %cause, "connect failed; trying another instance");
         guard.discard();
