@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use super::{relay, splice, tcp, workers, Shared};
 
 pub(super) enum Listener {
-    Tcp(tokio::net::TcpListener),
+    /// With whether TCP_NODELAY is set on the listening socket, which the
+    /// connections it accepts inherit (one setsockopt less per client
+    /// connection; each one is set by hand otherwise).
+    Tcp(tokio::net::TcpListener, bool),
     Unix(tokio::net::UnixListener),
 }
 
@@ -30,7 +33,7 @@ enum Accepted {
 impl Listener {
     async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
-            Self::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+            Self::Tcp(l, _) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
             Self::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
         }
     }
@@ -38,7 +41,7 @@ impl Listener {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
-            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Tcp(l, _) => l.as_raw_fd(),
             Self::Unix(l) => l.as_raw_fd(),
         }
     }
@@ -51,8 +54,11 @@ impl Listener {
             let std: std::os::unix::net::UnixListener = sock.into();
             Ok(Self::Unix(tokio::net::UnixListener::from_std(std)?))
         } else {
+            // The socket is zdt's and serves only the proxy (pass mode's
+            // sockets never come here).
+            let nodelay = sock.set_nodelay(true).is_ok();
             let std: std::net::TcpListener = sock.into();
-            Ok(Self::Tcp(tokio::net::TcpListener::from_std(std)?))
+            Ok(Self::Tcp(tokio::net::TcpListener::from_std(std)?, nodelay))
         }
     }
 }
@@ -309,7 +315,9 @@ impl<'a> Acceptor<'a> {
         let shared = self.shared;
         match client {
             Accepted::Tcp(s, addr) => {
-                let _ = s.set_nodelay(true);
+                if !matches!(self.listener, Listener::Tcp(_, true)) {
+                    let _ = s.set_nodelay(true);
+                }
                 dispatch(s, Some(addr.ip()), self.tcp, shared, slot);
             }
             Accepted::Unix(s) => dispatch(s, None, self.tcp, shared, slot),
@@ -319,6 +327,27 @@ impl<'a> Acceptor<'a> {
                 tracing::warn!(program = %shared.program, fd_ceiling = shared.fd_ceiling, "near the open-files limit: pausing accept to keep file descriptors for the control socket and spawning (new connections wait in the listen backlog)");
             }
             self.pause = Some(PAUSE_MIN);
+        }
+    }
+}
+
+#[cfg(test)]
+mod nodelay {
+    use std::os::fd::OwnedFd;
+
+    /// Client connections get TCP_NODELAY from the listening socket, as
+    /// `serve` no longer sets it on each one.
+    #[tokio::test]
+    async fn accepted_client_connections_have_tcp_nodelay() {
+        let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = std.local_addr().expect("address");
+        let fd = OwnedFd::from(std);
+        let l = super::Listener::from_fd(&fd).expect("listener");
+        assert!(matches!(l, super::Listener::Tcp(_, true)));
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        match l.accept().await.expect("accept") {
+            super::Accepted::Tcp(s, _) => assert!(s.nodelay().expect("nodelay")),
+            super::Accepted::Unix(_) => panic!("a unix connection"),
         }
     }
 }

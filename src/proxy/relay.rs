@@ -170,10 +170,9 @@ where
         // Boxed: an idle connection then holds only what waiting needs.
         match Box::pin(forward(&mut c, req, out)).await {
             Outcome::KeepAlive => {}
-            Outcome::Close => {
-                let _ = c.io.shutdown().await;
-                return;
-            }
+            // close() sends the FIN after what is still queued; a
+            // shutdown() first would only cost a system call.
+            Outcome::Close => return,
             Outcome::CloseUnread => {
                 let _ = c.io.shutdown().await;
                 return Box::pin(linger(c.io)).await;
