@@ -58,6 +58,10 @@ pub(super) fn text(status: &str, body: &str, headers: &str) -> Vec<u8> {
 
 const CLOSE: &str = "Connection: close\r\n";
 
+/// Moves a client connection, with its place under `max_connections`, to
+/// another proxy thread (`accept::rebalance`).
+pub(super) type Rebalance<S, O> = fn(S, Option<IpAddr>, Arc<Shared>, O, usize);
+
 /// What the client connection does after a request.
 enum Outcome {
     /// It may carry another request.
@@ -81,10 +85,17 @@ struct Client<S> {
 }
 
 /// Serves a client connection: ordinary requests here, the rest handed to
-/// the hyper path with the bytes already read. `_open` is held until the
-/// connection closes (its place under `max_connections`).
-pub(super) async fn serve<S, O>(io: S, peer: Option<IpAddr>, shared: Arc<Shared>, _open: O)
-where
+/// the hyper path with the bytes already read. `open` is held until the
+/// connection closes (its place under `max_connections`), or handed to
+/// `rebalance` with the connection when, its first request answered and
+/// kept alive, it should live on a less loaded proxy thread.
+pub(super) async fn serve<S, O>(
+    io: S,
+    peer: Option<IpAddr>,
+    shared: Arc<Shared>,
+    open: O,
+    rebalance: Rebalance<S, O>,
+) where
     S: SpliceIo + AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
     O: Send,
 {
@@ -95,8 +106,10 @@ where
         shared,
     };
     // Woken when retiring begins or ends.
-    let _registered = Registered::here(c.shared.workers.conns()).await;
+    let registered = Registered::here(c.shared.workers.conns()).await;
     let timeout = c.shared.options.header_timeout;
+    // Before the first request is answered.
+    let mut first = true;
     let sleep = tokio::time::sleep(timeout);
     tokio::pin!(sleep);
     loop {
@@ -169,6 +182,17 @@ where
         };
         // Boxed: an idle connection then holds only what waiting needs.
         match Box::pin(forward(&mut c, req, out)).await {
+            Outcome::KeepAlive if first => {
+                first = false;
+                // Nothing pipelined is left to carry over.
+                if c.buf.is_empty() && !c.shared.workers.retire().is_retiring() {
+                    if let Some(there) = c.shared.workers.less_loaded() {
+                        drop(registered);
+                        rebalance(c.io, peer, c.shared, open, there);
+                        return;
+                    }
+                }
+            }
             Outcome::KeepAlive => {}
             // close() sends the FIN after what is still queued; a
             // shutdown() first would only cost a system call.
@@ -253,7 +277,13 @@ mod memory {
             .expect("bind");
         let addr = l.local_addr().expect("address");
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let serving = super::serve(client, None, super::super::test_shared(), ());
+        let serving = super::serve(
+            client,
+            None,
+            super::super::test_shared(),
+            (),
+            |_, _, _, (), _| {},
+        );
         let size = std::mem::size_of_val(&serving);
         assert!(size <= 768, "the serve future takes {size} bytes");
     }

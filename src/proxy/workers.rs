@@ -106,6 +106,14 @@ impl Workers {
         thread_for(current(), &open[..n])
     }
 
+    /// A proxy thread a kept-alive connection on this one should move to:
+    /// one that holds clearly fewer open connections (as in
+    /// [`Self::for_new_connection`]).
+    pub(super) fn less_loaded(&self) -> Option<usize> {
+        let there = self.for_new_connection();
+        (there != current()).then_some(there)
+    }
+
     /// Counts a client connection as open on proxy thread `thread` while
     /// the returned value lives.
     pub(super) fn open_on(&self, thread: usize) -> Open {
