@@ -388,6 +388,48 @@ mod nodelay {
 }
 
 #[cfg(test)]
+mod rebalance {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Semaphore;
+
+    /// A kept-alive connection handed to another proxy thread is counted
+    /// there, and no longer here, and is served there.
+    #[tokio::test]
+    async fn a_moved_connection_takes_its_count_and_is_served_on_its_new_thread() {
+        let shared = super::super::test_shared_on(2);
+        let workers = &shared.workers;
+        // The test runs outside the proxy threads, as if on thread 0.
+        let slot = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a free slot");
+        let here = workers.open_on(0);
+        let _others: Vec<_> = (0..3).map(|_| workers.open_on(0)).collect();
+        // Thread 0 holds 4, thread 1 none: a connection here should move.
+        assert_eq!(workers.less_loaded(), Some(1));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        super::rebalance(s, None, shared.clone(), (here, slot), 1);
+        // 3 and 1: balanced. Had the count stayed here (4 and 1) or not
+        // come there (3 and 0), one would still be "clearly fewer".
+        assert_eq!(workers.less_loaded(), None);
+        // No routes: thread 1 answers 503 after queue_timeout.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("send");
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).await.expect("an answer");
+        assert_eq!(&head, b"HTTP/1.1 503");
+    }
+}
+
+#[cfg(test)]
 mod memory {
     use tokio::net::TcpStream;
 

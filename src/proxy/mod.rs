@@ -377,10 +377,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A proxy's shared state with no routes, for unit tests.
 #[cfg(test)]
 fn test_shared() -> Arc<Shared> {
+    test_shared_on(1)
+}
+
+/// [`test_shared`] with `threads` proxy threads.
+#[cfg(test)]
+fn test_shared_on(threads: usize) -> Arc<Shared> {
     let (_tx, rx) = watch::channel(Arc::new(Routes::default()));
     Arc::new(Shared {
         program: "t".into(),
-        workers: Arc::new(workers::Workers::new(1)),
+        workers: Arc::new(workers::Workers::new(threads)),
         routes: rx,
         options: Options {
             queue_timeout: Duration::from_secs(1),
