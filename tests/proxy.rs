@@ -1270,6 +1270,36 @@ fn several_proxy_threads_keep_restarts_at_zero_failures() {
     }
 }
 
+#[test]
+fn a_request_to_an_instance_that_refuses_connections_goes_to_another() {
+    // One of two running instances stops listening (and drops its
+    // connections), so every request routed to it must connect and is
+    // refused before a byte went out: each goes to the other instance.
+    let port = free_port();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/util/raw_worker.py");
+    let d = Daemon::start(&format!(
+        "{}[program.raw]\ncommand = [\"python3\", {:?}]\nmode = \"proxy\"\ninstances = 2\n\
+         listen = [\"tcp://127.0.0.1:{port}\"]\nready = {{ tcp = true }}\n",
+        header(),
+        script.display().to_string()
+    ));
+    d.wait_state("raw", 0, Running, T);
+    d.wait_state("raw", 1, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/echo"));
+    let (code, body) = http_get(port, "/deaf").expect("an answer");
+    assert_eq!((code, body.as_str()), (200, "deaf"));
+    for i in 0..20 {
+        let (code, body) = http_get(port, "/echo").expect("an answer");
+        assert_eq!(code, 200, "request {i}: {body}");
+    }
+    // The deaf instance was tried (routing takes turns), and skipped.
+    let log = d.stderr();
+    assert!(
+        log.contains("connect failed; trying another instance"),
+        "{log}"
+    );
+}
+
 /// zdt proxying `tests/util/raw_worker.py` as "raw" on `port`, answering.
 fn serving_raw_worker(port: u16) -> Daemon {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/util/raw_worker.py");

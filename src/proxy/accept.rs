@@ -17,10 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::{relay, splice, tcp, workers, Shared};
 
 pub(super) enum Listener {
-    /// With whether TCP_NODELAY is set on the listening socket, which the
-    /// connections it accepts inherit (one setsockopt less per client
-    /// connection; each one is set by hand otherwise).
-    Tcp(tokio::net::TcpListener, bool),
+    /// With TCP_NODELAY set on the listening socket: the connections it
+    /// accepts inherit it, one setsockopt less per client connection.
+    Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
 }
 
@@ -33,7 +32,7 @@ enum Accepted {
 impl Listener {
     async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
-            Self::Tcp(l, _) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+            Self::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
             Self::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
         }
     }
@@ -41,7 +40,7 @@ impl Listener {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
-            Self::Tcp(l, _) => l.as_raw_fd(),
+            Self::Tcp(l) => l.as_raw_fd(),
             Self::Unix(l) => l.as_raw_fd(),
         }
     }
@@ -54,11 +53,10 @@ impl Listener {
             let std: std::os::unix::net::UnixListener = sock.into();
             Ok(Self::Unix(tokio::net::UnixListener::from_std(std)?))
         } else {
-            // The socket is zdt's and serves only the proxy (pass mode's
-            // sockets never come here).
-            let nodelay = sock.set_nodelay(true).is_ok();
+            // The socket is zdt's; in proxy mode only zdt accepts on it.
+            sock.set_nodelay(true)?;
             let std: std::net::TcpListener = sock.into();
-            Ok(Self::Tcp(tokio::net::TcpListener::from_std(std)?, nodelay))
+            Ok(Self::Tcp(tokio::net::TcpListener::from_std(std)?))
         }
     }
 }
@@ -349,12 +347,7 @@ impl<'a> Acceptor<'a> {
         };
         let shared = self.shared;
         match client {
-            Accepted::Tcp(s, addr) => {
-                if !matches!(self.listener, Listener::Tcp(_, true)) {
-                    let _ = s.set_nodelay(true);
-                }
-                dispatch(s, Some(addr.ip()), self.tcp, shared, slot);
-            }
+            Accepted::Tcp(s, addr) => dispatch(s, Some(addr.ip()), self.tcp, shared, slot),
             Accepted::Unix(s) => dispatch(s, None, self.tcp, shared, slot),
         }
         if fd as u64 >= shared.fd_ceiling {
@@ -378,7 +371,7 @@ mod nodelay {
         let addr = std.local_addr().expect("address");
         let fd = OwnedFd::from(std);
         let l = super::Listener::from_fd(&fd).expect("listener");
-        assert!(matches!(l, super::Listener::Tcp(_, true)));
+        assert!(matches!(l, super::Listener::Tcp(_)));
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         match l.accept().await.expect("accept") {
             super::Accepted::Tcp(s, _) => assert!(s.nodelay().expect("nodelay")),

@@ -220,9 +220,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// causes one.
 ///
 /// At each tick, a thread whose load is over (no request and no closed
-/// connection in the last interval) frees its spare read buffers and has the allocator return the
-/// memory it keeps free to the system: after 256 clients' load, the proxy
-/// process otherwise kept 4-5 MiB for good.
+/// connection in the last interval) frees its spare read buffers and has
+/// the allocator return the memory it keeps free to the system: after 256
+/// clients' load, the proxy process otherwise kept 4-5 MiB for good.
 async fn heartbeat() {
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -18,6 +18,8 @@
 #   /stream    200 chunked at once, then each piece of the (Content-Length)
 #              body echoed as a chunk as it is read
 #   /many      200 with 150 headers X-0 to X-149
+#   /deaf      200, then the worker closes every connection and stops
+#              listening (new connections are refused), and lives on
 import os
 import socket
 import threading
@@ -58,8 +60,22 @@ def read_request(f):
     return method, target, headers, body
 
 
+LISTENER = socket.socket()
+CONNS = set()
+
+
 def respond(conn, method, target, headers, body):
     """Answers one request; returns False when the connection is to close."""
+    if target == "/deaf":
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndeaf")
+        # Wakes the accept below with an error and refuses what comes next.
+        LISTENER.shutdown(socket.SHUT_RDWR)
+        for c in list(CONNS):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return False
     if target == "/eof":
         conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nclose-delimited")
         return False
@@ -133,6 +149,7 @@ def respond(conn, method, target, headers, body):
 
 
 def serve(conn):
+    CONNS.add(conn)
     f = conn.makefile("rb")
     try:
         while True:
@@ -142,17 +159,23 @@ def serve(conn):
     except (OSError, ValueError):
         pass
     finally:
+        CONNS.discard(conn)
         f.close()
         conn.close()
 
 
 def main():
-    s = socket.socket()
+    s = LISTENER
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", int(os.environ["PORT"])))
     s.listen(128)
     while True:
-        conn, _ = s.accept()
+        try:
+            conn, _ = s.accept()
+        except OSError:
+            # Deaf (/deaf): live on until stopped.
+            while True:
+                time.sleep(60)
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 

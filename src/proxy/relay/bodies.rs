@@ -73,7 +73,7 @@ where
                 // A worker that ends its answer with its connection has
                 // mostly closed it by now (php -S): its end, taken without
                 // waiting, lets the last chunk go out in this same write.
-                rbuf.advance(k);
+                // `data` is copied into `pending`: the buffer is free.
                 rbuf.clear();
                 rbuf.room();
                 consumed = true;
