@@ -31,6 +31,9 @@ pub enum DaemonError {
     /// The control group named in the config does not exist.
     #[error("control_group {0:?} does not exist")]
     NoSuchGroup(String),
+    /// The admin listener could not be set up.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// What zdt's own service manager gave it (systemd: `Type=notify` and a
@@ -102,6 +105,16 @@ pub async fn run(
         use std::os::fd::AsRawFd;
         listener.as_raw_fd()
     };
+    // The admin listener: carried across an upgrade when its address is
+    // the same, so a load balancer's health check is never refused.
+    let carried_admin = resuming.as_mut().and_then(|r| r.admin.take());
+    let admin = match &sup.admin {
+        None => None,
+        Some(addr) => Some(match carried_admin {
+            Some(fd) if same_address(&fd, addr) => crate::admin::Listener::from_fd(fd, addr)?,
+            _ => crate::admin::bind(addr)?,
+        }),
+    };
     let groups_file = crate::orphans::state_path(&sup.control);
     if !upgraded {
         // The control socket is ours now, so no live zdt uses this state
@@ -126,6 +139,7 @@ pub async fn run(
     }
     tracing::info!(config = %config.file.display(), control = %control_path.display(), pid = std::process::id(), "zdt started");
     let (req_tx, req_rx) = mpsc::channel(64);
+    let admin_tx = req_tx.clone();
     let stop_control = CancellationToken::new();
     let policy = PeerPolicy {
         own_uid: nix::unistd::geteuid().as_raw(),
@@ -170,16 +184,25 @@ pub async fn run(
         }
     }
     resumed.control_fd = Some(control_fd);
-    Supervisor::new(
+    resumed.admin_fd = admin.as_ref().map(crate::admin::Listener::raw_fd);
+    let supervisor = Supervisor::new(
         config,
         spawner,
         registry,
         systemd.notifier,
         proxy.clone(),
         resumed,
-    )
-    .run(req_rx, signals)
-    .await;
+    );
+    if let Some(listener) = admin {
+        let admin = crate::admin::Admin {
+            requests: admin_tx,
+            host: supervisor.host(),
+        };
+        tokio::spawn(crate::admin::serve(listener, admin, stop_control.clone()));
+    } else {
+        drop(admin_tx);
+    }
+    supervisor.run(req_rx, signals).await;
     proxy.shutdown();
     crate::orphans::close().await;
     stop_control.cancel();
@@ -190,4 +213,17 @@ pub async fn run(
     }
     tracing::info!("zdt stopped");
     Ok(())
+}
+
+/// Whether the carried admin socket `fd` is bound to `addr` (the
+/// configuration may have changed across the upgrade).
+fn same_address(fd: &std::os::fd::OwnedFd, addr: &crate::config::ListenAddr) -> bool {
+    use crate::config::ListenAddr;
+    let Ok(bound) = socket2::SockRef::from(fd).local_addr() else {
+        return false;
+    };
+    match addr {
+        ListenAddr::Tcp(a) => bound.as_socket() == Some(*a),
+        ListenAddr::Unix(p) => bound.as_pathname() == Some(p.as_path()),
+    }
 }

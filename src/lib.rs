@@ -88,6 +88,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod activation;
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -98,6 +99,7 @@ pub mod fuzz;
 pub mod instance;
 pub mod listen;
 pub mod logs;
+pub mod metrics;
 pub mod notify;
 pub mod orphans;
 pub mod program;

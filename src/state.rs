@@ -172,6 +172,36 @@ pub struct ProgramSnapshot {
     /// both generations' counters side by side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryStatus>,
+    /// Proxy mode: `zdtctl drain` in force (new requests get 503).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+    /// Proxy mode: the request statistics `/metrics` shows (status classes,
+    /// histograms); filled by status in zdt, not part of the JSON.
+    #[serde(skip)]
+    pub traffic: Option<crate::proxy::TrafficStats>,
+}
+
+impl ProgramSnapshot {
+    /// Whether the program serves, for `/health/PROGRAM` on the admin
+    /// listener: an instance is RUNNING and no drain or maintenance is in
+    /// force. Otherwise why not, in a few words.
+    pub fn serving(&self) -> Result<(), &'static str> {
+        if self.draining {
+            return Err("draining");
+        }
+        if matches!(self.hold, Some(Hold::Maintenance { .. })) {
+            return Err("maintenance");
+        }
+        if self
+            .instances
+            .iter()
+            .any(|i| i.state == InstanceState::Running)
+        {
+            Ok(())
+        } else {
+            Err("no instance is RUNNING")
+        }
+    }
 }
 
 /// What `zdtctl status` shows of a watch.

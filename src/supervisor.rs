@@ -73,10 +73,15 @@ pub struct Supervisor {
     last_upgrade: Option<crate::upgrade::UpgradeRecord>,
     /// The listening control socket, which an upgrade carries.
     control_fd: Option<std::os::fd::RawFd>,
+    /// The admin listener, which an upgrade carries too.
+    admin_fd: Option<std::os::fd::RawFd>,
     /// Deploys in progress (an upgrade waits for them).
     deploys: Arc<std::sync::atomic::AtomicUsize>,
     /// Reload the file once started (an upgrade found it changed).
     reload_at_start: bool,
+    /// What `/health` on the admin listener reads of the host (the admin
+    /// server holds the receivers); published after every change.
+    host: tokio::sync::watch::Sender<crate::admin::HostState>,
 }
 
 /// What the supervisor takes over from an earlier binary (see
@@ -89,6 +94,8 @@ pub struct Resumed {
     pub record: Option<crate::upgrade::UpgradeRecord>,
     /// The listening control socket's fd.
     pub control_fd: Option<std::os::fd::RawFd>,
+    /// The admin listener's fd, if it runs.
+    pub admin_fd: Option<std::os::fd::RawFd>,
     /// The configuration file changed since the previous binary loaded
     /// it: reload once the programs are taken over.
     pub reload: bool,
@@ -220,8 +227,68 @@ impl Supervisor {
                 .collect(),
             last_upgrade: resumed.record,
             control_fd: resumed.control_fd,
+            admin_fd: resumed.admin_fd,
             deploys: Arc::default(),
             reload_at_start: resumed.reload,
+            host: tokio::sync::watch::Sender::new(crate::admin::HostState::default()),
+        }
+    }
+
+    /// The host's state, for the admin listener.
+    pub fn host(&self) -> tokio::sync::watch::Receiver<crate::admin::HostState> {
+        self.host.subscribe()
+    }
+
+    /// Publishes which programs `/health` asks about: those with `listen`.
+    fn publish_listening(&self) {
+        let listening: Vec<String> = self
+            .programs
+            .values()
+            .filter(|e| !e.config.listen.is_empty())
+            .map(|e| e.config.name.clone())
+            .collect();
+        self.host.send_if_modified(|h| {
+            let changed = h.listening != listening;
+            h.listening = listening;
+            changed
+        });
+    }
+
+    /// `drain_delay`: `/health` says 503 already; serve on (status and
+    /// version are answered, other requests refused) until the delay ends
+    /// or a second stop signal cuts it short.
+    async fn drain_delay(
+        &mut self,
+        requests: &mut mpsc::Receiver<ControlRequest>,
+        signals: &mut mpsc::Receiver<DaemonSignal>,
+        shutdown_tx: &mpsc::Sender<()>,
+    ) {
+        let delay = self.config.supervisor.drain_delay;
+        if delay.is_zero() {
+            return;
+        }
+        tracing::info!(
+            delay = ?delay,
+            "health says 503; serving on for drain_delay before the programs stop"
+        );
+        let end = tokio::time::sleep(delay);
+        tokio::pin!(end);
+        loop {
+            tokio::select! {
+                () = &mut end => return,
+                sig = signals.recv() => if sig == Some(DaemonSignal::Shutdown) {
+                    tracing::warn!("second stop signal: drain_delay cut short");
+                    return;
+                },
+                Some(req) = requests.recv() => match req.command {
+                    Command::Status { .. } | Command::Pid { .. } | Command::Version => {
+                        self.on_request(req, shutdown_tx);
+                    }
+                    _ => {
+                        let _ = req.replies.send(err(ErrorBody::new("failed", "zdt is shutting down"))).await;
+                    }
+                },
+            }
         }
     }
 
@@ -285,6 +352,7 @@ impl Supervisor {
             );
             self.reload_logged();
         }
+        self.publish_listening();
         self.notify_ready_when_started();
         self.proxy_ready();
         let mut watchdog = self.notifier.watchdog_timer();
@@ -326,9 +394,14 @@ impl Supervisor {
                 },
                 Some(()) = shutdown_rx.recv() => break,
             }
+            self.publish_listening();
         }
-        tracing::info!("stopping all programs");
+        // Health first: a load balancer stops sending before anything stops.
+        self.host.send_modify(|h| h.shutting_down = true);
         self.notifier.stopping();
+        self.drain_delay(&mut requests, &mut signals, &shutdown_tx)
+            .await;
+        tracing::info!("stopping all programs");
         self.watches.clear();
         let stopping = self.shutdown_all();
         tokio::pin!(stopping);
@@ -402,6 +475,7 @@ impl Supervisor {
                         .collect(),
                     registry: &self.registry,
                     control_fd,
+                    admin_fd: self.admin_fd,
                     spawner: &self.spawner,
                     proxy: &self.proxy,
                     notifier: &self.notifier,

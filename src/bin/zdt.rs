@@ -226,15 +226,26 @@ fn stderr_writer() -> Result<zdt::logs::StderrLog, ExitCode> {
     })
 }
 
-/// zdt's log on `stderr`, filtered by `ZDT_LOG` (default `info`).
+/// zdt's log on `stderr`, filtered by `ZDT_LOG` (default `info`): one
+/// JSON object a line when `ZDT_LOG_FORMAT=json` (`[supervisor] log_format`
+/// sets it, and the proxy process inherits it), otherwise text, coloured
+/// only when stderr is a terminal.
 fn init_tracing(stderr: &zdt::logs::StderrLog) {
-    tracing_subscriber::fmt()
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(stderr.clone())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZDT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    if std::env::var_os("ZDT_LOG_FORMAT").is_some_and(|f| f == "json") {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// `zdt __proxy`: serves the orders zdt sends on the channel (fd 3) until
@@ -344,6 +355,10 @@ fn main() -> ExitCode {
             if config.programs.len() == 1 { "" } else { "s" }
         );
         return ExitCode::SUCCESS;
+    }
+    if config.supervisor.log_format == zdt::config::LogFormat::Json {
+        // Still one thread: nothing reads the environment concurrently.
+        std::env::set_var("ZDT_LOG_FORMAT", "json");
     }
     // What zdt's own service manager passed it, taken while zdt has one
     // thread (the variables are removed from its environment).

@@ -16,8 +16,8 @@ use super::values::{
     AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
 };
 use super::{
-    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, Mode, ProgramConfig, Protocol, Ready,
-    Strategy, SupervisorConfig, UpstreamKind,
+    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, LogFormat, Mode, ProgramConfig,
+    Protocol, Ready, Strategy, SupervisorConfig, UpstreamKind,
 };
 
 #[derive(Deserialize, Default)]
@@ -39,6 +39,9 @@ struct RawSupervisor {
     pidfile: Option<String>,
     proxy_threads: Option<Spanned<i64>>,
     proxy_process: Option<bool>,
+    admin: Option<Spanned<String>>,
+    drain_delay: Option<DurationValue>,
+    log_format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +169,23 @@ fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr
             "invalid address {s:?}: expected tcp://IP:PORT or unix:///path"
         ))
     }
+}
+
+/// Parses the admin listener's address: `IP:PORT`, `tcp://IP:PORT`,
+/// `unix://PATH`, or a path (absolute, or with a `/` in it).
+fn parse_admin(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr, String> {
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Ok(ListenAddr::Tcp(addr));
+    }
+    if s.starts_with("tcp://") || s.starts_with("unix://") {
+        return parse_listen(s, resolve).map_err(|e| format!("admin: {e}"));
+    }
+    if s.contains('/') {
+        return Ok(ListenAddr::Unix(resolve(s)));
+    }
+    Err(format!(
+        "admin = {s:?}: expected IP:PORT such as \"127.0.0.1:9180\", or a unix socket path such as \"run/admin.sock\""
+    ))
 }
 
 /// Why `name` cannot be a `canary_header`, if it cannot: it must be a
@@ -330,6 +350,26 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             },
         },
         proxy_process: s.proxy_process.unwrap_or(true),
+        admin: match s.admin {
+            None => None,
+            Some(a) => {
+                Some(parse_admin(a.get_ref(), resolve).map_err(|m| err_at(a.span().start, m))?)
+            }
+        },
+        drain_delay: s.drain_delay.map_or(std::time::Duration::ZERO, |d| d.0),
+        log_format: match s.log_format {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(err_at(
+                        f.span().start,
+                        format!("log_format = {other:?}: use \"text\" or \"json\""),
+                    ))
+                }
+            },
+        },
     };
     let is_root = nix::unistd::geteuid().is_root();
     let mut programs = BTreeMap::new();

@@ -95,6 +95,25 @@ pub struct SupervisorConfig {
     /// Run the proxy in a process of its own (`zdt __proxy`), so that
     /// upgrading zdt closes no client connection. Default true.
     pub proxy_process: bool,
+    /// The admin listener (`/health`, `/metrics`, `/status`): a TCP
+    /// address or a unix socket. Off when None (the default).
+    pub admin: Option<ListenAddr>,
+    /// On SIGTERM (and `zdtctl shutdown`): how long `/health` says 503
+    /// while zdt goes on serving, before the programs drain, so that a
+    /// load balancer's check notices first. Default 0.
+    pub drain_delay: std::time::Duration,
+    /// The format of zdt's own log on stderr. Default text.
+    pub log_format: LogFormat,
+}
+
+/// The format of zdt's own log (`[supervisor] log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human lines (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object a line, the tracing fields as keys.
+    Json,
 }
 
 /// When an exited instance is started again.

@@ -187,6 +187,34 @@ pub enum Command {
     Version,
 }
 
+impl Command {
+    /// The command's `cmd`, e.g. `"restart"` (a metric label).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Status { .. } => "status",
+            Self::Start { .. } => "start",
+            Self::Stop { .. } => "stop",
+            Self::Restart { .. } => "restart",
+            Self::Promote { .. } => "promote",
+            Self::Signal { .. } => "signal",
+            Self::Pid { .. } => "pid",
+            Self::Tail { .. } => "tail",
+            Self::Drain { .. } => "drain",
+            Self::Undrain { .. } => "undrain",
+            Self::Pause { .. } => "pause",
+            Self::Resume { .. } => "resume",
+            Self::Maintenance { .. } => "maintenance",
+            Self::Reload { .. } => "reload",
+            Self::Deploy { .. } => "deploy",
+            Self::Releases { .. } => "releases",
+            Self::Rollback { .. } => "rollback",
+            Self::Shutdown => "shutdown",
+            Self::Upgrade { .. } => "upgrade",
+            Self::Version => "version",
+        }
+    }
+}
+
 /// One reply line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {

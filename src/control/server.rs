@@ -270,6 +270,7 @@ async fn client(
                 continue;
             }
         };
+        crate::metrics::global().control_request(request.command.name());
         let (tx, mut rx) = mpsc::channel(64);
         let sent = requests
             .send(ControlRequest {

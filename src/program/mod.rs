@@ -252,6 +252,7 @@ impl ProgramHandle {
         let mut snap = self.snapshot();
         if let Some(counts) = counts {
             snap.requests = Some(counts.totals);
+            snap.traffic = Some(counts.stats.clone());
             for i in &mut snap.instances {
                 i.requests = counts.of(i.instance, i.generation);
             }
@@ -310,6 +311,8 @@ pub fn spawn_program(
         deploy_watch: None,
         hold: None,
         canary: None,
+        draining: false,
+        traffic: None,
     });
     let routes = proxy.table(&name);
     let counters = routes.counters();
@@ -834,7 +837,12 @@ impl Program {
             ProgramMsg::Drain { on, reply } => {
                 let result = match &self.proxy {
                     Some(_) => {
+                        // Health turns 503 before the proxy answers 503.
+                        if on {
+                            self.snapshot.send_modify(|s| s.draining = true);
+                        }
                         self.routes.set_draining(on);
+                        self.publish();
                         tracing::info!(program = %self.config.name, draining = on, "drain");
                         Ok(self.snapshots_of(&(0..self.slots.len()).collect::<Vec<_>>()))
                     }
@@ -855,8 +863,16 @@ impl Program {
                         )
                     });
                     tracing::info!(program = %self.config.name, %message, "maintenance");
+                    let since_ms = crate::state::now_ms();
+                    // Health turns 503 before the proxy answers 503.
+                    self.snapshot.send_modify(|s| {
+                        s.hold = Some(crate::state::Hold::Maintenance {
+                            since_ms,
+                            message: message.clone(),
+                        });
+                    });
                     self.routes.set_gate(crate::proxy::Gate::Maintenance {
-                        since_ms: crate::state::now_ms(),
+                        since_ms,
                         message: message.into(),
                     });
                     self.all_snapshots()
@@ -1229,6 +1245,7 @@ impl Program {
                     " until they next restart; the program keeps its previous settings"
                 });
             }
+            crate::metrics::global().restart_done(&name, false);
             return Some(Err(OpError {
                 message: format!("{name}: restart failed: {why}; {kept}"),
                 log_tail: Some(self.slots[s].log_tail(20)),
@@ -1236,6 +1253,7 @@ impl Program {
             }));
         }
         let ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0);
+        let metrics = crate::metrics::global();
         if rolling {
             if let Some(&s) = todo.first() {
                 if self.slots[s].ready_to_switch() {
@@ -1243,6 +1261,10 @@ impl Program {
                     self.forget_queue_checks();
                     self.mark_switched(index);
                     todo.remove(0);
+                    metrics.restart_ready(&name, started.elapsed().as_secs_f64());
+                    if todo.is_empty() {
+                        metrics.restart_switched(&name, started.elapsed().as_secs_f64());
+                    }
                     self.ops[index].progress(format!(
                         "{name}:{s}: gen {gen} ready in {ms} ms; old generation stopping"
                     ));
@@ -1255,6 +1277,7 @@ impl Program {
         } else if let Some(percent) = canary
             .filter(|_| !todo.is_empty() && todo.iter().all(|&s| self.slots[s].ready_to_switch()))
         {
+            metrics.restart_ready(&name, started.elapsed().as_secs_f64());
             return Some(self.start_canary(index, gen, percent, &todo, &ms));
         } else if !todo.is_empty() && todo.iter().all(|&s| self.slots[s].ready_to_switch()) {
             let old = todo
@@ -1267,6 +1290,8 @@ impl Program {
             }
             self.forget_queue_checks();
             self.mark_switched(index);
+            metrics.restart_ready(&name, started.elapsed().as_secs_f64());
+            metrics.restart_switched(&name, started.elapsed().as_secs_f64());
             self.ops[index].progress(format!(
                 "{name}: gen {gen}: {n}/{n} ready in {ms} ms; gen {old}: stopping",
                 n = todo.len()
@@ -1280,9 +1305,13 @@ impl Program {
             let drained = match &self.ops[index].kind {
                 OpKind::Replace {
                     switched: Some(t), ..
-                } => format!("{} ms after the switch, ", t.elapsed().as_millis()),
+                } => {
+                    metrics.restart_drained(&name, t.elapsed().as_secs_f64());
+                    format!("{} ms after the switch, ", t.elapsed().as_millis())
+                }
                 _ => String::new(),
             };
+            metrics.restart_done(&name, true);
             self.ops[index].progress(format!(
                 "{name}: old generation gone {drained}{} ms after the restart began",
                 started.elapsed().as_millis()
@@ -1600,12 +1629,17 @@ impl Program {
             .collect()
     }
 
+    /// Publishes the routes and the snapshot. When the program stops
+    /// serving (its health goes 503), the snapshot goes first, so that the
+    /// admin listener's health turns before the proxy refuses a request;
+    /// otherwise the routes go first, so that health turns 200 only once
+    /// the proxy has an instance to send to.
     fn publish(&self) {
-        self.routes.publish(&crate::proxy::RouteSet {
+        let routes = crate::proxy::RouteSet {
             routes: self.slots.iter().filter_map(Slot::route).collect(),
             canary: self.canary_routes(),
             counted: self.all_slots().flat_map(Slot::counted).collect(),
-        });
+        };
         let new = ProgramSnapshot {
             requests: None,
             name: self.config.name.clone(),
@@ -1618,12 +1652,21 @@ impl Program {
             deploy_watch: None,
             hold: self.hold(),
             canary: self.canary_status(),
+            draining: self.routes.is_draining(),
+            traffic: None,
         };
+        let health_first = self.snapshot.borrow().serving().is_ok() && new.serving().is_err();
+        if !health_first {
+            self.routes.publish(&routes);
+        }
         self.snapshot.send_if_modified(|snap| {
             let changed = *snap != new;
             *snap = new;
             changed
         });
+        if health_first {
+            self.routes.publish(&routes);
+        }
     }
 }
 

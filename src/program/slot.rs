@@ -563,6 +563,7 @@ impl Slot {
                 // by its stop, whether their failure was counted yet or not.
                 let cut = old.cut.load(std::sync::atomic::Ordering::SeqCst);
                 if killed || cut > 0 {
+                    crate::metrics::global().drain_cut_short(&cfg.name, killed, cut);
                     let text = match &old.private {
                         // Pass: SIGKILL came at max_wait.
                         None => format!(

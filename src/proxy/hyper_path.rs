@@ -355,6 +355,8 @@ async fn handle(
             // (its body too): try another instance.
             Err(pool::SendError::Connect(cause, unsent)) => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, %cause, "connect failed; trying another instance");
+                shared.traffic.stats.connect_error();
+                shared.traffic.stats.resend();
                 guard.discard();
                 tried.push(up.addr.clone());
                 req = *unsent;

@@ -134,6 +134,7 @@ mod remote;
 mod retire;
 mod route;
 mod splice;
+mod stats;
 mod table;
 mod tcp;
 mod traffic;
@@ -145,6 +146,7 @@ pub use canary::{GenStats, COOKIE as CANARY_COOKIE};
 pub use gate::Gate;
 pub use remote::{serve as serve_process, take_channel, Retiring};
 pub use retire::Retired;
+pub use stats::{HistogramCounts, TrafficStats, BOUNDS_US};
 use table::LocalTable;
 pub use table::{CanarySplit, GenerationCounts, ProcessId, ProgramCounts, Route, RouteSet};
 

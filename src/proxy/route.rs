@@ -167,15 +167,18 @@ async fn wait_for_upstream(
     keys: &(dyn canary::Keys + Sync),
 ) -> Option<Arc<Upstream>> {
     let mut rx = shared.routes.clone();
-    let deadline = tokio::time::Instant::now() + shared.options.queue_timeout;
-    loop {
+    let began = tokio::time::Instant::now();
+    let deadline = began + shared.options.queue_timeout;
+    let found = loop {
         let routes = rx.borrow_and_update().clone();
         if let Some(u) = pick(shared, &routes, skip, pin, keys) {
-            return Some(u);
+            break Some(u);
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
             Ok(Ok(())) => continue,
-            _ => return None,
+            _ => break None,
         }
-    }
+    };
+    shared.traffic.stats.queued(began.elapsed());
+    found
 }

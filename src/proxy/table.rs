@@ -98,6 +98,9 @@ pub struct ProgramCounts {
     pub processes: Vec<(ProcessId, RequestCounts)>,
     /// The newest few generations' counters.
     pub generations: Vec<GenerationCounts>,
+    /// Status classes, durations, queue waits, connect errors, resends.
+    #[serde(default)]
+    pub stats: super::stats::TrafficStats,
 }
 
 impl ProgramCounts {

@@ -26,6 +26,8 @@ pub struct HandOver<'a> {
     pub registry: &'a crate::listen::Registry,
     /// The listening control socket's fd.
     pub control_fd: std::os::fd::RawFd,
+    /// The admin listener's fd, if it runs.
+    pub admin_fd: Option<std::os::fd::RawFd>,
     /// Forks and execs.
     pub spawner: &'a crate::spawn::Spawner,
     /// The proxy component, whose client connections cannot cross the exec.
@@ -61,6 +63,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         config_file: h.config.file.clone(),
         config_text: h.config.text.clone(),
         control_fd: h.control_fd,
+        admin_fd: h.admin_fd,
         sockets: Vec::new(),
         programs: Vec::new(),
         proxy: None,

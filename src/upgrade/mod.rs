@@ -403,6 +403,8 @@ pub fn keep(fd: &impl std::os::fd::AsFd) -> Option<OwnedFd> {
 pub struct Resuming {
     /// The listening control socket.
     pub control: Option<OwnedFd>,
+    /// The admin listener.
+    pub admin: Option<OwnedFd>,
     /// Listening sockets zdt bound.
     pub owned: std::collections::BTreeMap<crate::config::ListenAddr, OwnedFd>,
     /// Listening sockets zdt's service manager gave it.
@@ -476,6 +478,7 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
         error: failed,
     };
     let control = state::take_fd(carried.control_fd);
+    let admin = carried.admin_fd.and_then(state::take_fd);
     let proxy = carried.proxy.and_then(|p| {
         let Some(channel) = state::take_fd(p.channel_fd) else {
             tracing::error!(
@@ -501,9 +504,11 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
             programs,
             record: Some(record),
             control_fd: None,
+            admin_fd: None,
             reload,
         },
         control,
+        admin,
         owned,
         inherited,
     }

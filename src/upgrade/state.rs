@@ -54,6 +54,9 @@ pub struct Carried {
     pub config_text: String,
     /// The listening control socket.
     pub control_fd: RawFd,
+    /// The admin listener (`[supervisor] admin`), if it runs.
+    #[serde(default)]
+    pub admin_fd: Option<RawFd>,
     /// Every listening socket zdt owns.
     pub sockets: Vec<CarriedSocket>,
     /// Every program and its processes.
@@ -265,6 +268,7 @@ impl Carried {
     /// Every fd the state names.
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.control_fd];
+        fds.extend(self.admin_fd);
         fds.extend(self.sockets.iter().map(|s| s.fd));
         fds.extend(self.proxy.as_ref().map(|p| p.channel_fd));
         for p in &self.programs {
@@ -331,6 +335,7 @@ mod tests {
             config_file: "/x/supervisor.toml".into(),
             config_text: "[supervisor]\n".into(),
             control_fd: 7,
+            admin_fd: Some(9),
             sockets: vec![CarriedSocket {
                 addr: CarriedAddr::Tcp {
                     addr: "127.0.0.1:80".parse().expect("addr"),

@@ -76,6 +76,9 @@ async fn send(
             Err(Refused::NoInstance) if tried.is_empty() => return Err(NotSent::NoInstance),
             Err(Refused::NoInstance) => return Err(NotSent::Unreachable),
         };
+        if !tried.is_empty() {
+            shared.traffic.stats.resend();
+        }
         out.truncate(mark);
         if !req.host {
             push_header(out, b"Host", up.authority.as_bytes());
@@ -111,6 +114,7 @@ async fn send(
             Err((_, e)) => return Err(NotSent::Broken(up, guard, e)),
         };
         tracing::warn!(program = %shared.program, upstream = %up.addr, %cause, "connect failed; trying another instance");
+        shared.traffic.stats.connect_error();
         guard.discard();
         tried.push(up.addr.clone());
     }
@@ -272,6 +276,7 @@ where
         // safe to send twice goes out once more, on a new connection.
         if reused && req.resendable && !guard.is_cut() {
             tracing::debug!(program = %shared.program, upstream = %up.addr, "a reused connection was closed under a request; sending it again");
+            shared.traffic.stats.resend();
             guard.discard();
             match send(
                 &shared,

@@ -1,0 +1,371 @@
+//! The admin listener (`[supervisor] admin`): read-only HTTP for what sits
+//! outside zdt — a load balancer's health check, Prometheus, a dashboard.
+//!
+//! - `GET /health`: 200 while this host serves; 503 from the moment zdt
+//!   begins to shut down (SIGTERM, `zdtctl shutdown`; for `drain_delay` before
+//!   anything stops), or when a program with `listen` addresses does not
+//!   serve (see [`crate::state::ProgramSnapshot::serving`]: drained,
+//!   stopped or stopping, in maintenance, no instance RUNNING).
+//! - `GET /health/PROGRAM`: the same for one program (404 if unknown).
+//! - `GET /metrics`: Prometheus text format ([`scrape`]).
+//! - `GET /status`: what `zdtctl status --json` prints.
+//!
+//! Nothing here changes anything: there is no control over TCP. Each
+//! answer is built from a `status` request sent to the supervisor over the
+//! same channel the control socket uses (the supervisor answers it from
+//! published snapshots, even while a restart runs), plus the host's
+//! [`HostState`], which the supervisor publishes on a `watch`.
+
+pub mod procstat;
+pub mod scrape;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenAddr;
+use crate::control::proto::{Command, Outcome, Reply};
+use crate::control::ControlRequest;
+use crate::state::ProgramSnapshot;
+
+/// Clients served at once; more are closed at accept.
+const MAX_CLIENTS: usize = 64;
+/// How long a client may take to send a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an answer may wait for the supervisor.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the host as a whole is doing, published by the supervisor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostState {
+    /// zdt is shutting down (from the first moment: before `drain_delay`).
+    pub shutting_down: bool,
+    /// The programs with `listen` addresses: the ones `/health` asks about.
+    pub listening: Vec<String>,
+}
+
+/// Why the admin listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("admin listener {addr}: {source}")]
+pub struct AdminError {
+    addr: String,
+    source: std::io::Error,
+}
+
+/// A bound admin listener.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP address.
+    Tcp(tokio::net::TcpListener),
+    /// A unix socket.
+    Unix(tokio::net::UnixListener),
+}
+
+/// Binds `addr` (a unix socket's stale file is replaced; mode 0660).
+pub fn bind(addr: &ListenAddr) -> Result<Listener, AdminError> {
+    let err = |source| AdminError {
+        addr: addr.to_string(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(*a),
+                socket2::Type::STREAM.cloexec(),
+                None,
+            )
+            .map_err(err)?;
+            socket.set_reuse_address(true).map_err(err)?;
+            socket.bind(&(*a).into()).map_err(err)?;
+            socket.listen(128).map_err(err)?;
+            socket.set_nonblocking(true).map_err(err)?;
+            tokio::net::TcpListener::from_std(socket.into())
+                .map(Listener::Tcp)
+                .map_err(err)
+        }
+        ListenAddr::Unix(path) => {
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let l = tokio::net::UnixListener::bind(path).map_err(err)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+            Ok(Listener::Unix(l))
+        }
+    }
+}
+
+impl Listener {
+    /// Takes over a listening socket carried across an upgrade.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, addr: &ListenAddr) -> Result<Self, AdminError> {
+        let err = |source| AdminError {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(_) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true).map_err(err)?;
+                tokio::net::TcpListener::from_std(l)
+                    .map(Listener::Tcp)
+                    .map_err(err)
+            }
+            ListenAddr::Unix(_) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true).map_err(err)?;
+                tokio::net::UnixListener::from_std(l)
+                    .map(Listener::Unix)
+                    .map_err(err)
+            }
+        }
+    }
+
+    /// The socket's fd (an upgrade carries it).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// What the handlers need.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// Requests to the supervisor (the control socket's channel; the
+    /// supervisor holds the receiver).
+    pub requests: mpsc::Sender<ControlRequest>,
+    /// The host's state; the supervisor holds the sender.
+    pub host: watch::Receiver<HostState>,
+}
+
+/// Serves `listener` until `stop` is cancelled. Errors of one client are
+/// its own; accept errors back off and never end the loop.
+pub async fn serve(listener: Listener, admin: Admin, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            r = accept(&listener) => r,
+        };
+        let io = match accepted {
+            Ok(io) => {
+                backoff = Duration::from_millis(100);
+                io
+            }
+            Err(e) => {
+                tracing::warn!(cause = %e, "admin listener: accept failed");
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (admin, stop) = (admin.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(answer(&admin, &req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(io, svc);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(cause = %e, "admin client ended");
+                },
+            }
+        });
+    }
+}
+
+type Io = hyper_util::rt::TokioIo<Box<dyn AsyncStream>>;
+
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncStream for T {}
+
+async fn accept(listener: &Listener) -> std::io::Result<Io> {
+    let stream: Box<dyn AsyncStream> = match listener {
+        Listener::Tcp(l) => Box::new(l.accept().await?.0),
+        Listener::Unix(l) => Box::new(l.accept().await?.0),
+    };
+    Ok(hyper_util::rt::TokioIo::new(stream))
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The programs' snapshots with their counters, as `zdtctl status` gets
+/// them; None when the supervisor does not answer in time.
+async fn status(admin: &Admin, target: Option<String>) -> Result<Vec<ProgramSnapshot>, String> {
+    let (tx, mut rx) = mpsc::channel(4);
+    let request = ControlRequest {
+        command: Command::Status { target },
+        replies: tx,
+        peer_uid: nix::unistd::geteuid().as_raw(),
+    };
+    if admin.requests.send(request).await.is_err() {
+        return Err("zdt is stopping".into());
+    }
+    let reply = async {
+        while let Some(r) = rx.recv().await {
+            match r {
+                Reply::Ok {
+                    result: Outcome::Status { programs },
+                } => return Ok(programs),
+                Reply::Error { error } => return Err(error.message),
+                _ => {}
+            }
+        }
+        Err("zdt is stopping".to_string())
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, reply)
+        .await
+        .unwrap_or_else(|_| Err("zdt did not answer in time".into()))
+}
+
+async fn answer<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the admin listener is read-only: GET /health, /health/PROGRAM, /metrics, /status\n",
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
+    }
+    let path = req.uri().path();
+    match path {
+        "/health" => health(admin, None).await,
+        "/metrics" => metrics(admin).await,
+        "/status" => match status(admin, None).await {
+            Ok(programs) => {
+                let body = serde_json::to_vec(&Outcome::Status { programs }).unwrap_or_default();
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
+        _ => match path.strip_prefix("/health/") {
+            Some(name) if !name.is_empty() && !name.contains(['*', '?', '[', ':']) => {
+                health(admin, Some(name.to_string())).await
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: GET /health, /health/PROGRAM, /metrics, /status\n",
+            ),
+        },
+    }
+}
+
+/// `/health` (program None) and `/health/PROGRAM`.
+async fn health(admin: &Admin, program: Option<String>) -> Response<Full<Bytes>> {
+    let host = admin.host.borrow().clone();
+    if host.shutting_down {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable: zdt is shutting down\n",
+        );
+    }
+    let asked = program.is_some();
+    let programs = match status(admin, program).await {
+        Ok(p) => p,
+        Err(e) if asked => return text(StatusCode::NOT_FOUND, format!("{e}\n")),
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unavailable: {e}\n"),
+            )
+        }
+    };
+    // The shutdown may have begun while the status was read.
+    if admin.host.borrow().shutting_down {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable: zdt is shutting down\n",
+        );
+    }
+    let down: Vec<String> = programs
+        .iter()
+        .filter(|p| asked || host.listening.contains(&p.name))
+        .filter_map(|p| p.serving().err().map(|why| format!("{}: {why}", p.name)))
+        .collect();
+    if down.is_empty() {
+        text(StatusCode::OK, "ok\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unavailable: {}\n", down.join("; ")),
+        )
+    }
+}
+
+async fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
+    let programs = match status(admin, None).await {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    };
+    let host = admin.host.borrow().clone();
+    let proxy_pid = proxy_pid(admin).await;
+    let body = scrape::encode(programs, &host, proxy_pid);
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// The proxy process's pid, asked with `version`.
+async fn proxy_pid(admin: &Admin) -> Option<u32> {
+    let (tx, mut rx) = mpsc::channel(4);
+    let request = ControlRequest {
+        command: Command::Version,
+        replies: tx,
+        peer_uid: nix::unistd::geteuid().as_raw(),
+    };
+    admin.requests.send(request).await.ok()?;
+    let reply = tokio::time::timeout(ANSWER_TIMEOUT, rx.recv())
+        .await
+        .ok()??;
+    match reply {
+        Reply::Ok {
+            result: Outcome::Version { proxy_pid, .. },
+        } => proxy_pid,
+        _ => None,
+    }
+}
