@@ -3,6 +3,7 @@
 
 mod util;
 
+mod admin;
 mod bench_tools;
 mod canary;
 mod config;

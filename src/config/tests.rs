@@ -631,3 +631,63 @@ fn canary_header_is_an_application_header_of_a_proxied_http_program() {
         "needs mode = \"proxy\"",
     );
 }
+
+#[test]
+fn the_admin_listener_takes_an_address_or_a_socket_path() {
+    let c = parse("[program.web]\ncommand = [\"x\"]\n", Path::new(FILE)).expect("valid");
+    assert_eq!(c.supervisor.admin, None, "off by default");
+    assert_eq!(c.supervisor.drain_delay, std::time::Duration::ZERO);
+    assert_eq!(c.supervisor.log_format, crate::config::LogFormat::Text);
+    for (given, want) in [
+        (
+            "127.0.0.1:9180",
+            ListenAddr::Tcp("127.0.0.1:9180".parse().expect("addr")),
+        ),
+        (
+            "tcp://[::1]:9180",
+            ListenAddr::Tcp("[::1]:9180".parse().expect("addr")),
+        ),
+        (
+            "unix:///run/zdt/admin.sock",
+            ListenAddr::Unix("/run/zdt/admin.sock".into()),
+        ),
+        (
+            "run/admin.sock",
+            ListenAddr::Unix("/srv/app/run/admin.sock".into()),
+        ),
+    ] {
+        let text = format!("[supervisor]\nadmin = {given:?}\n");
+        let c = parse(&text, Path::new(FILE)).expect("valid");
+        assert_eq!(c.supervisor.admin, Some(want), "{given}");
+    }
+    let c = parse(
+        "[supervisor]\ndrain_delay = \"5s\"\nlog_format = \"json\"\n",
+        Path::new(FILE),
+    )
+    .expect("valid");
+    assert_eq!(c.supervisor.drain_delay, std::time::Duration::from_secs(5));
+    assert_eq!(c.supervisor.log_format, crate::config::LogFormat::Json);
+}
+
+#[test]
+fn a_bad_admin_address_drain_delay_or_log_format_is_refused_where_it_is() {
+    assert_bad(
+        "[supervisor]\nadmin = \"localhost\"\n",
+        2,
+        9,
+        "expected IP:PORT",
+    );
+    assert_bad(
+        "[supervisor]\nadmin = \"tcp://nowhere\"\n",
+        2,
+        9,
+        "tcp://IP:PORT",
+    );
+    assert_bad("[supervisor]\ndrain_delay = \"soon\"\n", 2, 15, "duration");
+    assert_bad(
+        "[supervisor]\nlog_format = \"xml\"\n",
+        2,
+        14,
+        "use \"text\" or \"json\"",
+    );
+}
