@@ -245,12 +245,8 @@ fn health_turns_first(d: &Daemon, port: u16, admin: u16, what: &str, act: &dyn F
         &format!("{what}: health 503 and a refused request"),
         T,
         || {
-            let h = health
-                .lock()
-                .map_or(false, |v| v.iter().any(|x| x.2 == 503));
-            let r = requests
-                .lock()
-                .map_or(false, |v| v.iter().any(|x| x.2 != 200));
+            let h = health.lock().is_ok_and(|v| v.iter().any(|x| x.2 == 503));
+            let r = requests.lock().is_ok_and(|v| v.iter().any(|x| x.2 != 200));
             if h && r {
                 Ok(())
             } else {
