@@ -95,7 +95,7 @@ struct OpenFile {
 
 /// The descriptors of zdt's own output, which are symlinks by nature and
 /// live in folders no other user can write.
-fn is_own_stream(path: &Path) -> bool {
+pub(crate) fn is_own_stream(path: &Path) -> bool {
     path == Path::new("/dev/stdout")
         || path == Path::new("/dev/stderr")
         || path.starts_with("/dev/fd")

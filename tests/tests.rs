@@ -16,6 +16,7 @@ mod lifecycle;
 mod logs;
 mod pass;
 mod pause;
+mod pid1;
 mod proxy;
 mod proxy_process;
 mod reload;

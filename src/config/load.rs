@@ -482,7 +482,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 ),
             };
             if let (Some(f), Some(t)) = (&file, &template) {
-                if instances > 1 && !t.contains("{instance}") {
+                // zdt's own stdout and stderr take every instance's lines
+                // (each prefixed with its generation and instance, never
+                // rotated): `zdt run --instances 2`, a container's log.
+                if instances > 1
+                    && !t.contains("{instance}")
+                    && !crate::logs::is_own_stream(Path::new(t))
+                {
                     return Err(err_at(
                         f.span().start,
                         format!("{:?} is shared by {instances} instances: add {{instance}} to the file name", f.get_ref()),

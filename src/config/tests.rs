@@ -143,6 +143,15 @@ fn names_logfiles_and_missing_commands() {
 }
 
 #[test]
+fn instances_may_share_zdts_own_stdout_and_stderr() {
+    let text = "[program.web]\ncommand = [\"x\"]\ninstances = 2\nstdout_logfile = \"/dev/stdout\"\nstderr_logfile = \"/dev/stderr\"\n";
+    let c = parse(text, Path::new(FILE)).expect("valid");
+    let web = &c.programs["web"];
+    assert_eq!(web.stdout_log.file.as_deref(), Some("/dev/stdout"));
+    assert_eq!(web.stderr_log.file.as_deref(), Some("/dev/stderr"));
+}
+
+#[test]
 fn syntax_errors_have_positions() {
     let e = bad("[program.web]\ncommand = [\"x\"\n");
     assert_eq!(e.line, 3, "{e}");

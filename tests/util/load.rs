@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -35,6 +35,11 @@ pub struct LoadReport {
 /// Clients running until [`Load::stop`].
 pub struct Load {
     stop: Arc<AtomicBool>,
+    /// Set by [`Load::hold`]: no client begins another request.
+    hold: Arc<AtomicBool>,
+    /// Requests begun (counted before the first byte goes out) and not yet
+    /// recorded in the report.
+    outstanding: Arc<AtomicU64>,
     report: Arc<Mutex<LoadReport>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -143,16 +148,27 @@ impl Load {
     /// through `sleeps_ms`.
     pub fn start(port: u16, keepalive: usize, fresh: usize, sleeps_ms: &[u64]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(AtomicBool::new(false));
+        let outstanding = Arc::new(AtomicU64::new(0));
         let report = Arc::new(Mutex::new(LoadReport::default()));
         let mut threads = Vec::new();
         for i in 0..keepalive + fresh {
             let keep = i < keepalive;
             let (stop, report) = (stop.clone(), report.clone());
+            let (hold, outstanding) = (hold.clone(), outstanding.clone());
             let sleeps: Vec<u64> = sleeps_ms.to_vec();
             threads.push(std::thread::spawn(move || {
                 let mut conn: Option<Conn> = None;
                 let mut n = i;
                 while !stop.load(Ordering::Relaxed) {
+                    // Counted before the hold is looked at (both SeqCst): a
+                    // request that begins after hold() returned is already
+                    // in `outstanding` by then, or never begins.
+                    outstanding.fetch_add(1, Ordering::SeqCst);
+                    if hold.load(Ordering::SeqCst) {
+                        outstanding.fetch_sub(1, Ordering::SeqCst);
+                        break;
+                    }
                     n += 1;
                     let path = format!("/?sleep={}", sleeps[n % sleeps.len()]);
                     let result = (|| {
@@ -200,14 +216,31 @@ impl Load {
                             conn = None;
                         }
                     }
+                    drop(r);
+                    outstanding.fetch_sub(1, Ordering::SeqCst);
                 }
             }));
         }
         Load {
             stop,
+            hold,
+            outstanding,
             report,
             threads,
         }
+    }
+
+    /// Lets each client finish the request it is in and begin no other
+    /// (until [`Load::stop`], which returns the report as usual). Once this
+    /// returns, the requests [`Load::outstanding`] counts are all the
+    /// requests that will ever still be sent.
+    pub fn hold(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests begun and not yet answered (or failed).
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::SeqCst)
     }
 
     /// Requests answered so far.

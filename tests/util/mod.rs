@@ -162,7 +162,9 @@ pub struct Manager {
     /// An fd of the test's that zdt gets as fd 3, with LISTEN_PID set to
     /// zdt's pid (the test sets LISTEN_FDS itself).
     pub fd3: Option<std::os::fd::RawFd>,
-    /// A command zdt runs under (`unshare --pid --fork ...`).
+    /// A command zdt runs under (`unshare --pid --fork --kill-child ...`:
+    /// [`Daemon::pid`] is then the wrapper's pid, and killing it must end
+    /// zdt, hence `--kill-child`).
     pub wrap: Vec<String>,
 }
 
@@ -568,7 +570,14 @@ impl Drop for Daemon {
         }
         if let Some(mut child) = self.child.take() {
             // The workers' process groups, to end their own children too.
-            let leaders = self.worker_pids();
+            // Not under a wrapper such as `unshare --pid`: status names the
+            // pids of zdt's own PID namespace, which are other processes
+            // here; that namespace ends with zdt (`--kill-child`).
+            let leaders = if self.manager.wrap.is_empty() {
+                self.worker_pids()
+            } else {
+                Vec::new()
+            };
             // SIGKILL: PR_SET_PDEATHSIG takes the workers with it, but not
             // what they forked (php -S workers, for one).
             let _ = child.kill();
