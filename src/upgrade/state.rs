@@ -335,7 +335,7 @@ mod tests {
             config_file: "/x/supervisor.toml".into(),
             config_text: "[supervisor]\n".into(),
             control_fd: 7,
-            admin_fd: Some(9),
+            admin_fd: Some(12),
             sockets: vec![CarriedSocket {
                 addr: CarriedAddr::Tcp {
                     addr: "127.0.0.1:80".parse().expect("addr"),
@@ -380,7 +380,7 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&c).expect("json");
         let back = Carried::parse(&bytes).expect("parse");
-        assert_eq!(back.fds(), vec![7, 8, 11, 9, 10]);
+        assert_eq!(back.fds(), vec![7, 12, 8, 11, 9, 10]);
         assert_eq!(back.proxy.as_ref().map(|p| p.pid), Some(43));
         assert_eq!(
             back.programs[0].slots[0].proc.as_ref().map(|p| p.pid),
