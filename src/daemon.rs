@@ -194,9 +194,13 @@ pub async fn run(
         resumed,
     );
     if let Some(listener) = admin {
+        let (host, programs, pause) = supervisor.admin_view();
         let admin = crate::admin::Admin {
             requests: admin_tx,
-            host: supervisor.host(),
+            host,
+            programs,
+            proxy: proxy.clone(),
+            pause,
         };
         tokio::spawn(crate::admin::serve(listener, admin, stop_control.clone()));
     } else {

@@ -82,6 +82,12 @@ pub struct Supervisor {
     /// What `/health` on the admin listener reads of the host (the admin
     /// server holds the receivers); published after every change.
     host: tokio::sync::watch::Sender<crate::admin::HostState>,
+    /// The program actors' handles, for the admin listener (which holds
+    /// the receivers); published after every change, so a removed
+    /// program's handle is let go.
+    handles: tokio::sync::watch::Sender<Arc<Vec<ProgramHandle>>>,
+    /// Stops the admin listener's accepting before an upgrade's exec.
+    admin_pause: crate::admin::Pause,
 }
 
 /// What the supervisor takes over from an earlier binary (see
@@ -231,16 +237,40 @@ impl Supervisor {
             deploys: Arc::default(),
             reload_at_start: resumed.reload,
             host: tokio::sync::watch::Sender::new(crate::admin::HostState::default()),
+            handles: tokio::sync::watch::Sender::new(Arc::default()),
+            admin_pause: crate::admin::Pause::default(),
         }
     }
 
-    /// The host's state, for the admin listener.
-    pub fn host(&self) -> tokio::sync::watch::Receiver<crate::admin::HostState> {
-        self.host.subscribe()
+    /// What the admin listener reads: the host's state, the programs'
+    /// handles, and the pause an upgrade uses.
+    pub fn admin_view(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<crate::admin::HostState>,
+        tokio::sync::watch::Receiver<Arc<Vec<ProgramHandle>>>,
+        crate::admin::Pause,
+    ) {
+        (
+            self.host.subscribe(),
+            self.handles.subscribe(),
+            self.admin_pause.clone(),
+        )
     }
 
-    /// Publishes which programs `/health` asks about: those with `listen`.
+    /// Publishes the programs for the admin listener, and which ones
+    /// `/health` asks about: those with `listen`.
     fn publish_listening(&self) {
+        self.handles.send_if_modified(|h| {
+            let same = h.len() == self.programs.len()
+                && h.iter()
+                    .zip(self.programs.values())
+                    .all(|(a, b)| a.same(&b.handle));
+            if !same {
+                *h = Arc::new(self.programs.values().map(|e| e.handle.clone()).collect());
+            }
+            !same
+        });
         let listening: Vec<String> = self
             .programs
             .values()
@@ -476,6 +506,7 @@ impl Supervisor {
                     registry: &self.registry,
                     control_fd,
                     admin_fd: self.admin_fd,
+                    admin_pause: &self.admin_pause,
                     spawner: &self.spawner,
                     proxy: &self.proxy,
                     notifier: &self.notifier,

@@ -404,3 +404,34 @@ fn json_logs_are_one_object_a_line_without_colours() {
     }
     assert!(with_program > 3, "fields are not keys: {text}");
 }
+
+#[test]
+fn the_admin_listener_answers_every_health_check_across_upgrades() {
+    let (port, admin) = (free_port(), free_port());
+    let d = serving(port, admin, "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (health, h) = poll(admin, "/health", stop.clone());
+    for _ in 0..2 {
+        let before = health.lock().map_or(0, |v| v.len());
+        let out = d.ctl(&["upgrade"]);
+        assert!(out.status.success(), "{out:?}\n{}", d.stderr());
+        wait_for("health checks after the upgrade", T, || {
+            let n = health.lock().map_or(0, |v| v.len());
+            if n > before + 20 {
+                Ok(())
+            } else {
+                Err(format!("{} since", n - before))
+            }
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    h.join().expect("health poller");
+    let health = health.lock().expect("health").clone();
+    let bad: Vec<_> = health.iter().filter(|x| x.2 != 200).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} checks not 200: {bad:?}",
+        bad.len(),
+        health.len()
+    );
+}

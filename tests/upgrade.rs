@@ -193,7 +193,7 @@ fn an_instance_still_starting_is_carried_and_its_readiness_checked_by_the_new_bi
     let d = Daemon::start(&notify_demo(
         "web",
         port,
-        &["--start-delay", "1500"],
+        &["--start-delay", "3000"],
         "ready_timeout = \"20s\"\n",
     ));
     let starting = d.wait_state("web", 0, zdt::state::InstanceState::Starting, T);

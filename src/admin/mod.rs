@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ListenAddr;
 use crate::control::proto::{Command, Outcome, Reply};
 use crate::control::ControlRequest;
+use crate::program::ProgramHandle;
 use crate::state::ProgramSnapshot;
 
 /// Clients served at once; more are closed at accept.
@@ -142,10 +143,88 @@ impl Listener {
 #[derive(Clone, Debug)]
 pub struct Admin {
     /// Requests to the supervisor (the control socket's channel; the
-    /// supervisor holds the receiver).
+    /// supervisor holds the receiver), for `/status`.
     pub requests: mpsc::Sender<ControlRequest>,
     /// The host's state; the supervisor holds the sender.
     pub host: watch::Receiver<HostState>,
+    /// The program actors' handles, published by the supervisor: `/health`
+    /// and `/metrics` read their snapshots without asking the supervisor,
+    /// so they answer while it is busy (an upgrade).
+    pub programs: watch::Receiver<Arc<Vec<ProgramHandle>>>,
+    /// The proxy (its process's pid for `/metrics`).
+    pub proxy: crate::proxy::Proxy,
+    /// Stops the accepting before an upgrade's exec.
+    pub pause: Pause,
+}
+
+/// Lets an upgrade stop the admin listener's accepting (connections then
+/// wait in the backlog for the next binary) and wait for the connections
+/// it has to end. Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct Pause {
+    inner: Arc<PauseInner>,
+}
+
+#[derive(Debug, Default)]
+struct PauseInner {
+    paused: watch::Sender<bool>,
+    active: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Accepting goes on when this is dropped (an upgrade that did not exec).
+#[derive(Debug)]
+pub struct Paused(Pause);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.0.inner.paused.send_replace(false);
+    }
+}
+
+/// One connection being served; counted until dropped.
+struct Active(Pause);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.inner.idle.notify_waiters();
+        }
+    }
+}
+
+impl Pause {
+    /// Stops accepting and waits up to `within` for the open connections
+    /// to end (each answer closes its connection).
+    pub async fn pause(&self, within: Duration) -> Paused {
+        use std::sync::atomic::Ordering;
+        self.inner.paused.send_replace(true);
+        let idle = async {
+            loop {
+                let notified = self.inner.idle.notified();
+                if self.inner.active.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(within, idle).await;
+        Paused(self.clone())
+    }
+
+    fn active(&self) -> Active {
+        self.inner
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Active(self.clone())
+    }
+
+    /// Resolves while accepting is allowed.
+    async fn open(&self) {
+        let mut rx = self.inner.paused.subscribe();
+        let _ = rx.wait_for(|p| !*p).await;
+    }
 }
 
 /// Serves `listener` until `stop` is cancelled. Errors of one client are
@@ -153,9 +232,18 @@ pub struct Admin {
 pub async fn serve(listener: Listener, admin: Admin, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut backoff = Duration::from_millis(100);
+    let mut paused = admin.pause.inner.paused.subscribe();
     loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = admin.pause.open() => {}
+        }
+        // Counted from before the accept: a pause waits for this loop to
+        // let go (the branch below) or for the connection it accepted.
+        let active = admin.pause.active();
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
+            _ = paused.wait_for(|p| *p) => continue,
             r = accept(&listener) => r,
         };
         let io = match accepted {
@@ -181,9 +269,10 @@ pub async fn serve(listener: Listener, admin: Admin, stop: CancellationToken) {
         let (admin, stop) = (admin.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let _active = active;
             let svc = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(answer(&admin, &req).await) }
+                async move { Ok::<_, Infallible>(closing(answer(&admin, &req).await)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -219,6 +308,16 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Every answer closes its connection: health checkers open one per check
+/// anyway, and an upgrade then has no idle connection to wait for.
+fn closing(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
     );
     r
 }
@@ -301,27 +400,26 @@ async fn health(admin: &Admin, program: Option<String>) -> Response<Full<Bytes>>
             "unavailable: zdt is shutting down\n",
         );
     }
-    let asked = program.is_some();
-    let programs = match status(admin, program).await {
-        Ok(p) => p,
-        Err(e) if asked => return text(StatusCode::NOT_FOUND, format!("{e}\n")),
-        Err(e) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("unavailable: {e}\n"),
-            )
-        }
+    let handles = admin.programs.borrow().clone();
+    let programs: Vec<ProgramSnapshot> = match &program {
+        None => handles
+            .iter()
+            .filter(|h| host.listening.contains(&h.name))
+            .map(ProgramHandle::snapshot)
+            .collect(),
+        Some(name) => match handles.iter().find(|h| h.name == *name) {
+            Some(h) => vec![h.snapshot()],
+            None => {
+                let known: Vec<&str> = handles.iter().map(|h| h.name.as_str()).collect();
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown program {name:?} (known: {})\n", known.join(", ")),
+                );
+            }
+        },
     };
-    // The shutdown may have begun while the status was read.
-    if admin.host.borrow().shutting_down {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable: zdt is shutting down\n",
-        );
-    }
     let down: Vec<String> = programs
         .iter()
-        .filter(|p| asked || host.listening.contains(&p.name))
         .filter_map(|p| p.serving().err().map(|why| format!("{}: {why}", p.name)))
         .collect();
     if down.is_empty() {
@@ -335,12 +433,10 @@ async fn health(admin: &Admin, program: Option<String>) -> Response<Full<Bytes>>
 }
 
 async fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
-    let programs = match status(admin, None).await {
-        Ok(p) => p,
-        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-    };
+    let handles = admin.programs.borrow().clone();
+    let programs = futures_util::future::join_all(handles.iter().map(ProgramHandle::status)).await;
     let host = admin.host.borrow().clone();
-    let proxy_pid = proxy_pid(admin).await;
+    let proxy_pid = admin.proxy.remote().and_then(|c| c.pid());
     let body = scrape::encode(programs, &host, proxy_pid);
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
@@ -348,24 +444,4 @@ async fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     r
-}
-
-/// The proxy process's pid, asked with `version`.
-async fn proxy_pid(admin: &Admin) -> Option<u32> {
-    let (tx, mut rx) = mpsc::channel(4);
-    let request = ControlRequest {
-        command: Command::Version,
-        replies: tx,
-        peer_uid: nix::unistd::geteuid().as_raw(),
-    };
-    admin.requests.send(request).await.ok()?;
-    let reply = tokio::time::timeout(ANSWER_TIMEOUT, rx.recv())
-        .await
-        .ok()??;
-    match reply {
-        Reply::Ok {
-            result: Outcome::Version { proxy_pid, .. },
-        } => proxy_pid,
-        _ => None,
-    }
 }

@@ -240,6 +240,11 @@ pub struct ProgramHandle {
 }
 
 impl ProgramHandle {
+    /// Whether both handles reach the same actor.
+    pub fn same(&self, other: &ProgramHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
     /// The latest snapshot.
     pub fn snapshot(&self) -> ProgramSnapshot {
         self.snapshot.borrow().clone()
@@ -342,8 +347,17 @@ pub fn spawn_program(
     let cfg = actor.config.clone();
     actor.set_sockets(sockets, &cfg);
     actor.resize_slots();
+    // Backoff timer tasks hold senders; the actor holds the receiver.
+    let (timer_tx, timers) = mpsc::unbounded_channel::<BackoffDone>();
+    // After an upgrade the processes are adopted before the handle is
+    // returned: the first snapshot anyone reads shows them (health stays
+    // 200 across the upgrade).
+    let adopting = carried.is_some();
+    if let Some(c) = carried {
+        actor.adopt(c, &timer_tx);
+    }
     actor.publish();
-    tokio::spawn(actor.run(rx, events_rx, carried));
+    tokio::spawn(actor.run(rx, events_rx, adopting, (timer_tx, timers)));
     ProgramHandle {
         name,
         tx,
@@ -511,15 +525,13 @@ impl Program {
         mut self,
         mut orders: mpsc::Receiver<ProgramMsg>,
         mut events: mpsc::UnboundedReceiver<ProcEvent>,
-        carried: Option<crate::upgrade::CarriedProgram>,
+        adopting: bool,
+        (timer_tx, mut timers): (
+            mpsc::UnboundedSender<BackoffDone>,
+            mpsc::UnboundedReceiver<BackoffDone>,
+        ),
     ) {
-        // Backoff timer tasks hold senders; the actor holds the receiver.
-        let (timer_tx, mut timers) = mpsc::unbounded_channel::<BackoffDone>();
         let mut shutting_down = false;
-        let adopting = carried.is_some();
-        if let Some(c) = carried {
-            self.adopt(c, &timer_tx);
-        }
         let undeployed = self
             .config
             .deploy

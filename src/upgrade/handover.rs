@@ -28,6 +28,8 @@ pub struct HandOver<'a> {
     pub control_fd: std::os::fd::RawFd,
     /// The admin listener's fd, if it runs.
     pub admin_fd: Option<std::os::fd::RawFd>,
+    /// Stops the admin listener's accepting before the exec.
+    pub admin_pause: &'a crate::admin::Pause,
     /// Forks and execs.
     pub spawner: &'a crate::spawn::Spawner,
     /// The proxy component, whose client connections cannot cross the exec.
@@ -42,6 +44,10 @@ pub struct HandOver<'a> {
 /// is given to send one before an upgrade closes it: a client that has its
 /// next request on the way gets it answered (with `Connection: close`).
 const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long the exec waits for the admin listener's open connections to be
+/// answered (each answer closes its connection).
+const ADMIN_QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long the exec waits for the progress lines to reach the client.
 const PROGRESS_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
@@ -166,7 +172,10 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         )
         .await;
     }
-    // 5. The exec, from the spawner thread.
+    // 5. The admin listener stops accepting (health checks wait in its
+    // backlog for the new binary) and answers what it has.
+    let admin_paused = h.admin_pause.pause(ADMIN_QUIET).await;
+    // 6. The exec, from the spawner thread.
     let memfd = match super::write_state(&carried) {
         Ok(f) => f,
         Err(e) => return format!("cannot write the state: {e}"),
@@ -185,6 +194,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
     .await;
     let err = h.spawner.exec(exec).await;
     // Still here: accept and keep alive again, and let the programs go on.
+    drop(admin_paused);
     drop(proxy_channel);
     drop(retired);
     drop(thaws);
