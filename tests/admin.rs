@@ -406,16 +406,20 @@ fn json_logs_are_one_object_a_line_without_colours() {
 }
 
 #[test]
-fn the_admin_listener_answers_every_health_check_across_upgrades() {
+fn health_stays_200_across_restarts_and_upgrades() {
     let (port, admin) = (free_port(), free_port());
     let d = serving(port, admin, "");
     let stop = Arc::new(AtomicBool::new(false));
     let (health, h) = poll(admin, "/health", stop.clone());
-    for _ in 0..2 {
+    for verb in ["restart", "upgrade", "restart", "upgrade"] {
         let before = health.lock().map_or(0, |v| v.len());
-        let out = d.ctl(&["upgrade"]);
+        let out = if verb == "restart" {
+            d.ctl(&["restart", "web"])
+        } else {
+            d.ctl(&["upgrade"])
+        };
         assert!(out.status.success(), "{out:?}\n{}", d.stderr());
-        wait_for("health checks after the upgrade", T, || {
+        wait_for(&format!("health checks after the {verb}"), T, || {
             let n = health.lock().map_or(0, |v| v.len());
             if n > before + 20 {
                 Ok(())
