@@ -115,6 +115,21 @@ pub async fn run(
             _ => crate::admin::bind(addr)?,
         }),
     };
+    let carried_agent = resuming.as_mut().and_then(|r| r.agent.take());
+    let agent = match sup.agent_check {
+        None => None,
+        Some(a) => {
+            let addr = crate::config::ListenAddr::Tcp(a);
+            let l = match carried_agent {
+                Some(fd) if same_address(&fd, &addr) => crate::admin::Listener::from_fd(fd, &addr)?,
+                _ => crate::admin::bind(&addr)?,
+            };
+            match l {
+                crate::admin::Listener::Tcp(l) => Some(l),
+                crate::admin::Listener::Unix(_) => None,
+            }
+        }
+    };
     let groups_file = crate::orphans::state_path(&sup.control);
     if !upgraded {
         // The control socket is ours now, so no live zdt uses this state
@@ -185,6 +200,10 @@ pub async fn run(
     }
     resumed.control_fd = Some(control_fd);
     resumed.admin_fd = admin.as_ref().map(crate::admin::Listener::raw_fd);
+    resumed.agent_fd = agent.as_ref().map(|l| {
+        use std::os::fd::AsRawFd;
+        l.as_raw_fd()
+    });
     let supervisor = Supervisor::new(
         config,
         spawner,
@@ -193,16 +212,25 @@ pub async fn run(
         proxy.clone(),
         resumed,
     );
-    if let Some(listener) = admin {
+    if admin.is_some() || agent.is_some() {
         let (host, programs, pause) = supervisor.admin_view();
-        let admin = crate::admin::Admin {
+        let view = crate::admin::Admin {
             requests: admin_tx,
             host,
             programs,
             proxy: proxy.clone(),
             pause,
         };
-        tokio::spawn(crate::admin::serve(listener, admin, stop_control.clone()));
+        if let Some(l) = agent {
+            tokio::spawn(crate::admin::agent::serve(
+                l,
+                view.clone(),
+                stop_control.clone(),
+            ));
+        }
+        if let Some(l) = admin {
+            tokio::spawn(crate::admin::serve(l, view, stop_control.clone()));
+        }
     } else {
         drop(admin_tx);
     }

@@ -73,8 +73,10 @@ pub struct Supervisor {
     last_upgrade: Option<crate::upgrade::UpgradeRecord>,
     /// The listening control socket, which an upgrade carries.
     control_fd: Option<std::os::fd::RawFd>,
-    /// The admin listener, which an upgrade carries too.
+    /// The admin listener and the HAProxy agent port, which an upgrade
+    /// carries too.
     admin_fd: Option<std::os::fd::RawFd>,
+    agent_fd: Option<std::os::fd::RawFd>,
     /// Deploys in progress (an upgrade waits for them).
     deploys: Arc<std::sync::atomic::AtomicUsize>,
     /// Reload the file once started (an upgrade found it changed).
@@ -102,6 +104,8 @@ pub struct Resumed {
     pub control_fd: Option<std::os::fd::RawFd>,
     /// The admin listener's fd, if it runs.
     pub admin_fd: Option<std::os::fd::RawFd>,
+    /// The HAProxy agent port's fd, if it runs.
+    pub agent_fd: Option<std::os::fd::RawFd>,
     /// The configuration file changed since the previous binary loaded
     /// it: reload once the programs are taken over.
     pub reload: bool,
@@ -234,6 +238,7 @@ impl Supervisor {
             last_upgrade: resumed.record,
             control_fd: resumed.control_fd,
             admin_fd: resumed.admin_fd,
+            agent_fd: resumed.agent_fd,
             deploys: Arc::default(),
             reload_at_start: resumed.reload,
             host: tokio::sync::watch::Sender::new(crate::admin::HostState::default()),
@@ -506,6 +511,7 @@ impl Supervisor {
                     registry: &self.registry,
                     control_fd,
                     admin_fd: self.admin_fd,
+                    agent_fd: self.agent_fd,
                     admin_pause: &self.admin_pause,
                     spawner: &self.spawner,
                     proxy: &self.proxy,

@@ -439,3 +439,37 @@ fn health_stays_200_across_restarts_and_upgrades() {
         health.len()
     );
 }
+
+/// The line the HAProxy agent port writes.
+fn agent_line(port: u16) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the agent");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let mut line = String::new();
+    s.read_to_string(&mut line).expect("read the agent's line");
+    line
+}
+
+#[test]
+fn the_haproxy_agent_port_says_ready_drain_and_down() {
+    let (port, admin, agent) = (free_port(), free_port(), free_port());
+    let d = serving(port, admin, &format!("agent_check = \"127.0.0.1:{agent}\""));
+    assert_eq!(agent_line(agent), "ready up\n");
+    let out = d.ctl(&["drain", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(agent_line(agent), "drain\n");
+    let out = d.ctl(&["undrain", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(agent_line(agent), "ready up\n");
+    let out = d.ctl(&["stop", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(agent_line(agent), "down\n");
+    let out = d.ctl(&["start", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the agent to say ready", T, || {
+        match agent_line(agent).as_str() {
+            "ready up\n" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    });
+}

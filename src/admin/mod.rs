@@ -16,6 +16,7 @@
 //! published snapshots, even while a restart runs), plus the host's
 //! [`HostState`], which the supervisor publishes on a `watch`.
 
+pub mod agent;
 pub mod procstat;
 pub mod scrape;
 
@@ -213,6 +214,10 @@ impl Pause {
         Paused(self.clone())
     }
 
+    fn paused(&self) -> watch::Receiver<bool> {
+        self.inner.paused.subscribe()
+    }
+
     fn active(&self) -> Active {
         self.inner
             .active
@@ -232,7 +237,7 @@ impl Pause {
 pub async fn serve(listener: Listener, admin: Admin, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut backoff = Duration::from_millis(100);
-    let mut paused = admin.pause.inner.paused.subscribe();
+    let mut paused = admin.pause.paused();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -365,7 +370,7 @@ async fn answer<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     let path = req.uri().path();
     match path {
-        "/health" => health(admin, None).await,
+        "/health" => health(admin, None),
         "/metrics" => metrics(admin).await,
         "/status" => match status(admin, None).await {
             Ok(programs) => {
@@ -381,7 +386,7 @@ async fn answer<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         },
         _ => match path.strip_prefix("/health/") {
             Some(name) if !name.is_empty() && !name.contains(['*', '?', '[', ':']) => {
-                health(admin, Some(name.to_string())).await
+                health(admin, Some(name))
             }
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -391,44 +396,85 @@ async fn answer<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
     }
 }
 
-/// `/health` (program None) and `/health/PROGRAM`.
-async fn health(admin: &Admin, program: Option<String>) -> Response<Full<Bytes>> {
+/// What `/health` says, and the HAProxy agent's word for it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// 200.
+    Serving,
+    /// 503: `drain` when zdt or a program is being taken out on purpose
+    /// (shutdown, drain, stop, maintenance), not when nothing runs.
+    Unavailable {
+        /// Taken out on purpose.
+        drain: bool,
+        /// Why, for the body.
+        why: String,
+    },
+    /// No such program.
+    Unknown(String),
+}
+
+/// The host's health (`program` None: every program with `listen`) or one
+/// program's, from the published snapshots alone.
+pub fn verdict(admin: &Admin, program: Option<&str>) -> Verdict {
     let host = admin.host.borrow().clone();
     if host.shutting_down {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable: zdt is shutting down\n",
-        );
+        return Verdict::Unavailable {
+            drain: true,
+            why: "zdt is shutting down".into(),
+        };
     }
     let handles = admin.programs.borrow().clone();
-    let programs: Vec<ProgramSnapshot> = match &program {
+    let programs: Vec<ProgramSnapshot> = match program {
         None => handles
             .iter()
             .filter(|h| host.listening.contains(&h.name))
             .map(ProgramHandle::snapshot)
             .collect(),
-        Some(name) => match handles.iter().find(|h| h.name == *name) {
+        Some(name) => match handles.iter().find(|h| h.name == name) {
             Some(h) => vec![h.snapshot()],
             None => {
                 let known: Vec<&str> = handles.iter().map(|h| h.name.as_str()).collect();
-                return text(
-                    StatusCode::NOT_FOUND,
-                    format!("unknown program {name:?} (known: {})\n", known.join(", ")),
-                );
+                return Verdict::Unknown(format!(
+                    "unknown program {name:?} (known: {})",
+                    known.join(", ")
+                ));
             }
         },
     };
+    let mut drain = false;
     let down: Vec<String> = programs
         .iter()
-        .filter_map(|p| p.serving().err().map(|why| format!("{}: {why}", p.name)))
+        .filter_map(|p| {
+            let why = p.serving().err()?;
+            let stopping = p.instances.iter().any(|i| {
+                matches!(
+                    i.state,
+                    crate::state::InstanceState::Draining | crate::state::InstanceState::Stopping
+                )
+            });
+            drain |= why != "no instance is RUNNING" || stopping;
+            Some(format!("{}: {why}", p.name))
+        })
         .collect();
     if down.is_empty() {
-        text(StatusCode::OK, "ok\n")
+        Verdict::Serving
     } else {
-        text(
+        Verdict::Unavailable {
+            drain,
+            why: down.join("; "),
+        }
+    }
+}
+
+/// `/health` (program None) and `/health/PROGRAM`.
+fn health(admin: &Admin, program: Option<&str>) -> Response<Full<Bytes>> {
+    match verdict(admin, program) {
+        Verdict::Serving => text(StatusCode::OK, "ok\n"),
+        Verdict::Unavailable { why, .. } => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("unavailable: {}\n", down.join("; ")),
-        )
+            format!("unavailable: {why}\n"),
+        ),
+        Verdict::Unknown(why) => text(StatusCode::NOT_FOUND, format!("{why}\n")),
     }
 }
 

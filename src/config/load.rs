@@ -40,6 +40,7 @@ struct RawSupervisor {
     proxy_threads: Option<Spanned<i64>>,
     proxy_process: Option<bool>,
     admin: Option<Spanned<String>>,
+    agent_check: Option<Spanned<String>>,
     drain_delay: Option<DurationValue>,
     log_format: Option<Spanned<String>>,
 }
@@ -355,6 +356,18 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             Some(a) => {
                 Some(parse_admin(a.get_ref(), resolve).map_err(|m| err_at(a.span().start, m))?)
             }
+        },
+        agent_check: match s.agent_check {
+            None => None,
+            Some(a) => Some(a.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                err_at(
+                    a.span().start,
+                    format!(
+                        "agent_check = {:?}: expected IP:PORT such as \"0.0.0.0:9181\"",
+                        a.get_ref()
+                    ),
+                )
+            })?),
         },
         drain_delay: s.drain_delay.map_or(std::time::Duration::ZERO, |d| d.0),
         log_format: match s.log_format {

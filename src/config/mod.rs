@@ -98,6 +98,9 @@ pub struct SupervisorConfig {
     /// The admin listener (`/health`, `/metrics`, `/status`): a TCP
     /// address or a unix socket. Off when None (the default).
     pub admin: Option<ListenAddr>,
+    /// The HAProxy agent-check port (`ready up`, `drain`, `down`). Off when
+    /// None (the default).
+    pub agent_check: Option<std::net::SocketAddr>,
     /// On SIGTERM (and `zdtctl shutdown`): how long `/health` says 503
     /// while zdt goes on serving, before the programs drain, so that a
     /// load balancer's check notices first. Default 0.

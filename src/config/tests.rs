@@ -699,4 +699,10 @@ fn a_bad_admin_address_drain_delay_or_log_format_is_refused_where_it_is() {
         14,
         "use \"text\" or \"json\"",
     );
+    assert_bad(
+        "[supervisor]\nagent_check = \"9181\"\n",
+        2,
+        15,
+        "expected IP:PORT",
+    );
 }

@@ -28,6 +28,8 @@ pub struct HandOver<'a> {
     pub control_fd: std::os::fd::RawFd,
     /// The admin listener's fd, if it runs.
     pub admin_fd: Option<std::os::fd::RawFd>,
+    /// The HAProxy agent port's fd, if it runs.
+    pub agent_fd: Option<std::os::fd::RawFd>,
     /// Stops the admin listener's accepting before the exec.
     pub admin_pause: &'a crate::admin::Pause,
     /// Forks and execs.
@@ -70,6 +72,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         config_text: h.config.text.clone(),
         control_fd: h.control_fd,
         admin_fd: h.admin_fd,
+        agent_fd: h.agent_fd,
         sockets: Vec::new(),
         programs: Vec::new(),
         proxy: None,

@@ -405,6 +405,8 @@ pub struct Resuming {
     pub control: Option<OwnedFd>,
     /// The admin listener.
     pub admin: Option<OwnedFd>,
+    /// The HAProxy agent port.
+    pub agent: Option<OwnedFd>,
     /// Listening sockets zdt bound.
     pub owned: std::collections::BTreeMap<crate::config::ListenAddr, OwnedFd>,
     /// Listening sockets zdt's service manager gave it.
@@ -479,6 +481,7 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
     };
     let control = state::take_fd(carried.control_fd);
     let admin = carried.admin_fd.and_then(state::take_fd);
+    let agent = carried.agent_fd.and_then(state::take_fd);
     let proxy = carried.proxy.and_then(|p| {
         let Some(channel) = state::take_fd(p.channel_fd) else {
             tracing::error!(
@@ -505,10 +508,12 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
             record: Some(record),
             control_fd: None,
             admin_fd: None,
+            agent_fd: None,
             reload,
         },
         control,
         admin,
+        agent,
         owned,
         inherited,
     }

@@ -57,6 +57,9 @@ pub struct Carried {
     /// The admin listener (`[supervisor] admin`), if it runs.
     #[serde(default)]
     pub admin_fd: Option<RawFd>,
+    /// The HAProxy agent port (`[supervisor] agent_check`), if it runs.
+    #[serde(default)]
+    pub agent_fd: Option<RawFd>,
     /// Every listening socket zdt owns.
     pub sockets: Vec<CarriedSocket>,
     /// Every program and its processes.
@@ -269,6 +272,7 @@ impl Carried {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.control_fd];
         fds.extend(self.admin_fd);
+        fds.extend(self.agent_fd);
         fds.extend(self.sockets.iter().map(|s| s.fd));
         fds.extend(self.proxy.as_ref().map(|p| p.channel_fd));
         for p in &self.programs {
@@ -336,6 +340,7 @@ mod tests {
             config_text: "[supervisor]\n".into(),
             control_fd: 7,
             admin_fd: Some(12),
+            agent_fd: Some(13),
             sockets: vec![CarriedSocket {
                 addr: CarriedAddr::Tcp {
                     addr: "127.0.0.1:80".parse().expect("addr"),
@@ -380,7 +385,7 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&c).expect("json");
         let back = Carried::parse(&bytes).expect("parse");
-        assert_eq!(back.fds(), vec![7, 12, 8, 11, 9, 10]);
+        assert_eq!(back.fds(), vec![7, 12, 13, 8, 11, 9, 10]);
         assert_eq!(back.proxy.as_ref().map(|p| p.pid), Some(43));
         assert_eq!(
             back.programs[0].slots[0].proc.as_ref().map(|p| p.pid),
