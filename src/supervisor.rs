@@ -267,10 +267,11 @@ impl Supervisor {
     /// `/health` asks about: those with `listen`.
     fn publish_listening(&self) {
         self.handles.send_if_modified(|h| {
+            // A rename keeps the actor (same channel) under a new name.
             let same = h.len() == self.programs.len()
                 && h.iter()
                     .zip(self.programs.values())
-                    .all(|(a, b)| a.same(&b.handle));
+                    .all(|(a, b)| a.same(&b.handle) && a.name == b.handle.name);
             if !same {
                 *h = Arc::new(self.programs.values().map(|e| e.handle.clone()).collect());
             }
@@ -283,8 +284,9 @@ impl Supervisor {
             .map(|e| e.config.name.clone())
             .collect();
         self.host.send_if_modified(|h| {
-            let changed = h.listening != listening;
+            let changed = h.listening != listening || !h.started;
             h.listening = listening;
+            h.started = true;
             changed
         });
     }
@@ -308,10 +310,12 @@ impl Supervisor {
         );
         let end = tokio::time::sleep(delay);
         tokio::pin!(end);
+        let mut watchdog = self.notifier.watchdog_timer();
         loop {
             tokio::select! {
                 () = &mut end => return,
-                sig = signals.recv() => if sig == Some(DaemonSignal::Shutdown) {
+                () = watchdog.tick() => self.notifier.watchdog(),
+                Some(sig) = signals.recv() => if sig == DaemonSignal::Shutdown {
                     tracing::warn!("second stop signal: drain_delay cut short");
                     return;
                 },

@@ -199,6 +199,19 @@ fn metrics_parse_move_with_requests_and_restarts_and_survive_a_reload() {
         ),
         2.0
     );
+    // zdt's own answers count in their class: a drained program's 503.
+    let five = |s: &prometheus_parse::Scrape| {
+        value(
+            s,
+            "zdt_proxy_requests_total",
+            &[("program", "web"), ("code", "5xx")],
+        )
+    };
+    let before = five(&reloaded);
+    assert!(d.ctl(&["drain", "web"]).status.success());
+    assert_eq!(http_get(port, "/").expect("request").0, 503);
+    assert!(d.ctl(&["undrain", "web"]).status.success());
+    assert_eq!(five(&scrape(admin)), before + 1.0);
 }
 
 /// One poller's observations: (sent, answered, status or 0 for an error).
@@ -411,6 +424,7 @@ fn health_stays_200_across_restarts_and_upgrades() {
     let d = serving(port, admin, "");
     let stop = Arc::new(AtomicBool::new(false));
     let (health, h) = poll(admin, "/health", stop.clone());
+    let (web, w) = poll(admin, "/health/web", stop.clone());
     for verb in ["restart", "upgrade", "restart", "upgrade"] {
         let before = health.lock().map_or(0, |v| v.len());
         let out = if verb == "restart" {
@@ -430,7 +444,11 @@ fn health_stays_200_across_restarts_and_upgrades() {
     }
     stop.store(true, Ordering::Relaxed);
     h.join().expect("health poller");
-    let health = health.lock().expect("health").clone();
+    w.join().expect("program health poller");
+    let mut health = health.lock().expect("health").clone();
+    let web = web.lock().expect("web").clone();
+    assert!(web.len() > 40, "{} checks of /health/web", web.len());
+    health.extend(web);
     let bad: Vec<_> = health.iter().filter(|x| x.2 != 200).collect();
     assert!(
         bad.is_empty(),
@@ -472,4 +490,28 @@ fn the_haproxy_agent_port_says_ready_drain_and_down() {
             other => Err(other.to_string()),
         }
     });
+}
+
+#[test]
+fn a_renamed_program_is_the_one_health_asks_about() {
+    let (port, admin) = (free_port(), free_port());
+    let d = serving(port, admin, "");
+    let config = std::fs::read_to_string(d.path("supervisor.toml")).expect("config");
+    d.write_config(&config.replace("[program.web]", "[program.site]"));
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("/health/site to answer 200", T, || {
+        match http_get(admin, "/health/site") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(http_get(admin, "/health/web").expect("health").0, 404);
+    let out = d.ctl(&["drain", "site"]);
+    assert!(out.status.success(), "{out:?}");
+    let (status, body) = http_get(admin, "/health").expect("health");
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "unavailable: site: draining\n")
+    );
 }

@@ -36,7 +36,7 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, stop: Cancel
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = admin.pause.open() => {}
+            () = admin.pause.open(&admin.host) => {}
         }
         let active = admin.pause.active();
         let accepted = tokio::select! {

@@ -37,15 +37,20 @@ use crate::program::ProgramHandle;
 use crate::state::ProgramSnapshot;
 
 /// Clients served at once; more are closed at accept.
-const MAX_CLIENTS: usize = 64;
-/// How long a client may take to send a request head.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CLIENTS: usize = 256;
+/// How long a client may take to send a request head (a health checker
+/// sends its at once; a client that sends nothing frees its place soon).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an answer may wait for the supervisor.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the host as a whole is doing, published by the supervisor.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostState {
+    /// The supervisor has published its programs: the admin listener and
+    /// the agent accept only from then on (before, a check waits in the
+    /// backlog rather than hear of a host without programs).
+    pub started: bool,
     /// zdt is shutting down (from the first moment: before `drain_delay`).
     pub shutting_down: bool,
     /// The programs with `listen` addresses: the ones `/health` asks about.
@@ -91,17 +96,11 @@ pub fn bind(addr: &ListenAddr) -> Result<Listener, AdminError> {
                 .map(Listener::Tcp)
                 .map_err(err)
         }
-        ListenAddr::Unix(path) => {
-            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if meta.file_type().is_socket() {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            let l = tokio::net::UnixListener::bind(path).map_err(err)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-            Ok(Listener::Unix(l))
-        }
+        // The control socket's checks: a trusted folder, a stale socket
+        // replaced only if nothing answers on it, mode 0660.
+        ListenAddr::Unix(path) => crate::control::server::bind(path, 0o660, None)
+            .map(Listener::Unix)
+            .map_err(|e| err(std::io::Error::other(e.to_string()))),
     }
 }
 
@@ -168,8 +167,12 @@ pub struct Pause {
 
 #[derive(Debug, Default)]
 struct PauseInner {
+    /// True while an upgrade holds the accepting; the accept loops hold
+    /// receivers (`Pause::open`, `Pause::paused`).
     paused: watch::Sender<bool>,
+    /// Connections being served, and accept loops about to accept one.
     active: std::sync::atomic::AtomicUsize,
+    /// Woken when `active` drops to zero; `Pause::pause` waits on it.
     idle: tokio::sync::Notify,
 }
 
@@ -225,8 +228,11 @@ impl Pause {
         Active(self.clone())
     }
 
-    /// Resolves while accepting is allowed.
-    async fn open(&self) {
+    /// Resolves while accepting is allowed: not paused, and the supervisor
+    /// has published its programs (`host`).
+    async fn open(&self, host: &watch::Receiver<HostState>) {
+        let mut started = host.clone();
+        let _ = started.wait_for(|h| h.started).await;
         let mut rx = self.inner.paused.subscribe();
         let _ = rx.wait_for(|p| !*p).await;
     }
@@ -241,7 +247,7 @@ pub async fn serve(listener: Listener, admin: Admin, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = admin.pause.open() => {}
+            () = admin.pause.open(&admin.host) => {}
         }
         // Counted from before the accept: a pause waits for this loop to
         // let go (the branch below) or for the connection it accepted.
@@ -336,8 +342,10 @@ async fn status(admin: &Admin, target: Option<String>) -> Result<Vec<ProgramSnap
         replies: tx,
         peer_uid: nix::unistd::geteuid().as_raw(),
     };
-    if admin.requests.send(request).await.is_err() {
-        return Err("zdt is stopping".into());
+    match tokio::time::timeout(ANSWER_TIMEOUT, admin.requests.send(request)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err("zdt is stopping".into()),
+        Err(_) => return Err("zdt did not answer in time".into()),
     }
     let reply = async {
         while let Some(r) = rx.recv().await {
@@ -374,7 +382,12 @@ async fn answer<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/metrics" => metrics(admin).await,
         "/status" => match status(admin, None).await {
             Ok(programs) => {
-                let body = serde_json::to_vec(&Outcome::Status { programs }).unwrap_or_default();
+                let body = match serde_json::to_vec(&Outcome::Status { programs }) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+                    }
+                };
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
@@ -478,12 +491,30 @@ fn health(admin: &Admin, program: Option<&str>) -> Response<Full<Bytes>> {
     }
 }
 
+/// One scrape at a time: each reads every `/proc/PID/stat` of the host.
+static SCRAPES: Semaphore = Semaphore::const_new(1);
+
 async fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
+    let Ok(_one) = SCRAPES.acquire().await else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "zdt is stopping\n");
+    };
     let handles = admin.programs.borrow().clone();
-    let programs = futures_util::future::join_all(handles.iter().map(ProgramHandle::status)).await;
+    let read = futures_util::future::join_all(handles.iter().map(ProgramHandle::status));
+    let Ok(programs) = tokio::time::timeout(ANSWER_TIMEOUT, read).await else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy did not answer in time\n",
+        );
+    };
+    drop(handles);
     let host = admin.host.borrow().clone();
     let proxy_pid = admin.proxy.remote().and_then(|c| c.pid());
-    let body = scrape::encode(programs, &host, proxy_pid);
+    // Reading /proc is blocking work: off the runtime's threads.
+    let encoded =
+        tokio::task::spawn_blocking(move || scrape::encode(programs, &host, proxy_pid)).await;
+    let Ok(body) = encoded else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "the scrape failed\n");
+    };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

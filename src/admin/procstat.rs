@@ -17,10 +17,11 @@ pub struct Usage {
     pub processes: u64,
 }
 
-/// One `/proc/PID/stat` line's fields that matter here: (pgrp, usage).
+/// One `/proc/PID/stat` line's fields that matter here: (pgrp, usage, CPU
+/// seconds of its children it has waited for).
 /// The command name (field 2) may hold spaces and parentheses, so fields
 /// are counted from the last `)`.
-pub fn parse_stat(line: &str, tick: f64, page: u64) -> Option<(u32, Usage)> {
+pub fn parse_stat(line: &str, tick: f64, page: u64) -> Option<(u32, Usage, f64)> {
     let rest = &line[line.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state(3) ppid(4) pgrp(5) ... utime(14) stime(15) ... rss(24).
@@ -28,6 +29,8 @@ pub fn parse_stat(line: &str, tick: f64, page: u64) -> Option<(u32, Usage)> {
     let pgrp = field(5)?.parse().ok()?;
     let utime: u64 = field(14)?.parse().ok()?;
     let stime: u64 = field(15)?.parse().ok()?;
+    let cutime: i64 = field(16)?.parse().ok()?;
+    let cstime: i64 = field(17)?.parse().ok()?;
     let rss: i64 = field(24)?.parse().ok()?;
     Some((
         pgrp,
@@ -36,6 +39,7 @@ pub fn parse_stat(line: &str, tick: f64, page: u64) -> Option<(u32, Usage)> {
             cpu_seconds: (utime + stime) as f64 / tick,
             processes: 1,
         },
+        (cutime + cstime).max(0) as f64 / tick,
     ))
 }
 
@@ -50,7 +54,9 @@ fn units() -> (f64, u64) {
     )
 }
 
-/// The usage of every process group, by group id.
+/// The usage of every process group, by group id. A group's CPU time
+/// counts its leader's waited-for children too, so it does not drop when a
+/// worker's child (a PHP or Node worker process) exits and is reaped.
 pub fn groups() -> HashMap<u32, Usage> {
     let (tick, page) = units();
     let mut out: HashMap<u32, Usage> = HashMap::new();
@@ -69,10 +75,13 @@ pub fn groups() -> HashMap<u32, Usage> {
         let Ok(line) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        if let Some((pgrp, u)) = parse_stat(&line, tick, page) {
+        if let Some((pgrp, u, children)) = parse_stat(&line, tick, page) {
             let g = out.entry(pgrp).or_default();
             g.rss_bytes += u.rss_bytes;
             g.cpu_seconds += u.cpu_seconds;
+            if pid.parse() == Ok(pgrp) {
+                g.cpu_seconds += children;
+            }
             g.processes += 1;
         }
     }
@@ -83,9 +92,11 @@ pub fn groups() -> HashMap<u32, Usage> {
 pub fn process(pid: u32) -> Option<(Usage, u64)> {
     let (tick, page) = units();
     let line = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, usage) = parse_stat(&line, tick, page)?;
+    let (_, usage, _) = parse_stat(&line, tick, page)?;
+    // Reading our own fd folder opens one more: not counted.
+    let own = u64::from(pid == std::process::id());
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count() as u64)
+        .map(|d| (d.count() as u64).saturating_sub(own))
         .unwrap_or(0);
     Some((usage, fds))
 }
@@ -97,8 +108,9 @@ mod tests {
     #[test]
     fn a_stat_line_with_a_name_holding_spaces_and_parentheses_is_read() {
         let line = "4242 (php (worker) 2) S 1 4200 4200 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 123 1000000 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
-        let (pgrp, u) = parse_stat(line, 100.0, 4096).expect("parsed");
+        let (pgrp, u, children) = parse_stat(line, 100.0, 4096).expect("parsed");
         assert_eq!(pgrp, 4200);
+        assert!(children.abs() < 1e-9);
         assert_eq!(u.rss_bytes, 300 * 4096);
         assert!((u.cpu_seconds - 3.0).abs() < 1e-9, "{}", u.cpu_seconds);
     }

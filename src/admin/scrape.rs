@@ -204,12 +204,12 @@ impl Scrape {
                 .map(|(p, i, _)| (label(p, i), i.generation as f64))
                 .collect(),
         )?;
-        counters(
+        gauges(
             enc,
             "zdt_instance_restarts",
-            "Starts of the instance after its first",
+            "Starts of the instance after its first (a gauge: a canary's end gives its starts back)",
             inst.iter()
-                .map(|(p, i, _)| (label(p, i), u64::from(i.restarts)))
+                .map(|(p, i, _)| (label(p, i), f64::from(i.restarts)))
                 .collect(),
         )?;
         gauges(
@@ -250,7 +250,7 @@ impl Scrape {
         counters(
             enc,
             "zdt_instance_cpu_seconds",
-            "CPU time (user and system) of the process group of the instance's newest process",
+            "CPU time (user and system) of the process group of the instance's newest process, with the children its leader reaped",
             inst.iter()
                 .filter_map(|(p, i, _)| Some((label(p, i), self.usage(i.pid)?.cpu_seconds)))
                 .collect(),
@@ -277,15 +277,16 @@ impl Scrape {
         let proxied: Vec<(&ProgramSnapshot, crate::state::RequestCounts)> = self
             .programs
             .iter()
+            // Only counters read from the proxy: none while its process is
+            // replaced (zeros would read as a counter reset).
+            .filter(|p| p.traffic.is_some())
             .filter_map(|p| Some((p, p.requests?)))
             .collect();
         let mut classes = Vec::new();
-        for (p, c) in &proxied {
+        for (p, _) in &proxied {
             let t = p.traffic.clone().unwrap_or_default();
             for (i, n) in t.classes.iter().enumerate() {
-                // zdt's own 503s are answers too.
-                let n = if i == 4 { n + c.unavailable } else { *n };
-                classes.push((with(program(p), "code", format!("{}xx", i + 1)), n));
+                classes.push((with(program(p), "code", format!("{}xx", i + 1)), *n));
             }
         }
         counters(
@@ -355,7 +356,7 @@ impl Scrape {
         histograms(
             enc,
             "zdt_proxy_queue_wait_seconds",
-            "Time requests waited for a ready instance",
+            "Time waited for a ready instance, by the requests that found none at once",
             stats.iter().map(|(l, t)| (l.clone(), &t.queue)).collect(),
         )?;
         Ok(())

@@ -257,7 +257,7 @@ impl ProgramHandle {
         let mut snap = self.snapshot();
         if let Some(counts) = counts {
             snap.requests = Some(counts.totals);
-            snap.traffic = Some(counts.stats.clone());
+            snap.traffic = (!counts.stale).then(|| counts.stats.clone());
             for i in &mut snap.instances {
                 i.requests = counts.of(i.instance, i.generation);
             }

@@ -48,6 +48,7 @@ pub(super) async fn serve<I>(
             let connect = req.method() == Method::CONNECT;
             let version = req.version();
             let mut resp = handle(req, &peer, &shared, &gate).await;
+            shared.traffic.stats.answered(resp.status().as_u16());
             // Retiring: the answer closes its connection, unless it makes
             // a tunnel of it (then hyper hands the connection over).
             let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -286,6 +287,9 @@ async fn handle(
                 )
             }
         };
+        if !tried.is_empty() {
+            shared.traffic.stats.resend();
+        }
         if !host_given {
             req.headers_mut().insert(header::HOST, up.authority.clone());
         }
@@ -356,7 +360,6 @@ async fn handle(
             Err(pool::SendError::Connect(cause, unsent)) => {
                 tracing::warn!(program = %shared.program, upstream = %up.addr, %cause, "connect failed; trying another instance");
                 shared.traffic.stats.connect_error();
-                shared.traffic.stats.resend();
                 guard.discard();
                 tried.push(up.addr.clone());
                 req = *unsent;

@@ -244,6 +244,14 @@ async fn answer<S: AsyncWrite + Unpin>(
     head: bool,
     close: bool,
 ) -> Outcome {
+    // "HTTP/1.1 NNN ...": counted by its class.
+    if let Some(code) = bytes
+        .get(9..12)
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .and_then(|d| d.parse().ok())
+    {
+        c.shared.traffic.stats.answered(code);
+    }
     let bytes = match bytes.windows(4).position(|w| w == b"\r\n\r\n") {
         Some(end) if head => &bytes[..end + 4],
         _ => bytes,

@@ -68,18 +68,21 @@ pub struct ProgramStats {
 }
 
 impl ProgramStats {
-    /// An answer with `code` went to the client, `took` after it was
-    /// routed (None: not timed, a tunnel). A code below 100 is not counted.
-    pub fn answered(&self, code: u16, took: Option<Duration>) {
+    /// An answer's head with `code` went to the client: the application's
+    /// or zdt's own. A code outside 100-599 is not counted.
+    pub fn answered(&self, code: u16) {
         if let Some(c) = usize::from(code / 100)
             .checked_sub(1)
             .and_then(|i| self.classes.get(i))
         {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(took) = took {
-            self.duration.observe(took);
-        }
+    }
+
+    /// A request routed to an instance was answered `took` after it was
+    /// routed (a tunnel is not timed).
+    pub fn timed(&self, took: Duration) {
+        self.duration.observe(took);
     }
 
     /// A request waited `took` for a ready instance (whether one came).
@@ -113,8 +116,7 @@ impl ProgramStats {
 /// A program's statistics at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrafficStats {
-    /// Answers by status class, 1xx to 5xx; zdt's own 503s are counted in
-    /// `unavailable` of the request counters, not here.
+    /// Answers by status class, 1xx to 5xx, zdt's own included.
     pub classes: [u64; 5],
     /// Time from routing a request to the end of its answer.
     pub duration: HistogramCounts,
@@ -133,11 +135,17 @@ mod tests {
     #[test]
     fn answers_fall_in_their_class_and_bucket() {
         let s = ProgramStats::default();
-        s.answered(200, Some(Duration::from_micros(250)));
-        s.answered(204, Some(Duration::from_micros(251)));
-        s.answered(502, Some(Duration::from_secs(60)));
-        s.answered(99, Some(Duration::ZERO));
-        s.answered(101, None);
+        for (code, took) in [
+            (200, Duration::from_micros(250)),
+            (204, Duration::from_micros(251)),
+            (502, Duration::from_secs(60)),
+            (99, Duration::ZERO),
+        ] {
+            s.answered(code);
+            s.timed(took);
+        }
+        s.answered(101);
+        s.answered(600);
         s.queued(Duration::from_millis(3));
         let t = s.read();
         assert_eq!(t.classes, [1, 2, 0, 0, 1]);

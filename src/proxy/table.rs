@@ -101,6 +101,10 @@ pub struct ProgramCounts {
     /// Status classes, durations, queue waits, connect errors, resends.
     #[serde(default)]
     pub stats: super::stats::TrafficStats,
+    /// Not read from the proxy (its process is being replaced): zeros that
+    /// `/metrics` must not show as counter values.
+    #[serde(skip)]
+    pub stale: bool,
 }
 
 impl ProgramCounts {

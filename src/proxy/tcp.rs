@@ -40,11 +40,7 @@ pub(super) async fn serve_tcp<S: splice::SpliceIo>(client: S, shared: Arc<Shared
         };
         // Nothing was sent yet: a connect failure is always safe to retry.
         match up.addr.connect_within(CONNECT_TIMEOUT).await {
-            Ok(s) => {
-                let mut guard = guard;
-                guard.no_http_status();
-                break (s, guard);
-            }
+            Ok(s) => break (s, guard),
             Err(e) => {
                 shared.traffic.stats.connect_error();
                 tracing::warn!(program = %shared.program, upstream = %up.addr, cause = %e, "connect failed; trying another instance")

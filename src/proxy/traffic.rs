@@ -108,6 +108,7 @@ impl Traffic {
             processes,
             generations,
             stats: self.stats.read(),
+            stale: false,
         }
     }
 
@@ -252,9 +253,6 @@ pub(crate) struct InflightGuard {
     /// For the generation's counters: Some(5xx or failed) when the request
     /// is to be counted, None when not (abandoned, sent elsewhere, a tunnel).
     gen_error: Option<bool>,
-    /// The status of the answer the client got: None before its head (a
-    /// failure then is zdt's 502), Some(0) when not HTTP or not counted.
-    code: Option<u16>,
     started: std::time::Instant,
 }
 
@@ -265,7 +263,6 @@ impl InflightGuard {
             stats,
             recorded: false,
             gen_error: Some(false),
-            code: None,
             started: std::time::Instant::now(),
         }
     }
@@ -276,14 +273,12 @@ impl InflightGuard {
             self.recorded = true;
             self.stats.record(false);
             self.gen_error = self.gen_error.map(|_| true);
-            self.code.get_or_insert(502);
         }
     }
 
     /// The status of the answer's head: a 5xx counts as an error of the
     /// generation; a 101 becomes a tunnel, which is not timed.
     pub(crate) fn status(&mut self, code: u16) {
-        self.code = Some(code);
         match code {
             101 => self.gen_error = None,
             500.. => self.gen_error = self.gen_error.map(|_| true),
@@ -303,13 +298,6 @@ impl InflightGuard {
     pub(crate) fn abandon(&mut self) {
         self.recorded = true;
         self.gen_error = None;
-        self.code = Some(0);
-    }
-
-    /// The connection carries no HTTP (`protocol = "tcp"`): it has no
-    /// status class.
-    pub(crate) fn no_http_status(&mut self) {
-        self.code = Some(0);
     }
 
     /// Whether zdt is cutting this upstream's requests.
@@ -326,12 +314,7 @@ impl Drop for InflightGuard {
         if let Some(error) = self.gen_error {
             let took = self.started.elapsed();
             self.stats.gen.record(took, error);
-            self.stats
-                .program
-                .stats
-                .answered(self.code.unwrap_or(0), Some(took));
-        } else if self.code == Some(101) {
-            self.stats.program.stats.answered(101, None);
+            self.stats.program.stats.timed(took);
         }
         if self.stats.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.stats.idle.notify_waiters();

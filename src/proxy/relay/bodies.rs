@@ -222,6 +222,7 @@ where
     // The answer says Connection: close unless the body was whole by the
     // time its head was written.
     let close = Closing::new(true, c.shared.workers.retire());
+    let stats = &c.shared.traffic;
     // Set once an answer head came: from then on bytes may reach the client.
     let answering_began = AtomicBool::new(false);
     let (mut cr, mut cw) = tokio::io::split(&mut c.io);
@@ -237,6 +238,7 @@ where
             };
             answering_began.store(true, Ordering::Relaxed);
             guard.status(resp.status);
+            stats.stats.answered(resp.status);
             add_cookie(&mut head, cookie);
             rbuf.advance(resp.len);
             // What the head told the client.

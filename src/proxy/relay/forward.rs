@@ -342,6 +342,7 @@ where
         }
     };
     guard.status(resp.status);
+    shared.traffic.stats.answered(resp.status);
     add_cookie(&mut head, pin.set_cookie(&up));
     rbuf.advance(resp.len);
     match relay_body(

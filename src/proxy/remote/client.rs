@@ -538,7 +538,10 @@ impl Counters {
             _ => {
                 let st = self.client.state();
                 let proxied = st.tables.get(&table).is_some_and(|t| t.proxied);
-                proxied.then(ProgramCounts::default)
+                proxied.then(|| ProgramCounts {
+                    stale: true,
+                    ..ProgramCounts::default()
+                })
             }
         }
     }
