@@ -111,13 +111,12 @@ WORK=$(mktemp -d /tmp/zdt-multihost.XXXXXX)
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 # --- ansible-core: from PATH, else a venv under target/ ---
-if command -v ansible-playbook >/dev/null; then
-  ANSIBLE_PLAYBOOK=$(command -v ansible-playbook)
-else
+ANSIBLE_PLAYBOOK=$(command -v ansible-playbook)
+if [ -z "$ANSIBLE_PLAYBOOK" ] || ! "$ANSIBLE_PLAYBOOK" --version >/dev/null 2>&1; then
   VENV="$TARGET/bench-multihost/venv"
-  if [ ! -x "$VENV/bin/ansible-playbook" ]; then
+  if ! "$VENV/bin/ansible-playbook" --version >/dev/null 2>&1; then
     log "installing ansible-core==2.19.14 into $VENV (pip)"
-    { python3 -m venv "$VENV" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    { python3 -m venv --clear "$VENV" && "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
         "ansible-core==2.19.14"; } >"$WORK/pip.log" 2>&1 ||
       missing "no ansible-playbook, and pip could not install ansible-core: $(tail -n 3 "$WORK/pip.log" | tr '\n' ' ')"
   fi
@@ -150,8 +149,8 @@ stop_host_zdts() {
 }
 
 # --- the hosts: namespaces, or loopback addresses ---
-NETNS_MADE=()
-declare -A ADDR PREFIX
+NETNS_MADE=(); LINKS_MADE=()
+declare -a ADDR PREFIX
 APP_PORT=8080; ADMIN_PORT=9180
 make_netns() {
   local h ns
@@ -166,7 +165,7 @@ make_netns() {
     ns=zdtmh-h$h
     ip netns add "$ns" 2>"$WORK/netns.err" || return 1
     NETNS_MADE+=("$ns")
-    ip link add "zdtmh$h-r" type veth peer name "zdtmh$h-n" netns "$ns" &&
+    ip link add "zdtmh$h-r" type veth peer name "zdtmh$h-n" netns "$ns" && LINKS_MADE+=("zdtmh$h-r") &&
       ip addr add "10.231.$h.1/30" dev "zdtmh$h-r" && ip link set "zdtmh$h-r" up &&
       ip -n "$ns" addr add "10.231.$h.2/30" dev "zdtmh$h-n" && ip -n "$ns" link set "zdtmh$h-n" up &&
       ip -n "$ns" link set lo up || die "cannot set up the veth pair of $ns"
@@ -181,7 +180,7 @@ make_loopback() {
 import socket, sys
 found = []
 while len(found) < 2:
-    s = socket.socket(); s.bind((sys.argv[1], 0)); p = s.getsockname()[1]
+    s = socket.socket(); s.bind((sys.argv[1], 0)); p = s.getsockname()[1]; s.close()
     try:
         held = []
         for a in sys.argv[1:]:
@@ -204,7 +203,8 @@ cleanup() {
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
   done
-  for h in "${HOSTS[@]}"; do ip link del "zdtmh$h-r" 2>/dev/null; done
+  # Deleting a namespace deletes its veth pair; this is for one left half made.
+  for e in "${LINKS_MADE[@]}"; do ip link show "$e" >/dev/null 2>&1 && ip link del "$e" 2>/dev/null; done
   if [ "$KEEP" = 1 ]; then echo "work folder kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -218,6 +218,7 @@ elif [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null; then
 elif ! make_netns; then
   MODE=loopback; log "cannot make network namespaces ($(cat "$WORK/netns.err")): loopback addresses instead"
   for ns in "${NETNS_MADE[@]}"; do ip netns del "$ns" 2>/dev/null; done; NETNS_MADE=()
+  for e in "${LINKS_MADE[@]}"; do ip link del "$e" 2>/dev/null; done; LINKS_MADE=()
 fi
 [ "$MODE" = loopback ] && make_loopback
 
