@@ -50,12 +50,16 @@
 # requests with more than one upstream in $upstream_addr).
 #
 # Usage: bench/multihost.sh [--quick] [--loopback] [--balancers LIST]
-#                           [--connections N] [--keep]
+#                           [--connections N] [--deploy] [--keep]
 #   --quick          haproxy-strict only, about 50 s (the form
 #                    tests/multihost.rs runs)
 #   --loopback       127.0.0.2-4 instead of network namespaces
 #   --balancers LIST comma list of haproxy, haproxy-strict, nginx (all)
 #   --connections N  concurrent clients (32)
+#   --deploy         the program has a deploy root; each host gets a first
+#                    release at the start, and the runs with the drain step
+#                    deploy a second one (release_from: zdtctl deploy web
+#                    --from DIR) instead of zdtctl restart
 #   --keep           keep the work folder (logs, configs, LOAD lines)
 # Output: a table, then one RESULT line per run. Exit status: 0 when every
 # rolling restart with the drain step failed no request, 1 when one did or a
@@ -73,7 +77,7 @@ missing() { echo "bench/multihost.sh: SKIP: $*" >&2; exit 3; }
 T_START=$(date +%s)
 CMDLINE="$0$(printf ' %q' "$@")"
 
-QUICK=0; LOOPBACK=0; BALANCERS=""; CONNS=32; KEEP=0
+QUICK=0; LOOPBACK=0; BALANCERS=""; CONNS=32; KEEP=0; DEPLOY=0
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) QUICK=1 ;;
@@ -81,6 +85,7 @@ while [ $# -gt 0 ]; do
     --balancers) [ $# -ge 2 ] || die "$1 wants a value"; BALANCERS=$2; shift ;;
     --connections) [ $# -ge 2 ] || die "$1 wants a value"; CONNS=$2; shift ;;
     --keep) KEEP=1 ;;
+    --deploy) DEPLOY=1 ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -123,7 +128,7 @@ if [ -z "$ANSIBLE_PLAYBOOK" ] || ! "$ANSIBLE_PLAYBOOK" --version >/dev/null 2>&1
   ANSIBLE_PLAYBOOK="$VENV/bin/ansible-playbook"
 fi
 ANSIBLE_VERSION=$("$ANSIBLE_PLAYBOOK" --version 2>/dev/null | sed -n '1s/.*\[core \(.*\)\]/\1/p')
-export ANSIBLE_HOME="$WORK/ansible-home" ANSIBLE_LOCAL_TEMP="$WORK/ansible-tmp" ANSIBLE_NOCOLOR=1 \
+export ANSIBLE_HOME="$WORK/ansible-home" ANSIBLE_LOCAL_TEMP="$WORK/ansible-tmp" ANSIBLE_REMOTE_TEMP="$WORK/ansible-remote-tmp" ANSIBLE_NOCOLOR=1 \
   ANSIBLE_RETRY_FILES_ENABLED=0 ANSIBLE_PYTHON_INTERPRETER=auto_silent PYTHONWARNINGS=ignore
 
 # --- processes: every one started here is tracked as pid:starttime ---
@@ -238,12 +243,22 @@ for h in "${HOSTS[@]}"; do
     echo 'log_dir = "logs"'
     [ "$HAVE_ADMIN" = 1 ] && echo "admin = \"${ADDR[$h]}:$ADMIN_PORT\""
     echo '[program.web]'
-    echo "command = [\"node\", \"$NODE_APP\"]"
+    if [ "$DEPLOY" = 1 ]; then
+      echo 'command = ["node", "{release}/server.js"]'
+      echo "directory = \"$d/app/current\""
+    else
+      echo "command = [\"node\", \"$NODE_APP\"]"
+    fi
     echo 'mode = "proxy"'
     echo "listen = [\"tcp://${ADDR[$h]}:$APP_PORT\"]"
     echo 'ready = { http = "/" }'
     echo 'max_wait = "5s"'
     echo 'kill_timeout = "3s"'
+    if [ "$DEPLOY" = 1 ]; then
+      echo '[program.web.deploy]'
+      echo "root = \"$d/app\""
+      echo 'keep_releases = 3'
+    fi
   } >"$d/supervisor.toml"
   "$BIN/zdt" -c "$d/supervisor.toml" check >"$d/check.log" 2>&1 || die "zdt check $d/supervisor.toml: $(cat "$d/check.log")"
   # start.sh starts this host's zdt in the background, detached, and records
@@ -258,6 +273,22 @@ EOF
   chmod +x "$d/start.sh"
   "$d/start.sh"
 done
+# --deploy: every host gets its first release (the program stays STOPPED
+# until then); the rolling runs with the drain step deploy a second one.
+if [ "$DEPLOY" = 1 ]; then
+  mkdir -p "$WORK/release"; cp "$NODE_APP" "$WORK/release/server.js"
+  for h in "${HOSTS[@]}"; do
+    for ((i = 0; i < 100; i++)); do [ -S "$WORK/h$h/zdt.sock" ] && break; sleep 0.1; done
+    echo 1 >"$WORK/release/VERSION"
+    # shellcheck disable=SC2086 # PREFIX is a command prefix, split on purpose
+    ${PREFIX[$h]} "$BIN/zdtctl" -c "$WORK/h$h/supervisor.toml" deploy web --from "$WORK/release" \
+      >"$WORK/h$h/deploy-1.log" 2>&1 || die "host $h: the first deploy failed: $(tail -n 5 "$WORK/h$h/deploy-1.log")"
+  done
+  echo 2 >"$WORK/release/VERSION"
+  RELEASE_ARGS=(-e "release_from=$WORK/release")
+else
+  RELEASE_ARGS=()
+fi
 
 # wait_health H CODE: the host's health URL answers CODE within 30 s.
 wait_health() {
@@ -407,7 +438,9 @@ run() { # run BALANCER RECIPE PLAYBOOK
   sleep 2
   log "$lb, $recipe: rolling restart of ${#HOSTS[@]} hosts under $CONNS clients"
   t0=$(date +%s.%N)
-  timeout 120 "$ANSIBLE_PLAYBOOK" -i "$WORK/inventory.ini" "$pb" "${LB_WAITS[@]}" >"$out/ansible.log" 2>&1
+  local extra=()
+  [ "$recipe" = drain ] && extra=("${RELEASE_ARGS[@]}")
+  timeout 120 "$ANSIBLE_PLAYBOOK" -i "$WORK/inventory.ini" "$pb" "${LB_WAITS[@]}" "${extra[@]}" >"$out/ansible.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
   sleep 2
@@ -440,14 +473,14 @@ done
 # --- report ---
 ELAPSED=$(($(date +%s) - T_START))
 echo
-echo "Rolling restart of 3 hosts ($MODE), $CONNS keep-alive clients through the balancer, GET /?sleep=20"
+echo "Rolling $([ "$DEPLOY" = 1 ] && echo "deploy (zdtctl deploy with the drain step)" || echo restart) of 3 hosts ($MODE), $CONNS keep-alive clients through the balancer, GET /?sleep=20"
 echo "($(date -u +%Y-%m-%d), $(nproc) CPUs, $(uname -sr); $("$BIN/zdt" --version 2>/dev/null || echo zdt), ansible-core $ANSIBLE_VERSION, $(haproxy -v 2>/dev/null | sed -n '1s/^HAProxy version \([^ ]*\).*/HAProxy \1/p'), $(nginx -v 2>&1 | sed 's/.*: //'), Node $(node --version); health: $HEALTH_DESC; took $((ELAPSED / 60)) min $((ELAPSED % 60)) s)"
 echo "Command: $CMDLINE"
 echo
 printf '| balancer | recipe | requests | failed | failure kinds | retried by the balancer | longest outage (probe) | p99 ms | playbook |\n'
 printf '|---|---|---|---|---|---|---|---|---|\n'
 for r in "${RESULTS[@]}"; do
-  awk -v line="$r" 'BEGIN {
+  awk -v line="$r" -v deploy="$DEPLOY" 'BEGIN {
     n = split(line, kv, " ")
     for (i = 1; i <= n; i++) { j = index(kv[i], "="); if (j) v[substr(kv[i], 1, j - 1)] = substr(kv[i], j + 1) }
     kinds = "none"; probe = v["probe_failed"] + 0
@@ -457,7 +490,7 @@ for r in "${RESULTS[@]}"; do
       if (probe > 0) kinds = kinds (kinds == "" ? "" : ", ") "probe " probe
       if (kinds == "") kinds = "none"
     }
-    recipe = (v["recipe"] == "drain") ? "drain, restart, undrain (contrib/ansible)" : "no drain: zdtctl shutdown + start"
+    recipe = (v["recipe"] == "drain") ? "drain, " (deploy == 1 ? "deploy" : "restart") ", undrain (contrib/ansible)" : "no drain: zdtctl shutdown + start"
     printf "| %s | %s | %s | **%s** | %s | %s | %s ms | %s | %s s%s |\n", v["balancer"], recipe, v["requests"], v["failed"], kinds, \
       v["retried"], v["longest_outage_ms"], v["p99_ms"], v["playbook_s"], (v["playbook_rc"] == 0 ? "" : ", FAILED " v["playbook_rc"])
   }'
