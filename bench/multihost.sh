@@ -75,7 +75,7 @@ usage() { sed -n '2,/^set -u$/p' "$0" | sed 's/^# \{0,1\}//;/^set -u$/d' >&2; ex
 die() { echo "bench/multihost.sh: $*" >&2; exit 2; }
 missing() { echo "bench/multihost.sh: SKIP: $*" >&2; exit 3; }
 T_START=$(date +%s)
-CMDLINE="$0$(printf ' %q' "$@")"
+CMDLINE="$0"; [ $# -gt 0 ] && CMDLINE+="$(printf ' %q' "$@")"
 
 QUICK=0; LOOPBACK=0; BALANCERS=""; CONNS=32; KEEP=0; DEPLOY=0
 while [ $# -gt 0 ]; do
