@@ -24,7 +24,7 @@ fn number(line: &str, key: &str) -> u64 {
 }
 
 #[test]
-fn a_rolling_restart_of_three_hosts_behind_haproxy_fails_no_request_and_without_the_drain_step_some() {
+fn rolling_restart_of_three_hosts_fails_nothing_with_the_drain_step_and_some_without() {
     if Command::new("bash").arg("-c").arg("true").status().is_err() {
         eprintln!("SKIPPED: no bash");
         return;
