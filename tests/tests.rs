@@ -14,6 +14,7 @@ mod deploy_sources;
 mod faults;
 mod lifecycle;
 mod logs;
+mod multihost;
 mod pass;
 mod pause;
 mod pid1;
