@@ -79,6 +79,9 @@ pub struct Supervisor {
     agent_fd: Option<std::os::fd::RawFd>,
     /// Deploys in progress (an upgrade waits for them).
     deploys: Arc<std::sync::atomic::AtomicUsize>,
+    /// Counts drains and undrains: a drain waiting out `drain_delay`
+    /// refuses only if no other came since.
+    drains: Arc<std::sync::atomic::AtomicU64>,
     /// Reload the file once started (an upgrade found it changed).
     reload_at_start: bool,
     /// What `/health` on the admin listener reads of the host (the admin
@@ -240,6 +243,7 @@ impl Supervisor {
             admin_fd: resumed.admin_fd,
             agent_fd: resumed.agent_fd,
             deploys: Arc::default(),
+            drains: Arc::default(),
             reload_at_start: resumed.reload,
             host: tokio::sync::watch::Sender::new(crate::admin::HostState::default()),
             handles: tokio::sync::watch::Sender::new(Arc::default()),
@@ -1117,17 +1121,73 @@ impl Supervisor {
     }
 
     /// Proxy programs: start or end answering new requests 503.
+    /// `drain` and `undrain`. With `drain_delay`, a drain first turns
+    /// `/health` to 503 while the programs serve on, then refuses new
+    /// requests once the delay passed (a load balancer checking health
+    /// has moved the traffic by then); the reply comes when they refuse.
+    /// An undrain (or another drain) during the delay cancels the rest.
     fn drain(&self, target: &str, on: bool, replies: mpsc::Sender<Reply>) {
-        match self.resolve(target) {
-            Ok(list) => {
-                let calls = self.calls(&list, move |_, reply| ProgramMsg::Drain { on, reply });
-                let verb = if on { "draining" } else { "no longer draining" };
-                tokio::spawn(finish_calls(calls, format!("{target}: {verb}"), replies));
-            }
+        let list = match self.resolve(target) {
+            Ok(list) => list,
             Err(e) => {
                 tokio::spawn(async move { send(&replies, err(e)).await });
+                return;
             }
+        };
+        let epoch = self
+            .drains
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let delay = self.config.supervisor.drain_delay;
+        let verb = if on { "draining" } else { "no longer draining" };
+        let message = format!("{target}: {verb}");
+        if !on || delay.is_zero() {
+            let calls = self.calls(&list, move |_, reply| ProgramMsg::Drain {
+                on,
+                refuse: true,
+                reply,
+            });
+            tokio::spawn(finish_calls(calls, message, replies));
+            return;
         }
+        let announce = self.calls(&list, move |_, reply| ProgramMsg::Drain {
+            on: true,
+            refuse: false,
+            reply,
+        });
+        let refuse = self.calls(&list, move |_, reply| ProgramMsg::Drain {
+            on: true,
+            refuse: true,
+            reply,
+        });
+        let drains = self.drains.clone();
+        let target = target.to_string();
+        tokio::spawn(async move {
+            let results = run_levels(announce).await;
+            if results.iter().any(|(_, r)| !matches!(r, Some(Ok(_)))) {
+                send(&replies, collect(results, message)).await;
+                return;
+            }
+            send(
+                &replies,
+                Reply::Progress {
+                    message: format!(
+                        "{target}: health says 503; new requests are served for drain_delay ({delay:?}), then refused"
+                    ),
+                },
+            )
+            .await;
+            tokio::time::sleep(delay).await;
+            if drains.load(std::sync::atomic::Ordering::SeqCst) != epoch {
+                let e = ErrorBody::new(
+                    "failed",
+                    format!("{target}: the drain was ended or replaced during drain_delay"),
+                );
+                send(&replies, err(e)).await;
+                return;
+            }
+            finish_calls(refuse, message, replies).await;
+        });
     }
 
     /// Pause, maintenance, resume: proxy-mode programs only. A target that

@@ -515,3 +515,46 @@ fn a_renamed_program_is_the_one_health_asks_about() {
         (503, "unavailable: site: draining\n")
     );
 }
+
+#[test]
+fn with_drain_delay_a_drain_turns_health_first_and_refuses_only_after_the_delay() {
+    let (port, admin) = (free_port(), free_port());
+    let d = serving(port, admin, "drain_delay = \"2s\"");
+    let asked = Instant::now();
+    let drain = d.ctl_in_background(&["drain", "web"]);
+    wait_for("health 503", T, || match http_get(admin, "/health") {
+        Ok((503, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    // Served on while the balancer notices.
+    let mut served = 0;
+    while asked.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(http_get(port, "/").expect("request").0, 200);
+        served += 1;
+    }
+    assert!(served > 0);
+    let out = drain.join().expect("drain");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(http_get(port, "/").expect("request").0, 503);
+    // An undrain during the delay cancels the drain: nothing is refused.
+    assert!(d.ctl(&["undrain", "web"]).status.success());
+    let drain = d.ctl_in_background(&["drain", "web"]);
+    wait_for("health 503", T, || match http_get(admin, "/health") {
+        Ok((503, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    assert!(d.ctl(&["undrain", "web"]).status.success());
+    let out = drain.join().expect("drain");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ended or replaced during drain_delay"),
+        "{out:?}"
+    );
+    assert_eq!(http_get(port, "/").expect("request").0, 200);
+    assert_eq!(http_get(admin, "/health").expect("health").0, 200);
+}

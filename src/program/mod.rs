@@ -155,6 +155,10 @@ pub enum ProgramMsg {
     Drain {
         /// Start or end.
         on: bool,
+        /// With `on`: refuse new requests now (true), or only say 503 on
+        /// `/health` and serve on (false: the first half of a drain with
+        /// `drain_delay`).
+        refuse: bool,
         /// Resolves at once; an error when the program is not in proxy mode.
         reply: oneshot::Sender<OpResult>,
     },
@@ -342,6 +346,7 @@ pub fn spawn_program(
         proxy_rt: proxy,
         routes,
         canary: None,
+        drain_announced: false,
         config,
     };
     let cfg = actor.config.clone();
@@ -448,6 +453,9 @@ struct Program {
     queued: Option<(Box<ProgramConfig>, Sockets, oneshot::Sender<OpResult>)>,
     /// Proxy mode: a canary in progress.
     canary: Option<CanaryRun>,
+    /// A drain was asked for: `/health` says 503 (the proxy refuses only
+    /// once `drain_delay` passed, see the supervisor's drain).
+    drain_announced: bool,
 }
 
 /// How often pass-mode accept queues are looked at (the queue's length, a
@@ -846,16 +854,19 @@ impl Program {
             ProgramMsg::Settled { reply } => {
                 let _ = reply.send(());
             }
-            ProgramMsg::Drain { on, reply } => {
+            ProgramMsg::Drain { on, refuse, reply } => {
                 let result = match &self.proxy {
                     Some(_) => {
                         // Health turns 503 before the proxy answers 503.
+                        self.drain_announced = on;
                         if on {
                             self.snapshot.send_modify(|s| s.draining = true);
                         }
-                        self.routes.set_draining(on);
+                        if refuse || !on {
+                            self.routes.set_draining(on);
+                        }
                         self.publish();
-                        tracing::info!(program = %self.config.name, draining = on, "drain");
+                        tracing::info!(program = %self.config.name, draining = on, refusing = on && refuse, "drain");
                         Ok(self.snapshots_of(&(0..self.slots.len()).collect::<Vec<_>>()))
                     }
                     None => Err(OpError::plain(format!(
@@ -1664,7 +1675,7 @@ impl Program {
             deploy_watch: None,
             hold: self.hold(),
             canary: self.canary_status(),
-            draining: self.routes.is_draining(),
+            draining: self.drain_announced || self.routes.is_draining(),
             traffic: None,
         };
         let health_first = self.snapshot.borrow().serving().is_ok() && new.serving().is_err();
