@@ -32,17 +32,10 @@ pub fn line(v: &Verdict) -> &'static str {
 
 /// Answers every connection on `listener` until `stop` is cancelled.
 pub async fn serve(listener: tokio::net::TcpListener, admin: Admin, stop: CancellationToken) {
-    let mut paused = admin.pause.paused();
     loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = admin.pause.open(&admin.host) => {}
-        }
-        let active = admin.pause.active();
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            _ = paused.wait_for(|p| *p) => continue,
-            r = listener.accept() => r,
+        let next = admin.pause.next(&admin.host, &stop, || listener.accept());
+        let Some((accepted, active)) = next.await else {
+            return;
         };
         let mut stream = match accepted {
             Ok((s, _)) => s,

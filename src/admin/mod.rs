@@ -186,7 +186,8 @@ impl Drop for Paused {
     }
 }
 
-/// One connection being served; counted until dropped.
+/// One connection being served (or an accept waiting); counted until
+/// dropped.
 struct Active(Pause);
 
 impl Drop for Active {
@@ -217,8 +218,32 @@ impl Pause {
         Paused(self.clone())
     }
 
-    fn paused(&self) -> watch::Receiver<bool> {
-        self.inner.paused.subscribe()
+    /// Waits until accepting is allowed, then for `accept`'s connection,
+    /// counted as active from before the accept: a pause waits for the
+    /// accept to be given up (when the pause begins first) or for the
+    /// connection to end. None once `stop` is cancelled.
+    async fn next<T, F>(
+        &self,
+        host: &watch::Receiver<HostState>,
+        stop: &CancellationToken,
+        accept: impl Fn() -> F,
+    ) -> Option<(std::io::Result<T>, Active)>
+    where
+        F: std::future::Future<Output = std::io::Result<T>>,
+    {
+        let mut paused = self.inner.paused.subscribe();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = self.open(host) => {}
+            }
+            let active = self.active();
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                _ = paused.wait_for(|p| *p) => continue,
+                r = accept() => return Some((r, active)),
+            }
+        }
     }
 
     fn active(&self) -> Active {
@@ -243,19 +268,10 @@ impl Pause {
 pub async fn serve(listener: Listener, admin: Admin, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut backoff = Duration::from_millis(100);
-    let mut paused = admin.pause.paused();
     loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = admin.pause.open(&admin.host) => {}
-        }
-        // Counted from before the accept: a pause waits for this loop to
-        // let go (the branch below) or for the connection it accepted.
-        let active = admin.pause.active();
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            _ = paused.wait_for(|p| *p) => continue,
-            r = accept(&listener) => r,
+        let next = admin.pause.next(&admin.host, &stop, || accept(&listener));
+        let Some((accepted, active)) = next.await else {
+            return;
         };
         let io = match accepted {
             Ok(io) => {
