@@ -91,9 +91,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ -n "$BALANCERS" ] || { [ "$QUICK" = 1 ] && BALANCERS=haproxy-strict || BALANCERS=haproxy,haproxy-strict,nginx; }
+[ -n "$BALANCERS" ] || { [ "$QUICK" = 1 ] && BALANCERS=haproxy-plain || BALANCERS=haproxy-plain,haproxy,nginx; }
 IFS=, read -ra LBS <<<"$BALANCERS"
-for b in "${LBS[@]}"; do case $b in haproxy|haproxy-strict|nginx) ;; *) die "unknown balancer '$b' (haproxy, haproxy-strict, nginx)" ;; esac; done
+for b in "${LBS[@]}"; do case $b in haproxy|haproxy-plain|nginx) ;; *) die "unknown balancer '$b' (haproxy, haproxy-plain, nginx)" ;; esac; done
+# The rolling restarts run behind each balancer (--quick: the first two).
+if [ "$QUICK" = 1 ]; then RECIPES=(drain no-drain); else RECIPES=(drain no-drain-delay no-drain); fi
 case $CONNS in ''|*[!0-9]*) die "--connections wants a number" ;; esac
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -108,9 +110,15 @@ done
 for t in node curl python3 timeout setsid; do
   command -v "$t" >/dev/null || missing "$t not found"
 done
-for b in "${LBS[@]}"; do b=${b%-strict}; command -v "$b" >/dev/null || missing "$b not found (apt-get install ${b/nginx/nginx-light})"; done
+for b in "${LBS[@]}"; do b=${b%-plain}; command -v "$b" >/dev/null || missing "$b not found (apt-get install ${b/nginx/nginx-light})"; done
 
 LOAD_MAX=150          # no load runs longer than this, whatever happens
+# The balancers' health checks: HAProxy inter 1s fall 2 rise 2. The hosts'
+# [supervisor] drain_delay is inter x fall + a margin of 1 s, so a host that
+# drains or stops keeps serving until HAProxy has seen its /health 503 and
+# taken it out (nginx has no check to wait for; see the header).
+CHECK_INTER=1 CHECK_FALL=2 CHECK_RISE=2 CHECK_MARGIN=1
+DRAIN_DELAY=$((CHECK_INTER * CHECK_FALL + CHECK_MARGIN))
 HOSTS=(1 2 3)
 WORK=$(mktemp -d /tmp/zdt-multihost.XXXXXX)
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
@@ -202,7 +210,7 @@ PY
 cleanup() {
   local e h p ns
   for ((h = ${#PIDS[@]} - 1; h >= 0; h--)); do e=${PIDS[$h]}; stop_pid "${e%%:*}" "${e#*:}"; done
-  for h in "${HOSTS[@]}"; do stop_host_zdts "$h"; done
+  for h in "${HOSTS[@]}"; do stop_host_zdts "$h" & done; wait
   for ns in "${NETNS_MADE[@]}"; do
     # Anything still in a namespace made here was started here.
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
@@ -233,44 +241,73 @@ printf '[supervisor]\ncontrol = "x.sock"\nadmin = "127.0.0.1:9180"\n' >"$WORK/ad
 if "$BIN/zdt" -c "$WORK/admin-probe.toml" check >/dev/null 2>&1; then HAVE_ADMIN=1; else HAVE_ADMIN=0; fi
 health_port() { if [ "$HAVE_ADMIN" = 1 ]; then echo "$ADMIN_PORT"; else echo "$APP_PORT"; fi; }
 health_path() { if [ "$HAVE_ADMIN" = 1 ]; then echo /health; else echo /; fi; }
+# Does it know [supervisor] drain_delay?
+printf '[supervisor]\ncontrol = "x.sock"\ndrain_delay = "3s"\n' >"$WORK/delay-probe.toml"
+if "$BIN/zdt" -c "$WORK/delay-probe.toml" check >/dev/null 2>&1; then HAVE_DELAY=1; else HAVE_DELAY=0; fi
 HEALTH_DESC="GET $(health_path) on port $(health_port)$([ "$HAVE_ADMIN" = 1 ] && echo " (zdt's admin listener)" || echo " (the app port: this zdt has no admin listener yet; a drained zdt answers it 503)")"
 
+# host_config H DELAY: the host's configuration, with [supervisor]
+# drain_delay = DELAY seconds when DELAY > 0.
+host_config() {
+  local h=$1 d="$WORK/h$1"
+  echo '[supervisor]'
+  echo 'control = "zdt.sock"'
+  echo 'log_dir = "logs"'
+  [ "$HAVE_ADMIN" = 1 ] && echo "admin = \"${ADDR[$h]}:$ADMIN_PORT\""
+  [ "$2" -gt 0 ] && echo "drain_delay = \"${2}s\""
+  echo '[program.web]'
+  if [ "$DEPLOY" = 1 ]; then
+    echo 'command = ["node", "{release}/server.js"]'
+    echo "directory = \"$d/app/current\""
+  else
+    echo "command = [\"node\", \"$NODE_APP\"]"
+  fi
+  echo 'mode = "proxy"'
+  echo "listen = [\"tcp://${ADDR[$h]}:$APP_PORT\"]"
+  echo 'ready = { http = "/" }'
+  echo 'max_wait = "5s"'
+  echo 'kill_timeout = "3s"'
+  if [ "$DEPLOY" = 1 ]; then
+    echo '[program.web.deploy]'
+    echo "root = \"$d/app\""
+    echo 'keep_releases = 3'
+  fi
+}
+# Each host has two configurations: delay.toml (drain_delay, when this zdt
+# has it) and nodelay.toml (none, the default); active.toml links to the one
+# the host runs, which start.sh starts and the playbooks' zdtctl uses.
+[ "$HAVE_DELAY" = 1 ] || log "this zdt has no [supervisor] drain_delay: the drain recipe waits lb_drain_wait after zdtctl drain instead"
+HOST_CONF=delay
 for h in "${HOSTS[@]}"; do
   d="$WORK/h$h"; mkdir -p "$d"
-  {
-    echo '[supervisor]'
-    echo 'control = "zdt.sock"'
-    echo 'log_dir = "logs"'
-    [ "$HAVE_ADMIN" = 1 ] && echo "admin = \"${ADDR[$h]}:$ADMIN_PORT\""
-    echo '[program.web]'
-    if [ "$DEPLOY" = 1 ]; then
-      echo 'command = ["node", "{release}/server.js"]'
-      echo "directory = \"$d/app/current\""
-    else
-      echo "command = [\"node\", \"$NODE_APP\"]"
-    fi
-    echo 'mode = "proxy"'
-    echo "listen = [\"tcp://${ADDR[$h]}:$APP_PORT\"]"
-    echo 'ready = { http = "/" }'
-    echo 'max_wait = "5s"'
-    echo 'kill_timeout = "3s"'
-    if [ "$DEPLOY" = 1 ]; then
-      echo '[program.web.deploy]'
-      echo "root = \"$d/app\""
-      echo 'keep_releases = 3'
-    fi
-  } >"$d/supervisor.toml"
-  "$BIN/zdt" -c "$d/supervisor.toml" check >"$d/check.log" 2>&1 || die "zdt check $d/supervisor.toml: $(cat "$d/check.log")"
-  # start.sh starts this host's zdt in the background, detached, and records
-  # it; the naive playbook runs it too.
+  host_config "$h" "$([ "$HAVE_DELAY" = 1 ] && echo "$DRAIN_DELAY" || echo 0)" >"$d/delay.toml"
+  host_config "$h" 0 >"$d/nodelay.toml"
+  ln -sfn delay.toml "$d/active.toml"
+  for c in delay nodelay; do
+    "$BIN/zdt" -c "$d/$c.toml" check >"$d/check.log" 2>&1 || die "zdt check $d/$c.toml: $(cat "$d/check.log")"
+  done
+  # start.sh starts this host's zdt (active.toml) in the background,
+  # detached, and records it; stop.sh is `systemctl stop`: SIGTERM to the
+  # last one started, then wait until it has exited (30 s, then SIGKILL).
+  # The naive playbook runs both.
   cat >"$d/start.sh" <<EOF
 #!/bin/sh
-${PREFIX[$h]} setsid "$BIN/zdt" -c "$d/supervisor.toml" >>"$d/zdt.log" 2>&1 </dev/null &
+${PREFIX[$h]} setsid "$BIN/zdt" -c "$d/active.toml" >>"$d/zdt.log" 2>&1 </dev/null &
 p=\$!
 s=\$(cut -d')' -f2- /proc/\$p/stat | awk '{print \$20}')
 echo "\$p:\$s" >>"$d/zdt.pids"
 EOF
-  chmod +x "$d/start.sh"
+  cat >"$d/stop.sh" <<'EOF'
+#!/bin/sh
+e=$(tail -n 1 "$(dirname "$0")/zdt.pids"); p=${e%%:*}; s=${e#*:}
+alive() { [ "$(cut -d')' -f2- /proc/$p/stat 2>/dev/null | awk '$1 != "Z" {print $20}')" = "$s" ]; }
+alive || exit 0
+kill -TERM "$p"
+i=0; while alive && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+alive && { kill -KILL "$p"; echo "zdt $p did not exit within 30 s: killed" >&2; exit 1; }
+exit 0
+EOF
+  chmod +x "$d/start.sh" "$d/stop.sh"
   "$d/start.sh"
 done
 # --deploy: every host gets its first release (the program stays STOPPED
@@ -281,7 +318,7 @@ if [ "$DEPLOY" = 1 ]; then
     for ((i = 0; i < 100; i++)); do [ -S "$WORK/h$h/zdt.sock" ] && break; sleep 0.1; done
     echo 1 >"$WORK/release/VERSION"
     # shellcheck disable=SC2086 # PREFIX is a command prefix, split on purpose
-    ${PREFIX[$h]} "$BIN/zdtctl" -c "$WORK/h$h/supervisor.toml" deploy web --from "$WORK/release" \
+    ${PREFIX[$h]} "$BIN/zdtctl" -c "$WORK/h$h/active.toml" deploy web --from "$WORK/release" \
       >"$WORK/h$h/deploy-1.log" 2>&1 || die "host $h: the first deploy failed: $(tail -n 5 "$WORK/h$h/deploy-1.log")"
   done
   echo 2 >"$WORK/release/VERSION"
@@ -299,6 +336,18 @@ wait_health() {
   done
   echo "host $1 did not answer $2 within 30 s; the end of its zdt log:" >&2; tail -n 20 "$WORK/h$1/zdt.log" >&2; exit 2
 }
+# use_config delay|nodelay: every host runs that configuration (stop.sh,
+# relink, start.sh when it runs the other one).
+use_config() {
+  local h
+  [ "$HOST_CONF" = "$1" ] && return 0
+  for h in "${HOSTS[@]}"; do
+    { "$WORK/h$h/stop.sh" && ln -sfn "$1.toml" "$WORK/h$h/active.toml" && "$WORK/h$h/start.sh"; } &
+  done
+  wait
+  for h in "${HOSTS[@]}"; do wait_health "$h" 200; done
+  HOST_CONF=$1
+}
 for h in "${HOSTS[@]}"; do wait_health "$h" 200; done
 log "three hosts serving ($MODE: ${ADDR[*]}, app port $APP_PORT); health: $HEALTH_DESC"
 
@@ -306,9 +355,9 @@ log "three hosts serving ($MODE: ${ADDR[*]}, app port $APP_PORT); health: $HEALT
 {
   echo '[zdt]'
   for h in "${HOSTS[@]}"; do
-    printf 'h%s zdt_config=%s zdt_cmd_prefix="%s" zdt_health_url=http://%s:%s%s zdt_app_url=http://%s:%s/ zdt_start=%s\n' \
-      "$h" "$WORK/h$h/supervisor.toml" "${PREFIX[$h]}" "${ADDR[$h]}" "$(health_port)" "$(health_path)" \
-      "${ADDR[$h]}" "$APP_PORT" "$WORK/h$h/start.sh"
+    printf 'h%s zdt_config=%s zdt_cmd_prefix="%s" zdt_health_url=http://%s:%s%s zdt_app_url=http://%s:%s/ zdt_start=%s zdt_stop=%s\n' \
+      "$h" "$WORK/h$h/active.toml" "${PREFIX[$h]}" "${ADDR[$h]}" "$(health_port)" "$(health_path)" \
+      "${ADDR[$h]}" "$APP_PORT" "$WORK/h$h/start.sh" "$WORK/h$h/stop.sh"
   done
   echo '[zdt:vars]'
   echo 'ansible_connection=local'
@@ -321,7 +370,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # --- balancers ---
 LB_PORT=""; LB_PID=""
-# start_haproxy RETRY_ON
+# start_haproxy VARIANT: "plain" (HAProxy's own retry defaults: retries 3,
+# retry-on conn-failure, no redispatch), or "recommended"
+# (contrib/haproxy/zdt.cfg: retries 3, option redispatch 1, retry-on
+# conn-failure empty-response response-timeout 503).
 start_haproxy() {
   local h d="$WORK/haproxy"; rm -rf "$d"; mkdir -p "$d"
   LB_PORT=$(free_port); STATS_PORT=$(free_port)
@@ -340,9 +392,11 @@ defaults
     timeout server 30s
     timeout http-keep-alive 10s
     option http-keep-alive
-    retries 3
-    option redispatch 1
-    retry-on $1
+EOF
+    if [ "$1" = recommended ]; then
+      printf '    retries 3\n    option redispatch 1\n    retry-on conn-failure empty-response response-timeout 503\n'
+    fi
+    cat <<EOF
 frontend www
     bind 127.0.0.1:$LB_PORT
     default_backend zdt_hosts
@@ -354,14 +408,14 @@ backend zdt_hosts
     balance roundrobin
     option httpchk GET $(health_path)
     http-check expect status 200
-    default-server check port $(health_port) inter 1s fall 2 rise 2
+    default-server check port $(health_port) inter ${CHECK_INTER}s fall $CHECK_FALL rise $CHECK_RISE
 EOF
     for h in "${HOSTS[@]}"; do echo "    server h$h ${ADDR[$h]}:$APP_PORT"; done
   } >"$d/haproxy.cfg"
   haproxy -c -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 || die "haproxy -c: $(cat "$d/check.log")"
   haproxy -db -f "$d/haproxy.cfg" >"$d/haproxy.log" 2>&1 & LB_PID=$!; track "$LB_PID"; LB_START=$(start_of "$LB_PID")
   LB_LOG="$d/haproxy.log"
-  LB_WAITS=(-e lb_check_interval=1 -e lb_fall=2 -e lb_rise=2 -e lb_margin=1)
+  LB_WAITS=(-e "lb_check_interval=$CHECK_INTER" -e "lb_fall=$CHECK_FALL" -e "lb_rise=$CHECK_RISE" -e "lb_margin=$CHECK_MARGIN")
 }
 # Retries + redispatches of the backend so far, from the stats CSV.
 haproxy_retried() {
@@ -413,7 +467,7 @@ EOF
   # retries; after it, more than fail_timeout (2 s).
   LB_WAITS=(-e lb_drain_wait=1 -e lb_return_wait=3)
 }
-haproxy-strict_retried() { haproxy_retried; }
+haproxy-plain_retried() { haproxy_retried; }
 nginx_retried() { wc -l <"$WORK/nginx/retried.log"; }
 wait_lb() { # GET / through the balancer answers 200 within 30 s
   local i
@@ -429,6 +483,9 @@ EXIT=0
 run() { # run BALANCER RECIPE PLAYBOOK
   local lb=$1 recipe=$2 pb=$3 out="$WORK/$1-$2" t0 t1 rc r0 r1 line
   mkdir -p "$out"
+  # no-drain: hosts as set up without a thought for the balancer (no
+  # drain_delay); the others: drain_delay (when this zdt has it).
+  if [ "$recipe" = no-drain ]; then use_config nodelay; else use_config delay; fi
   for h in "${HOSTS[@]}"; do wait_health "$h" 200; done
   # Every host back in the balancer's rotation (HAProxy: rise 2 x inter 1s).
   sleep 3
@@ -452,7 +509,7 @@ run() { # run BALANCER RECIPE PLAYBOOK
     EXIT=1
   fi
   local res
-  res="balancer=$lb recipe=$recipe playbook_rc=$rc playbook_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') retried=$((r1 - r0)) ${line#LOAD }"
+  res="balancer=$lb recipe=$recipe drain_delay_s=$([ "$HOST_CONF" = delay ] && [ "$HAVE_DELAY" = 1 ] && echo "$DRAIN_DELAY" || echo 0) playbook_rc=$rc playbook_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') retried=$((r1 - r0)) ${line#LOAD }"
   RESULTS+=("$res")
   log "$lb, $recipe: ${line#LOAD }"
   if [ "$recipe" = drain ] && ! grep -q ' failed=0 ' <<<" ${line#LOAD } "; then EXIT=1; fi
@@ -460,13 +517,15 @@ run() { # run BALANCER RECIPE PLAYBOOK
 
 for lb in "${LBS[@]}"; do
   case $lb in
-    haproxy) start_haproxy "conn-failure empty-response response-timeout 503" ;;
-    haproxy-strict) start_haproxy "conn-failure 503" ;;
+    haproxy) start_haproxy recommended ;;
+    haproxy-plain) start_haproxy plain ;;
     nginx) start_nginx ;;
   esac
   wait_lb "$lb"
-  run "$lb" drain "$PLAYBOOK"
-  run "$lb" no-drain "$NAIVE"
+  for recipe in "${RECIPES[@]}"; do
+    [ "$recipe" = no-drain-delay ] && [ "$HAVE_DELAY" = 0 ] && continue
+    if [ "$recipe" = drain ]; then run "$lb" drain "$PLAYBOOK"; else run "$lb" "$recipe" "$NAIVE"; fi
+  done
   stop_pid "$LB_PID" "$LB_START"
 done
 
@@ -490,7 +549,9 @@ for r in "${RESULTS[@]}"; do
       if (probe > 0) kinds = kinds (kinds == "" ? "" : ", ") "probe " probe
       if (kinds == "") kinds = "none"
     }
-    recipe = (v["recipe"] == "drain") ? "drain, " (deploy == 1 ? "deploy" : "restart") ", undrain (contrib/ansible)" : "no drain: zdtctl shutdown + start"
+    dd = (v["drain_delay_s"] > 0) ? "drain_delay " v["drain_delay_s"] "s" : "no drain_delay"
+    if (v["recipe"] == "drain") recipe = "drain, " (deploy == 1 ? "deploy" : "restart") ", undrain (contrib/ansible); " dd
+    else recipe = "no drain step: stop + start (systemctl restart); " dd
     printf "| %s | %s | %s | **%s** | %s | %s | %s ms | %s | %s s%s |\n", v["balancer"], recipe, v["requests"], v["failed"], kinds, \
       v["retried"], v["longest_outage_ms"], v["p99_ms"], v["playbook_s"], (v["playbook_rc"] == 0 ? "" : ", FAILED " v["playbook_rc"])
   }'

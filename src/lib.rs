@@ -50,6 +50,13 @@
 //! - [`rundir`]: the checks on every path zdt creates (private and trusted
 //!   folders, files that never follow a planted link).
 //! - [`state`]: instance states and the snapshots `status` prints.
+//! - [`admin`]: the admin listener (`/health`, `/health/PROGRAM`,
+//!   `/metrics`, `/status`) and the HAProxy agent port, read-only. Health
+//!   is read from the programs' published snapshots (a program publishes
+//!   its snapshot before its routes when it stops serving, so health turns
+//!   before the proxy refuses); the supervisor publishes the program
+//!   handles and the host's state (`admin::HostState`) on `watch`
+//!   channels. [`metrics`] holds what accumulates between scrapes.
 //! - [`sdnotify`] and [`activation`]: zdt under systemd: sd_notify to its
 //!   own service manager (READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1, sent
 //!   by the supervisor) and listening sockets passed to zdt itself
