@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
 # bench/multihost.sh - a rolling restart of three hosts behind a load
-# balancer, under load, with contrib/ansible/rolling-restart.yml (drain, wait
-# for the balancer, restart, undrain, wait for /health 200) and, for
+# balancer, under load, with contrib/ansible/rolling-restart.yml (drain,
+# check /health 503, restart, undrain, wait for /health 200) and, for
 # comparison, the same rolling restart without the drain step
-# (bench/multihost/naive-restart.yml: `zdtctl shutdown`, start zdt again,
-# wait for 200; the balancer finds out by failing). Prints the failed
-# requests of both, side by side, for each balancer in front:
-#   haproxy         contrib/haproxy/zdt.cfg: active checks of /health (inter
-#                   1s fall 2 rise 2), retry-on conn-failure empty-response
-#                   response-timeout 503, option redispatch 1, retries 3
-#   haproxy-strict  the same with retry-on conn-failure 503: HAProxy resends
-#                   only requests that never reached an app (a refused
-#                   connect, a drained zdt's 503), never one that was sent
-#                   and got no answer
+# (bench/multihost/naive-restart.yml: stop zdt and wait for its exit, start
+# it again, wait for 200, like `systemctl restart`; the balancer finds out by
+# failing). Recipes, in this order behind each balancer:
+#   drain           the playbook, hosts with [supervisor] drain_delay
+#                   (DRAIN_DELAY below: HAProxy's inter x fall + 1 s = 3 s):
+#                   zdtctl drain turns /health 503 at once, serves on for the
+#                   delay, then refuses; the balancer has taken the host out
+#                   by then
+#   no-drain-delay  the naive playbook, hosts with drain_delay: the stop
+#                   (SIGTERM) itself turns /health 503 and serves on for the
+#                   delay (not in --quick)
+#   no-drain        the naive playbook, hosts without drain_delay (the
+#                   default): a stop answers new requests 503 at once, then
+#                   refuses connections
+# Balancers:
+#   haproxy-plain   active checks of /health (inter 1s fall 2 rise 2) and
+#                   HAProxy's own defaults for retries: no retries, retry-on
+#                   or redispatch line, so retries 3, retry-on conn-failure
+#                   (a refused connect is retried, to the same server, after
+#                   min(timeout connect, 1 s)), no option redispatch; a 503
+#                   from a host reaches the client
+#   haproxy         contrib/haproxy/zdt.cfg: the same checks, retries 3,
+#                   option redispatch 1, retry-on conn-failure
+#                   empty-response response-timeout 503
 #   nginx           contrib/nginx/zdt-upstream.conf: passive checks only,
 #                   max_fails=1 fail_timeout=2s, proxy_next_upstream error
 #                   timeout http_503, proxy_next_upstream_tries 3
@@ -41,20 +55,22 @@
 # checks GET /health there. Without it, HAProxy and the playbook check GET /
 # on the app port, which a drained zdt also answers 503.
 #
-# Each run: the load starts, 2 s later the playbook runs, 2 s after it ends
-# the load stops (SIGTERM; at most LOAD_MAX s in any case). A failed request
-# is one zdt-load counts: refused or reset, a non-2xx answer, or no answer
-# within 5 s, and the probe's (a new connection every 20 ms) failures.
-# "retried" is how many requests the balancer sent again
-# to another host (HAProxy: the backend's retries + redispatches; nginx:
+# Each run: the hosts are restarted first when they run the other
+# configuration (with or without drain_delay), then the load starts, 2 s
+# later the playbook runs, 2 s after it ends the load stops (SIGTERM; at
+# most LOAD_MAX s in any case). A failed request is one zdt-load counts:
+# refused or reset, a non-2xx answer, or no answer within 5 s, and the
+# probe's (a new connection every 20 ms) failures. "retried" is how many
+# requests the balancer sent again (HAProxy: the backend's retries +
+# redispatches; without redispatch a retry goes to the same server; nginx:
 # requests with more than one upstream in $upstream_addr).
 #
 # Usage: bench/multihost.sh [--quick] [--loopback] [--balancers LIST]
 #                           [--connections N] [--deploy] [--keep]
-#   --quick          haproxy-strict only, about 50 s (the form
-#                    tests/multihost.rs runs)
+#   --quick          haproxy-plain, recipes drain and no-drain, about 45 s
+#                    (the form tests/multihost.rs runs)
 #   --loopback       127.0.0.2-4 instead of network namespaces
-#   --balancers LIST comma list of haproxy, haproxy-strict, nginx (all)
+#   --balancers LIST comma list of haproxy-plain, haproxy, nginx (all)
 #   --connections N  concurrent clients (32)
 #   --deploy         the program has a deploy root; each host gets a first
 #                    release at the start, and the runs with the drain step
@@ -69,7 +85,9 @@
 # Needs: root for the namespaces (else loopback), ip (iproute2), haproxy
 # and/or nginx, node, curl, python3 (with venv, or ansible-playbook in PATH)
 # and a release build (cargo build --release: zdt, zdtctl, zdt-load; from
-# $CARGO_TARGET_DIR when set, or from $ZDT_BIN_DIR). About 2.5 minutes with all three balancers.
+# $CARGO_TARGET_DIR when set, or from $ZDT_BIN_DIR). About 4 minutes with all
+# three balancers. A zdt without drain_delay (older) runs every recipe on
+# hosts without it; the playbook then waits lb_drain_wait after the drain.
 set -u
 usage() { sed -n '2,/^set -u$/p' "$0" | sed 's/^# \{0,1\}//;/^set -u$/d' >&2; exit 2; }
 die() { echo "bench/multihost.sh: $*" >&2; exit 2; }
@@ -210,7 +228,9 @@ PY
 cleanup() {
   local e h p ns
   for ((h = ${#PIDS[@]} - 1; h >= 0; h--)); do e=${PIDS[$h]}; stop_pid "${e%%:*}" "${e#*:}"; done
-  for h in "${HOSTS[@]}"; do stop_host_zdts "$h" & done; wait
+  local waits=()
+  for h in "${HOSTS[@]}"; do stop_host_zdts "$h" & waits+=($!); done
+  wait "${waits[@]}"
   for ns in "${NETNS_MADE[@]}"; do
     # Anything still in a namespace made here was started here.
     for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
@@ -339,12 +359,13 @@ wait_health() {
 # use_config delay|nodelay: every host runs that configuration (stop.sh,
 # relink, start.sh when it runs the other one).
 use_config() {
-  local h
+  local h waits=()
   [ "$HOST_CONF" = "$1" ] && return 0
   for h in "${HOSTS[@]}"; do
     { "$WORK/h$h/stop.sh" && ln -sfn "$1.toml" "$WORK/h$h/active.toml" && "$WORK/h$h/start.sh"; } &
+    waits+=($!)
   done
-  wait
+  wait "${waits[@]}"
   for h in "${HOSTS[@]}"; do wait_health "$h" 200; done
   HOST_CONF=$1
 }
@@ -534,6 +555,7 @@ ELAPSED=$(($(date +%s) - T_START))
 echo
 echo "Rolling $([ "$DEPLOY" = 1 ] && echo "deploy (zdtctl deploy with the drain step)" || echo restart) of 3 hosts ($MODE), $CONNS keep-alive clients through the balancer, GET /?sleep=20"
 echo "($(date -u +%Y-%m-%d), $(nproc) CPUs, $(uname -sr); $("$BIN/zdt" --version 2>/dev/null || echo zdt), ansible-core $ANSIBLE_VERSION, $(haproxy -v 2>/dev/null | sed -n '1s/^HAProxy version \([^ ]*\).*/HAProxy \1/p'), $(nginx -v 2>&1 | sed 's/.*: //'), Node $(node --version); health: $HEALTH_DESC; took $((ELAPSED / 60)) min $((ELAPSED % 60)) s)"
+echo "Hosts' drain_delay: $([ "$HAVE_DELAY" = 1 ] && echo "${DRAIN_DELAY}s (HAProxy inter ${CHECK_INTER}s x fall $CHECK_FALL + ${CHECK_MARGIN}s) where the recipe says so" || echo "none (this zdt has no drain_delay)")"
 echo "Command: $CMDLINE"
 echo
 printf '| balancer | recipe | requests | failed | failure kinds | retried by the balancer | longest outage (probe) | p99 ms | playbook |\n'
