@@ -163,3 +163,44 @@ fn a_full_disk_drops_log_bytes_but_the_worker_keeps_serving() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("log line"));
     assert!(std::path::Path::new("/dev/full").exists());
 }
+
+/// `/proc/PID/limits`'s soft and hard values of the line named `name`.
+fn proc_limit(pid: u32, name: &str) -> (String, String) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name} in {text}"));
+    let mut fields = line[name.len()..].split_whitespace();
+    let soft = fields.next().unwrap_or_default().to_string();
+    let hard = fields.next().unwrap_or_default().to_string();
+    (soft, hard)
+}
+
+#[test]
+fn a_programs_limits_are_what_its_worker_sees() {
+    let d = Daemon::start(
+        &(header()
+            + "[program.app]\ncommand = [\"sleep\", \"1000\"]\nstartsecs = \"0s\"\nlimits = { nofile = 4321, core = 0, fsize = \"unlimited\" }\n\n[program.plain]\ncommand = [\"sleep\", \"1000\"]\nstartsecs = \"0s\"\n"),
+    );
+    let pid = d.wait_state("app", 0, Running, T).pid.expect("pid");
+    assert_eq!(
+        proc_limit(pid, "Max open files"),
+        ("4321".into(), "4321".into())
+    );
+    assert_eq!(
+        proc_limit(pid, "Max core file size"),
+        ("0".into(), "0".into())
+    );
+    assert_eq!(
+        proc_limit(pid, "Max file size"),
+        ("unlimited".into(), "unlimited".into())
+    );
+    // Without `limits`, the worker gets the open-files limit zdt was
+    // started with, not the one zdt raised for itself.
+    let plain = d.wait_state("plain", 0, Running, T).pid.expect("pid");
+    let zdt = proc_limit(d.pid(), "Max open files");
+    let worker = proc_limit(plain, "Max open files");
+    assert_ne!(worker.0, "4321");
+    assert_eq!(worker.1, zdt.1, "the hard limit is zdt's");
+}

@@ -16,7 +16,7 @@ use super::values::{
     AutoRestartValue, CommandValue, DurationValue, EnvValue, OctalValue, SignalValue, SizeValue,
 };
 use super::{
-    AutoRestart, Config, ConfigError, ListenAddr, LogConfig, LogFormat, Mode, ProgramConfig,
+    AutoRestart, Config, ConfigError, Limit, ListenAddr, LogConfig, LogFormat, Mode, ProgramConfig,
     Protocol, Ready, Strategy, SupervisorConfig, UpstreamKind,
 };
 
@@ -55,6 +55,7 @@ struct RawProgram {
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     umask: Option<Spanned<OctalValue>>,
+    limits: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
     #[serde(alias = "numprocs")]
     instances: Option<Spanned<i64>>,
     autostart: Option<bool>,
@@ -759,6 +760,38 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             user: p.user.map(Spanned::into_inner),
             group: p.group.map(Spanned::into_inner),
             umask: octal(p.umask, "umask")?,
+            limits: {
+                let mut out = Vec::new();
+                for (key, value) in p.limits.unwrap_or_default() {
+                    let Some((limit, _)) = Limit::ALL.iter().find(|(_, k)| k == key.get_ref())
+                    else {
+                        let known: Vec<&str> = Limit::ALL.iter().map(|(_, k)| *k).collect();
+                        return Err(err_at(
+                            key.span().start,
+                            format!(
+                                "unknown limit {:?}: use one of {}",
+                                key.get_ref(),
+                                known.join(", ")
+                            ),
+                        ));
+                    };
+                    let v = match value.get_ref() {
+                        toml::Value::Integer(n) if *n >= 0 => Some(*n as u64),
+                        toml::Value::String(s) if s == "unlimited" => None,
+                        _ => {
+                            return Err(err_at(
+                                value.span().start,
+                                format!(
+                                    "limits.{}: expected a number (0 or more) or \"unlimited\"",
+                                    key.get_ref()
+                                ),
+                            ))
+                        }
+                    };
+                    out.push((*limit, v));
+                }
+                out
+            },
             instances,
             autostart: p.autostart.unwrap_or(true),
             autorestart: p.autorestart.map_or(AutoRestart::Unexpected, |a| a.0),

@@ -119,6 +119,49 @@ pub enum LogFormat {
     Json,
 }
 
+/// A resource limit a program may set (`limits = { nofile = 65536 }`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Limit {
+    /// RLIMIT_NOFILE: open files.
+    Nofile,
+    /// RLIMIT_CORE: core file size, bytes.
+    Core,
+    /// RLIMIT_NPROC: processes of the user.
+    Nproc,
+    /// RLIMIT_MEMLOCK: locked memory, bytes.
+    Memlock,
+    /// RLIMIT_STACK: stack size, bytes.
+    Stack,
+    /// RLIMIT_AS: address space, bytes.
+    As,
+    /// RLIMIT_FSIZE: file size, bytes.
+    Fsize,
+    /// RLIMIT_CPU: CPU time, seconds.
+    Cpu,
+}
+
+impl Limit {
+    /// Every limit, with its key in the file.
+    pub const ALL: [(Limit, &'static str); 8] = [
+        (Limit::Nofile, "nofile"),
+        (Limit::Core, "core"),
+        (Limit::Nproc, "nproc"),
+        (Limit::Memlock, "memlock"),
+        (Limit::Stack, "stack"),
+        (Limit::As, "as"),
+        (Limit::Fsize, "fsize"),
+        (Limit::Cpu, "cpu"),
+    ];
+
+    /// Its key in the file.
+    pub fn key(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(l, _)| *l == self)
+            .map_or("?", |(_, k)| k)
+    }
+}
+
 /// When an exited instance is started again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AutoRestart {
@@ -235,6 +278,9 @@ pub struct ProgramConfig {
     pub group: Option<String>,
     /// umask for the worker, if set ("022" octal string or integer in the file).
     pub umask: Option<u32>,
+    /// Resource limits set on the worker before exec (soft and hard alike,
+    /// as systemd's `LimitNOFILE=` does); None is "unlimited".
+    pub limits: Vec<(Limit, Option<u64>)>,
     /// How many copies run (supervisord numprocs). Default 1, at least 1.
     pub instances: u32,
     /// Start when zdt starts. Default true.

@@ -706,3 +706,40 @@ fn a_bad_admin_address_drain_delay_or_log_format_is_refused_where_it_is() {
         "expected IP:PORT",
     );
 }
+
+#[test]
+fn limits_take_numbers_or_unlimited_and_unknown_ones_are_refused() {
+    let c = parse(
+        "[program.web]\ncommand = [\"x\"]\nlimits = { nofile = 65536, core = 0, fsize = \"unlimited\" }\n",
+        Path::new(FILE),
+    )
+    .expect("valid");
+    let mut limits = c.programs["web"].limits.clone();
+    limits.sort();
+    assert_eq!(
+        limits,
+        vec![
+            (crate::config::Limit::Nofile, Some(65536)),
+            (crate::config::Limit::Core, Some(0)),
+            (crate::config::Limit::Fsize, None),
+        ]
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlimits = { nofiles = 1 }\n",
+        3,
+        12,
+        "unknown limit \"nofiles\": use one of nofile, core",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlimits = { core = -1 }\n",
+        3,
+        19,
+        "limits.core: expected a number (0 or more) or \"unlimited\"",
+    );
+    assert_bad(
+        "[program.web]\ncommand = [\"x\"]\nlimits = { core = \"lots\" }\n",
+        3,
+        19,
+        "expected a number",
+    );
+}

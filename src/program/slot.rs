@@ -760,6 +760,7 @@ impl Slot {
             user: cfg.user.clone(),
             group: cfg.group.clone(),
             umask: cfg.umask,
+            limits: cfg.limits.clone(),
             redirect_stderr: cfg.redirect_stderr,
             // In proxy mode the worker binds its private port; the owned
             // sockets stay with zdt.

@@ -53,6 +53,8 @@ pub struct SpawnSpec {
     pub group: Option<String>,
     /// umask for the worker.
     pub umask: Option<u32>,
+    /// Resource limits (`limits`), set before exec; None is unlimited.
+    pub limits: Vec<(crate::config::Limit, Option<u64>)>,
     /// Send stderr into the stdout pipe.
     pub redirect_stderr: bool,
     /// Listening sockets passed as fd 3, 4, ... with LISTEN_FDS, LISTEN_PID
@@ -67,6 +69,27 @@ pub struct SpawnSpec {
     /// helper processes, which log as zdt does); the pipes [`super::Spawned`]
     /// returns then read end-of-file at once.
     pub to_zdt_stderr: bool,
+}
+
+/// The type `setrlimit` takes for a resource.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+type Resource = libc::__rlimit_resource_t;
+/// The type `setrlimit` takes for a resource.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+type Resource = libc::c_int;
+
+fn resource(limit: crate::config::Limit) -> Resource {
+    use crate::config::Limit;
+    match limit {
+        Limit::Nofile => libc::RLIMIT_NOFILE,
+        Limit::Core => libc::RLIMIT_CORE,
+        Limit::Nproc => libc::RLIMIT_NPROC,
+        Limit::Memlock => libc::RLIMIT_MEMLOCK,
+        Limit::Stack => libc::RLIMIT_STACK,
+        Limit::As => libc::RLIMIT_AS,
+        Limit::Fsize => libc::RLIMIT_FSIZE,
+        Limit::Cpu => libc::RLIMIT_CPU,
+    }
 }
 
 /// A resolved user to switch to.
@@ -370,7 +393,7 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         .process_group(0);
     let umask = spec.umask;
     // zdt raised its own open-files limit; the worker gets the one zdt was
-    // started with (see crate::fds).
+    // started with (see crate::fds), unless the program sets its own.
     let nofile = crate::fds::worker_soft_limit().and_then(|soft| {
         let (_, hard) = crate::fds::limits().ok()?;
         Some(libc::rlimit {
@@ -378,6 +401,20 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
             rlim_max: hard as libc::rlim_t,
         })
     });
+    let limits: Vec<(Resource, libc::rlimit)> = spec
+        .limits
+        .iter()
+        .map(|&(limit, value)| {
+            let v = value.map_or(libc::RLIM_INFINITY, |v| v as libc::rlim_t);
+            (
+                resource(limit),
+                libc::rlimit {
+                    rlim_cur: v,
+                    rlim_max: v,
+                },
+            )
+        })
+        .collect();
     let parent = nix::unistd::getpid().as_raw();
     // SAFETY: the closure runs in the child between fork and exec. It only makes
     // async-signal-safe system calls on data prepared above; nothing allocates
@@ -388,6 +425,12 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         command.pre_exec(move || {
             if let Some(rl) = &nofile {
                 if libc::setrlimit(libc::RLIMIT_NOFILE, rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Before setuid: raising a hard limit needs root.
+            for (r, rl) in &limits {
+                if libc::setrlimit(*r, rl) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
