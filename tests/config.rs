@@ -108,3 +108,28 @@ fn the_example_configs_in_contrib_are_valid() {
         assert!(out.status.success(), "{file}: {out:?}");
     }
 }
+
+#[test]
+fn check_warns_of_a_command_that_is_not_on_path_and_still_accepts_the_file() {
+    let (code, stderr, _) = check(
+        "[program.gone]\ncommand = [\"no-such-command-of-zdt\", \"x\"]\n\n[program.abs]\ncommand = [\"/no/such/zdt-binary\"]\n\n[program.here]\ncommand = [\"sleep\", \"1\"]\n\n[program.own]\ncommand = [\"only-in-its-path\"]\nenvironment = { PATH = \"/nowhere\" }\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: program gone: command \"no-such-command-of-zdt\" is not found on PATH"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "warning: program abs: command \"/no/such/zdt-binary\" is not an executable file"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("PATH (/nowhere)"),
+        "the program's own PATH: {stderr}"
+    );
+    assert!(!stderr.contains("program here"), "{stderr}");
+}

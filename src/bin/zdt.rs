@@ -217,6 +217,37 @@ fn write_run_config(cmd: &Cmd) -> Result<PathBuf, String> {
     Ok(file)
 }
 
+/// Why `program`'s command would not be found when spawned, if it would
+/// not: a bare name is looked up in PATH (the program's own `PATH` if its
+/// environment sets one), an absolute path must be an executable file. A
+/// relative path is left alone (it depends on `directory`, which a deploy
+/// may not have made yet).
+fn missing_command(program: &zdt::config::ProgramConfig) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let cmd = program.command.first()?;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if cmd.starts_with('/') {
+        return (!executable(std::path::Path::new(cmd)))
+            .then(|| format!("command {cmd:?} is not an executable file"));
+    }
+    if cmd.contains('/') || cmd.contains('{') {
+        return None;
+    }
+    let path = program
+        .environment
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    let found = path
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .any(|d| executable(&std::path::Path::new(d).join(cmd)));
+    (!found).then(|| format!("command {cmd:?} is not found on PATH ({path})"))
+}
+
 /// From here on the process writes to stderr only through this thread: a
 /// stalled reader of stderr must not freeze the daemon (or its proxy).
 fn stderr_writer() -> Result<zdt::logs::StderrLog, ExitCode> {
@@ -342,6 +373,11 @@ fn main() -> ExitCode {
         },
     };
     if let Some(Cmd::Check) = args.command {
+        for p in config.programs.values() {
+            if let Some(why) = missing_command(p) {
+                eprintln!("warning: program {}: {why}", p.name);
+            }
+        }
         if config.programs.is_empty() {
             eprintln!(
                 "warning: {} has no programs; `zdtctl reload` refuses it unless given --allow-empty",
