@@ -100,3 +100,51 @@ fn a_socket_zdtctl_may_not_use_says_permission_denied() {
     assert!(err.contains("is zdt running"), "{err}");
     assert_eq!(out.status.code(), Some(3), "{err}");
 }
+
+#[test]
+fn completions_and_the_man_page_need_no_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = |args: &[&str]| {
+        let out = run_within(
+            Command::new(bin("zdtctl"))
+                .args(args)
+                .current_dir(dir.path())
+                .env_remove("ZDT_CONFIG")
+                .stdout(Stdio::piped()),
+        );
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // bash loads the script and registers it for zdtctl.
+    let script = dir.path().join("zdtctl.bash");
+    std::fs::write(&script, ctl(&["completions", "bash"])).expect("write");
+    let out = run_within(
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("source {} && complete -p zdtctl", script.display()))
+            .stdout(Stdio::piped()),
+    );
+    let registered = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        registered.contains("_zdtctl") && registered.contains("zdtctl"),
+        "{out:?}"
+    );
+    let script = std::fs::read_to_string(&script).expect("read");
+    assert!(
+        script.contains("restart") && script.contains("undrain"),
+        "{script}"
+    );
+    for shell in ["zsh", "fish"] {
+        let text = ctl(&["completions", shell]);
+        assert!(
+            text.contains("restart") && text.contains("deploy"),
+            "{shell}: {text}"
+        );
+    }
+    let man = ctl(&["man"]);
+    assert!(man.contains(".TH zdtctl 1"), "{man}");
+    assert!(
+        man.contains("restart") && man.contains("drain_delay"),
+        "{man}"
+    );
+}

@@ -104,7 +104,8 @@ enum Cmd {
         /// NAME or NAME:N (instance 0 by default).
         target: String,
     },
-    /// Proxy mode: answer new requests 503 at once while in-flight ones finish.
+    /// Proxy mode: /health says 503 at once; new requests get 503 (after
+    /// drain_delay when it is set) while in-flight ones finish.
     Drain {
         /// Program names, globs, or all.
         #[arg(required = true)]
@@ -197,6 +198,15 @@ enum Cmd {
     },
     /// Print the daemon's version.
     Version,
+    /// Print a shell completion script for zdtctl: `zdtctl completions bash
+    /// > /etc/bash_completion.d/zdtctl` (needs no daemon).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print zdtctl's man page (roff): `zdtctl man > zdtctl.1` (needs no
+    /// daemon).
+    Man,
 }
 
 /// zdtctl's stdout, which may be closed by its reader at any time.
@@ -365,7 +375,31 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
         // Sent by `upgrade`, which waits for the new binary.
         Cmd::Upgrade { .. } => Vec::new(),
         Cmd::Version => vec![Command::Version],
+        // Answered without the daemon, in main.
+        Cmd::Completions { .. } | Cmd::Man => Vec::new(),
     }
+}
+
+/// `completions` and `man`: written from clap's own description of zdtctl.
+fn offline(cmd: &Cmd) -> Option<ExitCode> {
+    use clap::CommandFactory;
+    let mut command = Args::command();
+    let mut out = Vec::new();
+    match cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut command, "zdtctl", &mut out);
+        }
+        Cmd::Man => {
+            if let Err(e) = clap_mangen::Man::new(command).render(&mut out) {
+                err_line(&format!("error: cannot write the man page: {e}"));
+                return Some(ExitCode::from(EXIT_FAILED));
+            }
+        }
+        _ => return None,
+    }
+    // A reader that went away (`| head`) is not an error.
+    let _ = std::io::stdout().write_all(&out);
+    Some(ExitCode::SUCCESS)
 }
 
 fn fmt_duration(ms: u64) -> String {
@@ -860,6 +894,9 @@ fn report_client_error(out: &Out, e: &ClientError, json: bool) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = offline(&args.command) {
+        return code;
+    }
     let socket = match socket_path(&args) {
         Ok(s) => s,
         Err(code) => return code,
