@@ -207,3 +207,58 @@ fn next_zdt_kills_worker_children_left_by_a_killed_zdt() {
     d.wait_exit(T);
     assert!(!file.exists(), "state file left after a clean exit");
 }
+
+/// `restart_delay`: a worker that held past `startsecs` and then crashed is
+/// started again after the delay, in BACKOFF meanwhile, and never FATAL
+/// however often it crashes.
+#[test]
+fn a_crash_is_restarted_after_restart_delay() {
+    let cfg = header()
+        + &demo_program(
+            "crashy",
+            &["--crash-after", "400", "--port", "0"],
+            "startsecs = \"100ms\"\nstartretries = 0\nrestart_delay = \"1500ms\"\n",
+        );
+    let d = Daemon::start(&cfg);
+    let first = d.wait_state("crashy", 0, Running, T);
+    let waiting = wait_for("crashy:0 to wait out restart_delay", T, || {
+        let i = d.instance("crashy", 0);
+        if i.state == Backoff {
+            Ok(i)
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    let why = waiting.error.clone().unwrap_or_default();
+    assert!(
+        why.contains("restart_delay") && why.contains("exit 3"),
+        "{why}"
+    );
+    let second = wait_for("crashy:0 to run again", T, || {
+        let i = d.instance("crashy", 0);
+        if i.state == Running && i.restarts >= 1 {
+            Ok(i)
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    let exited = waiting.last_exit.expect("last exit").at_ms;
+    let started = second.started_ms.expect("started");
+    assert!(
+        started >= exited + 1500,
+        "started {} ms after the crash",
+        started - exited
+    );
+    assert_ne!(second.pid, first.pid);
+    // Crashes of a process that held are not failed starts: never FATAL,
+    // even with startretries = 0.
+    wait_for("a second restart", T, || {
+        let i = d.instance("crashy", 0);
+        assert_ne!(i.state, Fatal, "{i:?}");
+        if i.restarts >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+}

@@ -63,6 +63,7 @@ struct RawProgram {
     exitcodes: Option<Vec<Spanned<i64>>>,
     startsecs: Option<DurationValue>,
     startretries: Option<u32>,
+    restart_delay: Option<DurationValue>,
     #[serde(alias = "stopsignal")]
     stop_signal: Option<SignalValue>,
     #[serde(alias = "stopwaitsecs")]
@@ -800,6 +801,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 .startsecs
                 .map_or(std::time::Duration::from_secs(1), |d| d.0),
             startretries: p.startretries.unwrap_or(3),
+            restart_delay: p.restart_delay.map_or(std::time::Duration::ZERO, |d| d.0),
             stop_signal: p
                 .stop_signal
                 .map_or(nix::sys::signal::Signal::SIGTERM, |s| s.0),

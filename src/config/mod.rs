@@ -293,6 +293,10 @@ pub struct ProgramConfig {
     pub startsecs: Duration,
     /// Failed starts in a row before FATAL. Default 3.
     pub startretries: u32,
+    /// How long a crashed worker waits before it is started again (PM2's
+    /// `restart_delay`); a failed start waits the longer of this and its
+    /// backoff. Default 0.
+    pub restart_delay: Duration,
     /// Signal for a graceful stop. Default TERM.
     pub stop_signal: Signal,
     /// After stop_signal, wait this long before SIGKILL. Default 10s.

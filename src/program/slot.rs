@@ -1078,7 +1078,7 @@ impl Slot {
             self.set_state(&cfg.name, InstanceState::Fatal);
             AfterExit::Nothing
         } else {
-            let delay = backoff_delay(self.failures);
+            let delay = backoff_delay(self.failures).max(cfg.restart_delay);
             tracing::warn!(program = %cfg.name, instance = self.index, %cause, failures = self.failures, ?delay, "failed start; backing off");
             self.error = Some(format!(
                 "{cause}; retry {} of {} in {:?}",
@@ -1155,6 +1155,19 @@ impl Slot {
                             cfg.startsecs
                         ),
                     )
+                } else if again && !cfg.restart_delay.is_zero() {
+                    // It held: a crash of a started process, restarted
+                    // after restart_delay (BACKOFF meanwhile, no failure).
+                    self.failures = 0;
+                    self.first_failure = None;
+                    let delay = cfg.restart_delay;
+                    tracing::info!(program = %cfg.name, instance = self.index, ?delay, "restarting after restart_delay");
+                    self.error = Some(format!(
+                        "exited ({info}); restarting in {delay:?} (restart_delay)"
+                    ));
+                    self.backoff_epoch += 1;
+                    self.set_state(&cfg.name, InstanceState::Backoff);
+                    AfterExit::Backoff(delay)
                 } else if again {
                     // It held: a crash of a started process, restarted at once.
                     self.failures = 0;
