@@ -155,6 +155,8 @@ pub struct ProcParams {
     pub stderr: LogSink,
     /// Prefix for each output line.
     pub prefix: String,
+    /// Each output line starts with its time.
+    pub timestamps: bool,
 }
 
 /// Starts the task for one process; events go to `events`.
@@ -247,7 +249,7 @@ async fn probe_until_ready(
         match spawner.spawn(spec).await {
             Ok(probe) => {
                 if let Some(r) = pipe_reader(probe.stdout) {
-                    tokio::spawn(logs::pump(r, log.clone(), "[ready probe] ".into()));
+                    tokio::spawn(logs::pump(r, log.clone(), "[ready probe] ".into(), false));
                 }
                 match probe.exit.await {
                     Ok(ExitStatus::Code(0)) => return,
@@ -368,6 +370,7 @@ async fn run(
             r,
             p.stdout.clone(),
             p.prefix.clone(),
+            p.timestamps,
         )));
     }
     if let Some(r) = stderr.and_then(pipe_reader) {
@@ -375,6 +378,7 @@ async fn run(
             r,
             p.stderr.clone(),
             p.prefix.clone(),
+            p.timestamps,
         )));
     }
 

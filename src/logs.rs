@@ -386,12 +386,17 @@ impl LogSink {
     }
 }
 
-/// Copies `reader` into `sink` until EOF, putting `prefix` at the start of
-/// every line. Memory stays bounded whatever the line lengths. While the
+/// Copies `reader` into `sink` until EOF, putting the time (`timestamps`:
+/// RFC 3339, UTC, milliseconds) and `prefix` at the start of every line. Memory stays bounded whatever the line lengths. While the
 /// sink's file leaves bytes waiting (a stalled pipe), they are retried every
 /// `PENDING_RETRY` (200 ms) even when the worker is quiet, and for
 /// `PENDING_LINGER` (10 s) after its output ended.
-pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LogSink, prefix: String) {
+pub async fn pump<R: AsyncRead + Unpin>(
+    mut reader: R,
+    sink: LogSink,
+    prefix: String,
+    timestamps: bool,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::with_capacity(buf.len() + 256);
     let mut at_line_start = true;
@@ -417,13 +422,19 @@ pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LogSink, prefix: St
             }
             Ok(n) => n,
         };
-        if prefix.is_empty() {
+        if prefix.is_empty() && !timestamps {
             sink.write(&buf[..n]);
             continue;
         }
         out.clear();
+        // One time for the lines of one read: they came together.
+        let stamp = timestamps.then(|| line_time(crate::state::now_ms()));
         for &b in &buf[..n] {
             if at_line_start {
+                if let Some(t) = &stamp {
+                    out.extend_from_slice(t.as_bytes());
+                    out.push(b' ');
+                }
                 out.extend_from_slice(prefix.as_bytes());
             }
             out.push(b);
@@ -431,6 +442,13 @@ pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LogSink, prefix: St
         }
         sink.write(&out);
     }
+}
+
+/// `2026-12-07T11:05:04.123Z`: RFC 3339, UTC, with milliseconds.
+pub fn line_time(ms: u64) -> String {
+    let s = crate::deploy::layout::rfc3339(ms);
+    let seconds = s.trim_end_matches('Z');
+    format!("{seconds}.{:03}Z", ms % 1000)
 }
 
 /// Retries the bytes `sink`'s file has not taken, for at most
@@ -624,7 +642,7 @@ mod tests {
         let mut reader = open_reader(&f);
         let s = LogSink::new(Some(f), 0, 0);
         let (mut w, r) = tokio::io::duplex(64 * 1024);
-        let task = tokio::spawn(pump(r, s.clone(), String::new()));
+        let task = tokio::spawn(pump(r, s.clone(), String::new(), false));
         use tokio::io::AsyncWriteExt;
         let total = 256 * 1024;
         w.write_all(&vec![b'x'; total]).await.expect("write");
@@ -659,7 +677,7 @@ mod tests {
         let s = LogSink::new(None, 0, 0);
         let mut live = s.subscribe();
         let (mut w, r) = tokio::io::duplex(64);
-        let task = tokio::spawn(pump(r, s.clone(), "[g1] ".into()));
+        let task = tokio::spawn(pump(r, s.clone(), "[g1] ".into(), false));
         use tokio::io::AsyncWriteExt;
         w.write_all(b"hel").await.expect("write");
         w.flush().await.expect("flush");
@@ -670,5 +688,33 @@ mod tests {
         drop(w);
         task.await.expect("pump");
         assert_eq!(s.tail(100), b"[g1] hello\n[g1] world\n");
+    }
+
+    #[test]
+    fn line_times_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(line_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(line_time(1_796_641_504_123), "2026-12-07T11:05:04.123Z");
+    }
+
+    #[tokio::test]
+    async fn pump_puts_the_time_before_the_prefix_of_every_line() {
+        let s = LogSink::new(None, 0, 0);
+        let (mut w, r) = tokio::io::duplex(64);
+        let task = tokio::spawn(pump(r, s.clone(), "[g1] ".into(), true));
+        use tokio::io::AsyncWriteExt;
+        w.write_all(b"a\nb\n").await.expect("write");
+        drop(w);
+        task.await.expect("pump");
+        let text = String::from_utf8(s.tail(200)).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for (line, want) in lines.iter().zip(["[g1] a", "[g1] b"]) {
+            let (time, rest) = line.split_once(' ').expect("a time first");
+            assert_eq!(rest, want);
+            assert!(
+                time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+                "{time}"
+            );
+        }
     }
 }

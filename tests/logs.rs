@@ -274,3 +274,36 @@ fn zdt_run_into_pipes_nobody_reads_does_not_freeze() {
         }
     });
 }
+
+#[test]
+fn lines_can_carry_their_time_and_drop_the_generation_prefix() {
+    let d = Daemon::start(
+        &(header()
+            + "[program.stamped]\ncommand = [\"sh\", \"-c\", \"echo one; echo two; exec sleep 1000\"]\nstartsecs = \"0s\"\nlog_timestamps = true\n\n[program.bare]\ncommand = [\"sh\", \"-c\", \"echo '{\\\"msg\\\":1}'; exec sleep 1000\"]\nstartsecs = \"0s\"\nlog_prefix = false\n"),
+    );
+    let stamped = wait_for("two stamped lines", Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(d.path("logs/stamped-0.out.log")).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    for (line, want) in stamped.lines().zip(["[gen 1:0] one", "[gen 1:0] two"]) {
+        let (time, rest) = line.split_once(' ').expect("a time first");
+        assert_eq!(rest, want, "{stamped}");
+        assert!(
+            time.starts_with("20") && time.ends_with('Z') && time.len() == 24,
+            "{time}"
+        );
+    }
+    let bare = wait_for("the JSON line", Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(d.path("logs/bare-0.out.log")).unwrap_or_default();
+        if text.ends_with('\n') {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    assert_eq!(bare, "{\"msg\":1}\n");
+}

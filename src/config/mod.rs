@@ -307,6 +307,12 @@ pub struct ProgramConfig {
     pub priority: i32,
     /// Output to the stderr log too (supervisord redirect_stderr). Default false.
     pub redirect_stderr: bool,
+    /// Start each captured line with its time (RFC 3339, UTC, ms). Default
+    /// false.
+    pub log_timestamps: bool,
+    /// Start each captured line with `[gen G:I] `. Default true; false for
+    /// apps that write JSON lines.
+    pub log_prefix: bool,
     /// stdout log.
     pub stdout_log: LogConfig,
     /// stderr log.

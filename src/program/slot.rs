@@ -686,7 +686,12 @@ impl Slot {
             private,
             stdout: self.stdout.clone(),
             stderr: self.stderr.clone(),
-            prefix: format!("[gen {gen}:{}] ", self.index),
+            prefix: if cfg.log_prefix {
+                format!("[gen {gen}:{}] ", self.index)
+            } else {
+                String::new()
+            },
+            timestamps: cfg.log_timestamps,
         }
     }
 
