@@ -474,7 +474,7 @@ impl Supervisor {
     /// goes to the log.
     fn reload_logged(&mut self) {
         let (tx, mut rx) = mpsc::channel(8);
-        self.reload(tx, false);
+        self.reload(tx, false, false);
         tokio::spawn(async move {
             while let Some(r) = rx.recv().await {
                 match r {
@@ -692,7 +692,10 @@ impl Supervisor {
                 reply_now(ok(Outcome::ShuttingDown));
                 let _ = shutdown.try_send(());
             }
-            Command::Reload { allow_empty } => self.reload(replies, allow_empty),
+            Command::Reload {
+                allow_empty,
+                dry_run,
+            } => self.reload(replies, allow_empty, dry_run),
             Command::Deploy {
                 target,
                 from,
@@ -1348,8 +1351,10 @@ impl Supervisor {
     /// no programs (unless `allow_empty`), one naming an address that cannot
     /// be bound. A changed program whose new generation fails keeps its
     /// previous settings (see [`Supervisor::on_settled`]).
-    fn reload(&mut self, replies: mpsc::Sender<Reply>, allow_empty: bool) {
-        self.notifier.reloading();
+    fn reload(&mut self, replies: mpsc::Sender<Reply>, allow_empty: bool, dry_run: bool) {
+        if !dry_run {
+            self.notifier.reloading();
+        }
         let status = self.status_line();
         let notifier = self.notifier.clone();
         let reject = |body: ErrorBody| {
@@ -1402,6 +1407,11 @@ impl Supervisor {
                 )
                 .with_hint(format!("promote the canary (zdtctl promote {first}) or roll it back (zdtctl rollback {first}), then reload")),
             );
+        }
+        if dry_run {
+            let diff = self.reload_diff(&new);
+            tokio::spawn(async move { send(&replies, ok(diff)).await });
+            return;
         }
         // Bind what this reload adds or changes; a program left as it is
         // keeps its own bind retry and does not block the others.
@@ -1528,6 +1538,7 @@ impl Supervisor {
                     removed,
                     changed,
                     unchanged,
+                    dry_run: false,
                 })
             } else {
                 err(ErrorBody::new(
@@ -1537,6 +1548,40 @@ impl Supervisor {
             };
             send(&replies, reply).await;
         });
+    }
+
+    /// What a reload to `new` would do, as `reload` reports it, with
+    /// nothing changed (`zdtctl reload --dry-run`).
+    fn reload_diff(&self, new: &Config) -> Outcome {
+        let (mut added, mut removed, mut changed, mut unchanged) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut renamed: Vec<String> = Vec::new();
+        for name in self.programs.keys() {
+            if let Some(to) = self.rename_target(name, new, &renamed) {
+                removed.push(format!("{name} (renamed {to})"));
+                changed.push(to.clone());
+                renamed.push(to);
+            } else if !new.programs.contains_key(name) {
+                removed.push(name.clone());
+            }
+        }
+        for cfg in new.programs.values() {
+            match self.programs.get(&cfg.name) {
+                None if renamed.contains(&cfg.name) => {}
+                None => added.push(cfg.name.clone()),
+                Some(e) if e.config != *cfg && !only_deploy_changed(&e.config, cfg) => {
+                    changed.push(cfg.name.clone());
+                }
+                Some(_) => unchanged.push(cfg.name.clone()),
+            }
+        }
+        Outcome::Reloaded {
+            added,
+            removed,
+            changed,
+            unchanged,
+            dry_run: true,
+        }
     }
 
     /// The program of `new` that `name` (absent from `new`) becomes: a new

@@ -372,3 +372,48 @@ fn a_rolling_reload_that_fails_halfway_keeps_the_previous_settings() {
         "respawned with the rejected settings"
     );
 }
+
+#[test]
+fn reload_dry_run_says_what_would_change_and_changes_nothing() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let keep = prog("keep", pa, "");
+    let d = Daemon::start(&(header() + &keep + &prog("gone", pb, "") + &prog("changed", pc, "")));
+    let before: Vec<_> = ["keep", "gone", "changed"]
+        .iter()
+        .map(|n| d.wait_state(n, 0, Running, T).pid)
+        .collect();
+    d.write_config(
+        &(header()
+            + &keep
+            + &prog("changed", pc, "environment = { FLAVOUR = \"new\" }")
+            + &prog("new", free_port(), "")),
+    );
+    let out = d.ctl(&["reload", "--dry-run"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("a reload would add new; remove gone; restart changed (changed); leave keep (nothing was changed)"),
+        "{text}"
+    );
+    let (code, v) = d.ctl_json(&["reload", "--dry-run"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["dry_run"], true, "{v}");
+    assert_eq!(v["added"][0], "new", "{v}");
+    // Nothing moved.
+    let names: Vec<String> = d.status().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["changed", "gone", "keep"]);
+    let after: Vec<_> = ["keep", "gone", "changed"]
+        .iter()
+        .map(|n| d.instance(n, 0).pid)
+        .collect();
+    assert_eq!(before, after);
+    // A file with an error is reported as a reload would report it.
+    d.write_config(&(header() + "[program.x]\ncommand = [\"x\"]\nnope = 1\n"));
+    let out = d.ctl(&["reload", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("supervisor.toml:7:1: unknown field `nope`"),
+        "{err}"
+    );
+}

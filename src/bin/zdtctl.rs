@@ -148,6 +148,10 @@ enum Cmd {
         /// Accept a configuration with no programs (this stops them all).
         #[arg(long)]
         allow_empty: bool,
+        /// Only print what a reload would add, remove and restart
+        /// (supervisord's `reread`); change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Deploy a release: fetch SRC into a new release folder, run the build
     /// hooks, switch `current`, restart every program on the deploy root
@@ -345,8 +349,12 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
                 message: message.clone(),
             })
             .collect(),
-        Cmd::Reload { allow_empty } => vec![Command::Reload {
+        Cmd::Reload {
+            allow_empty,
+            dry_run,
+        } => vec![Command::Reload {
             allow_empty: *allow_empty,
+            dry_run: *dry_run,
         }],
         Cmd::Deploy {
             target,
@@ -605,6 +613,7 @@ fn print_outcome(out: &Out, outcome: &Outcome) {
             removed,
             changed,
             unchanged,
+            dry_run,
         } => {
             let list = |v: &Vec<String>| {
                 if v.is_empty() {
@@ -613,14 +622,25 @@ fn print_outcome(out: &Out, outcome: &Outcome) {
                     v.join(", ")
                 }
             };
-            outln!(
-                out,
-                "reloaded: added {}; removed {}; changed {}; unchanged {}",
-                list(added),
-                list(removed),
-                list(changed),
-                list(unchanged)
-            );
+            if *dry_run {
+                outln!(
+                    out,
+                    "a reload would add {}; remove {}; restart {} (changed); leave {} (nothing was changed)",
+                    list(added),
+                    list(removed),
+                    list(changed),
+                    list(unchanged)
+                );
+            } else {
+                outln!(
+                    out,
+                    "reloaded: added {}; removed {}; changed {}; unchanged {}",
+                    list(added),
+                    list(removed),
+                    list(changed),
+                    list(unchanged)
+                );
+            }
         }
         Outcome::Tail { data } => out.print(data),
         Outcome::Version {

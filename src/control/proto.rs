@@ -131,6 +131,10 @@ pub enum Command {
         /// Accept a file with no programs (which stops them all).
         #[serde(default)]
         allow_empty: bool,
+        /// Only say what a reload would add, remove and restart
+        /// (supervisord's `reread`); change nothing.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dry_run: bool,
     },
     /// Deploy a new release to the program's deploy root: fetch, build,
     /// switch `current`, restart every program on the root.
@@ -287,6 +291,9 @@ pub enum Outcome {
         changed: Vec<String>,
         /// Programs left as they were.
         unchanged: Vec<String>,
+        /// Nothing was applied: what a reload would do (`--dry-run`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dry_run: bool,
     },
     /// For `tail` without follow: the history.
     Tail {
