@@ -204,3 +204,50 @@ fn a_programs_limits_are_what_its_worker_sees() {
     assert_ne!(worker.0, "4321");
     assert_eq!(worker.1, zdt.1, "the hard limit is zdt's");
 }
+
+/// `NAME=value` of the process's environment.
+fn environ(pid: u32, name: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    raw.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
+}
+
+#[test]
+fn an_env_file_reaches_the_worker_and_a_reload_applies_its_change() {
+    let d = Daemon::start(&header());
+    std::fs::write(
+        d.path(".env"),
+        "# the app's settings\nDB_URL=postgres://db/app\nMODE=one\n",
+    )
+    .expect("write .env");
+    d.write_config(
+        &(header()
+            + "[program.app]\ncommand = [\"sleep\", \"1000\"]\nstartsecs = \"0s\"\nenv_file = \".env\"\nenvironment = { MODE = \"config\" }\n"),
+    );
+    assert!(d.ctl(&["reload"]).status.success());
+    let pid = d.wait_state("app", 0, Running, T).pid.expect("pid");
+    assert_eq!(environ(pid, "DB_URL").as_deref(), Some("postgres://db/app"));
+    assert_eq!(
+        environ(pid, "MODE").as_deref(),
+        Some("config"),
+        "environment wins"
+    );
+    std::fs::write(d.path(".env"), "DB_URL=postgres://db/other\n").expect("write .env");
+    let out = d.ctl(&["reload"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("changed app"),
+        "{out:?}"
+    );
+    let again = wait_for("the worker with the new .env", T, || {
+        let i = d.instance("app", 0);
+        match i.pid {
+            Some(p) if p != pid && i.state == Running => Ok(p),
+            _ => Err(format!("{i:?}")),
+        }
+    });
+    assert_eq!(
+        environ(again, "DB_URL").as_deref(),
+        Some("postgres://db/other")
+    );
+}

@@ -52,6 +52,7 @@ struct RawProgram {
     directory: Option<String>,
     #[serde(default)]
     environment: BTreeMap<String, EnvValue>,
+    env_file: Option<Spanned<toml::Value>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
     umask: Option<Spanned<OctalValue>>,
@@ -174,6 +175,29 @@ fn parse_listen(s: &str, resolve: impl Fn(&str) -> PathBuf) -> Result<ListenAddr
             "invalid address {s:?}: expected tcp://IP:PORT or unix:///path"
         ))
     }
+}
+
+/// The most an env_file may hold.
+const MAX_ENV_FILE: u64 = 1024 * 1024;
+
+/// An env_file's text: a regular file of at most [`MAX_ENV_FILE`] bytes.
+fn read_env_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_ENV_FILE {
+        return Err(format!("larger than {MAX_ENV_FILE} bytes"));
+    }
+    let mut text = String::new();
+    file.take(MAX_ENV_FILE)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    Ok(text)
 }
 
 /// Parses the admin listener's address: `IP:PORT`, `tcp://IP:PORT`,
@@ -759,7 +783,43 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             name: name.clone(),
             command: command.0,
             directory: p.directory.as_deref().map(resolve),
-            environment: p.environment.into_iter().map(|(k, v)| (k, v.0)).collect(),
+            environment: {
+                // env_file first, in order; `environment` wins over them.
+                let mut env = BTreeMap::new();
+                if let Some(files) = p.env_file {
+                    let at = files.span().start;
+                    let paths: Vec<String> = match files.into_inner() {
+                        toml::Value::String(s) => vec![s],
+                        toml::Value::Array(a) => a
+                            .into_iter()
+                            .map(|v| match v {
+                                toml::Value::String(s) => Ok(s),
+                                _ => Err(err_at(
+                                    at,
+                                    "env_file: expected a path or a list of paths".into(),
+                                )),
+                            })
+                            .collect::<Result<_, _>>()?,
+                        _ => {
+                            return Err(err_at(
+                                at,
+                                "env_file: expected a path or a list of paths".into(),
+                            ))
+                        }
+                    };
+                    for path in paths {
+                        let abs = resolve(&path);
+                        let text = read_env_file(&abs)
+                            .map_err(|e| err_at(at, format!("env_file {path:?}: {e}")))?;
+                        let vars = super::dotenv::parse(&text).map_err(|(offset, msg)| {
+                            ConfigError::at(abs.clone(), &text, offset, msg)
+                        })?;
+                        env.extend(vars);
+                    }
+                }
+                env.extend(p.environment.into_iter().map(|(k, v)| (k, v.0)));
+                env
+            },
             user: p.user.map(Spanned::into_inner),
             group: p.group.map(Spanned::into_inner),
             umask: octal(p.umask, "umask")?,

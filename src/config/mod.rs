@@ -15,6 +15,7 @@ pub use load::{load, parse};
 pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 
 mod deploy;
+mod dotenv;
 pub mod error;
 mod load;
 #[cfg(test)]

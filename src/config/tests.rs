@@ -743,3 +743,65 @@ fn limits_take_numbers_or_unlimited_and_unknown_ones_are_refused() {
         "expected a number",
     );
 }
+
+#[test]
+fn env_files_are_read_in_order_and_environment_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join(".env"),
+        "A=from-env\nB=from-env\nexport C=\"x y\"\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("local.env"), "B=from-local\n").expect("write");
+    let file = dir.path().join("supervisor.toml");
+    let c = parse(
+        "[program.web]\ncommand = [\"x\"]\nenv_file = [\".env\", \"local.env\"]\nenvironment = { A = \"from-config\" }\n",
+        &file,
+    )
+    .expect("valid");
+    let env = &c.programs["web"].environment;
+    assert_eq!(env["A"], "from-config");
+    assert_eq!(env["B"], "from-local");
+    assert_eq!(env["C"], "x y");
+    let c = parse(
+        "[program.web]\ncommand = [\"x\"]\nenv_file = \".env\"\n",
+        &file,
+    )
+    .expect("valid");
+    assert_eq!(c.programs["web"].environment["A"], "from-env");
+}
+
+#[test]
+fn a_missing_or_bad_env_file_is_an_error_that_says_where() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("supervisor.toml");
+    let e = parse(
+        "[program.web]\ncommand = [\"x\"]\nenv_file = \"nope.env\"\n",
+        &file,
+    )
+    .expect_err("missing");
+    assert_eq!((e.line, e.col), (3, 12), "{e}");
+    assert!(
+        e.message.contains("env_file \"nope.env\": cannot read it"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("bad.env"), "A=1\n\nnot a line\n").expect("write");
+    let e = parse(
+        "[program.web]\ncommand = [\"x\"]\nenv_file = \"bad.env\"\n",
+        &file,
+    )
+    .expect_err("bad");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "{}:3:1: expected KEY=VALUE",
+            dir.path().join("bad.env").display()
+        )),
+        "{e}"
+    );
+    let e = parse(
+        "[program.web]\ncommand = [\"x\"]\nenv_file = \"/dev/zero\"\n",
+        &file,
+    )
+    .expect_err("not a file");
+    assert!(e.message.contains("not a regular file"), "{e}");
+}
