@@ -319,9 +319,15 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Validates configuration `text` read from `file` (absolute; relative paths in
 /// the text are resolved against its folder).
-pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-    let err_at =
-        |offset: usize, msg: String| ConfigError::at(file.to_path_buf(), text, offset, msg);
+pub fn parse(source: &str, file: &Path) -> Result<Config, ConfigError> {
+    // ${VAR} and ${VAR:-default} in strings, from zdt's environment; errors
+    // name the file's own lines and columns.
+    let expanded = super::expand::expand(source, |name| std::env::var(name).ok())
+        .map_err(|(offset, msg)| ConfigError::at(file.to_path_buf(), source, offset, msg))?;
+    let text = expanded.text.as_str();
+    let err_at = |offset: usize, msg: String| {
+        ConfigError::at(file.to_path_buf(), source, expanded.original(offset), msg)
+    };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         let message = match e.message().trim_end() {
@@ -923,6 +929,6 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         file: file.to_path_buf(),
         supervisor,
         programs,
-        text: text.to_string(),
+        text: source.to_string(),
     })
 }

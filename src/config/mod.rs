@@ -17,6 +17,7 @@ pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 mod deploy;
 mod dotenv;
 pub mod error;
+mod expand;
 mod load;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,9 @@ mod values;
 /// zdt after an edit broke some other part of the file.
 pub fn control_socket(path: &Path) -> Result<PathBuf, ConfigError> {
     let (abs, text) = load::read(path)?;
+    // ${VAR} from zdtctl's own environment; an unset one elsewhere in the
+    // file does not stop zdtctl from finding the socket.
+    let text = expand::expand(&text, |n| std::env::var(n).ok()).map_or(text, |e| e.text);
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         ConfigError::at(abs.clone(), &text, offset, load::friendly(e.message()))

@@ -805,3 +805,38 @@ fn a_missing_or_bad_env_file_is_an_error_that_says_where() {
     .expect_err("not a file");
     assert!(e.message.contains("not a regular file"), "{e}");
 }
+
+#[test]
+fn variables_are_expanded_and_later_errors_keep_the_files_columns() {
+    // HOME is set for the tests; ZDT_TEST_UNSET_VAR is not.
+    let home = std::env::var("HOME").expect("HOME");
+    let c = parse(
+        "[program.web]\ncommand = [\"node\", \"${HOME}/app.js\", \"${ZDT_TEST_UNSET_VAR:-8080}\"]\n",
+        Path::new(FILE),
+    )
+    .expect("valid");
+    assert_eq!(
+        c.programs["web"].command,
+        ["node".to_string(), format!("{home}/app.js"), "8080".into()]
+    );
+    assert!(c.text.contains("${HOME}"), "the text kept is the file's");
+    assert_bad(
+        "[program.web]\ncommand = [\"x\", \"${ZDT_TEST_UNSET_VAR}\"]\n",
+        2,
+        18,
+        "environment variable ZDT_TEST_UNSET_VAR is not set",
+    );
+    // An error after an expansion on the same line points at the file's column.
+    assert_bad(
+        "[program.web]\ncommand = [\"${HOME}\"]\nstartsecs = \"soon\"\n",
+        3,
+        13,
+        "duration",
+    );
+    assert_bad(
+        "[program.web]\ndirectory = \"${HOME}\" ; x = 1\n",
+        2,
+        23,
+        "",
+    );
+}
