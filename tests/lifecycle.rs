@@ -345,3 +345,24 @@ fn a_second_sigterm_exits_at_once_while_stopping_or_spawning() {
         }
     });
 }
+
+/// The shipped supervisor.toml: its demo program runs from the folder of the
+/// zdt binary that reads it (`{zdt_dir}`), and `zdtctl restart web1` under
+/// a client loop fails nothing, as README's "Try it" says.
+#[test]
+fn the_shipped_demo_config_restarts_web1_without_a_failed_request() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/supervisor.toml"))
+        .expect("the shipped supervisor.toml");
+    assert!(shipped.contains("{zdt_dir}/zdt-demo"), "{shipped}");
+    let port = free_port();
+    let d = Daemon::start(&shipped.replace("127.0.0.1:9501", &format!("127.0.0.1:{port}")));
+    d.wait_state("web1", 0, Running, T);
+    let load = crate::util::load::Load::start(port, 2, 2, &[0, 20]);
+    load.wait_progress("the client loop");
+    let out = d.ctl(&["restart", "web1"]);
+    assert!(out.status.success(), "{out:?}");
+    load.wait_progress("the client loop after the restart");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(report.generations.contains(&2), "{:?}", report.generations);
+}

@@ -715,11 +715,17 @@ impl Slot {
         // The release this process runs in, resolved once: a draining
         // generation keeps reading its own files after `current` switched.
         let release = release_of(ctx, gen);
+        // The folder of zdt's own binary: the demo worker beside it, built
+        // by the same `cargo build`, whichever the profile.
+        let zdt_dir = crate::upgrade::own_path()
+            .and_then(|p| p.parent().map(|d| d.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| ".".into());
         let fill = |s: &String| {
+            let s = s.replace("{zdt_dir}", &zdt_dir);
             let s = match &private {
                 Some(PrivateAddr::Tcp(a)) => s.replace("{port}", &a.port().to_string()),
                 Some(PrivateAddr::Unix(p)) => s.replace("{socket}", &p.to_string_lossy()),
-                None => s.clone(),
+                None => s,
             };
             match &release {
                 Some(r) => s.replace("{release}", &r.path.to_string_lossy()),
