@@ -832,6 +832,7 @@ impl Supervisor {
                 stderr,
                 follow,
                 bytes,
+                lines,
             } => match self.resolve(&target) {
                 Ok(list) if list.len() == 1 => {
                     // In bounds: the guard above says there is exactly one.
@@ -842,7 +843,10 @@ impl Supervisor {
                             r.instance.unwrap_or(0),
                             stderr,
                             follow,
-                            bytes.unwrap_or(1600),
+                            match lines {
+                                Some(n) => History::Lines(n),
+                                None => History::Bytes(bytes.unwrap_or(1600)),
+                            },
                             replies,
                         ));
                     }
@@ -1739,12 +1743,37 @@ fn collect(results: Vec<(String, Option<OpResult>)>, message: String) -> Reply {
     }
 }
 
+/// How much of an instance's output `tail` sends first.
+#[derive(Clone, Copy, Debug)]
+enum History {
+    /// The last bytes.
+    Bytes(usize),
+    /// The last lines (a last line without its newline counts).
+    Lines(usize),
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return &[];
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let start = body
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, &b)| b == b'\n')
+        .nth(n - 1)
+        .map_or(0, |(i, _)| i + 1);
+    &text[start..]
+}
+
 async fn tail(
     handle: ProgramHandle,
     instance: u32,
     stderr: bool,
     follow: bool,
-    bytes: usize,
+    history: History,
     replies: mpsc::Sender<Reply>,
 ) {
     let sink = handle
@@ -1761,7 +1790,13 @@ async fn tail(
     };
     // Subscribe before reading the history, so nothing falls in between.
     let mut live = sink.subscribe();
-    let history = String::from_utf8_lossy(&sink.tail(bytes)).into_owned();
+    let history = match history {
+        History::Bytes(n) => String::from_utf8_lossy(&sink.tail(n)).into_owned(),
+        History::Lines(n) => {
+            let ring = sink.tail(usize::MAX);
+            String::from_utf8_lossy(last_lines(&ring, n)).into_owned()
+        }
+    };
     if !follow {
         return send(&replies, ok(Outcome::Tail { data: history })).await;
     }
@@ -1790,5 +1825,19 @@ async fn tail(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::last_lines;
+
+    #[test]
+    fn the_last_lines_with_or_without_a_final_newline() {
+        assert_eq!(last_lines(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(last_lines(b"a\nb\nc", 2), b"b\nc");
+        assert_eq!(last_lines(b"a\nb\n", 5), b"a\nb\n");
+        assert_eq!(last_lines(b"a\nb\n", 0), b"");
+        assert_eq!(last_lines(b"", 3), b"");
     }
 }

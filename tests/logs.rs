@@ -307,3 +307,33 @@ fn lines_can_carry_their_time_and_drop_the_generation_prefix() {
     });
     assert_eq!(bare, "{\"msg\":1}\n");
 }
+
+#[test]
+fn tail_n_counts_lines_and_c_counts_bytes() {
+    let d = Daemon::start(
+        &(header()
+            + "[program.lines]\ncommand = [\"sh\", \"-c\", \"for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo line$i; done; exec sleep 1000\"]\nstartsecs = \"0s\"\nlog_prefix = false\n"),
+    );
+    wait_for("twelve lines", T, || {
+        let out = d.ctl(&["tail", "-n", "100", "lines"]);
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        if s.lines().count() == 12 {
+            Ok(())
+        } else {
+            Err(s)
+        }
+    });
+    let out = d.ctl(&["tail", "-n", "3", "lines"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line10\nline11\nline12\n"
+    );
+    let out = d.ctl(&["tail", "lines"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        10,
+        "10 lines by default"
+    );
+    let out = d.ctl(&["tail", "--bytes", "7", "lines"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "line12\n");
+}

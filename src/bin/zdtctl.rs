@@ -98,9 +98,13 @@ enum Cmd {
         /// stderr instead of stdout.
         #[arg(long)]
         stderr: bool,
-        /// How many bytes of history.
-        #[arg(short = 'n', long, default_value_t = 1600)]
-        bytes: usize,
+        /// How many lines of history (as far back as zdt's 64 KiB ring of
+        /// the instance's output reaches).
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        /// How many bytes of history, instead of lines.
+        #[arg(long, conflicts_with = "lines")]
+        bytes: Option<usize>,
         /// NAME or NAME:N (instance 0 by default).
         target: String,
     },
@@ -315,13 +319,15 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
         Cmd::Tail {
             follow,
             stderr,
+            lines,
             bytes,
             target,
         } => vec![Command::Tail {
             target: target.clone(),
             stderr: *stderr,
             follow: *follow,
-            bytes: Some(*bytes),
+            bytes: *bytes,
+            lines: bytes.is_none().then_some(*lines),
         }],
         Cmd::Drain { targets } => targets
             .iter()
@@ -932,4 +938,16 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(runtime.block_on(run(args, socket)))
+}
+
+#[cfg(test)]
+mod cli {
+    /// clap's own checks of every subcommand (two options with one short
+    /// name, a conflict naming no option...), which otherwise fire only when
+    /// that subcommand is used.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Args::command().debug_assert();
+    }
 }

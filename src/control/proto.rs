@@ -91,6 +91,10 @@ pub enum Command {
         /// How many bytes of history to send first (default 1600, like supervisorctl).
         #[serde(default)]
         bytes: Option<usize>,
+        /// How many lines of history to send first, instead of `bytes`
+        /// (as far back as the in-memory ring reaches).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lines: Option<usize>,
     },
     /// Proxy mode: answer new requests 503 at once (in-flight ones finish),
     /// so an outer load balancer moves traffic away.
