@@ -292,3 +292,47 @@ fn max_connections_hold(reload_between: bool) {
         }
     });
 }
+
+/// zdt started under `ulimit -n 1024` (hard 16384, as systemd gives
+/// services) raises its own limit and holds 5,000 keep-alive clients at
+/// once in proxy mode, each served.
+#[test]
+fn under_ulimit_n_1024_zdt_serves_5000_concurrent_clients() {
+    // The test opens the 5,000 client sockets itself.
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit write to and read from `rl` only.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl), 0);
+        if rl.rlim_cur < 6000 {
+            rl.rlim_cur = rl.rlim_max.min(20_000);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &rl), 0);
+        }
+    }
+    let hard = rl.rlim_max.min(16_384);
+    if rl.rlim_cur < 6000 || hard < 6000 {
+        eprintln!(
+            "SKIPPED: the test needs 6,000 fds and its hard limit is {}",
+            rl.rlim_max
+        );
+        return;
+    }
+    let port = free_port();
+    let d = Daemon::start_with_nofile(&proxied(port, ""), Some((1024, hard as u64)));
+    d.wait_state("web", 0, Running, T);
+    assert_eq!(
+        nofile_of(d.pid()),
+        (hard as u64, hard as u64),
+        "zdt's limit"
+    );
+    let mut clients: Vec<TcpStream> = (0..5000).map(|_| served_client(port)).collect();
+    // All 5,000 still open: every 500th is served again.
+    for (i, c) in clients.iter_mut().enumerate().step_by(500) {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("write");
+        let (status, _) = read_response(c).unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(status, 200, "client {i}");
+    }
+}
