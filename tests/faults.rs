@@ -320,13 +320,9 @@ fn under_ulimit_n_1024_zdt_serves_5000_concurrent_clients() {
         return;
     }
     let port = free_port();
-    let d = Daemon::start_with_nofile(&proxied(port, ""), Some((1024, hard as u64)));
+    let d = Daemon::start_with_nofile(&proxied(port, ""), Some((1024, hard)));
     d.wait_state("web", 0, Running, T);
-    assert_eq!(
-        nofile_of(d.pid()),
-        (hard as u64, hard as u64),
-        "zdt's limit"
-    );
+    assert_eq!(nofile_of(d.pid()), (hard, hard), "zdt's limit");
     let mut clients: Vec<TcpStream> = (0..5000).map(|_| served_client(port)).collect();
     // All 5,000 still open: every 500th is served again.
     for (i, c) in clients.iter_mut().enumerate().step_by(500) {
