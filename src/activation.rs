@@ -72,7 +72,7 @@ impl std::fmt::Display for InheritedFd {
 }
 
 /// Checks that `fd` is a listening stream socket; returns its local address.
-fn validate(fd: RawFd) -> Result<Option<ListenAddr>, String> {
+pub(crate) fn validate(fd: RawFd) -> Result<Option<ListenAddr>, String> {
     let stat = nix::sys::stat::fstat(fd).map_err(|e| format!("is not open ({e})"))?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err("is not a socket".into());

@@ -247,15 +247,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Whether the carried admin socket `fd` is bound to `addr` (the
-/// configuration may have changed across the upgrade).
+/// Whether the carried socket `fd` listens on `addr` (the configuration
+/// may have changed across the upgrade).
 fn same_address(fd: &std::os::fd::OwnedFd, addr: &crate::config::ListenAddr) -> bool {
-    use crate::config::ListenAddr;
-    let Ok(bound) = socket2::SockRef::from(fd).local_addr() else {
-        return false;
-    };
-    match addr {
-        ListenAddr::Tcp(a) => bound.as_socket() == Some(*a),
-        ListenAddr::Unix(p) => bound.as_pathname() == Some(p.as_path()),
-    }
+    use std::os::fd::AsRawFd;
+    crate::activation::validate(fd.as_raw_fd()).is_ok_and(|a| a.as_ref() == Some(addr))
 }

@@ -64,7 +64,7 @@ pub(crate) fn parent_of(pid: u32) -> Option<u32> {
 /// The fields of a `/proc/PID/stat` line from field 3 (state) on: the
 /// command name before them may hold spaces and parentheses, so they are
 /// counted after the last ')'.
-fn stat_fields(text: &str) -> Option<Vec<&str>> {
+pub(crate) fn stat_fields(text: &str) -> Option<Vec<&str>> {
     let (_, rest) = text.rsplit_once(')')?;
     Some(rest.split_whitespace().collect())
 }

@@ -295,6 +295,20 @@ impl Supervisor {
         });
     }
 
+    /// A control request once zdt is shutting down: what is still stopping
+    /// can be watched (status, pid, version); anything else is refused.
+    async fn while_stopping(&mut self, req: ControlRequest, shutdown_tx: &mpsc::Sender<()>) {
+        match req.command {
+            Command::Status { .. } | Command::Pid { .. } | Command::Version => {
+                self.on_request(req, shutdown_tx);
+            }
+            _ => {
+                let body = ErrorBody::new("failed", "zdt is shutting down");
+                let _ = req.replies.send(err(body)).await;
+            }
+        }
+    }
+
     /// `drain_delay`: `/health` says 503 already; serve on (status and
     /// version are answered, other requests refused) until the delay ends
     /// or a second stop signal cuts it short.
@@ -323,14 +337,7 @@ impl Supervisor {
                     tracing::warn!("second stop signal: drain_delay cut short");
                     return;
                 },
-                Some(req) = requests.recv() => match req.command {
-                    Command::Status { .. } | Command::Pid { .. } | Command::Version => {
-                        self.on_request(req, shutdown_tx);
-                    }
-                    _ => {
-                        let _ = req.replies.send(err(ErrorBody::new("failed", "zdt is shutting down"))).await;
-                    }
-                },
+                Some(req) = requests.recv() => self.while_stopping(req, shutdown_tx).await,
             }
         }
     }
@@ -456,15 +463,7 @@ impl Supervisor {
                     tracing::warn!("second stop signal: exiting now; workers are killed with zdt");
                     return;
                 },
-                Some(req) = requests.recv() => match req.command {
-                    // What is still stopping can be watched.
-                    Command::Status { .. } | Command::Pid { .. } | Command::Version => {
-                        self.on_request(req, &shutdown_tx);
-                    }
-                    _ => {
-                        let _ = req.replies.send(err(ErrorBody::new("failed", "zdt is shutting down"))).await;
-                    }
-                },
+                Some(req) = requests.recv() => self.while_stopping(req, &shutdown_tx).await,
             }
         }
         tracing::info!("all programs stopped");

@@ -36,6 +36,8 @@ use crate::control::ControlRequest;
 use crate::program::ProgramHandle;
 use crate::state::ProgramSnapshot;
 
+/// The admin listener's accept queue: health checks and scrapes, few at once.
+const ADMIN_BACKLOG: u32 = 128;
 /// Clients served at once; more are closed at accept.
 const MAX_CLIENTS: usize = 256;
 /// How long a client may take to send a request head (a health checker
@@ -74,33 +76,26 @@ pub enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
-/// Binds `addr` (a unix socket's stale file is replaced; mode 0660).
+/// Binds `addr`: a TCP address as every listening socket of zdt's
+/// ([`crate::listen::bind`]), a unix socket with the control socket's checks
+/// (a trusted folder, a live socket never replaced; mode 0660).
 pub fn bind(addr: &ListenAddr) -> Result<Listener, AdminError> {
-    let err = |source| AdminError {
-        addr: addr.to_string(),
-        source,
-    };
     match addr {
-        ListenAddr::Tcp(a) => {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(*a),
-                socket2::Type::STREAM.cloexec(),
-                None,
-            )
-            .map_err(err)?;
-            socket.set_reuse_address(true).map_err(err)?;
-            socket.bind(&(*a).into()).map_err(err)?;
-            socket.listen(128).map_err(err)?;
-            socket.set_nonblocking(true).map_err(err)?;
-            tokio::net::TcpListener::from_std(socket.into())
-                .map(Listener::Tcp)
-                .map_err(err)
+        ListenAddr::Tcp(_) => {
+            let fd = crate::listen::bind(addr, Some(ADMIN_BACKLOG), 0o660, None).map_err(|e| {
+                AdminError {
+                    addr: addr.to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            Listener::from_fd(fd, addr)
         }
-        // The control socket's checks: a trusted folder, a stale socket
-        // replaced only if nothing answers on it, mode 0660.
         ListenAddr::Unix(path) => crate::control::server::bind(path, 0o660, None)
             .map(Listener::Unix)
-            .map_err(|e| err(std::io::Error::other(e.to_string()))),
+            .map_err(|e| AdminError {
+                addr: addr.to_string(),
+                source: std::io::Error::other(e.to_string()),
+            }),
     }
 }
 

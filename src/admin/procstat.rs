@@ -18,13 +18,11 @@ pub struct Usage {
 }
 
 /// One `/proc/PID/stat` line's fields that matter here: (pgrp, usage, CPU
-/// seconds of its children it has waited for).
-/// The command name (field 2) may hold spaces and parentheses, so fields
-/// are counted from the last `)`.
+/// seconds of its children it has waited for), with the fields counted as
+/// `orphans::stat_fields` counts them.
 pub fn parse_stat(line: &str, tick: f64, page: u64) -> Option<(u32, Usage, f64)> {
-    let rest = &line[line.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state(3) ppid(4) pgrp(5) ... utime(14) stime(15) ... rss(24).
+    let f = crate::orphans::stat_fields(line)?;
+    // f[0] is field 3 (state): ppid(4) pgrp(5) ... utime(14) stime(15) ... rss(24).
     let field = |n: usize| f.get(n - 3).copied();
     let pgrp = field(5)?.parse().ok()?;
     let utime: u64 = field(14)?.parse().ok()?;
