@@ -159,18 +159,9 @@ export ANSIBLE_HOME="$WORK/ansible-home" ANSIBLE_LOCAL_TEMP="$WORK/ansible-tmp" 
 
 # --- processes: every one started here is tracked as pid:starttime ---
 PIDS=()
-start_of() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; s=${s##*) }; read -ra f <<<"$s"; echo "${f[19]:-}"; }
-alive() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; s=${s##*) }; read -ra f <<<"$s"; [ "${f[19]:-}" = "$2" ] && [ "${f[0]}" != Z ]; }
-track() { PIDS+=("$1:$(start_of "$1")"); }
-stop_pid() { # stop_pid PID STARTTIME: TERM, up to 10 s, then KILL
-  local i
-  alive "$1" "$2" || { wait "$1" 2>/dev/null; return 0; }
-  kill "$1" 2>/dev/null
-  for ((i = 0; i < 100; i++)); do alive "$1" "$2" || break; sleep 0.1; done
-  alive "$1" "$2" && kill -9 "$1" 2>/dev/null
-  wait "$1" 2>/dev/null
-  return 0
-}
+# proc_fields, start_of, alive, track, stop_pid
+# shellcheck source=bench/lib/procs.sh
+. "$ROOT/bench/lib/procs.sh"
 # zdt daemons are started by start.sh (here and by the naive playbook), which
 # appends "pid:starttime" to the host's zdt.pids.
 stop_host_zdts() {

@@ -187,29 +187,14 @@ note() { log "$*"; echo "$*" >>"$NOTES"; }
 # --- so a pid the kernel gave to another program since is never signalled ---
 
 PIDS=()
-# proc_fields PID: the fields of /proc/PID/stat after "(comm)", from state on.
-proc_fields() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; echo "${s##*) }"; }
-start_of() { local f; read -ra f < <(proc_fields "$1") || return 0; echo "${f[19]:-}"; }
-alive() { # alive PID STARTTIME: the same process, not a zombie
-  local f; read -ra f < <(proc_fields "$1") || return 1
-  [ "${f[19]:-}" = "$2" ] && [ "${f[0]}" != Z ]
-}
-track() { PIDS+=("$1:$(start_of "$1")"); }
+# proc_fields, start_of, alive, track, stop_pid
+# shellcheck source=bench/lib/procs.sh
+. "$ROOT/bench/lib/procs.sh"
 forget() { local e keep=(); for e in "${PIDS[@]}"; do [ "${e%%:*}" = "$1" ] || keep+=("$e"); done; PIDS=("${keep[@]}"); }
 # descendants PID: "pid:starttime" of every process below PID.
 descendants() {
   local c
   for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c:$(start_of "$c")"; descendants "$c"; done
-}
-# stop_pid PID STARTTIME: TERM, up to 10 s to exit, then KILL.
-stop_pid() {
-  local i
-  alive "$1" "$2" || { wait "$1" 2>/dev/null; return 0; }
-  kill "$1" 2>/dev/null
-  for ((i = 0; i < 100; i++)); do alive "$1" "$2" || break; sleep 0.1; done
-  alive "$1" "$2" && kill -9 "$1" 2>/dev/null
-  wait "$1" 2>/dev/null
-  return 0
 }
 # Stops every tracked process, newest first (zdt stops its workers, nginx its
 # workers), then KILLs what is left below them: `php -S` workers outlive
