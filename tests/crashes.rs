@@ -50,30 +50,32 @@ fn crash_soon_after_ready_backs_off_and_ends_fatal() {
     assert_eq!(code, 503);
 }
 
-/// A proxy worker that listens on a port of its own, not on `{port}`/`PORT`:
-/// the failure names the address probed and how to fix it, and FATAL keeps
-/// that cause instead of "exited too quickly (killed by SIGTERM)".
+/// A proxy worker that never listens where zdt told it to: the failure names
+/// the address probed and how to fix it, and FATAL keeps that cause instead of
+/// "exited too quickly (killed by SIGTERM)".
+///
+/// The private address is a unix socket, which only the worker can create: a
+/// private TCP port is free when zdt picks it, so a listener of another test
+/// could take it during `ready_timeout` and answer the probe. The TCP form of
+/// the hint is covered by `program::slot`'s unit tests.
 #[test]
 fn not_ready_proxy_worker_keeps_the_probe_failure_as_its_cause() {
-    let (port, own) = (free_port(), free_port());
+    let port = free_port();
     let cfg = header()
-        + &demo_program(
-            "lost",
-            &["--port", &own.to_string()],
-            &format!(
-                "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
-                 ready = {{ http = \"/health\" }}\nready_timeout = \"1s\"\nstartretries = 1\n\
-                 kill_timeout = \"2s\""
-            ),
+        + &format!(
+            "[program.lost]\ncommand = [\"sleep\", \"300\"]\nmode = \"proxy\"\n\
+             upstream = \"unix\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+             ready = {{ http = \"/health\" }}\nready_timeout = \"1s\"\nstartretries = 1\n\
+             kill_timeout = \"2s\"\n"
         );
     let d = Daemon::start(&cfg);
     let st = d.wait_state("lost", 0, Fatal, T);
     let err = st.error.unwrap_or_default();
     assert!(
-        err.starts_with("not ready within ready_timeout (1s): http probe of 127.0.0.1:")
+        err.starts_with("not ready within ready_timeout (1s): http probe of ")
             && err.contains("/health")
-            && err.contains("{port}")
-            && err.contains("$PORT")
+            && err.contains("{socket}")
+            && err.contains("$SOCKET")
             && err.contains("2 failed starts in a row"),
         "{err}"
     );

@@ -1284,6 +1284,30 @@ mod tests {
 
     const SECS: Duration = Duration::from_secs(1);
 
+    fn program(extra: &str) -> ProgramConfig {
+        let text =
+            format!("[program.w]\ncommand = [\"w\"]\nlisten = [\"tcp://127.0.0.1:8080\"]\n{extra}");
+        let mut cfg = crate::config::parse(&text, std::path::Path::new("/zdt.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        cfg.programs.remove("w").expect("the program just parsed")
+    }
+
+    #[test]
+    fn an_unreachable_proxy_worker_is_told_where_to_listen() {
+        let tcp = program("mode = \"proxy\"\n");
+        let hint = with_hint(&tcp, "refused".into(), true);
+        assert!(hint.starts_with("refused (") && hint.contains("{port}") && hint.contains("$PORT"));
+        let unix = program("mode = \"proxy\"\nupstream = \"unix\"\n");
+        let hint = with_hint(&unix, "refused".into(), true);
+        assert!(
+            hint.contains("{socket}") && hint.contains("$SOCKET"),
+            "{hint}"
+        );
+        // Reachable, or in pass mode (the worker gets the socket): no hint.
+        assert_eq!(with_hint(&tcp, "500".into(), false), "500");
+        assert_eq!(with_hint(&program(""), "refused".into(), true), "refused");
+    }
+
     #[test]
     fn never_ready_is_a_failed_start() {
         let now = Instant::now();
