@@ -623,7 +623,7 @@ impl Supervisor {
     }
 
     fn resolve(&self, target: &str) -> Result<Vec<Resolved>, ErrorBody> {
-        target::resolve(target, &self.programs).map_err(|e| {
+        target::resolve(target, &self.programs, &self.config.groups).map_err(|e| {
             ErrorBody::new("unknown_program", e.message)
                 .with_hint("`zdtctl status` lists the programs")
         })

@@ -44,9 +44,43 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Resolves `target` against the known program names (with their instance
-/// counts). Results come in name order.
-pub fn resolve<V>(target: &str, known: &BTreeMap<String, V>) -> Result<Vec<Resolved>, TargetError> {
+/// counts) and the configured groups. Results come in name order.
+///
+/// A group's name (`web`, `web:*`) stands for its programs; `GROUP:PROGRAM`
+/// names one of them, as in supervisorctl.
+pub fn resolve<V>(
+    target: &str,
+    known: &BTreeMap<String, V>,
+    groups: &BTreeMap<String, Vec<String>>,
+) -> Result<Vec<Resolved>, TargetError> {
     let list = || known.keys().cloned().collect::<Vec<_>>().join(", ");
+    let group = target.split_once(':').map_or(target, |(g, _)| g);
+    if let Some(members) = groups.get(group) {
+        let chosen: Vec<&String> = match target.split_once(':') {
+            None | Some((_, "*")) | Some((_, "")) => members.iter().collect(),
+            Some((_, p)) => match members.iter().find(|m| *m == p) {
+                Some(m) => vec![m],
+                None => {
+                    return Err(TargetError {
+                        message: format!(
+                            "group {group:?} has no program {p:?} (its programs: {})",
+                            members.join(", ")
+                        ),
+                    })
+                }
+            },
+        };
+        let mut out: Vec<Resolved> = chosen
+            .into_iter()
+            .filter(|m| known.contains_key(*m))
+            .map(|m| Resolved {
+                program: m.clone(),
+                instance: None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.program.cmp(&b.program));
+        return Ok(out);
+    }
     let (name, instance) = match target.split_once(':') {
         Some((n, "*")) | Some((n, "")) => (n, None),
         Some((n, i)) => match i.parse::<u32>() {
@@ -85,6 +119,38 @@ pub fn resolve<V>(target: &str, known: &BTreeMap<String, V>) -> Result<Vec<Resol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resolve<V>(t: &str, k: &BTreeMap<String, V>) -> Result<Vec<Resolved>, TargetError> {
+        super::resolve(t, k, &BTreeMap::new())
+    }
+
+    #[test]
+    fn a_group_stands_for_its_programs() {
+        let k = known();
+        let groups = BTreeMap::from([("site".to_string(), vec!["web2".into(), "worker".into()])]);
+        let names = |t: &str| -> Vec<String> {
+            super::resolve(t, &k, &groups)
+                .expect("resolves")
+                .into_iter()
+                .map(|r| r.program)
+                .collect()
+        };
+        assert_eq!(names("site"), ["web2", "worker"]);
+        assert_eq!(names("site:*"), ["web2", "worker"]);
+        assert_eq!(names("site:worker"), ["worker"]);
+        let err = super::resolve("site:web1", &k, &groups).expect_err("not a member");
+        assert!(
+            err.message.contains("has no program \"web1\""),
+            "{}",
+            err.message
+        );
+        // Program targets are unchanged.
+        assert_eq!(names("web1:*"), ["web1"]);
+        assert_eq!(
+            super::resolve("web1:1", &k, &groups).expect("instance")[0].instance,
+            Some(1)
+        );
+    }
 
     fn known() -> BTreeMap<String, ()> {
         ["web1", "web2", "worker"]

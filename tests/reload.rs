@@ -417,3 +417,64 @@ fn reload_dry_run_says_what_would_change_and_changes_nothing() {
         "{err}"
     );
 }
+
+/// Programs can live in included files, and a `[group.NAME]` is a target:
+/// `restart NAME` restarts its programs and no other, `NAME:PROGRAM` one of
+/// them. A reload that includes a missing file changes nothing and says
+/// where the include is.
+#[test]
+fn included_programs_and_groups_are_targets_and_a_bad_include_changes_nothing() {
+    let nap = |name: &str| {
+        format!("[program.{name}]\ncommand = [\"sleep\", \"300\"]\nstartsecs = \"0s\"\n")
+    };
+    let d = Daemon::start(&(header() + &nap("web")));
+    let web = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    std::fs::create_dir_all(d.path("conf.d")).expect("mkdir");
+    std::fs::write(
+        d.path("conf.d/jobs.toml"),
+        nap("queue") + &nap("cron") + "[group.jobs]\nprograms = [\"queue\", \"cron\"]\n",
+    )
+    .expect("write");
+    let main = format!("include = [\"conf.d/*.toml\"]\n{}{}", header(), nap("web"));
+    d.write_config(&main);
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let queue = d.wait_state("queue", 0, Running, T).pid.expect("pid");
+    let cron = d.wait_state("cron", 0, Running, T).pid.expect("pid");
+
+    let out = d.ctl(&["restart", "jobs"]);
+    assert!(out.status.success(), "{out:?}");
+    let queue2 = d.wait_state("queue", 0, Running, T).pid.expect("pid");
+    let cron2 = d.wait_state("cron", 0, Running, T).pid.expect("pid");
+    assert!(queue2 != queue && cron2 != cron, "both restarted");
+    assert_eq!(
+        d.instance("web", 0).pid,
+        Some(web),
+        "web is not in the group"
+    );
+
+    let (code, v) = d.ctl_json(&["stop", "jobs:queue"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(d.instance("queue", 0).state, Stopped);
+    assert_eq!(d.instance("cron", 0).pid, Some(cron2));
+    let (code, v) = d.ctl_json(&["status", "jobs:*"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["programs"].as_array().map(Vec::len), Some(2), "{v}");
+    let out = d.ctl(&["restart", "jobs:web"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("group \"jobs\" has no program \"web\""),
+        "{out:?}"
+    );
+
+    // The include names a file that is not there: refused with its place.
+    d.write_config(&main.replace("conf.d/*.toml", "conf.d/gone.toml"));
+    let out = d.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("supervisor.toml:1:12:") && text.contains("conf.d/gone.toml"),
+        "{text}"
+    );
+    assert_eq!(d.instance("cron", 0).pid, Some(cron2), "nothing changed");
+}

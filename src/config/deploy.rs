@@ -225,7 +225,7 @@ pub(super) fn parse<E>(
 /// programs that set more than `root`, which must agree.
 pub(super) fn merge_groups<E>(
     parsed: BTreeMap<String, Parsed>,
-    err: &dyn Fn(usize, String) -> E,
+    err: &dyn Fn(&str, usize, String) -> E,
 ) -> Result<BTreeMap<String, DeployConfig>, E> {
     let mut settings: BTreeMap<PathBuf, (String, DeployConfig)> = BTreeMap::new();
     for (name, p) in &parsed {
@@ -235,6 +235,7 @@ pub(super) fn merge_groups<E>(
         if let Some((first, cfg)) = settings.get(&p.config.root) {
             if *cfg != p.config {
                 return Err(err(
+                    name,
                     p.at,
                     format!(
                         "programs {first:?} and {name:?} share deploy root {} but set different deploy settings: give them in one program (the others need only root) or make them equal",

@@ -17,7 +17,7 @@ struct Span {
 }
 
 /// The expanded text and the way back to the file's positions.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Expanded {
     /// The text the TOML parser reads.
     pub text: String,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use deploy::{DeployConfig, Watch};
 pub use error::ConfigError;
-pub use load::{load, parse};
+pub use load::{load, parse, parse_carried};
 pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 
 mod deploy;
@@ -76,10 +76,16 @@ pub struct Config {
     pub file: PathBuf,
     /// The `[supervisor]` table.
     pub supervisor: SupervisorConfig,
-    /// The `[program.NAME]` tables, by name.
+    /// The `[program.NAME]` tables, by name, from this file and the files
+    /// it includes.
     pub programs: BTreeMap<String, ProgramConfig>,
+    /// The `[group.NAME]` tables: each group's programs, in the order given.
+    pub groups: BTreeMap<String, Vec<String>>,
     /// The text it was parsed from (an upgrade hands it to the next binary).
     pub text: String,
+    /// The files `include` named, each with the text read from it, in the
+    /// order they were read (an upgrade hands them over with `text`).
+    pub included: Vec<(PathBuf, String)>,
 }
 
 /// The `[supervisor]` table.

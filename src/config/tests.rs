@@ -840,3 +840,155 @@ fn variables_are_expanded_and_later_errors_keep_the_files_columns() {
         "",
     );
 }
+
+#[test]
+fn includes_add_programs_and_groups_with_paths_relative_to_their_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("conf.d/more")).expect("mkdir");
+    std::fs::write(
+        d.join("conf.d/a.toml"),
+        "include = [\"more/*.toml\"]\n[program.queue]\ncommand = [\"q\"]\ndirectory = \"app\"\n",
+    )
+    .expect("write");
+    std::fs::write(
+        d.join("conf.d/more/b.toml"),
+        "[program.cron]\ncommand = [\"c\"]\n[group.jobs]\nprograms = [\"queue\", \"cron\"]\n",
+    )
+    .expect("write");
+    // Not matched by *.toml: ignored.
+    std::fs::write(d.join("conf.d/notes.txt"), "not toml").expect("write");
+    let main = "include = [\"conf.d/*.toml\", \"conf.d/empty/*.toml\"]\n\
+                [program.web]\ncommand = [\"w\"]\n\
+                [group.site]\nprograms = [\"web\", \"queue\", \"web\"]\n";
+    let c = parse(main, &d.join("supervisor.toml")).unwrap_or_else(|e| panic!("{}", e.render()));
+    assert_eq!(
+        c.programs.keys().collect::<Vec<_>>(),
+        ["cron", "queue", "web"]
+    );
+    // Relative to conf.d/a.toml's folder, not the main file's.
+    let real = std::fs::canonicalize(d).expect("canonical");
+    assert_eq!(
+        c.programs["queue"].directory.as_deref(),
+        Some(real.join("conf.d/app").as_path())
+    );
+    assert_eq!(c.groups["site"], ["web", "queue"]);
+    assert_eq!(c.groups["jobs"], ["queue", "cron"]);
+    assert_eq!(c.included.len(), 2);
+    // An upgrade re-reads the carried texts, not the disk.
+    std::fs::remove_file(d.join("conf.d/more/b.toml")).expect("rm");
+    let again = parse_carried(main, &d.join("supervisor.toml"), &c.included)
+        .unwrap_or_else(|e| panic!("{}", e.render()));
+    assert_eq!(again.programs, c.programs);
+    assert_eq!(again.groups, c.groups);
+    assert_eq!(again.included, c.included);
+}
+
+#[test]
+fn a_bad_include_is_an_error_in_the_file_that_has_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = std::fs::canonicalize(dir.path()).expect("canonical");
+    let main = d.join("supervisor.toml");
+    // A missing file (no wildcard): where the include names it.
+    let e = parse("include = [\"nope.toml\"]\n", &main).expect_err("missing");
+    assert_eq!(
+        (e.line, e.col, e.file.clone()),
+        (1, 12, main.clone()),
+        "{e}"
+    );
+    assert!(
+        e.message.contains("nope.toml") && e.message.contains("cannot read it"),
+        "{e}"
+    );
+    // A cycle: a includes b includes a.
+    std::fs::write(d.join("a.toml"), "include = [\"b.toml\"]\n").expect("write");
+    std::fs::write(d.join("b.toml"), "\ninclude = [\"a.toml\"]\n").expect("write");
+    let e = parse("include = [\"a.toml\"]\n", &main).expect_err("cycle");
+    assert_eq!(
+        (e.line, e.col, e.file.clone()),
+        (2, 12, d.join("b.toml")),
+        "{e}"
+    );
+    assert!(e.message.starts_with("include cycle: "), "{e}");
+    assert!(
+        e.message.contains("a.toml includes") && e.message.contains("b.toml includes"),
+        "{e}"
+    );
+    // Including the main file is a cycle too.
+    std::fs::write(&main, "include = [\"supervisor.toml\"]\n").expect("write");
+    let e = parse("include = [\"supervisor.toml\"]\n", &main).expect_err("self");
+    assert!(e.message.starts_with("include cycle"), "{e}");
+    // An error inside an included file names that file's line and column;
+    // [supervisor] belongs to the main file.
+    std::fs::write(
+        d.join("c.toml"),
+        "[program.x]\ncommand = [\"x\"]\nstartsecs = \"1 minute\"\n",
+    )
+    .expect("write");
+    let e = parse("include = [\"c.toml\"]\n", &main).expect_err("bad value");
+    assert_eq!((e.line, e.file.clone()), (3, d.join("c.toml")), "{e}");
+    std::fs::write(d.join("s.toml"), "[supervisor]\nlog_dir = \"x\"\n").expect("write");
+    let e = parse("include = [\"s.toml\"]\n", &main).expect_err("supervisor");
+    assert_eq!((e.line, e.file.clone()), (1, d.join("s.toml")), "{e}");
+    assert!(e.message.contains("unknown field `supervisor`"), "{e}");
+    // A program defined in two files.
+    std::fs::write(d.join("w.toml"), "[program.web]\ncommand = [\"w\"]\n").expect("write");
+    let e = parse(
+        "include = [\"w.toml\"]\n[program.web]\ncommand = [\"w\"]\n",
+        &main,
+    )
+    .expect_err("twice");
+    assert_eq!((e.line, e.file.clone()), (1, d.join("w.toml")), "{e}");
+    assert!(
+        e.message
+            .contains(&format!("defined twice: first at {}:2", main.display())),
+        "{e}"
+    );
+    // An unset variable in an included file: that file's position.
+    std::fs::write(
+        d.join("v.toml"),
+        "[program.v]\ncommand = [\"${ZDT_TEST_UNSET_VAR}\"]\n",
+    )
+    .expect("write");
+    let e = parse("include = [\"v.toml\"]\n", &main).expect_err("unset");
+    assert_eq!(
+        (e.line, e.col, e.file.clone()),
+        (2, 13, d.join("v.toml")),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_groups_are_rejected_where_they_are_written() {
+    let web = "[program.web]\ncommand = [\"w\"]\n";
+    assert_bad(
+        &format!("{web}[group.site]\nprograms = [\"web\", \"wbe\"]\n"),
+        4,
+        20,
+        "group \"site\": no program named \"wbe\" (programs: web)",
+    );
+    assert_bad(
+        &format!("{web}[group.web]\nprograms = [\"web\"]\n"),
+        3,
+        8,
+        "has the name of a program",
+    );
+    assert_bad(
+        &format!("{web}[group.site]\nprograms = []\n"),
+        3,
+        8,
+        "has no programs",
+    );
+    assert_bad(
+        &format!("{web}[group.all]\nprograms = [\"web\"]\n"),
+        3,
+        8,
+        "invalid group name",
+    );
+    assert_bad(
+        &format!("{web}[group.site]\nprogram = [\"web\"]\n"),
+        4,
+        1,
+        "unknown field `program`",
+    );
+}

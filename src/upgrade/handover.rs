@@ -70,6 +70,7 @@ pub async fn hand_over(h: HandOver<'_>) -> String {
         begun_ms: h.begun_ms,
         config_file: h.config.file.clone(),
         config_text: h.config.text.clone(),
+        config_included: h.config.included.clone(),
         control_fd: h.control_fd,
         admin_fd: h.admin_fd,
         agent_fd: h.agent_fd,

@@ -469,7 +469,7 @@ pub fn resume(carried: Carried, failed: Option<String>, reaper: &crate::spawn::R
         }
     }
     let reload = crate::config::load(&carried.config_file)
-        .map(|disk| disk.text != carried.config_text)
+        .map(|disk| disk.text != carried.config_text || disk.included != carried.config_included)
         .unwrap_or(false);
     let record = UpgradeRecord {
         token: carried.token,

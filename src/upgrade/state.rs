@@ -52,6 +52,9 @@ pub struct Carried {
     pub config_file: PathBuf,
     /// Its text.
     pub config_text: String,
+    /// The files its `include` named, with the text read from each.
+    #[serde(default)]
+    pub config_included: Vec<(PathBuf, String)>,
     /// The listening control socket.
     pub control_fd: RawFd,
     /// The admin listener (`[supervisor] admin`), if it runs.
@@ -248,8 +251,12 @@ impl Carried {
     /// a binary must manage to take over (its check does exactly this).
     pub fn read_running(fd: &std::fs::File) -> Result<(Self, crate::config::Config), StateError> {
         let carried = Self::read(fd)?;
-        let config = crate::config::parse(&carried.config_text, &carried.config_file)
-            .map_err(|e| StateError::Config(e.render()))?;
+        let config = crate::config::parse_carried(
+            &carried.config_text,
+            &carried.config_file,
+            &carried.config_included,
+        )
+        .map_err(|e| StateError::Config(e.render()))?;
         Ok((carried, config))
     }
 
@@ -337,6 +344,7 @@ mod tests {
             token: "t".into(),
             begun_ms: 5,
             config_file: "/x/supervisor.toml".into(),
+            config_included: Vec::new(),
             config_text: "[supervisor]\n".into(),
             control_fd: 7,
             admin_fd: Some(12),
