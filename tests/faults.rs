@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use zdt::state::InstanceState::*;
 
+use crate::util::load::Load;
 use crate::util::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -331,4 +332,52 @@ fn under_ulimit_n_1024_zdt_serves_5000_concurrent_clients() {
         let (status, _) = read_response(c).unwrap_or_else(|e| panic!("client {i}: {e}"));
         assert_eq!(status, 200, "client {i}");
     }
+}
+
+/// A worker whose memory stays above `max_memory` for `max_memory_for` is
+/// replaced without a failed request; the other instance is left alone,
+/// and the log gives the figure.
+#[test]
+fn a_worker_above_max_memory_is_replaced_with_zero_failed_requests() {
+    let port = free_port();
+    let d = Daemon::start(&proxied(
+        port,
+        "instances = 2\nmax_memory = \"64MB\"\nmax_memory_for = \"2s\"",
+    ));
+    let pids = [0, 1].map(|i| d.wait_state("web", i, Running, T).pid.expect("pid"));
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let load = Load::start(port, 8, 2, &[0, 0, 20]);
+    load.wait_progress("load before the growth");
+    // The answer does not say which instance grew: the one restarted is it.
+    let grew_at = std::time::Instant::now();
+    let (code, body) = http_get(port, "/alloc?mb=100").expect("alloc");
+    assert_eq!(code, 200, "{body}");
+    let (replaced, kept) = wait_for("the grown worker to be replaced", T, || {
+        let now = [0, 1].map(|i| d.instance("web", i));
+        match (now[0].pid != Some(pids[0]), now[1].pid != Some(pids[1])) {
+            (true, false) if now[0].state == Running => Ok((0usize, 1usize)),
+            (false, true) if now[1].state == Running => Ok((1, 0)),
+            _ => Err(format!("{now:?}")),
+        }
+    });
+    assert!(
+        grew_at.elapsed() >= Duration::from_secs(2),
+        "replaced before max_memory_for"
+    );
+    wait_for("the grown worker to drain and exit", T, || {
+        if alive(pids[replaced]) {
+            Err(format!("pid {} alive", pids[replaced]))
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(d.instance("web", kept as u32).pid, Some(pids[kept]));
+    load.wait_progress("load after the replacement");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    let log = d.stderr();
+    assert!(
+        log.contains("stayed above max_memory (64 MiB) for 2s"),
+        "{log}"
+    );
 }

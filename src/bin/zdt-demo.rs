@@ -11,6 +11,8 @@
 //! answer; `?bytes=N` answers N bytes, streamed; `?status=N` answers with
 //! that status (the same JSON body); `GET /health` answers "ok";
 //! `GET /log?n=N&stream=stdout|stderr` writes N lines to that stream.
+//! `GET /alloc?mb=N` allocates N MiB, touches them and keeps them for the
+//! rest of its life (memory growth, for `max_memory`).
 //! `GET /echo` with `Upgrade: echo` switches protocols (101), writes
 //! "generation G pid P\n" and echoes bytes until the client closes.
 //!
@@ -155,6 +157,9 @@ fn echo_tunnel(req: Request<Incoming>, shared: &Shared, alive: mpsc::Sender<()>)
     resp
 }
 
+/// Memory `GET /alloc` keeps.
+static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
 async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
@@ -175,6 +180,7 @@ async fn handle(
         .and_then(|n| u16::try_from(n).ok())
         .and_then(|n| hyper::StatusCode::from_u16(n).ok());
     let lines = query(&req, "n");
+    let alloc_mb = query(&req, "mb");
     let to_stderr = req
         .uri()
         .query()
@@ -191,6 +197,13 @@ async fn handle(
     }
     let body = match path.as_str() {
         "/health" => full("ok\n"),
+        "/alloc" => {
+            let mb = alloc_mb.unwrap_or(1).min(4096) as usize;
+            // Touched, so that it is resident, and kept until the process ends.
+            let block = vec![1u8; mb << 20];
+            KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(block);
+            full(format!("allocated {mb} MiB\n"))
+        }
         "/log" => {
             let n = lines.unwrap_or(1);
             let text: String = (0..n)

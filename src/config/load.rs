@@ -86,6 +86,9 @@ struct RawProgram {
     startsecs: Option<DurationValue>,
     startretries: Option<u32>,
     restart_delay: Option<DurationValue>,
+    #[serde(alias = "max_memory_restart")]
+    max_memory: Option<Spanned<SizeValue>>,
+    max_memory_for: Option<DurationValue>,
     #[serde(alias = "stopsignal")]
     stop_signal: Option<SignalValue>,
     #[serde(alias = "stopwaitsecs")]
@@ -1161,6 +1164,22 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
                     .map_or(std::time::Duration::from_secs(1), |d| d.0),
                 startretries: p.startretries.unwrap_or(3),
                 restart_delay: p.restart_delay.map_or(std::time::Duration::ZERO, |d| d.0),
+                max_memory: match p.max_memory {
+                    None => None,
+                    Some(m) if m.get_ref().0 < 1 << 20 => {
+                        return Err(err_at(
+                            m.span().start,
+                            format!(
+                                "max_memory = {} bytes: use at least \"1MB\" (a size such as \"512MB\")",
+                                m.get_ref().0
+                            ),
+                        ))
+                    }
+                    Some(m) => Some(m.into_inner().0),
+                },
+                max_memory_for: p
+                    .max_memory_for
+                    .map_or(std::time::Duration::from_secs(30), |d| d.0),
                 stop_signal: p
                     .stop_signal
                     .map_or(nix::sys::signal::Signal::SIGTERM, |s| s.0),

@@ -308,6 +308,12 @@ pub struct ProgramConfig {
     /// `restart_delay`); a failed start waits the longer of this and its
     /// backoff. Default 0.
     pub restart_delay: Duration,
+    /// Restart an instance (without downtime, where it has `listen`) once
+    /// its process group's resident memory has stayed above this many bytes
+    /// for `max_memory_for` (PM2's `max_memory_restart`). Default none.
+    pub max_memory: Option<u64>,
+    /// How long the memory must stay above `max_memory`. Default 30 s.
+    pub max_memory_for: Duration,
     /// Signal for a graceful stop. Default TERM.
     pub stop_signal: Signal,
     /// After stop_signal, wait this long before SIGKILL. Default 10s.

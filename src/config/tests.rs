@@ -992,3 +992,33 @@ fn bad_groups_are_rejected_where_they_are_written() {
         "unknown field `program`",
     );
 }
+
+#[test]
+fn max_memory_takes_a_size_of_a_megabyte_or_more() {
+    let web = "[program.web]\ncommand = [\"w\"]\n";
+    let c = parse(
+        &format!("{web}max_memory_restart = \"512M\"\n"),
+        Path::new(FILE),
+    )
+    .expect("PM2's name and form");
+    assert_eq!(c.programs["web"].max_memory, Some(512 << 20));
+    assert_eq!(c.programs["web"].max_memory_for, Duration::from_secs(30));
+    assert_bad(
+        &format!("{web}max_memory = \"10KB\"\n"),
+        3,
+        14,
+        "at least \"1MB\"",
+    );
+    assert_bad(
+        &format!("{web}max_memory = \"lots\"\n"),
+        3,
+        14,
+        "invalid size",
+    );
+    assert_bad(
+        &format!("{web}max_memory_for = \"5 parsecs\"\n"),
+        3,
+        18,
+        "invalid duration",
+    );
+}

@@ -347,6 +347,7 @@ pub fn spawn_program(
         routes,
         canary: None,
         drain_announced: false,
+        memory_over: std::collections::HashMap::new(),
         config,
     };
     let cfg = actor.config.clone();
@@ -456,6 +457,9 @@ struct Program {
     /// A drain was asked for: `/health` says 503 (the proxy refuses only
     /// once `drain_delay` passed, see the supervisor's drain).
     drain_announced: bool,
+    /// `max_memory`: each instance whose process group was last seen above
+    /// it, with that process's pid and since when it has been above.
+    memory_over: std::collections::HashMap<usize, (u32, std::time::Instant)>,
 }
 
 /// How often pass-mode accept queues are looked at (the queue's length, a
@@ -468,6 +472,9 @@ const QUEUE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// never accepts leaves the same ones there (Linux keeps even a connection
 /// its client closed queued until it is accepted).
 const QUEUE_CHECKS: u32 = 5;
+/// How often the memory of a program with `max_memory` is read (a scan of
+/// `/proc`, a few milliseconds).
+const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Resolves at `at`, never when None.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
@@ -559,11 +566,16 @@ impl Program {
         self.publish();
         let mut queue_check = tokio::time::interval(QUEUE_CHECK_EVERY);
         queue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut memory_check = tokio::time::interval(MEMORY_CHECK_EVERY);
+        memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let retry_at = self.bind_retry.map(|(at, _)| at);
             let watch_queue = self.config.mode == config::Mode::Pass && !self.sockets.is_empty();
             tokio::select! {
                 _ = queue_check.tick(), if watch_queue => self.check_accept_queues(),
+                _ = memory_check.tick(), if self.config.max_memory.is_some() && !shutting_down => {
+                    self.check_memory();
+                }
                 () = sleep_until_some(retry_at), if !shutting_down => self.on_bind_retry(),
                 msg = orders.recv(), if !shutting_down => match msg {
                     Some(ProgramMsg::Shutdown { reply }) => {
@@ -605,6 +617,76 @@ impl Program {
             }
         }
         tracing::debug!(program = %self.config.name, "program actor ended");
+    }
+
+    /// `max_memory`: restarts the first instance whose process group has
+    /// stayed above it for `max_memory_for` (one at a time, and not while
+    /// another restart runs; a zero-downtime one where the program owns
+    /// sockets).
+    fn check_memory(&mut self) {
+        let Some(max) = self.config.max_memory else {
+            return;
+        };
+        if self.restart_busy().is_some() || self.canary.is_some() {
+            return;
+        }
+        let usage = crate::admin::procstat::groups();
+        let now = std::time::Instant::now();
+        let mut due = None;
+        for slot in &self.slots {
+            let i = slot.index();
+            let snap = slot.snapshot(&self.config.name);
+            let rss = match (snap.pid, snap.state) {
+                (Some(pid), InstanceState::Running) => usage.get(&pid).map(|u| (pid, u.rss_bytes)),
+                _ => None,
+            };
+            let Some((pid, rss)) = rss.filter(|&(_, rss)| rss > max) else {
+                self.memory_over.remove(&i);
+                continue;
+            };
+            let since = match self.memory_over.get(&i) {
+                Some(&(p, since)) if p == pid => since,
+                _ => {
+                    tracing::info!(
+                        program = %self.config.name,
+                        instance = i,
+                        pid,
+                        rss_mb = rss >> 20,
+                        max_mb = max >> 20,
+                        "memory above max_memory; restarting if it stays above for {:?}",
+                        self.config.max_memory_for
+                    );
+                    self.memory_over.insert(i, (pid, now));
+                    now
+                }
+            };
+            if due.is_none() && now.duration_since(since) >= self.config.max_memory_for {
+                due = Some((i, pid, rss));
+            }
+        }
+        let Some((i, pid, rss)) = due else {
+            return;
+        };
+        self.memory_over.remove(&i);
+        let name = self.config.name.clone();
+        tracing::warn!(
+            program = %name,
+            instance = i,
+            pid,
+            rss_mb = rss >> 20,
+            max_mb = max >> 20,
+            "restarting: the process group's memory ({} MiB) stayed above max_memory ({} MiB) for {:?}",
+            rss >> 20,
+            max >> 20,
+            self.config.max_memory_for
+        );
+        let (reply, done) = oneshot::channel();
+        self.begin_restart(u32::try_from(i).ok(), None, None, reply);
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = done.await {
+                tracing::warn!(program = %name, instance = i, "restart for max_memory failed: {}", e.message);
+            }
+        });
     }
 
     /// The program as an upgrade carries it, or why it cannot be carried
