@@ -381,3 +381,30 @@ fn a_worker_above_max_memory_is_replaced_with_zero_failed_requests() {
         "{log}"
     );
 }
+
+/// `cron_restart` restarts the program on its schedule (here every 2 s,
+/// with seconds) without a failed request.
+#[test]
+fn cron_restart_restarts_on_schedule_with_zero_failed_requests() {
+    let port = free_port();
+    let d = Daemon::start(&proxied(port, "cron_restart = \"*/2 * * * * *\""));
+    let first = d.wait_state("web", 0, Running, T).pid.expect("pid");
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let load = Load::start(port, 8, 2, &[0, 0, 20]);
+    load.wait_progress("load before the schedule");
+    let restarted = wait_for("two scheduled restarts", T, || {
+        let i = d.instance("web", 0);
+        if i.restarts >= 2 && i.state == Running {
+            Ok(i)
+        } else {
+            Err(format!("{i:?}"))
+        }
+    });
+    assert_ne!(restarted.pid, Some(first));
+    load.wait_progress("load after the restarts");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(report.generations.len() >= 2, "{:?}", report.generations);
+    let log = d.stderr();
+    assert!(log.contains("cron_restart: restarting"), "{log}");
+}

@@ -89,6 +89,7 @@ struct RawProgram {
     #[serde(alias = "max_memory_restart")]
     max_memory: Option<Spanned<SizeValue>>,
     max_memory_for: Option<DurationValue>,
+    cron_restart: Option<Spanned<String>>,
     #[serde(alias = "stopsignal")]
     stop_signal: Option<SignalValue>,
     #[serde(alias = "stopwaitsecs")]
@@ -1180,6 +1181,13 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
                 max_memory_for: p
                     .max_memory_for
                     .map_or(std::time::Duration::from_secs(30), |d| d.0),
+                cron_restart: match p.cron_restart {
+                    None => None,
+                    Some(c) => match super::cron::parse(c.get_ref()) {
+                        Ok(_) => Some(c.into_inner()),
+                        Err(e) => return Err(err_at(c.span().start, e)),
+                    },
+                },
                 stop_signal: p
                     .stop_signal
                     .map_or(nix::sys::signal::Signal::SIGTERM, |s| s.0),

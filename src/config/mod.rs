@@ -14,6 +14,7 @@ pub use error::ConfigError;
 pub use load::{load, parse, parse_carried};
 pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 
+pub mod cron;
 mod deploy;
 mod dotenv;
 pub mod error;
@@ -314,6 +315,10 @@ pub struct ProgramConfig {
     pub max_memory: Option<u64>,
     /// How long the memory must stay above `max_memory`. Default 30 s.
     pub max_memory_for: Duration,
+    /// A cron schedule (5 fields, or 6 with seconds first) in zdt's local
+    /// time: the program is restarted as `zdtctl restart NAME` would at each
+    /// time it names (PM2's `cron_restart`). Default none.
+    pub cron_restart: Option<String>,
     /// Signal for a graceful stop. Default TERM.
     pub stop_signal: Signal,
     /// After stop_signal, wait this long before SIGKILL. Default 10s.

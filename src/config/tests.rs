@@ -1022,3 +1022,20 @@ fn max_memory_takes_a_size_of_a_megabyte_or_more() {
         "invalid duration",
     );
 }
+
+#[test]
+fn cron_restart_is_checked_where_it_is_written() {
+    let web = "[program.web]\ncommand = [\"w\"]\n";
+    let c = parse(
+        &format!("{web}cron_restart = \"0 4 * * *\"\n"),
+        Path::new(FILE),
+    )
+    .expect("valid");
+    assert_eq!(c.programs["web"].cron_restart.as_deref(), Some("0 4 * * *"));
+    assert_bad(
+        &format!("{web}cron_restart = \"0 25 * * *\"\n"),
+        3,
+        16,
+        "expected 5 fields",
+    );
+}

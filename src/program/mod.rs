@@ -348,6 +348,7 @@ pub fn spawn_program(
         canary: None,
         drain_announced: false,
         memory_over: std::collections::HashMap::new(),
+        cron: None,
         config,
     };
     let cfg = actor.config.clone();
@@ -460,6 +461,9 @@ struct Program {
     /// `max_memory`: each instance whose process group was last seen above
     /// it, with that process's pid and since when it has been above.
     memory_over: std::collections::HashMap<usize, (u32, std::time::Instant)>,
+    /// `cron_restart`: the schedule in force, when it next fires (None
+    /// when it has just fired), and the local time that fired last.
+    cron: Option<CronState>,
 }
 
 /// How often pass-mode accept queues are looked at (the queue's length, a
@@ -472,6 +476,13 @@ const QUEUE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// never accepts leaves the same ones there (Linux keeps even a connection
 /// its client closed queued until it is accepted).
 const QUEUE_CHECKS: u32 = 5;
+/// A `cron_restart` schedule at work.
+struct CronState {
+    text: String,
+    next: Option<(tokio::time::Instant, chrono::DateTime<chrono::Local>)>,
+    fired: Option<chrono::DateTime<chrono::Local>>,
+}
+
 /// How often the memory of a program with `max_memory` is read (a scan of
 /// `/proc`, a few milliseconds).
 const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -569,6 +580,8 @@ impl Program {
         let mut memory_check = tokio::time::interval(MEMORY_CHECK_EVERY);
         memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.schedule_cron();
+            let cron_at = self.cron.as_ref().and_then(|c| c.next).map(|(at, _)| at);
             let retry_at = self.bind_retry.map(|(at, _)| at);
             let watch_queue = self.config.mode == config::Mode::Pass && !self.sockets.is_empty();
             tokio::select! {
@@ -577,6 +590,7 @@ impl Program {
                     self.check_memory();
                 }
                 () = sleep_until_some(retry_at), if !shutting_down => self.on_bind_retry(),
+                () = sleep_until_some(cron_at), if !shutting_down => self.on_cron(),
                 msg = orders.recv(), if !shutting_down => match msg {
                     Some(ProgramMsg::Shutdown { reply }) => {
                         shutting_down = true;
@@ -617,6 +631,65 @@ impl Program {
             }
         }
         tracing::debug!(program = %self.config.name, "program actor ended");
+    }
+
+    /// Works out when `cron_restart` next fires, when the schedule is new
+    /// (at start, after a reload) or has just fired.
+    fn schedule_cron(&mut self) {
+        let Some(text) = self.config.cron_restart.clone() else {
+            self.cron = None;
+            return;
+        };
+        let fired = match &self.cron {
+            Some(c) if c.text == text && c.next.is_some() => return,
+            Some(c) if c.text == text => c.fired,
+            _ => None,
+        };
+        let next = config::cron::parse(&text)
+            .ok()
+            .and_then(|s| s.until_next_after(fired));
+        match &next {
+            Some((wait, at)) => tracing::info!(
+                program = %self.config.name,
+                "cron_restart {text:?}: next restart at {} (in {}s)",
+                at.format("%Y-%m-%d %H:%M:%S %:z"),
+                wait.as_secs()
+            ),
+            None => {
+                tracing::warn!(program = %self.config.name, "cron_restart {text:?} names no time to come")
+            }
+        }
+        self.cron = Some(CronState {
+            text,
+            next: next.map(|(wait, at)| (tokio::time::Instant::now() + wait, at)),
+            fired,
+        });
+    }
+
+    /// `cron_restart` fired: restarts every instance as `zdtctl restart`
+    /// would, unless the program is stopped or another restart runs.
+    fn on_cron(&mut self) {
+        // Fired: the next time is worked out on the next turn of the loop.
+        if let Some(c) = &mut self.cron {
+            c.fired = c.next.take().map(|(_, at)| at);
+        }
+        let name = self.config.name.clone();
+        if !self.slots.iter().any(Slot::wants_running) {
+            tracing::info!(program = %name, "cron_restart: not running; nothing to restart");
+            return;
+        }
+        if let Some(e) = self.restart_busy() {
+            tracing::warn!(program = %name, "cron_restart skipped: {}", e.message);
+            return;
+        }
+        tracing::info!(program = %name, "cron_restart: restarting");
+        let (reply, done) = oneshot::channel();
+        self.begin_restart(None, None, None, reply);
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = done.await {
+                tracing::warn!(program = %name, "cron_restart failed: {}", e.message);
+            }
+        });
     }
 
     /// `max_memory`: restarts the first instance whose process group has
