@@ -802,6 +802,16 @@ impl Supervisor {
                 ..
             } => self.canary(&target, Some(percent), replies),
             Command::Promote { target } => self.canary(&target, None, replies),
+            Command::Scale { target, instances } => match self.scale(&target, instances) {
+                Ok(call) => {
+                    tokio::spawn(finish_calls(
+                        vec![(0, call)],
+                        format!("{target} scaled to {instances}"),
+                        replies,
+                    ));
+                }
+                Err(e) => reply_now(err(e)),
+            },
             Command::Signal { target, signal } => {
                 let sig = match config::parse_signal(&signal) {
                     Ok(s) => s,
@@ -1585,6 +1595,59 @@ impl Supervisor {
             unchanged,
             dry_run: true,
         }
+    }
+
+    /// `zdtctl scale`: the program's settings with the new count, applied as
+    /// a reload of that one change would apply it (the actor adds or
+    /// removes instances and leaves the others alone).
+    fn scale(&mut self, target: &str, instances: u32) -> Result<Call, ErrorBody> {
+        let list = self.resolve(target)?;
+        let name = match list.as_slice() {
+            [one] if one.instance.is_none() => one.program.clone(),
+            _ => {
+                return Err(ErrorBody::new(
+                    "bad_request",
+                    format!("scale acts on one program; {target:?} is not one program name"),
+                ))
+            }
+        };
+        if !(1..=config::MAX_INSTANCES).contains(&instances) {
+            return Err(ErrorBody::new(
+                "bad_request",
+                format!(
+                    "scale {name} {instances}: use 1 to {}",
+                    config::MAX_INSTANCES
+                ),
+            ));
+        }
+        let Some(e) = self.programs.get(&name) else {
+            return Err(ErrorBody::new(
+                "unknown_program",
+                format!("unknown program {name:?}"),
+            ));
+        };
+        if e.handle.snapshot().canary.is_some() {
+            return Err(ErrorBody::new(
+                "busy",
+                format!("a canary of {name} is running: promote or roll it back first"),
+            ));
+        }
+        let mut cfg = e.config.clone();
+        cfg.instances = instances;
+        let sockets = self.sockets_for(&cfg);
+        let handle = e.handle.clone();
+        if let Some(e) = self.programs.get_mut(&name) {
+            e.config = cfg.clone();
+        }
+        self.config.programs.insert(name, cfg.clone());
+        Ok(Call {
+            handle,
+            make: Box::new(move |reply| ProgramMsg::Reconfigure {
+                config: Box::new(cfg),
+                sockets,
+                reply,
+            }),
+        })
     }
 
     /// The program of `new` that `name` (absent from `new`) becomes: a new

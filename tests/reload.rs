@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use zdt::state::InstanceState::*;
 
+use crate::util::load::Load;
 use crate::util::*;
 
 const T: Duration = Duration::from_secs(15);
@@ -477,4 +478,124 @@ fn included_programs_and_groups_are_targets_and_a_bad_include_changes_nothing() 
         "{text}"
     );
     assert_eq!(d.instance("cron", 0).pid, Some(cron2), "nothing changed");
+}
+
+/// `zdtctl scale` 2 → 4 → 1 under load, then a reload of the unchanged file
+/// (instances = 2): instances are added and removed while the others run
+/// on (their pids do not change), and no request fails.
+fn scale_under_load(program: String, port: u16) {
+    let d = Daemon::start(&(header() + &program));
+    let first = [0, 1].map(|i| d.wait_state("web", i, Running, T).pid.expect("pid"));
+    wait_for("the port to answer", T, || http_get(port, "/"));
+    let load = Load::start(port, 16, 4, &[0, 0, 20]);
+    load.wait_progress("load before scaling");
+    let pids = |d: &Daemon| -> Vec<Option<u32>> {
+        let snap = d.status();
+        let web = snap.iter().find(|p| p.name == "web").expect("web");
+        let mut rows: Vec<_> = web.instances.iter().map(|i| (i.instance, i.pid)).collect();
+        rows.sort();
+        rows.dedup_by_key(|r| r.0);
+        rows.into_iter().map(|(_, pid)| pid).collect()
+    };
+
+    let (code, v) = d.ctl_json(&["scale", "web", "4"]);
+    assert_eq!(code, 0, "{v}");
+    let now = pids(&d);
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert_eq!(&now[..2], &first.map(Some), "the first two run on");
+    let added: Vec<u32> = now[2..].iter().map(|p| p.expect("running")).collect();
+    load.wait_progress("load after growing");
+    let (code, v) = d.ctl_json(&["scale", "web", "1"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(pids(&d), [Some(first[0])], "only instance 0 is left");
+    for pid in added.iter().chain(&first[1..]) {
+        assert!(!alive(*pid), "removed worker {pid} exited");
+    }
+    load.wait_progress("load after shrinking");
+    // The file says 2: a reload brings instance 1 back, instance 0 runs on.
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    d.wait_state("web", 1, Running, T);
+    assert_eq!(d.instance("web", 0).pid, Some(first[0]));
+    load.wait_progress("load after the reload");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    assert!(
+        added.iter().all(|p| report.pids.contains(&u64::from(*p))),
+        "the added instances served: {:?} of {:?}",
+        added,
+        report.pids
+    );
+    // Bad counts are refused by zdtctl and by zdt.
+    let out = d.ctl(&["scale", "web", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let (code, v) = d.ctl_json(&["scale", "web:0", "2"]);
+    assert_ne!(code, 0, "{v}");
+}
+
+#[test]
+fn scale_in_pass_mode_adds_and_removes_instances_with_zero_failed_requests() {
+    let port = free_port();
+    scale_under_load(owned("web", port, &[], "instances = 2"), port);
+}
+
+#[test]
+fn scale_in_proxy_mode_adds_and_removes_instances_with_zero_failed_requests() {
+    let port = free_port();
+    scale_under_load(
+        demo_program(
+            "web",
+            &[],
+            &format!(
+                "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ http = \"/health\" }}\ninstances = 2"
+            ),
+        ),
+        port,
+    );
+}
+
+/// A reload that changes `instances` and something else: the count changes
+/// first, then every instance is replaced with the new settings, without a
+/// failed request (before, such a reload stopped the program, then started
+/// it).
+#[test]
+fn a_reload_changing_instances_and_settings_fails_zero_requests() {
+    let port = free_port();
+    let prog = |n: u32, env: &str| {
+        // Each worker takes 300 ms to start listening.
+        demo_program(
+            "web",
+            &["--start-delay", "300"],
+            &format!(
+                "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ http = \"/health\" }}\ninstances = {n}\n\
+                 environment = {{ RELEASE = \"{env}\" }}\n\
+                 # Requests find no instance for at most this long: a stop\n\
+                 # then start would fail them.\nqueue_timeout = \"100ms\""
+            ),
+        )
+    };
+    let d = Daemon::start(&(header() + &prog(2, "a")));
+    let old = [0, 1].map(|i| d.wait_state("web", i, Running, T).pid.expect("pid"));
+    wait_for("the port to answer", T, || http_get(port, "/"));
+    let load = Load::start(port, 16, 4, &[0, 0, 20]);
+    load.wait_progress("load before the reload");
+    d.write_config(&(header() + &prog(3, "b")));
+    let out = d.ctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let new: Vec<u32> = (0..3)
+        .map(|i| d.wait_state("web", i, Running, T).pid.expect("pid"))
+        .collect();
+    for pid in &new {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+        assert!(
+            env.split(|b| *b == 0).any(|v| v == b"RELEASE=b"),
+            "pid {pid} runs the new settings"
+        );
+        assert!(!old.contains(pid));
+    }
+    load.wait_progress("load after the reload");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
 }

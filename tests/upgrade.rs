@@ -404,3 +404,33 @@ fn as_pid_1_of_a_pid_namespace_zdt_stays_pid_1_and_keeps_its_workers() {
     upgrades_under_load(&d, port, 3);
     assert_eq!(zdt_pid(&d), 1);
 }
+
+/// A program scaled by `zdtctl scale` keeps its count and its processes
+/// across an upgrade (the file still says 1 instance), and so do programs
+/// from an included file. (A file edited before the upgrade is applied
+/// after it by a reload, which would bring the count back to the file's.)
+#[test]
+fn an_upgrade_keeps_a_scaled_count_and_included_programs() {
+    let port = free_port();
+    let d = Daemon::start(&notify_demo("web", port, &[], ""));
+    d.wait_state("web", 0, Running, T);
+    std::fs::write(
+        d.path("more.toml"),
+        "[program.nap]\ncommand = [\"sleep\", \"300\"]\nstartsecs = \"0s\"\n",
+    )
+    .expect("write");
+    d.write_config(&format!(
+        "include = [\"more.toml\"]\n{}",
+        notify_demo("web", port, &[], "")
+    ));
+    assert!(d.ctl(&["reload"]).status.success());
+    d.wait_state("nap", 0, Running, T);
+    let (code, v) = d.ctl_json(&["scale", "web", "2"]);
+    assert_eq!(code, 0, "{v}");
+    d.wait_state("web", 1, Running, T);
+    let before = pids(&d);
+    assert_eq!(before.len(), 3, "{before:?}");
+    upgrade_ok(&d, &[]);
+    assert_eq!(pids(&d), before, "every process carried, none restarted");
+    assert_eq!(http_get(port, "/").expect("serves").0, 200);
+}

@@ -85,6 +85,17 @@ enum Cmd {
         /// Signal name or number: HUP, SIGUSR1, 10.
         signal: String,
     },
+    /// Change the number of instances of a running program: new ones start,
+    /// the highest-numbered stop (proxy mode: out of the routes first, their
+    /// requests finish), the others run on. Waits until done; lasts until a
+    /// reload applies the file's `instances`.
+    Scale {
+        /// One program.
+        target: String,
+        /// The new number of instances (1 to 1024).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=1024))]
+        instances: u32,
+    },
     /// Print the pids of a program's instances.
     Pid {
         /// Program name, NAME:N, glob, or all.
@@ -312,6 +323,10 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
         Cmd::Signal { target, signal } => vec![Command::Signal {
             target: target.clone(),
             signal: signal.clone(),
+        }],
+        Cmd::Scale { target, instances } => vec![Command::Scale {
+            target: target.clone(),
+            instances: *instances,
         }],
         Cmd::Pid { target } => vec![Command::Pid {
             target: target.clone(),

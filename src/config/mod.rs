@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use deploy::{DeployConfig, Watch};
 pub use error::ConfigError;
-pub use load::{load, parse, parse_carried};
+pub use load::{load, parse, parse_carried, MAX_INSTANCES};
 pub use values::{parse_duration, parse_octal, parse_signal, parse_size};
 
 pub mod cron;

@@ -73,6 +73,15 @@ pub enum Command {
         /// Signal name or number: "HUP", "SIGUSR1", "10".
         signal: String,
     },
+    /// Change a program's number of instances while it runs: new ones
+    /// start, surplus ones stop (proxy mode: out of the routes first), the
+    /// others are left alone. Lasts until a reload applies the file's count.
+    Scale {
+        /// One program.
+        target: String,
+        /// The new count, 1 to [`crate::config::MAX_INSTANCES`].
+        instances: u32,
+    },
     /// The pids of the matching instances.
     Pid {
         /// Which programs.
@@ -205,6 +214,7 @@ impl Command {
             Self::Restart { .. } => "restart",
             Self::Promote { .. } => "promote",
             Self::Signal { .. } => "signal",
+            Self::Scale { .. } => "scale",
             Self::Pid { .. } => "pid",
             Self::Tail { .. } => "tail",
             Self::Drain { .. } => "drain",

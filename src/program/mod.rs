@@ -1239,6 +1239,24 @@ impl Program {
             return;
         }
         let running = self.slots.iter().any(Slot::wants_running);
+        if running && sockets.is_ok() && config.instances != self.config.instances {
+            let mut same_but_count = (*config).clone();
+            same_but_count.instances = self.config.instances;
+            if same_but_count == self.config {
+                // Only the count changed (`zdtctl scale`, or a reload that
+                // changed nothing else): add or remove instances, leave the
+                // others alone.
+                return self.begin_scale(config.instances, reply);
+            }
+            if config.overlaps() && self.config.overlaps() {
+                // First the count, with the settings in force; then the
+                // other changes, without downtime, once it is done.
+                let (ignored, _) = oneshot::channel();
+                self.begin_scale(config.instances, ignored);
+                self.queued = Some((config, sockets, reply));
+                return;
+            }
+        }
         let overlap = running
             && sockets.is_ok()
             && config.overlaps()
@@ -1265,6 +1283,62 @@ impl Program {
         }
     }
 
+    /// Changes the number of instances to `to` while the others run on: new
+    /// instances start in the current generation; the surplus ones (the
+    /// highest) stop as `zdtctl stop NAME:N` stops one (proxy mode: out of
+    /// the routes first, their requests finish) and are then dropped.
+    fn begin_scale(&mut self, to: u32, reply: oneshot::Sender<OpResult>) {
+        let (from, to) = (self.slots.len(), to as usize);
+        tracing::info!(program = %self.config.name, from, to, "scaling");
+        self.config.instances = to as u32;
+        if to > from {
+            for index in from..to {
+                self.slots
+                    .push(Slot::new(&self.config, index, &self.log_drops));
+            }
+            for index in from..to {
+                if let Some(err) = &self.bind_error {
+                    self.slots[index].fail(&self.config.name, err.clone());
+                    continue;
+                }
+                let ports = self.ports_in_use();
+                self.slots[index].start(&ctx!(self, &ports), self.generation);
+            }
+        } else {
+            for index in to..from {
+                self.slots[index].stop(&self.config);
+            }
+        }
+        let (lo, hi) = (from.min(to), from.max(to));
+        self.ops.push(Op::new(
+            OpKind::Scale { grow: to > from },
+            (lo..hi).collect(),
+            reply,
+            None,
+        ));
+    }
+
+    /// A shrinking scale: drops the removed instances once none has a
+    /// process (one started again meanwhile is stopped again); true when
+    /// they are gone.
+    fn finish_shrink(&mut self, slots: &[usize]) -> bool {
+        let to = self.config.instances as usize;
+        let mut idle = true;
+        for &i in slots {
+            if let Some(slot) = self.slots.get_mut(i) {
+                if slot.wants_running() {
+                    slot.stop(&self.config);
+                }
+                idle &= slot.is_idle();
+            }
+        }
+        if idle && self.slots.len() > to {
+            self.slots.truncate(to);
+            self.memory_over.retain(|&i, _| i < to);
+        }
+        idle
+    }
+
     /// The refusal of an order that would change instances during a canary.
     fn canary_running(&self) -> OpError {
         let name = &self.config.name;
@@ -1280,7 +1354,12 @@ impl Program {
         }
         self.ops
             .iter()
-            .any(|op| matches!(op.kind, OpKind::Restart { .. } | OpKind::Replace { .. }))
+            .any(|op| {
+                matches!(
+                    op.kind,
+                    OpKind::Restart { .. } | OpKind::Replace { .. } | OpKind::Scale { .. }
+                )
+            })
             .then(|| {
                 OpError::plain(format!(
                     "a restart of {} is already in progress; try again when it has finished",
@@ -1715,6 +1794,17 @@ impl Program {
                 match self.step_replace(i) {
                     Some(result) => self.ops.remove(i).finish(result),
                     None => i += 1,
+                }
+                continue;
+            }
+            if matches!(self.ops[i].kind, OpKind::Scale { grow: false }) {
+                let slots = self.ops[i].slots.clone();
+                if self.finish_shrink(&slots) {
+                    let op = self.ops.remove(i);
+                    let rows = self.snapshots_of(&(0..self.slots.len()).collect::<Vec<_>>());
+                    op.finish(Ok(rows));
+                } else {
+                    i += 1;
                 }
                 continue;
             }

@@ -19,6 +19,10 @@ pub(super) enum OpKind {
     Start,
     /// Every slot without a process.
     Stop,
+    /// A change of `instances` with nothing else stopped: `slots` are the
+    /// instances added (done when RUNNING) or removed (done when they have
+    /// no process; the actor then drops them).
+    Scale { grow: bool },
     /// First every slot without a process (`starting` false), then every slot
     /// RUNNING in the new generation, with `new_config` applied in between.
     Restart {
@@ -106,12 +110,14 @@ impl Op {
 pub(super) fn verdict(kind: &OpKind, states: &[(InstanceState, bool)]) -> Option<bool> {
     use InstanceState::*;
     match kind {
-        OpKind::Stop => states.iter().all(|&(_, idle)| idle).then_some(true),
+        OpKind::Stop | OpKind::Scale { grow: false } => {
+            states.iter().all(|&(_, idle)| idle).then_some(true)
+        }
         OpKind::Restart {
             starting: false, ..
         }
         | OpKind::Replace { .. } => None,
-        OpKind::Start | OpKind::Restart { .. } => {
+        OpKind::Start | OpKind::Restart { .. } | OpKind::Scale { grow: true } => {
             if states.iter().all(|&(s, _)| s == Running) {
                 Some(true)
             } else if states

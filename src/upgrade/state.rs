@@ -251,12 +251,22 @@ impl Carried {
     /// a binary must manage to take over (its check does exactly this).
     pub fn read_running(fd: &std::fs::File) -> Result<(Self, crate::config::Config), StateError> {
         let carried = Self::read(fd)?;
-        let config = crate::config::parse_carried(
+        let mut config = crate::config::parse_carried(
             &carried.config_text,
             &carried.config_file,
             &carried.config_included,
         )
         .map_err(|e| StateError::Config(e.render()))?;
+        // A program scaled by `zdtctl scale` runs another count than its
+        // file says: the count it runs with goes on.
+        for p in &carried.programs {
+            if let Some(cfg) = config.programs.get_mut(&p.name) {
+                match u32::try_from(p.slots.len()) {
+                    Ok(n) if n > 0 => cfg.instances = n,
+                    _ => {}
+                }
+            }
+        }
         Ok((carried, config))
     }
 
