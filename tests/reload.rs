@@ -599,3 +599,77 @@ fn a_reload_changing_instances_and_settings_fails_zero_requests() {
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
 }
+
+/// `watch`: a change under a watched path restarts the program without a
+/// failed request, once the changes stop for the debounce time (five writes,
+/// one restart); ignored names and zdt's own logs and sockets under the
+/// watched folder restart nothing.
+#[test]
+fn watch_restarts_on_a_change_once_the_changes_settle() {
+    let port = free_port();
+    let prog = |extra: &str| {
+        demo_program(
+            "web",
+            &[],
+            &format!(
+                "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                 ready = {{ http = \"/health\" }}\n{extra}"
+            ),
+        )
+    };
+    let d = Daemon::start(&(header() + &prog("")));
+    d.wait_state("web", 0, Running, T);
+    std::fs::create_dir_all(d.path("src")).expect("mkdir");
+    std::fs::create_dir_all(d.path("node_modules/x")).expect("mkdir");
+    // The whole folder: logs/ and run/ (zdt's own files) are in it, and
+    // the test's copy of zdt's stderr, which watch_ignore names.
+    d.write_config(
+        &(header()
+            + &prog(
+                "watch = [\".\"]\nwatch_debounce = \"1s\"\n\
+                 watch_ignore = [\"zdt.stderr\", \"node_modules\", \"*.swp\"]",
+            )),
+    );
+    assert!(d.ctl(&["reload"]).status.success());
+    let before = d.wait_state("web", 0, Running, T);
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let load = Load::start(port, 8, 2, &[0, 0, 20]);
+    load.wait_progress("load before the changes");
+    let restarted = |n: u32| {
+        wait_for(&format!("restart {n} by the watch"), T, || {
+            let i = d.instance("web", 0);
+            if i.restarts >= before.restarts + n && i.state == Running {
+                Ok(i)
+            } else {
+                Err(format!("{i:?}"))
+            }
+        })
+    };
+    std::fs::write(d.path("node_modules/x/index.js"), "ignored").expect("write");
+    std::fs::write(d.path("src/.app.js.swp"), "ignored").expect("write");
+    for i in 0..5 {
+        std::fs::write(d.path("src/app.js"), format!("version {i}")).expect("write");
+    }
+    let first = restarted(1);
+    assert_eq!(
+        first.restarts,
+        before.restarts + 1,
+        "five writes, one restart"
+    );
+    assert_ne!(first.pid, before.pid);
+    load.wait_progress("load after the first restart");
+    std::fs::write(d.path("src/other.js"), "more").expect("write");
+    let second = restarted(2);
+    assert_eq!(second.restarts, before.restarts + 2);
+    load.wait_progress("load after the second restart");
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
+    let log = d.stderr();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("watch: files changed; restarting"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(lines[0].contains("src/app.js"), "{}", lines[0]);
+    assert!(lines[1].contains("src/other.js"), "{}", lines[1]);
+}

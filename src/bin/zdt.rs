@@ -377,6 +377,15 @@ fn main() -> ExitCode {
             if let Some(why) = missing_command(p) {
                 eprintln!("warning: program {}: {why}", p.name);
             }
+            for path in p.watch.iter().flat_map(|w| &w.paths) {
+                if !path.exists() {
+                    eprintln!(
+                        "warning: program {}: watch path {} does not exist (it is not watched)",
+                        p.name,
+                        path.display()
+                    );
+                }
+            }
         }
         if config.programs.is_empty() {
             eprintln!(

@@ -90,6 +90,9 @@ struct RawProgram {
     max_memory: Option<Spanned<SizeValue>>,
     max_memory_for: Option<DurationValue>,
     cron_restart: Option<Spanned<String>>,
+    watch: Option<Spanned<toml::Value>>,
+    watch_ignore: Option<Vec<String>>,
+    watch_debounce: Option<DurationValue>,
     #[serde(alias = "stopsignal")]
     stop_signal: Option<SignalValue>,
     #[serde(alias = "stopwaitsecs")]
@@ -399,6 +402,13 @@ fn read_includes(
         }
     }
     Ok(())
+}
+
+fn config_default_ignore() -> Vec<String> {
+    super::DEFAULT_WATCH_IGNORE
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// An env_file's text: a regular file of at most [`MAX_ENV_FILE`] bytes.
@@ -1181,6 +1191,56 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
                 max_memory_for: p
                     .max_memory_for
                     .map_or(std::time::Duration::from_secs(30), |d| d.0),
+                watch: match p.watch {
+                    None => None,
+                    Some(w) => {
+                        let at = w.span().start;
+                        let expected = || {
+                            err_at(
+                                at,
+                                "watch: expected true (the program's directory) or a list of paths, such as [\"src\", \"config\"]".into(),
+                            )
+                        };
+                        let paths: Vec<PathBuf> = match w.into_inner() {
+                            toml::Value::Boolean(false) => Vec::new(),
+                            toml::Value::Boolean(true) => vec![p
+                                .directory
+                                .as_deref()
+                                .map_or_else(|| resolve("."), resolve)],
+                            toml::Value::Array(list) => list
+                                .into_iter()
+                                .map(|v| match v {
+                                    toml::Value::String(s) if !s.is_empty() => Ok(resolve(&s)),
+                                    _ => Err(expected()),
+                                })
+                                .collect::<Result<_, _>>()?,
+                            _ => return Err(expected()),
+                        };
+                        let ignore = p.watch_ignore.clone().unwrap_or_else(|| {
+                            config_default_ignore()
+                        });
+                        if let Some(bad) = ignore.iter().find(|i| glob::Pattern::new(i).is_err()) {
+                            return Err(err_at(at, format!("watch_ignore: {bad:?} is not a valid pattern")));
+                        }
+                        let mut skip = vec![supervisor.log_dir.clone()];
+                        skip.extend(supervisor.control.parent().map(Path::to_path_buf));
+                        for log in [&stdout_log, &stderr_log] {
+                            if let Some(dir) = log.file.as_deref().and_then(|f| Path::new(f).parent()) {
+                                if !dir.to_string_lossy().contains('{') {
+                                    skip.push(dir.to_path_buf());
+                                }
+                            }
+                        }
+                        (!paths.is_empty()).then(|| super::WatchConfig {
+                            paths,
+                            ignore,
+                            debounce: p
+                                .watch_debounce
+                                .map_or(std::time::Duration::from_millis(500), |d| d.0),
+                            skip,
+                        })
+                    }
+                },
                 cron_restart: match p.cron_restart {
                     None => None,
                     Some(c) => match super::cron::parse(c.get_ref()) {

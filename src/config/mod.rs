@@ -198,6 +198,32 @@ pub struct LogConfig {
     pub backups: u32,
 }
 
+/// `watch`: what to watch and what to leave alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// Files and folders (absolute), folders watched with all they hold.
+    pub paths: Vec<PathBuf>,
+    /// Names (shell patterns) of files and folders whose changes do not
+    /// count, matched against every part of a changed path.
+    pub ignore: Vec<String>,
+    /// A restart waits until nothing changed for this long.
+    pub debounce: Duration,
+    /// Folders zdt itself writes to (logs, sockets): never count.
+    pub skip: Vec<PathBuf>,
+}
+
+/// `watch_ignore` by default: version control, dependencies, editors' and
+/// logs' files.
+pub const DEFAULT_WATCH_IGNORE: [&str; 7] = [
+    ".git",
+    "node_modules",
+    "vendor",
+    "*.log",
+    "*.swp",
+    "*~",
+    ".#*",
+];
+
 /// An address zdt binds and owns for a program.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ListenAddr {
@@ -319,6 +345,9 @@ pub struct ProgramConfig {
     /// time: the program is restarted as `zdtctl restart NAME` would at each
     /// time it names (PM2's `cron_restart`). Default none.
     pub cron_restart: Option<String>,
+    /// Restart the program (without downtime where it has `listen`) when a
+    /// file under these paths changes (PM2's `watch`, for development).
+    pub watch: Option<WatchConfig>,
     /// Signal for a graceful stop. Default TERM.
     pub stop_signal: Signal,
     /// After stop_signal, wait this long before SIGKILL. Default 10s.

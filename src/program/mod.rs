@@ -22,6 +22,7 @@
 //! in BACKOFF (100 ms doubling to 5 s) for as long as that lasts, never FATAL.
 
 mod canary;
+mod files;
 mod ops;
 mod slot;
 
@@ -349,6 +350,8 @@ pub fn spawn_program(
         drain_announced: false,
         memory_over: std::collections::HashMap::new(),
         cron: None,
+        watch: None,
+        watch_due: None,
         config,
     };
     let cfg = actor.config.clone();
@@ -464,6 +467,20 @@ struct Program {
     /// `cron_restart`: the schedule in force, when it next fires (None
     /// when it has just fired), and the local time that fired last.
     cron: Option<CronState>,
+    /// `watch`: the file watch in force.
+    watch: Option<files::Watch>,
+    /// Changes seen and not yet acted on: the restart waits for quiet.
+    watch_due: Option<WatchDue>,
+}
+
+/// Changes a `watch` saw, waiting for the debounce time to pass quietly.
+struct WatchDue {
+    /// When the restart begins unless another change comes.
+    at: tokio::time::Instant,
+    /// The first change: the wait never grows past ten debounce times from it.
+    first_at: tokio::time::Instant,
+    first: std::path::PathBuf,
+    count: usize,
 }
 
 /// How often pass-mode accept queues are looked at (the queue's length, a
@@ -577,10 +594,13 @@ impl Program {
         self.publish();
         let mut queue_check = tokio::time::interval(QUEUE_CHECK_EVERY);
         queue_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (watch_tx, mut watch_rx) = mpsc::unbounded_channel();
         let mut memory_check = tokio::time::interval(MEMORY_CHECK_EVERY);
         memory_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.schedule_cron();
+            self.sync_watch(&watch_tx);
+            let watch_at = self.watch_due.as_ref().map(|d| d.at);
             let cron_at = self.cron.as_ref().and_then(|c| c.next).map(|(at, _)| at);
             let retry_at = self.bind_retry.map(|(at, _)| at);
             let watch_queue = self.config.mode == config::Mode::Pass && !self.sockets.is_empty();
@@ -591,6 +611,8 @@ impl Program {
                 }
                 () = sleep_until_some(retry_at), if !shutting_down => self.on_bind_retry(),
                 () = sleep_until_some(cron_at), if !shutting_down => self.on_cron(),
+                Some(path) = watch_rx.recv() => self.on_change(path),
+                () = sleep_until_some(watch_at), if !shutting_down => self.on_watch_due(),
                 msg = orders.recv(), if !shutting_down => match msg {
                     Some(ProgramMsg::Shutdown { reply }) => {
                         shutting_down = true;
@@ -663,6 +685,82 @@ impl Program {
             text,
             next: next.map(|(wait, at)| (tokio::time::Instant::now() + wait, at)),
             fired,
+        });
+    }
+
+    /// Starts, replaces or ends the file watch when `watch` is new, changed
+    /// or gone.
+    fn sync_watch(&mut self, tx: &mpsc::UnboundedSender<std::path::PathBuf>) {
+        let wanted = self.config.watch.as_ref();
+        if self.watch.as_ref().map(|w| &w.config) == wanted {
+            return;
+        }
+        self.watch = None;
+        self.watch_due = None;
+        if let Some(cfg) = wanted {
+            match files::start(&self.config.name, cfg, tx.clone()) {
+                Ok(w) => self.watch = Some(w),
+                Err(e) => tracing::warn!(program = %self.config.name, "watch: {e}"),
+            }
+        }
+    }
+
+    /// A watched file changed: the restart waits until nothing has changed
+    /// for the debounce time (at most ten of them after the first change).
+    fn on_change(&mut self, path: std::path::PathBuf) {
+        let Some(w) = &self.watch else { return };
+        let debounce = w.config.debounce;
+        let now = tokio::time::Instant::now();
+        match &mut self.watch_due {
+            Some(d) => {
+                d.count += 1;
+                d.at = (now + debounce).min(d.first_at + debounce * 10);
+            }
+            None => {
+                self.watch_due = Some(WatchDue {
+                    at: now + debounce,
+                    first_at: now,
+                    first: path,
+                    count: 1,
+                })
+            }
+        }
+    }
+
+    /// The watched files have been quiet for the debounce time: restart as
+    /// `zdtctl restart` would (once a running restart is over).
+    fn on_watch_due(&mut self) {
+        let Some(due) = self.watch_due.take() else {
+            return;
+        };
+        let name = self.config.name.clone();
+        if !self.slots.iter().any(Slot::wants_running) {
+            tracing::info!(program = %name, "watch: files changed; the program is not running");
+            return;
+        }
+        if self.restart_busy().is_some() {
+            let debounce = self
+                .watch
+                .as_ref()
+                .map_or(Duration::from_millis(500), |w| w.config.debounce);
+            self.watch_due = Some(WatchDue {
+                at: tokio::time::Instant::now() + debounce,
+                ..due
+            });
+            return;
+        }
+        tracing::info!(
+            program = %name,
+            changes = due.count,
+            first = %due.first.display(),
+            "watch: files changed; restarting"
+        );
+        let (reply, done) = oneshot::channel();
+        self.begin_restart(None, None, None, reply);
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = done.await {
+                tracing::warn!(program = %name, "watch: the restart failed: {}", e.message);
+            }
         });
     }
 

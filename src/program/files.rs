@@ -1,0 +1,117 @@
+//! `watch`: the files of a program in development. A change under a watched
+//! path (not ignored, not in a folder zdt writes to) is sent to the program
+//! actor, which restarts the program once nothing has changed for the
+//! debounce time.
+
+use std::path::{Path, PathBuf};
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::config::WatchConfig;
+
+/// A running watch; dropping it ends it.
+pub(super) struct Watch {
+    /// What it watches (a new setting makes a new watch).
+    pub config: WatchConfig,
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Starts watching `config.paths`; each change that counts is sent to `tx`.
+/// A path that cannot be watched (missing, out of inotify watches) is
+/// logged and left out.
+pub(super) fn start(
+    program: &str,
+    config: &WatchConfig,
+    tx: mpsc::UnboundedSender<PathBuf>,
+) -> Result<Watch, String> {
+    let filter = config.clone();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(event) = res else { return };
+        if !counts(&event.kind) {
+            return;
+        }
+        for path in event.paths {
+            if !ignored(&filter, &path) {
+                let _ = tx.send(path);
+            }
+        }
+    })
+    .map_err(|e| format!("cannot watch files: {e}"))?;
+    for path in &config.paths {
+        if let Err(e) = watcher.watch(path, RecursiveMode::Recursive) {
+            tracing::warn!(program, path = %path.display(), "watch: cannot watch it: {e}");
+        }
+    }
+    tracing::info!(
+        program,
+        paths = ?config.paths,
+        "watching for changes; a change restarts the program"
+    );
+    Ok(Watch {
+        config: config.clone(),
+        _watcher: watcher,
+    })
+}
+
+/// Whether a change of this kind restarts: writes, creations, removals,
+/// renames; not reads, and not access times.
+fn counts(kind: &EventKind) -> bool {
+    use notify::event::{MetadataKind, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(_) | EventKind::Other | EventKind::Any => false,
+    }
+}
+
+/// Whether a change of `path` is left alone: under a folder zdt writes to,
+/// or with a part of its path matching an ignore pattern.
+pub(super) fn ignored(config: &WatchConfig, path: &Path) -> bool {
+    if config.skip.iter().any(|s| path.starts_with(s)) {
+        return true;
+    }
+    let patterns: Vec<glob::Pattern> = config
+        .ignore
+        .iter()
+        .filter_map(|p| glob::Pattern::new(p).ok())
+        .collect();
+    // Only the parts below the watched path that holds it count, so that
+    // a project inside a folder named like a pattern is still watched.
+    let below = config
+        .paths
+        .iter()
+        .filter_map(|w| path.strip_prefix(w).ok())
+        .min_by_key(|rest| rest.components().count())
+        .unwrap_or(path);
+    below.components().any(|c| {
+        let name = c.as_os_str().to_string_lossy();
+        patterns.iter().any(|p| p.matches(&name))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignore_patterns_match_parts_below_the_watched_path() {
+        let cfg = WatchConfig {
+            paths: vec!["/srv/node_modules/app".into()],
+            ignore: crate::config::DEFAULT_WATCH_IGNORE
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            debounce: std::time::Duration::from_millis(500),
+            skip: vec!["/srv/node_modules/app/logs".into()],
+        };
+        let app = Path::new("/srv/node_modules/app");
+        assert!(!ignored(&cfg, &app.join("src/server.js")));
+        assert!(ignored(&cfg, &app.join("node_modules/x/index.js")));
+        assert!(ignored(&cfg, &app.join(".git/index")));
+        assert!(ignored(&cfg, &app.join("src/.server.js.swp")));
+        assert!(ignored(&cfg, &app.join("debug.log")));
+        assert!(ignored(&cfg, &app.join("logs/web-0.out")));
+    }
+}
