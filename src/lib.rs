@@ -103,6 +103,7 @@ pub mod deploy;
 pub mod fds;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod import;
 pub mod instance;
 pub mod listen;
 pub mod logs;
