@@ -33,9 +33,17 @@ pub(crate) fn import(path: &Path, format: Format, options: &Options) -> Result<D
         }
         _ => {
             let text = super::supervisord::read(path, None)?;
-            serde_json::from_str::<Json>(&text).map_err(|e| {
-                ImportError::new(Source::at(path, e.line()), format!("not valid JSON: {e}"))
-            })?
+            match serde_json::from_str::<Json>(&text) {
+                Ok(v) => v,
+                // PM2 reads .json files as JSON5 (unquoted keys, single
+                // quotes): node reads that as an object literal.
+                Err(e) => evaluate_json5(path).map_err(|node| {
+                    ImportError::new(
+                        Source::at(path, e.line()),
+                        format!("not valid JSON ({e}), nor JSON5 for node: {}", node.message),
+                    )
+                })?,
+            }
         }
     };
     let apps = apps(&value).ok_or_else(|| {
@@ -88,8 +96,11 @@ fn evaluate_js(path: &Path) -> Result<Json, ImportError> {
     let abs = std::fs::canonicalize(path)
         .map_err(|e| ImportError::new(at.clone(), format!("cannot read it: {e}")))?;
     let file = serde_json::to_string(&abs.to_string_lossy()).unwrap_or_default();
-    let script = format!(
-        "const f = {file};\n\
+    run_node(
+        path,
+        &abs,
+        &format!(
+            "const f = {file};\n\
          (async () => {{\n\
            let m;\n\
            try {{ m = require(f); }} catch (e) {{\n\
@@ -98,10 +109,34 @@ fn evaluate_js(path: &Path) -> Result<Json, ImportError> {
            }}\n\
            process.stdout.write(JSON.stringify(m === undefined ? null : m));\n\
          }})().catch(e => {{ console.error(e && e.stack || String(e)); process.exit(1); }});"
-    );
+        ),
+    )
+}
+
+/// A PM2 .json file in JSON5, read by node as an object literal.
+fn evaluate_json5(path: &Path) -> Result<Json, ImportError> {
+    let at = Source::file(path);
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| ImportError::new(at.clone(), format!("cannot read it: {e}")))?;
+    let file = serde_json::to_string(&abs.to_string_lossy()).unwrap_or_default();
+    run_node(
+        path,
+        &abs,
+        &format!(
+            "const t = require('fs').readFileSync({file}, 'utf8');\n\
+             const v = new Function('return (' + t + '\\n);')();\n\
+             process.stdout.write(JSON.stringify(v === undefined ? null : v));"
+        ),
+    )
+}
+
+/// Runs `script` with `node -e` in the folder of `abs` (the file `path`
+/// names) and parses what it prints as JSON.
+fn run_node(path: &Path, abs: &Path, script: &str) -> Result<Json, ImportError> {
+    let at = Source::file(path);
     let child = Command::new("node")
         .arg("-e")
-        .arg(&script)
+        .arg(script)
         .current_dir(abs.parent().unwrap_or(Path::new("/")))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -272,7 +307,18 @@ const APP_KEYS: &[&str] = &[
     "treekill",
     "autostart",
     "port",
+    "kill_signal",
 ];
+
+/// `rel` under `base`, without `.` components.
+fn join(base: &Path, rel: &str) -> String {
+    base.join(rel)
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect::<std::path::PathBuf>()
+        .display()
+        .to_string()
+}
 
 fn map_app(
     app: &Json,
@@ -354,7 +400,7 @@ fn map_app(
         Some(c) if Path::new(c).is_absolute() => t.set("directory", super::pyformat::escape(c)),
         Some(c) => t.set_noted(
             "directory",
-            super::pyformat::escape(&base.join(c).display().to_string()),
+            super::pyformat::escape(&join(&base, c)),
             format!("cwd = {c:?}, from the process file's folder"),
         ),
         None => t.set_noted(
@@ -543,12 +589,24 @@ fn map_app(
             "listen_timeout: a new process not ready within this is a failed start",
         );
     }
-    if let Some(ms) = obj.get("kill_timeout").and_then(millis) {
-        t.set_noted(
+    match obj.get("kill_signal").and_then(Json::as_str) {
+        Some(sig) => {
+            let sig = crate::config::parse_signal(sig).map_err(|m| bad("kill_signal", &m))?;
+            t.set("stop_signal", sig.as_str().trim_start_matches("SIG"));
+        }
+        None => t.set_noted(
+            "stop_signal",
+            "INT",
+            "PM2 stops apps with SIGINT (zdt's default is TERM)",
+        ),
+    }
+    match obj.get("kill_timeout").and_then(millis) {
+        Some(ms) => t.set_noted(
             "kill_timeout",
             duration(ms),
             "PM2's kill_timeout is in milliseconds",
-        );
+        ),
+        None => t.set_noted("kill_timeout", "1600ms", "PM2's default (zdt's is 10s)"),
     }
     match obj.get("autorestart").and_then(Json::as_bool) {
         Some(false) => t.set("autorestart", "never"),
@@ -619,7 +677,7 @@ fn map_app(
         let abs = if Path::new(v).is_absolute() {
             v.to_string()
         } else {
-            base.join(v).display().to_string()
+            join(&base, v)
         };
         let abs = super::pyformat::escape(&abs);
         if instances > 1 {
