@@ -20,7 +20,7 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Imports the PM2 file at `path`.
 pub(crate) fn import(path: &Path, format: Format, options: &Options) -> Result<Doc, ImportError> {
     let value = match format {
-        Format::Pm2Js => evaluate_js(path)?,
+        Format::Pm2Js => evaluate_js(NODE, path)?,
         Format::Pm2Yaml => {
             let text = super::supervisord::read(path, None)?;
             serde_yaml_ng::from_str::<Json>(&text).map_err(|e| {
@@ -91,12 +91,13 @@ fn apps(v: &Json) -> Option<Vec<Json>> {
 }
 
 /// `module.exports` of an ecosystem file, as JSON, from `node -e`.
-fn evaluate_js(path: &Path) -> Result<Json, ImportError> {
+fn evaluate_js(node: &str, path: &Path) -> Result<Json, ImportError> {
     let at = Source::file(path);
     let abs = std::fs::canonicalize(path)
         .map_err(|e| ImportError::new(at.clone(), format!("cannot read it: {e}")))?;
     let file = serde_json::to_string(&abs.to_string_lossy()).unwrap_or_default();
     run_node(
+        node,
         path,
         &abs,
         &format!(
@@ -120,6 +121,7 @@ fn evaluate_json5(path: &Path) -> Result<Json, ImportError> {
         .map_err(|e| ImportError::new(at.clone(), format!("cannot read it: {e}")))?;
     let file = serde_json::to_string(&abs.to_string_lossy()).unwrap_or_default();
     run_node(
+        NODE,
         path,
         &abs,
         &format!(
@@ -132,9 +134,12 @@ fn evaluate_json5(path: &Path) -> Result<Json, ImportError> {
 
 /// Runs `script` with `node -e` in the folder of `abs` (the file `path`
 /// names) and parses what it prints as JSON.
-fn run_node(path: &Path, abs: &Path, script: &str) -> Result<Json, ImportError> {
+/// The program that evaluates ecosystem files (looked up in PATH).
+const NODE: &str = "node";
+
+fn run_node(node: &str, path: &Path, abs: &Path, script: &str) -> Result<Json, ImportError> {
     let at = Source::file(path);
-    let child = Command::new("node")
+    let child = Command::new(node)
         .arg("-e")
         .arg(script)
         .current_dir(abs.parent().unwrap_or(Path::new("/")))
