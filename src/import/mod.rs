@@ -146,6 +146,13 @@ pub fn import(path: &Path, options: &Options) -> Result<Imported, ImportError> {
         Format::Supervisord => supervisord::import(path)?,
         format => pm2::import(path, format, options)?,
     };
+    let mut doc = doc;
+    if doc.programs.is_empty() {
+        doc.note(
+            Source::file(path),
+            "no programs: nothing in it for zdt to run (zdt check warns; zdtctl reload refuses it without --allow-empty)",
+        );
+    }
     let toml = doc.render(path);
     Ok(Imported {
         toml,
