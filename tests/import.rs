@@ -314,7 +314,7 @@ fn environ(pid: u32, keys: &[&str]) -> BTreeMap<String, String> {
 }
 
 /// The processes `pids` run: argv and the config's variables, sorted;
-/// waits until each has exec'd its command (no `/bin/sh -c` left).
+/// waits until each has exec'd its command.
 fn processes(
     what: &str,
     pids: &[u32],
@@ -334,10 +334,12 @@ fn processes(
                 && argv[..2] == ["/bin/sh", "-c"]
                 && (argv[2].starts_with("exec '") || argv[2].starts_with("export "))
         };
+        // supervisord's child is a copy of supervisord until it execs.
+        let forked = |argv: &[String]| argv.iter().any(|a| a.ends_with("supervisord"));
         let settled = seen.len() == want
             && seen
                 .iter()
-                .all(|(argv, _)| !argv.is_empty() && !wrapper(argv));
+                .all(|(argv, _)| !argv.is_empty() && !wrapper(argv) && !forked(argv));
         if settled {
             Ok(seen)
         } else {
@@ -379,6 +381,8 @@ stopasgroup=true
 [program:shell]
 command=/bin/sh -c "sleep 2000; echo 'done %(program_name)s'"
 environment=APP_ENV="shell"
+stopasgroup=true
+killasgroup=true
 "#,
     )
     .expect("write");
