@@ -87,8 +87,7 @@ fn every_sample_imports_and_passes_check() {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(0), "{}: {stderr}", sample.display());
         assert!(
-            stderr.contains(&format!("zdt import: "))
-                && stderr.contains(&*sample.to_string_lossy()),
+            stderr.contains("zdt import: ") && stderr.contains(&*sample.to_string_lossy()),
             "{}: no report: {stderr}",
             sample.display()
         );

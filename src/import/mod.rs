@@ -1,7 +1,7 @@
 //! `zdt import`: a supervisord or PM2 configuration turned into a
 //! supervisor.toml.
 //!
-//! The readers ([`supervisord`], [`pm2`]) fill a [`Doc`]: tables of lines,
+//! The readers (`supervisord`, `pm2`) fill a `Doc`: tables of lines,
 //! each a key and value zdt accepts, a comment where the meaning changed in
 //! the mapping, or a line left commented out when zdt cannot take it yet.
 //! What has no equivalent at all goes to the report, each note naming the

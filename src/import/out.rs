@@ -140,15 +140,6 @@ impl Table {
         });
     }
 
-    /// The rendered value of an enabled `key`, if set.
-    #[cfg(test)]
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.lines
-            .iter()
-            .find(|l| l.key == key && !l.disabled)
-            .and_then(|l| l.value.as_deref())
-    }
-
     fn render_into(&self, s: &mut String) {
         s.push_str(&format!("[{}]\n", self.header));
         for l in &self.lines {

@@ -368,15 +368,14 @@ fn map_app(
     match interpreter {
         Some("none") => {}
         Some(i) => argv.push(i.to_string()),
-        None => match interpreter_for(script) {
-            Some(i) => {
+        None => {
+            if let Some(i) = interpreter_for(script) {
                 argv.push(i.to_string());
                 if i == "python3" {
                     cmd_note = Some("PM2 runs .py with python: python3 here".to_string());
                 }
             }
-            None => {}
-        },
+        }
     }
     for k in ["interpreter_args", "node_args"] {
         if let Some(v) = obj.get(k) {
