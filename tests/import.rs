@@ -146,6 +146,43 @@ fn import_prints_to_stdout_and_reports_on_stderr() {
 }
 
 #[test]
+fn numbers_from_the_environment_are_read_when_importing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("s.conf");
+    std::fs::write(
+        &conf,
+        "[program:a]\ncommand=/bin/sleep %(ENV_NAP)s\nnumprocs=%(ENV_WORKERS)s\nprocess_name=a%(process_num)s\nautostart=%(ENV_ON)s\n",
+    )
+    .expect("write");
+    let o = Command::new(bin("zdt"))
+        .arg("import")
+        .arg(&conf)
+        .env("WORKERS", "3")
+        .env("ON", "false")
+        .env("NAP", "5")
+        .output()
+        .expect("zdt import");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for line in [
+        "command = \"/bin/sleep ${NAP}\"",
+        "instances = 3",
+        "autostart = false",
+        "# numprocs = %(ENV_WORKERS)s: read from this environment when imported (3)",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "want {line:?} in\n{stdout}"
+        );
+    }
+}
+
+#[test]
 fn import_refuses_to_overwrite_without_force() {
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = dir.path().join("s.conf");

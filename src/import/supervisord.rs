@@ -155,15 +155,41 @@ fn bad(s: &Section, e: &Entry, what: &str) -> ImportError {
     )
 }
 
+/// A value that must be a number or a boolean in zdt's file: its
+/// `%(ENV_X)s` are read from this environment now (zdt's `${X}` works in
+/// strings only).
+fn value_now(s: &Section, e: &Entry) -> Result<String, ImportError> {
+    if !e.value.contains("%(") {
+        return Ok(e.value.trim().to_string());
+    }
+    let names = Names {
+        fixed: [("here", folder_of(&s.at.file).display().to_string())]
+            .into_iter()
+            .collect(),
+        process_num_start: None,
+    };
+    let segs = pyformat::expand(&e.value, &names).map_err(|m| bad(s, e, &m))?;
+    let mut out = String::new();
+    for seg in segs {
+        match seg {
+            Seg::Lit(l) => out.push_str(&l),
+            Seg::Env(v) => out.push_str(&std::env::var(&v).map_err(|_| {
+                bad(s, e, &format!("{v} is not set in this environment: it is read when importing, as zdt needs a number or true/false here"))
+            })?),
+            Seg::Num { .. } => return Err(bad(s, e, "%(process_num) cannot be used here")),
+        }
+    }
+    Ok(out.trim().to_string())
+}
+
 fn int(s: &Section, e: &Entry) -> Result<i64, ImportError> {
-    e.value
-        .trim()
+    value_now(s, e)?
         .parse()
         .map_err(|_| bad(s, e, "expected an integer"))
 }
 
 fn boolean(s: &Section, e: &Entry) -> Result<bool, ImportError> {
-    match e.value.trim().to_ascii_lowercase().as_str() {
+    match value_now(s, e)?.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
         "false" | "no" | "off" | "0" => Ok(false),
         _ => Err(bad(s, e, "expected true or false")),
@@ -685,6 +711,29 @@ fn program(
     }
     if fcgi {
         fcgi_socket(s, &mut t, &plain, doc)?;
+    }
+    for e in &s.entries {
+        let now = [
+            "numprocs",
+            "numprocs_start",
+            "priority",
+            "autostart",
+            "startsecs",
+            "startretries",
+            "stopwaitsecs",
+            "stdout_logfile_backups",
+            "stderr_logfile_backups",
+            "redirect_stderr",
+            "socket_backlog",
+        ];
+        if now.contains(&e.key.as_str()) && e.value.contains("%(") {
+            t.comment(format!(
+                "{} = {}: read from this environment when imported ({})",
+                e.key,
+                e.value,
+                value_now(s, e)?
+            ));
+        }
     }
     for e in &s.entries {
         if !PROGRAM_KEYS.contains(&e.key.as_str()) {

@@ -340,3 +340,17 @@ fn environment_syntax() {
     );
     assert!(parse_env("novalue").is_err());
 }
+
+#[test]
+fn a_number_from_an_unset_variable_is_an_error() {
+    let dir = files(&[(
+        "s.conf",
+        "[program:a]\ncommand=x\nnumprocs=%(ENV_ZDT_IMPORT_TEST_UNSET)s\n",
+    )]);
+    let e = import(&dir.path().join("s.conf")).expect_err("unset");
+    assert!(
+        e.to_string().contains("s.conf:3: ")
+            && e.message.contains("ZDT_IMPORT_TEST_UNSET is not set"),
+        "{e}"
+    );
+}
