@@ -1,5 +1,6 @@
 //! `zdt`: the daemon. `zdt -c supervisor.toml` runs in the foreground and
-//! logs to stderr; `zdt check -c FILE` validates a configuration.
+//! logs to stderr; `zdt check -c FILE` validates a configuration; `zdt
+//! import FILE` turns a supervisord.conf or a PM2 process file into one.
 //!
 //! Exit codes: 0 stopped cleanly / config valid, 1 failed while running,
 //! 2 usage or configuration error (including a `LISTEN_FDS` fd that is not
@@ -62,7 +63,7 @@ enum Cmd {
         /// supervisord.conf (.conf, .ini), ecosystem.config.js, .json, .yaml/.yml.
         file: PathBuf,
         /// Write here instead of stdout.
-        #[arg(short = 'o', long = "output")]
+        #[arg(short = 'o', long = "output", value_name = "OUT")]
         output: Option<PathBuf>,
         /// Overwrite OUT if it exists.
         #[arg(long)]

@@ -5,8 +5,6 @@
 //! file and the app.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use serde_json::Value as Json;
 use toml::Value;
@@ -14,39 +12,15 @@ use toml::Value;
 use super::out::key;
 use super::{Doc, Format, ImportError, Options, Source, Table};
 
-/// How long node may take to evaluate an ecosystem file.
-const NODE_TIMEOUT: Duration = Duration::from_secs(30);
+mod load;
+mod values;
+
+use values::{cpus, duration, env_value, interpreter_for, join, millis, words};
 
 /// Imports the PM2 file at `path`.
 pub(crate) fn import(path: &Path, format: Format, options: &Options) -> Result<Doc, ImportError> {
-    let value = match format {
-        Format::Pm2Js => evaluate_js(NODE, path)?,
-        Format::Pm2Yaml => {
-            let text = super::supervisord::read(path, None)?;
-            serde_yaml_ng::from_str::<Json>(&text).map_err(|e| {
-                let at = match e.location() {
-                    Some(l) => Source::at(path, l.line()),
-                    None => Source::file(path),
-                };
-                ImportError::new(at, format!("not valid YAML: {e}"))
-            })?
-        }
-        _ => {
-            let text = super::supervisord::read(path, None)?;
-            match serde_json::from_str::<Json>(&text) {
-                Ok(v) => v,
-                // PM2 reads .json files as JSON5 (unquoted keys, single
-                // quotes): node reads that as an object literal.
-                Err(e) => evaluate_json5(path).map_err(|node| {
-                    ImportError::new(
-                        Source::at(path, e.line()),
-                        format!("not valid JSON ({e}), nor JSON5 for node: {}", node.message),
-                    )
-                })?,
-            }
-        }
-    };
-    let apps = apps(&value).ok_or_else(|| {
+    let value = load::read(path, format)?;
+    let apps = load::apps(&value).ok_or_else(|| {
         ImportError::new(
             Source::file(path),
             "no apps: expected { apps: [...] }, a list of apps, or one app with a script",
@@ -74,201 +48,6 @@ pub(crate) fn import(path: &Path, format: Format, options: &Options) -> Result<D
         doc.programs.push(t);
     }
     Ok(doc)
-}
-
-/// The apps of a PM2 file's value.
-fn apps(v: &Json) -> Option<Vec<Json>> {
-    match v {
-        Json::Array(a) => Some(a.clone()),
-        Json::Object(o) => match o.get("apps") {
-            Some(Json::Array(a)) => Some(a.clone()),
-            Some(app @ Json::Object(_)) => Some(vec![app.clone()]),
-            None if o.contains_key("script") => Some(vec![v.clone()]),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// `module.exports` of an ecosystem file, as JSON, from `node -e`.
-fn evaluate_js(node: &str, path: &Path) -> Result<Json, ImportError> {
-    let at = Source::file(path);
-    let abs = std::fs::canonicalize(path)
-        .map_err(|e| ImportError::new(at.clone(), format!("cannot read it: {e}")))?;
-    let file = serde_json::to_string(&abs.to_string_lossy()).unwrap_or_default();
-    run_node(
-        node,
-        path,
-        &abs,
-        &format!(
-            "const f = {file};\n\
-         (async () => {{\n\
-           let m;\n\
-           try {{ m = require(f); }} catch (e) {{\n\
-             if (e.code !== 'ERR_REQUIRE_ESM') throw e;\n\
-             m = (await import(require('url').pathToFileURL(f))).default;\n\
-           }}\n\
-           process.stdout.write(JSON.stringify(m === undefined ? null : m));\n\
-         }})().catch(e => {{ console.error(e && e.stack || String(e)); process.exit(1); }});"
-        ),
-    )
-}
-
-/// A PM2 .json file in JSON5, read by node as an object literal.
-fn evaluate_json5(path: &Path) -> Result<Json, ImportError> {
-    let at = Source::file(path);
-    let abs = std::fs::canonicalize(path)
-        .map_err(|e| ImportError::new(at.clone(), format!("cannot read it: {e}")))?;
-    let file = serde_json::to_string(&abs.to_string_lossy()).unwrap_or_default();
-    run_node(
-        NODE,
-        path,
-        &abs,
-        &format!(
-            "const t = require('fs').readFileSync({file}, 'utf8');\n\
-             const v = new Function('return (' + t + '\\n);')();\n\
-             process.stdout.write(JSON.stringify(v === undefined ? null : v));"
-        ),
-    )
-}
-
-/// Runs `script` with `node -e` in the folder of `abs` (the file `path`
-/// names) and parses what it prints as JSON.
-/// The program that evaluates ecosystem files (looked up in PATH).
-const NODE: &str = "node";
-
-fn run_node(node: &str, path: &Path, abs: &Path, script: &str) -> Result<Json, ImportError> {
-    let at = Source::file(path);
-    let child = Command::new(node)
-        .arg("-e")
-        .arg(script)
-        .current_dir(abs.parent().unwrap_or(Path::new("/")))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            let why = if e.kind() == std::io::ErrorKind::NotFound {
-                "node is not on PATH: it is needed to evaluate an ecosystem.config.js (or convert the file to JSON: node -e 'console.log(JSON.stringify(require(\"./ecosystem.config.js\")))' > ecosystem.json)".to_string()
-            } else {
-                format!("cannot run node: {e}")
-            };
-            ImportError::new(at.clone(), why)
-        })?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(NODE_TIMEOUT) {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => return Err(ImportError::new(at, format!("node: {e}"))),
-        Err(_) => {
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            return Err(ImportError::new(
-                at,
-                format!("node did not finish evaluating it within {NODE_TIMEOUT:?}"),
-            ));
-        }
-    };
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        // node names the file and line of a syntax error first.
-        let line = err
-            .lines()
-            .next()
-            .and_then(|l| l.rsplit_once(':'))
-            .and_then(|(f, n)| {
-                f.ends_with(&*abs.to_string_lossy())
-                    .then(|| n.trim().parse().ok())?
-            });
-        let at = match line {
-            Some(n) => Source::at(path, n),
-            None => at,
-        };
-        return Err(ImportError::new(
-            at,
-            format!("node could not evaluate it:\n{}", err.trim_end()),
-        ));
-    }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| ImportError::new(at, format!("node printed no JSON: {e}")))
-}
-
-/// A PM2 time: a number of milliseconds, or a string such as "10s", "1m",
-/// "500ms" (a bare string number is milliseconds too).
-fn millis(v: &Json) -> Option<u64> {
-    match v {
-        Json::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
-        Json::String(s) => {
-            let s = s.trim();
-            if let Ok(n) = s.parse::<u64>() {
-                return Some(n);
-            }
-            crate::config::parse_duration(s)
-                .ok()
-                .map(|d| d.as_millis() as u64)
-        }
-        _ => None,
-    }
-}
-
-/// Milliseconds as a zdt duration.
-fn duration(ms: u64) -> String {
-    if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-/// A JSON scalar as an environment value.
-fn env_value(v: &Json) -> Option<String> {
-    match v {
-        Json::String(s) => Some(s.clone()),
-        Json::Number(n) => Some(n.to_string()),
-        Json::Bool(b) => Some(b.to_string()),
-        Json::Null => Some(String::new()),
-        _ => None,
-    }
-}
-
-/// Words of a PM2 `args`/`interpreter_args`: a list, or a string split
-/// like a shell would.
-fn words(v: &Json) -> Option<Vec<String>> {
-    match v {
-        Json::String(s) => shlex::split(s),
-        Json::Array(a) => a.iter().map(env_value).collect(),
-        _ => None,
-    }
-}
-
-/// The interpreter PM2 picks from a script's extension.
-fn interpreter_for(script: &str) -> Option<&'static str> {
-    let ext = Path::new(script).extension()?.to_str()?;
-    Some(match ext {
-        "js" | "cjs" | "mjs" => "node",
-        "ts" => "ts-node",
-        "coffee" => "coffee",
-        "py" => "python3",
-        "sh" => "bash",
-        "rb" => "ruby",
-        "php" => "php",
-        "pl" => "perl",
-        _ => return None,
-    })
-}
-
-/// The number of CPUs here.
-fn cpus() -> i64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as i64)
 }
 
 /// Keys of an app this module maps (the rest is reported).
@@ -314,16 +93,6 @@ const APP_KEYS: &[&str] = &[
     "port",
     "kill_signal",
 ];
-
-/// `rel` under `base`, without `.` components.
-fn join(base: &Path, rel: &str) -> String {
-    base.join(rel)
-        .components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect::<std::path::PathBuf>()
-        .display()
-        .to_string()
-}
 
 fn map_app(
     app: &Json,

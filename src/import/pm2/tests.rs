@@ -270,7 +270,7 @@ fn unreadable_files_name_the_line() {
 #[test]
 fn without_node_an_ecosystem_file_is_a_clear_error() {
     let dir = files(&[("e.config.js", "module.exports = {}\n")]);
-    let e =
-        evaluate_js("zdt-test-no-such-node", &dir.path().join("e.config.js")).expect_err("no node");
+    let e = load::evaluate_js("zdt-test-no-such-node", &dir.path().join("e.config.js"))
+        .expect_err("no node");
     assert!(e.message.starts_with("node is not on PATH"), "{e}");
 }
