@@ -383,14 +383,11 @@ fn unix_http_server(s: &Section, doc: &mut Doc) {
                 Err(m) => doc.note(at(s, e), format!("[unix_http_server] chmod: {m}")),
             },
             "chown" => match e.value.split_once(':') {
-                Some((user, group)) => {
-                    doc.supervisor.set_noted(
-                        "control_group",
-                        group.trim(),
-                        format!("chown = {}: members of the group may use zdtctl; the socket stays zdt's user's", e.value),
-                    );
-                    let _ = user;
-                }
+                Some((_, group)) => doc.supervisor.set_noted(
+                    "control_group",
+                    group.trim(),
+                    format!("chown = {}: members of the group may use zdtctl; the socket stays zdt's user's", e.value),
+                ),
                 None => doc.note(
                     at(s, e),
                     format!("[unix_http_server] chown = {}: zdt's socket belongs to zdt's user; give other users a group with control_group", e.value),
