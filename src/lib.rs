@@ -29,6 +29,10 @@
 //! - [`config`]: supervisor.toml → [`config::Config`], validated whole, errors
 //!   with file:line:col.
 //! - [`control`]: the control protocol, its server and client.
+//! - [`import`]: `zdt import`: a supervisord.conf or PM2 process file to a
+//!   supervisor.toml, with a comment on each line whose meaning changed and
+//!   a report of what has no equivalent. Runs nothing; reads the daemon's
+//!   config loader only to ask whether a planned key is taken yet.
 //! - [`supervisor`]: target resolution, fan-out by priority, reload diff,
 //!   shutdown order, ownership of listening sockets ([`listen`]).
 //! - [`program`]: orders (start, stop, stop-then-start restart, zero-downtime
@@ -103,6 +107,7 @@ pub mod deploy;
 pub mod fds;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod import;
 pub mod instance;
 pub mod listen;
 pub mod logs;

@@ -12,6 +12,7 @@ mod crashes;
 mod deploy;
 mod deploy_sources;
 mod faults;
+mod import;
 mod lifecycle;
 mod logs;
 mod multihost;

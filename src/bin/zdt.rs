@@ -1,5 +1,6 @@
 //! `zdt`: the daemon. `zdt -c supervisor.toml` runs in the foreground and
-//! logs to stderr; `zdt check -c FILE` validates a configuration.
+//! logs to stderr; `zdt check -c FILE` validates a configuration; `zdt
+//! import FILE` turns a supervisord.conf or a PM2 process file into one.
 //!
 //! Exit codes: 0 stopped cleanly / config valid, 1 failed while running,
 //! 2 usage or configuration error (including a `LISTEN_FDS` fd that is not
@@ -52,6 +53,25 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Turn a supervisord.conf or a PM2 process file (ecosystem.config.js,
+    /// .json, .yaml) into a supervisor.toml: printed, or written to -o OUT.
+    /// What could not be mapped is reported on stderr. Exit 0 done, 2 when
+    /// the input cannot be read or parsed (or OUT exists without --force).
+    ///
+    /// Example: zdt import /etc/supervisor/supervisord.conf -o supervisor.toml
+    Import {
+        /// supervisord.conf (.conf, .ini), ecosystem.config.js, .json, .yaml/.yml.
+        file: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long = "output", value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Overwrite OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// PM2: take env_NAME over env (as `pm2 start --env NAME`).
+        #[arg(long = "env", value_name = "NAME")]
+        env: Option<String>,
+    },
     /// Whether this binary can take over from a running zdt (run by
     /// `zdtctl upgrade` before it hands over).
     #[command(name = "__upgrade-check", hide = true)]
@@ -92,6 +112,76 @@ fn notify(messages: &[String]) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `zdt import`: see [`Cmd::Import`].
+fn import(
+    file: &std::path::Path,
+    output: Option<&std::path::Path>,
+    force: bool,
+    env: Option<String>,
+) -> ExitCode {
+    let options = zdt::import::Options { env };
+    let imported = match zdt::import::import(file, &options) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        None => print!("{}", imported.toml),
+        Some(out) => {
+            use std::io::Write;
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true);
+            if force {
+                open.create(true).truncate(true);
+            } else {
+                open.create_new(true);
+            }
+            let written = open
+                .open(out)
+                .and_then(|mut f| f.write_all(imported.toml.as_bytes()));
+            if let Err(e) = written {
+                let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    " (it exists: pass --force to overwrite it)"
+                } else {
+                    ""
+                };
+                eprintln!("error: cannot write {}: {e}{hint}", out.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if imported.report.is_empty() {
+        eprintln!("zdt import: every option of {} was mapped", file.display());
+    } else {
+        eprintln!(
+            "zdt import: {} thing{} of {} not mapped:",
+            imported.report.len(),
+            if imported.report.len() == 1 { "" } else { "s" },
+            file.display()
+        );
+        for n in &imported.report {
+            eprintln!("  {n}");
+        }
+    }
+    // The result as `zdt check` would read it (relative paths from where
+    // it is written).
+    let target = match output {
+        Some(o) => std::path::absolute(o).unwrap_or_else(|_| o.to_path_buf()),
+        None => std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join("supervisor.toml"),
+    };
+    if let Err(e) = zdt::config::parse(&imported.toml, &target) {
+        eprintln!(
+            "warning: zdt check does not accept the result yet:\n{}",
+            e.render()
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn load(explicit: Option<&std::path::Path>) -> Result<zdt::config::Config, ExitCode> {
@@ -331,6 +421,15 @@ fn main() -> ExitCode {
     zdt::upgrade::remember_start();
     if let Some(Cmd::Notify { messages }) = &args.command {
         return notify(messages);
+    }
+    if let Some(Cmd::Import {
+        file,
+        output,
+        force,
+        env,
+    }) = &args.command
+    {
+        return import(file, output.as_deref(), *force, env.clone());
     }
     if let Some(Cmd::UpgradeCheck { state }) = &args.command {
         return zdt::upgrade::check(state);
