@@ -337,3 +337,162 @@ fn tail_n_counts_lines_and_c_counts_bytes() {
     let out = d.ctl(&["tail", "--bytes", "7", "lines"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "line12\n");
 }
+
+/// `zdtctl logs` interleaves every instance's stdout and stderr of several
+/// programs, each line prefixed with where it came from; `tail NAME` of a
+/// program with several instances prefixes its lines the same way, `tail
+/// NAME:N` stays plain; `logs` follows new output until its reader goes.
+#[test]
+fn logs_and_tail_prefix_lines_from_several_instances_and_follow() {
+    let prog = |name: &str, n: u32| {
+        format!(
+            "[program.{name}]\ncommand = [\"sh\", \"-c\", \"echo {name} says hello from $ZDT_INSTANCE; \
+             echo {name} oops $ZDT_INSTANCE >&2; exec sleep 1000\"]\n\
+             startsecs = \"0s\"\nlog_prefix = false\ninstances = {n}\n"
+        )
+    };
+    let d = Daemon::start(&(header() + &prog("a", 2) + &prog("b", 1)));
+    let expected = [
+        "a:0     | a says hello from 0",
+        "a:0 err | a oops 0",
+        "a:1     | a says hello from 1",
+        "a:1 err | a oops 1",
+        "b:0     | b says hello from 0",
+        "b:0 err | b oops 0",
+    ];
+    let text = wait_for("every line in logs", T, || {
+        let out = d.ctl(&["logs", "--no-follow"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && expected.iter().all(|l| text.lines().any(|t| t == *l)) {
+            Ok(text)
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
+    assert_eq!(text.lines().count(), 6, "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+    let out = d.ctl(&["logs", "--no-follow", "--err", "b"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "b:0 err | b oops 0\n");
+    let out = d.ctl(&["tail", "a"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a:0 | a says hello from 0\na:1 | a says hello from 1\n"
+    );
+    let out = d.ctl(&["tail", "a:1"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a says hello from 1\n"
+    );
+    let out = d.ctl(&["logs", "--no-follow", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // Following: the last line of each stream, then a restart's new output.
+    let mut follower = std::process::Command::new(bin("zdtctl"))
+        .args([
+            "-c",
+            &d.path("supervisor.toml").display().to_string(),
+            "logs",
+            "-n",
+            "1",
+            "a",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn zdtctl logs");
+    let stdout = follower.stdout.take().expect("stdout");
+    let guard = KillOnDrop(follower);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + T;
+    let count = |seen: &[String], line: &str| seen.iter().filter(|l| *l == line).count();
+    let mut restarted = false;
+    while count(&seen, "a:1     | a says hello from 1") < 2
+        || count(&seen, "a:0 err | a oops 0") < 2
+    {
+        // Each stream printed its history: all four are connected.
+        if !restarted && seen.len() >= 4 {
+            assert!(d.ctl(&["restart", "a"]).status.success());
+            restarted = true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "lines seen: {seen:?}");
+        if let Ok(line) = rx.recv_timeout(left) {
+            seen.push(line);
+        }
+    }
+    drop(guard);
+}
+
+/// `status --watch --count 2`: two tables a second apart, one row per
+/// instance with its memory, its process count and (second table) its CPU
+/// and request rate from zdt's counters; it ends by itself.
+#[test]
+fn status_watch_shows_memory_cpu_and_request_rates() {
+    let port = free_port();
+    let d = Daemon::start(
+        &(header()
+            + &demo_program(
+                "web",
+                &[],
+                &format!(
+                    "mode = \"proxy\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n\
+                     ready = {{ http = \"/health\" }}\ninstances = 2"
+                ),
+            )),
+    );
+    let pids = [0, 1].map(|i| d.wait_state("web", i, Running, T).pid.expect("pid"));
+    wait_for("the proxy to answer", T, || http_get(port, "/"));
+    let load = crate::util::load::Load::start(port, 4, 0, &[0]);
+    load.wait_progress("load before watching");
+    let out = d.ctl(&["status", "--watch", "--interval", "1s", "--count", "2"]);
+    let report = load.stop();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tables: Vec<&str> = text.split("zdt status every 1s").skip(1).collect();
+    assert_eq!(tables.len(), 2, "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "no screen codes when not a terminal"
+    );
+    let header = tables[1].lines().nth(1).unwrap_or("");
+    assert!(
+        header.split_whitespace().eq([
+            "PROGRAM", "INST", "GEN", "STATE", "PID", "CPU%", "MEM", "PROCS", "REQ/S", "INFLIGHT",
+            "RESTARTS"
+        ]),
+        "{header}"
+    );
+    for (i, pid) in pids.iter().enumerate() {
+        let row: Vec<&str> = tables[1]
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(&pid.to_string()))
+            .unwrap_or_else(|| panic!("no row of pid {pid}: {text}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[..4], ["web", &i.to_string(), "1", "RUNNING"], "{row:?}");
+        assert!(row[5].parse::<f64>().is_ok(), "CPU%: {row:?}");
+        assert!(row[6].ends_with('M'), "MEM: {row:?}");
+        assert_eq!(row[7], "1", "PROCS: {row:?}");
+        assert!(row[8].parse::<f64>().is_ok(), "REQ/S: {row:?}");
+    }
+    // Under load, requests per second summed over the instances is above 0.
+    let rate: f64 = tables[1]
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(8)?.parse::<f64>().ok())
+        .sum();
+    assert!(rate > 0.0, "{text}");
+}

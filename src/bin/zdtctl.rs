@@ -38,6 +38,16 @@ struct Args {
 enum Cmd {
     /// Show programs and instances (all, or the ones named).
     Status {
+        /// Refresh a live view (CPU %, memory, requests per second, in
+        /// flight, per instance) until interrupted, like `pm2 monit`.
+        #[arg(short = 'w', long)]
+        watch: bool,
+        /// With --watch: time between refreshes.
+        #[arg(long, default_value = "1s", requires = "watch")]
+        interval: String,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
         /// Program names, NAME:N, globs such as web*, or all.
         targets: Vec<String>,
     },
@@ -116,8 +126,28 @@ enum Cmd {
         /// How many bytes of history, instead of lines.
         #[arg(long, conflicts_with = "lines")]
         bytes: Option<usize>,
-        /// NAME or NAME:N (instance 0 by default).
+        /// NAME:N for one instance; NAME for all of the program's, each line
+        /// prefixed with NAME:N when it has more than one.
         target: String,
+    },
+    /// Follow the output of several programs, every instance, stdout and
+    /// stderr, interleaved; each line prefixed with PROGRAM:N (coloured on a
+    /// terminal), like `pm2 logs`.
+    Logs {
+        /// Print the last lines and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+        /// How many lines of history from each instance's stream.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        /// stdout only.
+        #[arg(long, conflicts_with = "err")]
+        out: bool,
+        /// stderr only.
+        #[arg(long)]
+        err: bool,
+        /// Programs, globs or groups (default: all).
+        names: Vec<String>,
     },
     /// Proxy mode: /health says 503 at once; new requests get 503 (after
     /// drain_delay when it is set) while in-flight ones finish.
@@ -288,8 +318,10 @@ fn socket_path(args: &Args) -> Result<PathBuf, ExitCode> {
 
 fn requests(cmd: &Cmd) -> Vec<Command> {
     match cmd {
-        Cmd::Status { targets } if targets.is_empty() => vec![Command::Status { target: None }],
-        Cmd::Status { targets } => targets
+        Cmd::Status { targets, .. } if targets.is_empty() => {
+            vec![Command::Status { target: None }]
+        }
+        Cmd::Status { targets, .. } => targets
             .iter()
             .map(|t| Command::Status {
                 target: Some(t.clone()),
@@ -406,6 +438,8 @@ fn requests(cmd: &Cmd) -> Vec<Command> {
         Cmd::Version => vec![Command::Version],
         // Answered without the daemon, in main.
         Cmd::Completions { .. } | Cmd::Man => Vec::new(),
+        // Several connections at once, in `streams`.
+        Cmd::Logs { .. } => Vec::new(),
     }
 }
 
@@ -870,6 +904,18 @@ async fn requests_to(out: &Out, args: &Args, socket: &std::path::Path) -> u8 {
     if let Cmd::Upgrade { binary } = &args.command {
         return upgrade(out, args.json, socket, binary.as_deref()).await;
     }
+    if let Some(code) = streams(out, args, socket).await {
+        return code;
+    }
+    if let Cmd::Status {
+        watch: true,
+        interval,
+        count,
+        targets,
+    } = &args.command
+    {
+        return watch_status(out, socket, targets, interval, *count).await;
+    }
     let mut client = match Client::connect(socket).await {
         Ok(c) => c,
         Err(e) => {
@@ -923,6 +969,205 @@ async fn requests_to(out: &Out, args: &Args, socket: &std::path::Path) -> u8 {
         }
     }
     code
+}
+
+/// `logs`, and `tail NAME` of a program with several instances: one
+/// connection per stream, lines prefixed. None for any other command.
+async fn streams(out: &Out, args: &Args, socket: &std::path::Path) -> Option<u8> {
+    use zdt::control::follow::{self, Stream};
+    let (targets, lines, follow, which): (Vec<Option<String>>, usize, bool, &[bool]) =
+        match &args.command {
+            Cmd::Logs {
+                no_follow,
+                lines,
+                out: o,
+                err,
+                names,
+            } => (
+                if names.is_empty() {
+                    vec![None]
+                } else {
+                    names.iter().cloned().map(Some).collect()
+                },
+                *lines,
+                !no_follow,
+                match (o, err) {
+                    (true, _) => &[false],
+                    (_, true) => &[true],
+                    _ => &[false, true],
+                },
+            ),
+            Cmd::Tail {
+                follow,
+                stderr,
+                lines,
+                bytes: None,
+                target,
+            } if !target.contains(':') => (
+                vec![Some(target.clone())],
+                *lines,
+                *follow,
+                if *stderr { &[true] } else { &[false] },
+            ),
+            _ => return None,
+        };
+    let mut instances = Vec::new();
+    for t in targets {
+        match follow::instances(socket, t).await {
+            Ok(Ok(list)) => instances.extend(list),
+            Ok(Err(body)) => {
+                print_error(out, &body, args.json);
+                return Some(EXIT_FAILED);
+            }
+            Err(e) => {
+                report_client_error(out, &e, args.json);
+                return Some(EXIT_UNREACHABLE);
+            }
+        }
+    }
+    instances.sort();
+    instances.dedup();
+    if matches!(args.command, Cmd::Tail { .. }) {
+        let programs: std::collections::BTreeSet<&str> =
+            instances.iter().map(|(p, _)| p.as_str()).collect();
+        if programs.len() != 1 || instances.len() < 2 {
+            // One program of one instance: the plain tail, unprefixed.
+            return None;
+        }
+    }
+    let streams: Vec<Stream> = instances
+        .iter()
+        .flat_map(|(program, instance)| {
+            which.iter().map(|&stderr| Stream {
+                program: program.clone(),
+                instance: *instance,
+                stderr,
+            })
+        })
+        .collect();
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let print = |text: &str| {
+        if !text.is_empty() {
+            out.print(text);
+        }
+    };
+    let run = follow::follow(socket, &streams, lines, follow, colour, &print);
+    let result = tokio::select! {
+        r = run => r,
+        // Nobody reads what would be printed.
+        () = out.closed.notified() => return Some(0),
+    };
+    Some(match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(body)) => {
+            print_error(out, &body, args.json);
+            EXIT_FAILED
+        }
+        Err(e) => {
+            report_client_error(out, &e, args.json);
+            EXIT_UNREACHABLE
+        }
+    })
+}
+
+/// `status --watch`: the instances of `targets` with CPU, memory and
+/// request rates, redrawn every `interval` (on a terminal; otherwise one
+/// table after another) until interrupted, stdout goes away, or `count`.
+async fn watch_status(
+    out: &Out,
+    socket: &std::path::Path,
+    targets: &[String],
+    interval: &str,
+    count: Option<u64>,
+) -> u8 {
+    use std::io::IsTerminal;
+    use zdt::control::monitor::{human_bytes, Monitor};
+    let every = match zdt::config::parse_duration(interval) {
+        Ok(d) if d >= std::time::Duration::from_millis(100) => d,
+        Ok(_) => {
+            err_line("error: --interval: use at least 100ms");
+            return EXIT_USAGE;
+        }
+        Err(e) => {
+            err_line(&format!("error: --interval: {e}"));
+            return EXIT_USAGE;
+        }
+    };
+    let mut client = match Client::connect(socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            report_client_error(out, &e, false);
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let terminal = std::io::stdout().is_terminal();
+    let mut monitor = Monitor::default();
+    let mut ticker = tokio::time::interval(every);
+    let mut shown = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = out.closed.notified() => return 0,
+        }
+        let queries: Vec<Option<String>> = if targets.is_empty() {
+            vec![None]
+        } else {
+            targets.iter().cloned().map(Some).collect()
+        };
+        let mut programs = Vec::new();
+        for target in queries {
+            match client.request(Command::Status { target }, |_| {}).await {
+                Ok(Ok(Outcome::Status { programs: p })) => programs.extend(p),
+                Ok(Ok(_)) => {}
+                Ok(Err(body)) => {
+                    print_error(out, &body, false);
+                    return EXIT_FAILED;
+                }
+                Err(e) => {
+                    report_client_error(out, &e, false);
+                    return EXIT_UNREACHABLE;
+                }
+            }
+        }
+        let usage = zdt::admin::procstat::groups();
+        let rows = monitor.rows(&programs, &usage, std::time::Instant::now());
+        let dash = || "-".to_string();
+        let mut table = vec![[
+            "PROGRAM", "INST", "GEN", "STATE", "PID", "CPU%", "MEM", "PROCS", "REQ/S", "INFLIGHT",
+            "RESTARTS",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for r in &rows {
+            table.push(vec![
+                r.program.clone(),
+                r.instance.to_string(),
+                r.generation.to_string(),
+                r.state.to_string(),
+                r.pid.map_or_else(dash, |p| p.to_string()),
+                r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
+                r.rss_bytes.map_or_else(dash, human_bytes),
+                r.processes.map_or_else(dash, |n| n.to_string()),
+                r.requests_per_s.map_or_else(dash, |q| format!("{q:.0}")),
+                r.inflight.map_or_else(dash, |n| n.to_string()),
+                r.restarts.to_string(),
+            ]);
+        }
+        if terminal {
+            // Home and clear, then the table: a redraw in place.
+            out.print("\x1b[H\x1b[2J");
+        } else if shown > 0 {
+            out.print("\n");
+        }
+        let when = chrono::Local::now().format("%H:%M:%S");
+        outln!(out, "zdt status every {interval}, {when} (Ctrl-C to quit)");
+        print_table(out, table);
+        shown += 1;
+        if count.is_some_and(|c| shown >= c) {
+            return 0;
+        }
+    }
 }
 
 fn report_client_error(out: &Out, e: &ClientError, json: bool) {

@@ -6,6 +6,8 @@
 //! back as one line, until the supervisor drops its sender.
 
 pub mod client;
+pub mod follow;
+pub mod monitor;
 pub mod proto;
 pub mod server;
 

@@ -160,14 +160,6 @@ pub fn import(path: &Path, options: &Options) -> Result<Imported, ImportError> {
     })
 }
 
-/// Whether zdt's loader takes `line` (such as `watch = ["src"]`) in a
-/// `[program.NAME]` table: keys that are planned are written commented out
-/// until it does.
-pub(crate) fn program_key_accepted(line: &str) -> bool {
-    let text = format!("[program.probe]\ncommand = [\"/bin/true\"]\n{line}\n");
-    crate::config::parse(&text, Path::new("/probe/supervisor.toml")).is_ok()
-}
-
 /// Whether a user `name` can be given to zdt here: zdt runs as root
 /// (this process does) and the user exists.
 pub(crate) fn user_usable(name: &str) -> Result<(), String> {

@@ -82,6 +82,7 @@ const APP_KEYS: &[&str] = &[
     "combine_logs",
     "watch",
     "ignore_watch",
+    "watch_delay",
     "time",
     "log_date_format",
     "stop_exit_codes",
@@ -491,7 +492,6 @@ fn map_app(
         t.comment("treekill: zdt always signals the whole process group");
     }
 
-    // watch: a planned key; written commented out until zdt takes it.
     if let Some(w) = obj.get("watch") {
         let paths: Vec<Value> = match w {
             Json::Bool(true) => vec![Value::String(".".into())],
@@ -504,19 +504,22 @@ fn map_app(
             _ => Vec::new(),
         };
         if !paths.is_empty() {
-            let v = Value::Array(paths);
-            if super::program_key_accepted(&format!("watch = {v}")) {
-                t.set("watch", v);
-            } else {
-                t.disabled("watch", v, "PM2 watch: this zdt does not take watch yet");
-                note(
-                    doc,
-                    "watch: this zdt has no watch key yet; left commented out".into(),
+            t.set("watch", Value::Array(paths));
+            if let Some(Json::Array(ignore)) = obj.get("ignore_watch") {
+                let names: Vec<Value> = ignore
+                    .iter()
+                    .filter_map(Json::as_str)
+                    .map(|s| Value::String(s.into()))
+                    .collect();
+                t.set_noted(
+                    "watch_ignore",
+                    Value::Array(names),
+                    "PM2 ignore_watch (chokidar patterns); zdt matches shell patterns against each part of a path, and this list replaces its default (.git, node_modules, vendor, *.log, editor files)",
                 );
             }
-        }
-        if obj.contains_key("ignore_watch") {
-            note(doc, "ignore_watch: not mapped".into());
+            if let Some(ms) = obj.get("watch_delay").and_then(Json::as_u64) {
+                t.set("watch_debounce", Value::String(format!("{ms}ms")));
+            }
         }
     }
 

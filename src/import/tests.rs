@@ -67,12 +67,6 @@ fn program_names_are_made_valid() {
 }
 
 #[test]
-fn a_key_zdt_lacks_is_not_accepted() {
-    assert!(program_key_accepted("autostart = false"));
-    assert!(!program_key_accepted("no_such_key = 1"));
-}
-
-#[test]
 fn lines_render_with_their_comments() {
     let mut doc = Doc::new();
     let mut t = Table::program("a.b");

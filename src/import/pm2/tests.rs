@@ -190,19 +190,16 @@ fn env_names_other_envs_or_takes_one() {
 }
 
 #[test]
-fn watch_is_commented_out_while_zdt_lacks_it() {
-    let (t, notes, dir) = json(
-        r#"{"name": "a", "script": "a.js", "watch": ["src", "lib"], "ignore_watch": ["node_modules"]}"#,
+fn watch_ignore_watch_and_watch_delay_map() {
+    let (t, _, dir) = json(
+        r#"{"name": "a", "script": "a.js", "watch": ["src", "lib"], "ignore_watch": ["node_modules"], "watch_delay": 800}"#,
     );
-    if crate::import::program_key_accepted("watch = [\"src\"]") {
-        has(&t, r#"watch = ["src", "lib"]"#);
-    } else {
-        assert!(
-            t.contains("# watch = [\"src\", \"lib\"]  # PM2 watch"),
-            "{t}"
-        );
-        assert!(notes.iter().any(|n| n.contains("watch")), "{notes:?}");
-    }
+    has(&t, r#"watch = ["src", "lib"]"#);
+    assert!(
+        t.contains(r#"watch_ignore = ["node_modules"]  # PM2 ignore_watch"#),
+        "{t}"
+    );
+    has(&t, r#"watch_debounce = "800ms""#);
     assert_loads(&t, dir.path());
 }
 

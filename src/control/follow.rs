@@ -1,0 +1,204 @@
+//! `zdtctl logs` and `zdtctl tail NAME` of a program with several
+//! instances: the output of several instances and streams, each line
+//! prefixed with where it came from (like `pm2 logs`), over one control
+//! connection per stream.
+
+use std::path::Path;
+
+use super::client::{Client, ClientError};
+use super::proto::{Command, ErrorBody, Outcome, Reply};
+
+/// One output stream to follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stream {
+    /// The program.
+    pub program: String,
+    /// Its instance.
+    pub instance: u32,
+    /// stderr rather than stdout.
+    pub stderr: bool,
+}
+
+impl Stream {
+    fn label(&self) -> String {
+        let err = if self.stderr { " err" } else { "" };
+        format!("{}:{}{err}", self.program, self.instance)
+    }
+}
+
+/// Colours for program labels, in turn (ANSI: cyan, green, yellow,
+/// magenta, blue, bright cyan); stderr labels are red.
+const COLOURS: [&str; 6] = ["36", "32", "33", "35", "34", "96"];
+const RED: &str = "31";
+
+/// Splits chunks of output into lines and puts `prefix` before each; a
+/// line cut between chunks waits for its end.
+#[derive(Debug)]
+pub struct Prefixer {
+    prefix: String,
+    partial: String,
+}
+
+impl Prefixer {
+    /// Lines will start with `prefix`.
+    pub fn new(prefix: String) -> Self {
+        Self {
+            prefix,
+            partial: String::new(),
+        }
+    }
+
+    /// The complete lines `data` ends, each with the prefix.
+    pub fn feed(&mut self, data: &str) -> String {
+        self.partial.push_str(data);
+        let Some(end) = self.partial.rfind('\n') else {
+            return String::new();
+        };
+        let rest = self.partial.split_off(end + 1);
+        let done = std::mem::replace(&mut self.partial, rest);
+        done.lines()
+            .map(|l| format!("{}{l}\n", self.prefix))
+            .collect()
+    }
+
+    /// What is left: a last line without its newline.
+    pub fn finish(&mut self) -> String {
+        if self.partial.is_empty() {
+            return String::new();
+        }
+        let line = std::mem::take(&mut self.partial);
+        format!("{}{line}\n", self.prefix)
+    }
+}
+
+/// The prefix of each stream's lines: its label padded to the longest,
+/// coloured by program when `colour`.
+pub fn prefixes(streams: &[Stream], colour: bool) -> Vec<String> {
+    let width = streams
+        .iter()
+        .map(|s| s.label().chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut programs: Vec<&str> = streams.iter().map(|s| s.program.as_str()).collect();
+    programs.dedup();
+    streams
+        .iter()
+        .map(|s| {
+            let label = format!("{:width$}", s.label());
+            if !colour {
+                return format!("{label} | ");
+            }
+            let code = if s.stderr {
+                RED
+            } else {
+                let i = programs.iter().position(|p| *p == s.program).unwrap_or(0);
+                COLOURS[i % COLOURS.len()]
+            };
+            format!("\x1b[{code}m{label}\x1b[0m | ")
+        })
+        .collect()
+}
+
+/// The instances of the programs `target` names, from zdt's status.
+pub async fn instances(
+    socket: &Path,
+    target: Option<String>,
+) -> Result<Result<Vec<(String, u32)>, ErrorBody>, ClientError> {
+    let mut client = Client::connect(socket).await?;
+    let outcome = client.request(Command::Status { target }, |_| {}).await?;
+    Ok(outcome.map(|o| match o {
+        Outcome::Status { programs } => {
+            let mut out: Vec<(String, u32)> = programs
+                .iter()
+                .flat_map(|p| p.instances.iter().map(|i| (p.name.clone(), i.instance)))
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        }
+        _ => Vec::new(),
+    }))
+}
+
+/// Follows (or, without `follow`, prints the last `lines` of) each stream,
+/// calling `print` with whole prefixed lines as they come. Returns when
+/// every stream has ended, or at the first error.
+pub async fn follow(
+    socket: &Path,
+    streams: &[Stream],
+    lines: usize,
+    follow: bool,
+    colour: bool,
+    print: &dyn Fn(&str),
+) -> Result<Result<(), ErrorBody>, ClientError> {
+    let prefixes = prefixes(streams, colour);
+    let runs = streams.iter().zip(prefixes).map(|(s, prefix)| async move {
+        let mut client = Client::connect(socket).await?;
+        let mut lines_out = Prefixer::new(prefix);
+        let command = Command::Tail {
+            target: format!("{}:{}", s.program, s.instance),
+            stderr: s.stderr,
+            follow,
+            bytes: None,
+            lines: Some(lines),
+        };
+        let result = client
+            .request(command, |reply| {
+                if let Reply::Log { data } = reply {
+                    print(&lines_out.feed(data));
+                }
+            })
+            .await;
+        let result = match result {
+            Ok(Ok(Outcome::Tail { data })) => {
+                print(&lines_out.feed(&data));
+                Ok(Ok(()))
+            }
+            Ok(Ok(_)) => Ok(Ok(())),
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(e) => Err(e),
+        };
+        print(&lines_out.finish());
+        result
+    });
+    for r in futures_util::future::join_all(runs).await {
+        match r {
+            Ok(Ok(())) => {}
+            other => return other,
+        }
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_cut_between_chunks_are_prefixed_once_whole() {
+        let mut p = Prefixer::new("web:0 | ".into());
+        assert_eq!(p.feed("one\ntw"), "web:0 | one\n");
+        assert_eq!(p.feed("o\nthree"), "web:0 | two\n");
+        assert_eq!(p.feed(""), "");
+        assert_eq!(p.finish(), "web:0 | three\n");
+        assert_eq!(p.finish(), "");
+    }
+
+    #[test]
+    fn labels_are_padded_and_coloured_by_program() {
+        let s = |program: &str, instance, stderr| Stream {
+            program: program.into(),
+            instance,
+            stderr,
+        };
+        let streams = [s("web", 0, false), s("web", 10, true), s("queue", 0, false)];
+        assert_eq!(
+            prefixes(&streams, false),
+            ["web:0      | ", "web:10 err | ", "queue:0    | "]
+        );
+        let c = prefixes(&streams, true);
+        assert!(c[0].starts_with("\x1b[36mweb:0"), "{c:?}");
+        assert!(c[1].starts_with("\x1b[31mweb:10 err"), "{c:?}");
+        assert!(c[2].starts_with("\x1b[32mqueue:0"), "{c:?}");
+    }
+}
