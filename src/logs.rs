@@ -32,7 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 
 mod stderr;
+mod syslog;
 pub use stderr::StderrLog;
+pub use syslog::Syslog;
 
 /// Bytes of recent output kept in memory per stream.
 pub const RING_BYTES: usize = 64 * 1024;
@@ -68,6 +70,8 @@ impl std::fmt::Debug for LogSink {
 
 struct Inner {
     path: Option<PathBuf>,
+    /// Lines go to syslog instead of a file.
+    syslog: Option<Syslog>,
     max_bytes: u64,
     backups: u32,
     state: Mutex<State>,
@@ -180,9 +184,22 @@ impl LogSink {
         backups: u32,
         on_drop: Option<Arc<tokio::sync::Notify>>,
     ) -> LogSink {
+        Self::with_syslog(file, None, max_bytes, backups, on_drop)
+    }
+
+    /// Like [`LogSink::watched`]; lines go to `syslog` (when given) rather
+    /// than to a file.
+    pub fn with_syslog(
+        file: Option<PathBuf>,
+        syslog: Option<Syslog>,
+        max_bytes: u64,
+        backups: u32,
+        on_drop: Option<Arc<tokio::sync::Notify>>,
+    ) -> LogSink {
         LogSink {
             inner: Arc::new(Inner {
                 path: file,
+                syslog,
                 max_bytes,
                 backups,
                 state: Mutex::default(),
@@ -215,6 +232,18 @@ impl LogSink {
         st.ring.extend(&data[data.len() - keep..]);
         if let Some(path) = &self.inner.path {
             self.to_file(&mut st, path, data);
+        }
+        drop(st);
+        if let Some(syslog) = &self.inner.syslog {
+            let dropped = syslog.write(data);
+            if dropped > 0 {
+                self.inner
+                    .dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                if let Some(n) = &self.inner.on_drop {
+                    n.notify_one();
+                }
+            }
         }
     }
 

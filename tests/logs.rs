@@ -496,3 +496,40 @@ fn status_watch_shows_memory_cpu_and_request_rates() {
         .sum();
     assert!(rate > 0.0, "{text}");
 }
+
+/// `stdout_logfile = "syslog"`: each line is one message on the syslog
+/// socket, tagged with the program's name; `tail` still reads the output.
+#[test]
+fn syslog_target_sends_each_line_as_a_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("log");
+    let server = std::os::unix::net::UnixDatagram::bind(&socket).expect("bind");
+    server.set_read_timeout(Some(T)).expect("read timeout");
+    let cfg = format!(
+        "[supervisor]\ncontrol = \"run/zdt.sock\"\nlog_dir = \"logs\"\nsyslog_socket = {:?}\n\n\
+         [program.web]\ncommand = [\"sh\", \"-c\", \"echo out line; echo err line >&2; exec sleep 1000\"]\n\
+         startsecs = \"0s\"\nstdout_logfile = \"syslog\"\nstderr_logfile = \"SYSLOG\"\n",
+        socket.display().to_string()
+    );
+    let d = Daemon::start(&cfg);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < 2 {
+        let n = server
+            .recv(&mut buf)
+            .expect("a syslog message within the deadline");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    got.sort();
+    assert!(
+        got[0].starts_with("<14>") && got[0].ends_with(" web: [gen 1:0] err line"),
+        "{got:?}"
+    );
+    assert!(
+        got[1].starts_with("<14>") && got[1].ends_with(" web: [gen 1:0] out line"),
+        "{got:?}"
+    );
+    assert!(!d.path("logs/web-0.out.log").exists(), "no file");
+    let out = d.ctl(&["tail", "web"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[gen 1:0] out line\n");
+}

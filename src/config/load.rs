@@ -64,6 +64,7 @@ struct RawSupervisor {
     agent_check: Option<Spanned<String>>,
     drain_delay: Option<DurationValue>,
     log_format: Option<Spanned<String>>,
+    syslog_socket: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -640,6 +641,7 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
             })?),
         },
         drain_delay: s.drain_delay.map_or(std::time::Duration::ZERO, |d| d.0),
+        syslog_socket: resolve(s.syslog_socket.as_deref().unwrap_or("/dev/log")),
         log_format: match s.log_format {
             None => LogFormat::Text,
             Some(f) => match f.get_ref().as_str() {
@@ -819,8 +821,13 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
                        max: Option<SizeValue>,
                        backups: Option<u32>,
                        ext: &str| {
+                let syslog = file
+                    .as_ref()
+                    .filter(|f| f.get_ref().eq_ignore_ascii_case("syslog"))
+                    .map(|_| supervisor.syslog_socket.clone());
                 let template = match &file {
                     Some(f) if f.get_ref().eq_ignore_ascii_case("none") => None,
+                    Some(_) if syslog.is_some() => None,
                     Some(f) => Some(resolve(f.get_ref()).display().to_string()),
                     None => Some(
                         supervisor
@@ -848,6 +855,7 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
                     file: template,
                     max_bytes: max.map_or(DEFAULT_LOG_MAX_BYTES, |m| m.0),
                     backups: backups.unwrap_or(DEFAULT_LOG_BACKUPS),
+                    syslog,
                 })
             };
             let stdout_log = log(

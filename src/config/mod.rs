@@ -119,6 +119,8 @@ pub struct SupervisorConfig {
     pub drain_delay: std::time::Duration,
     /// The format of zdt's own log on stderr. Default text.
     pub log_format: LogFormat,
+    /// Where `stdout_logfile = "syslog"` sends lines. Default `/dev/log`.
+    pub syslog_socket: PathBuf,
 }
 
 /// The format of zdt's own log (`[supervisor] log_format`).
@@ -196,6 +198,10 @@ pub struct LogConfig {
     pub max_bytes: u64,
     /// How many rotated files to keep. Default 10.
     pub backups: u32,
+    /// `"syslog"` in the config: each line goes as one message to this
+    /// syslog socket (`[supervisor] syslog_socket`, `/dev/log` by
+    /// default), tagged with the program's name, instead of a file.
+    pub syslog: Option<PathBuf>,
 }
 
 /// `watch`: what to watch and what to leave alone.

@@ -255,7 +255,17 @@ fn sink_for(cfg: &LogConfig, program: &str, index: usize, on_drop: &Arc<Notify>)
             .replace("{instance}", &index.to_string())
             .into()
     });
-    LogSink::watched(file, cfg.max_bytes, cfg.backups, Some(on_drop.clone()))
+    let syslog = cfg
+        .syslog
+        .clone()
+        .map(|socket| crate::logs::Syslog::new(socket, program));
+    LogSink::with_syslog(
+        file,
+        syslog,
+        cfg.max_bytes,
+        cfg.backups,
+        Some(on_drop.clone()),
+    )
 }
 
 fn lines_tail(bytes: &[u8], n: usize) -> String {

@@ -314,7 +314,7 @@ pub(super) fn program(
     for e in &s.entries {
         if !PROGRAM_KEYS.contains(&e.key.as_str()) {
             let hint = match e.key.as_str() {
-                k if k.ends_with("_syslog") => ": no syslog target yet; use the log files or run zdt under systemd",
+                k if k.ends_with("_syslog") => ": zdt sends a stream to a file or to syslog, not both: for syslog only, set stdout_logfile = \"syslog\" (or stderr_logfile)",
                 k if k.ends_with("_capture_maxbytes") || k.ends_with("_events_enabled") => ": zdt has no event listeners",
                 "serverurl" => ": zdt sets ZDT_PROGRAM, ZDT_INSTANCE, ZDT_GENERATION instead of SUPERVISOR_* variables",
                 _ => "",
@@ -346,13 +346,7 @@ fn log_file(
             return Ok(());
         }
         "SYSLOG" => {
-            doc.note(
-                at(s, e),
-                format!(
-                    "[{}] {} = syslog: no syslog target yet; zdt's default files are used",
-                    s.name, e.key
-                ),
-            );
+            t.set(&e.key, "syslog");
             return Ok(());
         }
         _ => {}

@@ -354,3 +354,16 @@ fn a_number_from_an_unset_variable_is_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_syslog_logfile_stays_syslog() {
+    let (t, notes, dir) = run(&[(
+        "s.conf",
+        "[program:a]\ncommand=/bin/sleep 1\nstdout_logfile=syslog\nstderr_logfile=SYSLOG\n",
+    )]);
+    let a = program_text(&t, "a");
+    assert!(a.contains("stdout_logfile = \"syslog\"\n"), "{a}");
+    assert!(a.contains("stderr_logfile = \"syslog\"\n"), "{a}");
+    assert!(notes.iter().all(|n| !n.contains("syslog")), "{notes:?}");
+    assert_loads(&t, dir.path());
+}
