@@ -903,18 +903,21 @@ impl Supervisor {
         }
     }
 
+    /// The one program `target` names (no instance, no glob matching
+    /// several); the refusal says what `what` needs.
+    fn one_program(&self, target: &str, what: &str) -> Result<String, ErrorBody> {
+        match self.resolve(target)?.as_slice() {
+            [one] if one.instance.is_none() => Ok(one.program.clone()),
+            _ => Err(ErrorBody::new(
+                "bad_request",
+                format!("{what} on one program; {target:?} is not one program name"),
+            )),
+        }
+    }
+
     /// The programs sharing the deploy root of `target` (one program).
     fn deploy_group(&self, target: &str) -> Result<deploy::run::Group, ErrorBody> {
-        let list = self.resolve(target)?;
-        let name = match list.as_slice() {
-            [one] if one.instance.is_none() => one.program.clone(),
-            _ => {
-                return Err(ErrorBody::new(
-                    "bad_request",
-                    format!("deploys act on one program; {target:?} is not one program name"),
-                ))
-            }
-        };
+        let name = self.one_program(target, "deploys act")?;
         let config = self
             .programs
             .get(&name)
@@ -1601,16 +1604,7 @@ impl Supervisor {
     /// a reload of that one change would apply it (the actor adds or
     /// removes instances and leaves the others alone).
     fn scale(&mut self, target: &str, instances: u32) -> Result<Call, ErrorBody> {
-        let list = self.resolve(target)?;
-        let name = match list.as_slice() {
-            [one] if one.instance.is_none() => one.program.clone(),
-            _ => {
-                return Err(ErrorBody::new(
-                    "bad_request",
-                    format!("scale acts on one program; {target:?} is not one program name"),
-                ))
-            }
-        };
+        let name = self.one_program(target, "scale acts")?;
         if !(1..=config::MAX_INSTANCES).contains(&instances) {
             return Err(ErrorBody::new(
                 "bad_request",

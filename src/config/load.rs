@@ -320,6 +320,27 @@ impl Source {
         let base = self.file.parent().unwrap_or(Path::new("/"));
         base.join(p)
     }
+
+    /// A mode (`control_mode`, `socket_mode`, `umask`). A mode written as a
+    /// bare TOML integer is read in decimal: `600` would be 0o1130. Only
+    /// 0o-prefixed integers and strings say octal.
+    fn octal(&self, m: Option<Spanned<OctalValue>>, key: &str) -> Result<Option<u32>, ConfigError> {
+        let Some(m) = m else { return Ok(None) };
+        let literal = self.expanded.text.get(m.span()).unwrap_or("").trim();
+        let bare = literal.starts_with(|c: char| c.is_ascii_digit())
+            && !literal.starts_with("0o")
+            && m.get_ref().0 != 0;
+        if bare {
+            return Err(self.err_at(
+                m.span().start,
+                format!(
+                    "{key} = {literal} is a decimal number (octal {:o}): write the mode as a string, \"0{literal}\", or as 0o{literal}",
+                    m.get_ref().0
+                ),
+            ));
+        }
+        Ok(Some(m.into_inner().0))
+    }
 }
 
 /// Expands `${VAR}` in `source` and parses it as TOML into `T`; errors name
@@ -570,39 +591,22 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
     // ${VAR} and ${VAR:-default} in strings, from zdt's environment; errors
     // name the file's own lines and columns.
     let (expanded, raw): (_, RawFile) = parse_toml(source, file)?;
-    let text = expanded.text.as_str();
-    let err_at = |offset: usize, msg: String| {
-        ConfigError::at(file.to_path_buf(), source, expanded.original(offset), msg)
+    let RawFile {
+        include,
+        supervisor: s,
+        program,
+        group,
+    } = raw;
+    let main = Source {
+        file: file.to_path_buf(),
+        source: source.to_string(),
+        expanded,
+        programs: program,
+        groups: group,
     };
-    let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let resolve = |p: &str| -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
-    // A mode written as a bare TOML integer is read in decimal: `600` would be
-    // 0o1130. Only 0o-prefixed integers and strings say octal.
-    let octal = |m: Option<Spanned<OctalValue>>, key: &str| -> Result<Option<u32>, ConfigError> {
-        let Some(m) = m else { return Ok(None) };
-        let literal = text.get(m.span()).unwrap_or("").trim();
-        let bare = literal.starts_with(|c: char| c.is_ascii_digit())
-            && !literal.starts_with("0o")
-            && m.get_ref().0 != 0;
-        if bare {
-            return Err(err_at(
-                m.span().start,
-                format!(
-                    "{key} = {literal} is a decimal number (octal {:o}): write the mode as a string, \"0{literal}\", or as 0o{literal}",
-                    m.get_ref().0
-                ),
-            ));
-        }
-        Ok(Some(m.into_inner().0))
-    };
-    let s = raw.supervisor;
+    let err_at = |offset: usize, msg: String| main.err_at(offset, msg);
+    let resolve = |p: &str| main.resolve(p);
+    let octal = |m: Option<Spanned<OctalValue>>, key: &str| main.octal(m, key);
     let supervisor = SupervisorConfig {
         control: resolve(s.control.as_deref().unwrap_or("run/zdt.sock")),
         control_mode: octal(s.control_mode, "control_mode")?.unwrap_or(0o600),
@@ -656,18 +660,11 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
             },
         },
     };
-    let main = Source {
-        file: file.to_path_buf(),
-        source: source.to_string(),
-        expanded: expanded.clone(),
-        programs: raw.program,
-        groups: raw.group,
-    };
     let mut sources = Vec::new();
     let id = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     read_includes(
         &main,
-        raw.include.unwrap_or_default(),
+        include.unwrap_or_default(),
         &mut vec![id],
         files,
         &mut sources,
@@ -695,25 +692,7 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
         let text = src.expanded.text.as_str();
         let err_at = |offset: usize, msg: String| src.err_at(offset, msg);
         let resolve = |p: &str| src.resolve(p);
-        let octal = |m: Option<Spanned<OctalValue>>,
-                     key: &str|
-         -> Result<Option<u32>, ConfigError> {
-            let Some(m) = m else { return Ok(None) };
-            let literal = text.get(m.span()).unwrap_or("").trim();
-            let bare = literal.starts_with(|c: char| c.is_ascii_digit())
-                && !literal.starts_with("0o")
-                && m.get_ref().0 != 0;
-            if bare {
-                return Err(err_at(
-                m.span().start,
-                format!(
-                    "{key} = {literal} is a decimal number (octal {:o}): write the mode as a string, \"0{literal}\", or as 0o{literal}",
-                    m.get_ref().0
-                ),
-            ));
-            }
-            Ok(Some(m.into_inner().0))
-        };
+        let octal = |m: Option<Spanned<OctalValue>>, key: &str| src.octal(m, key);
         for (name, p) in src_programs {
             let name_ok = !name.get_ref().is_empty()
                 && name.get_ref() != "all"
@@ -1362,7 +1341,7 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
         let src = deploy_source.get(program).and_then(|&i| sources.get(i));
         match src {
             Some(src) => src.err_at(offset, msg),
-            None => err_at(offset, msg),
+            None => sources[0].err_at(offset, msg),
         }
     };
     for (name, d) in deploy::merge_groups(deploys, &deploy_err)? {

@@ -160,6 +160,23 @@ pub fn import(path: &Path, options: &Options) -> Result<Imported, ImportError> {
     })
 }
 
+/// A log file path made one per instance: `{instance}` before its
+/// extension (`worker.log` → `worker-{instance}.log`), else at its end.
+pub(crate) fn per_instance(path: &str) -> String {
+    let p = Path::new(path);
+    match (p.file_stem(), p.extension()) {
+        (Some(stem), Some(ext)) => p
+            .with_file_name(format!(
+                "{}-{{instance}}.{}",
+                stem.to_string_lossy(),
+                ext.to_string_lossy()
+            ))
+            .display()
+            .to_string(),
+        _ => format!("{path}-{{instance}}"),
+    }
+}
+
 /// Whether a user `name` can be given to zdt here: zdt runs as root
 /// (this process does) and the user exists.
 pub(crate) fn user_usable(name: &str) -> Result<(), String> {

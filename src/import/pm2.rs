@@ -455,18 +455,7 @@ fn map_app(
         };
         let abs = super::pyformat::escape(&abs);
         if instances > 1 {
-            let p = Path::new(&abs);
-            let with = match (p.file_stem(), p.extension()) {
-                (Some(stem), Some(ext)) => p
-                    .with_file_name(format!(
-                        "{}-{{instance}}.{}",
-                        stem.to_string_lossy(),
-                        ext.to_string_lossy()
-                    ))
-                    .display()
-                    .to_string(),
-                _ => format!("{abs}-{{instance}}"),
-            };
+            let with = super::per_instance(&abs);
             let why = if merged {
                 "merge_logs: zdt writes one file per instance (every line starts with [gen G:I])"
             } else {

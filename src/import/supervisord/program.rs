@@ -358,18 +358,7 @@ fn log_file(
     };
     if numprocs > 1 && !path.contains("{instance}") && !crate::logs::is_own_stream(Path::new(&path))
     {
-        let p = Path::new(&path);
-        path = match (p.file_stem(), p.extension()) {
-            (Some(stem), Some(ext)) => p
-                .with_file_name(format!(
-                    "{}-{{instance}}.{}",
-                    stem.to_string_lossy(),
-                    ext.to_string_lossy()
-                ))
-                .display()
-                .to_string(),
-            _ => format!("{path}-{{instance}}"),
-        };
+        path = crate::import::per_instance(&path);
         t.set_noted(
             &e.key,
             path,
