@@ -558,3 +558,78 @@ fn with_drain_delay_a_drain_turns_health_first_and_refuses_only_after_the_delay(
     assert_eq!(http_get(port, "/").expect("request").0, 200);
     assert_eq!(http_get(admin, "/health").expect("health").0, 200);
 }
+
+/// The agent port is one socket for zdt's life: two upgrades under checks
+/// refuse none of them, and every answer is `ready up`.
+#[test]
+fn the_agent_port_is_carried_across_upgrades_and_refuses_no_check() {
+    let (port, admin, agent) = (free_port(), free_port(), free_port());
+    let d = serving(port, admin, &format!("agent_check = \"127.0.0.1:{agent}\""));
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let poller = {
+        let (stop, answers) = (stop.clone(), answers.clone());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            while !stop.load(Ordering::Relaxed) {
+                let line = std::net::TcpStream::connect(("127.0.0.1", agent))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(T))?;
+                        let mut line = String::new();
+                        s.read_to_string(&mut line)?;
+                        Ok(line)
+                    })
+                    .unwrap_or_else(|e| format!("error: {e}"));
+                if let Ok(mut a) = answers.lock() {
+                    a.push(line);
+                }
+            }
+        })
+    };
+    for _ in 0..2 {
+        let before = answers.lock().map_or(0, |a| a.len());
+        let out = d.ctl(&["upgrade"]);
+        assert!(out.status.success(), "{out:?}\n{}", d.stderr());
+        wait_for("agent checks after the upgrade", T, || {
+            let n = answers.lock().map_or(0, |a| a.len());
+            if n > before + 20 {
+                Ok(())
+            } else {
+                Err(format!("{} since", n - before))
+            }
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    poller.join().expect("agent poller");
+    let answers = answers.lock().expect("answers").clone();
+    let bad: Vec<_> = answers.iter().filter(|a| *a != "ready up\n").collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {}: {bad:?}",
+        bad.len(),
+        answers.len()
+    );
+}
+
+/// A second SIGTERM during `drain_delay` ends the delay: zdt drains and
+/// exits at once instead of serving on for the rest of it.
+#[test]
+fn a_second_sigterm_cuts_drain_delay_short() {
+    let (port, admin) = (free_port(), free_port());
+    let mut d = serving(port, admin, "drain_delay = \"60s\"");
+    d.signal(libc::SIGTERM);
+    wait_for("health 503", T, || match http_get(admin, "/health") {
+        Ok((503, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    assert!(d.try_exit().is_none(), "zdt exited at the first SIGTERM");
+    let second = Instant::now();
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(T);
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "exited {:?} after the second SIGTERM",
+        second.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", d.stderr());
+}
