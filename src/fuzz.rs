@@ -6,9 +6,10 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-/// Validates configuration `text` as if read from `file`, reading nothing
-/// from the disk: an `include` finds no file (a fuzzer that wrote
-/// `include = ["/**"]` would otherwise walk the whole file system).
+/// Validates configuration `text` as if read from `file`, as an upgrade
+/// reads it with nothing carried: an `include` pattern with wildcards
+/// matches nothing (a fuzzer that wrote `include = ["/**"]` would otherwise
+/// walk the whole file system); a single file named is read.
 pub fn parse_config(
     text: &str,
     file: &std::path::Path,

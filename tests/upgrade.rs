@@ -434,3 +434,36 @@ fn an_upgrade_keeps_a_scaled_count_and_included_programs() {
     assert_eq!(pids(&d), before, "every process carried, none restarted");
     assert_eq!(http_get(port, "/").expect("serves").0, 200);
 }
+
+/// An env_file changed on disk before an upgrade is a changed file like any
+/// other: the new binary runs what the old one read, then applies the change
+/// by a reload (a new process with the new value), as `zdtctl reload` would
+/// have.
+#[test]
+fn an_env_file_changed_before_an_upgrade_is_applied_after_it() {
+    let port = free_port();
+    let d = Daemon::start(&notify_demo("web", port, &[], ""));
+    std::fs::write(d.path("app.env"), "RELEASE=one\n").expect("write");
+    d.write_config(&notify_demo("web", port, &[], "env_file = \"app.env\""));
+    assert!(d.ctl(&["reload"]).status.success());
+    let environ = |pid: u32| std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let has = |pid: u32, v: &[u8]| environ(pid).split(|b| *b == 0).any(|e| e == v);
+    let first = wait_for("a worker with RELEASE=one", T, || {
+        match d.instance("web", 0).pid {
+            Some(pid) if has(pid, b"RELEASE=one") => Ok(pid),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    std::fs::write(d.path("app.env"), "RELEASE=two\n").expect("write");
+    upgrade_ok(&d, &[]);
+    let second = wait_for("a worker with RELEASE=two after the upgrade", T, || match d
+        .instance("web", 0)
+    {
+        i if i.state == Running && i.pid.is_some_and(|p| has(p, b"RELEASE=two")) => {
+            Ok(i.pid.unwrap_or(0))
+        }
+        i => Err(format!("{i:?}")),
+    });
+    assert_ne!(first, second);
+    assert_eq!(http_get(port, "/").expect("serves").0, 200);
+}

@@ -286,18 +286,26 @@ impl Files for CarriedFiles<'_> {
     }
 
     fn read(&self, path: &Path) -> Result<(PathBuf, String), String> {
-        self.0
-            .iter()
-            .find(|(p, _)| p == path)
-            .map(|(p, t)| (p.clone(), t.clone()))
-            .ok_or_else(|| "not among the files the running configuration was read from".into())
+        match self.0.iter().find(|(p, _)| p == path) {
+            Some((_, text)) => Ok((
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+                text.clone(),
+            )),
+            // A binary older than the carrying of these files handed over
+            // none: the disk, as it read them itself.
+            None => Disk.read(path),
+        }
     }
 }
 
 /// One file of the configuration: the main file or an included one, with
 /// what it defines.
 struct Source {
+    /// The path as named (by `include`, or the main file's): errors and
+    /// relative paths use it, and an upgrade finds the text by it.
     file: PathBuf,
+    /// The path with symlinks resolved: what tells two files apart.
+    id: PathBuf,
     /// The text as read (error positions refer to it).
     source: String,
     expanded: super::expand::Expanded,
@@ -400,8 +408,8 @@ fn read_includes(
                     .collect();
                 return Err(from.err_at(at, format!("include cycle: {}", chain.join(" includes "))));
             }
-            if out.iter().any(|s| s.file == id) {
-                return Err(from.err_at(at, format!("{} is included twice", id.display())));
+            if out.iter().any(|s| s.id == id) {
+                return Err(from.err_at(at, format!("{} is included twice", path.display())));
             }
             if stack.len() >= MAX_INCLUDE_DEPTH {
                 return Err(from.err_at(
@@ -409,9 +417,10 @@ fn read_includes(
                     format!("includes nest deeper than {MAX_INCLUDE_DEPTH} files"),
                 ));
             }
-            let (expanded, raw): (_, RawIncluded) = parse_toml(&source, &id)?;
+            let (expanded, raw): (_, RawIncluded) = parse_toml(&source, &path)?;
             let src = Source {
-                file: id.clone(),
+                file: path.clone(),
+                id: id.clone(),
                 source,
                 expanded,
                 programs: raw.program,
@@ -588,6 +597,8 @@ pub fn parse_carried(
 }
 
 fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, ConfigError> {
+    // Named apart: `files` is also a program's env_file list below.
+    let reader = files;
     // ${VAR} and ${VAR:-default} in strings, from zdt's environment; errors
     // name the file's own lines and columns.
     let (expanded, raw): (_, RawFile) = parse_toml(source, file)?;
@@ -599,6 +610,7 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
     } = raw;
     let main = Source {
         file: file.to_path_buf(),
+        id: std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()),
         source: source.to_string(),
         expanded,
         programs: program,
@@ -661,15 +673,14 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
         },
     };
     let mut sources = Vec::new();
-    let id = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     read_includes(
         &main,
         include.unwrap_or_default(),
-        &mut vec![id],
+        &mut vec![main.id.clone()],
         files,
         &mut sources,
     )?;
-    let included: Vec<(PathBuf, String)> = sources
+    let mut included: Vec<(PathBuf, String)> = sources
         .iter()
         .map(|s| (s.file.clone(), s.source.clone()))
         .collect();
@@ -1107,8 +1118,12 @@ fn parse_with(source: &str, file: &Path, files: &dyn Files) -> Result<Config, Co
                         };
                         for path in paths {
                             let abs = resolve(&path);
-                            let text = read_env_file(&abs)
+                            let (_, text) = reader
+                                .read(&abs)
                                 .map_err(|e| err_at(at, format!("env_file {path:?}: {e}")))?;
+                            if !included.iter().any(|(f, _)| *f == abs) {
+                                included.push((abs.clone(), text.clone()));
+                            }
                             let vars = super::dotenv::parse(&text).map_err(|(offset, msg)| {
                                 ConfigError::at(abs.clone(), &text, offset, msg)
                             })?;

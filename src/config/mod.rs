@@ -84,8 +84,10 @@ pub struct Config {
     pub groups: BTreeMap<String, Vec<String>>,
     /// The text it was parsed from (an upgrade hands it to the next binary).
     pub text: String,
-    /// The files `include` named, each with the text read from it, in the
-    /// order they were read (an upgrade hands them over with `text`).
+    /// The other files read with it, `include`d files and `env_file`s,
+    /// each with its text, in the order they were read (an upgrade hands
+    /// them over with `text`, so the next binary runs what this one read,
+    /// and a reload after it sees what changed on disk).
     pub included: Vec<(PathBuf, String)>,
 }
 

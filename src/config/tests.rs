@@ -1039,3 +1039,22 @@ fn cron_restart_is_checked_where_it_is_written() {
         "expected 5 fields",
     );
 }
+
+#[test]
+fn env_files_are_carried_like_included_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("supervisor.toml");
+    std::fs::write(dir.path().join("app.env"), "A=1\n").expect("write");
+    let text = "[program.web]\ncommand = [\"w\"]\nenv_file = \"app.env\"\n";
+    let c = parse(text, &main).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.included,
+        [(dir.path().join("app.env"), "A=1\n".to_string())]
+    );
+    std::fs::write(dir.path().join("app.env"), "A=2\n").expect("write");
+    let carried = parse_carried(text, &main, &c.included).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(carried.programs["web"].environment["A"], "1", "what ran");
+    // Nothing carried (an older binary): the disk.
+    let old = parse_carried(text, &main, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(old.programs["web"].environment["A"], "2");
+}
