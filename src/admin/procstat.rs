@@ -52,6 +52,24 @@ fn units() -> (f64, u64) {
     )
 }
 
+/// [`groups`], shared: a scan at most `max_age` old is reused, so that
+/// every program checking `max_memory` each second costs one scan of
+/// `/proc` between them, not one each.
+pub fn groups_recent(max_age: std::time::Duration) -> std::sync::Arc<HashMap<u32, Usage>> {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    static LAST: Mutex<Option<(Instant, Arc<HashMap<u32, Usage>>)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, scan)) = &*last {
+        if at.elapsed() <= max_age {
+            return scan.clone();
+        }
+    }
+    let scan = Arc::new(groups());
+    *last = Some((Instant::now(), scan.clone()));
+    scan
+}
+
 /// The usage of every process group, by group id. A group's CPU time
 /// counts its leader's waited-for children too, so it does not drop when a
 /// worker's child (a PHP or Node worker process) exits and is reaped.

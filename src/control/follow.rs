@@ -121,8 +121,9 @@ pub async fn instances(
 }
 
 /// Follows (or, without `follow`, prints the last `lines` of) each stream,
-/// calling `print` with whole prefixed lines as they come. Returns when
-/// every stream has ended, or at the first error.
+/// calling `print` with whole prefixed lines as they come; without
+/// `follow`, stream after stream, in the order given. Returns when every
+/// stream has ended, or at the first error.
 pub async fn follow(
     socket: &Path,
     streams: &[Stream],
@@ -149,22 +150,25 @@ pub async fn follow(
                 }
             })
             .await;
+        // Without follow the history is the answer: kept for its turn.
+        let mut kept = String::new();
         let result = match result {
             Ok(Ok(Outcome::Tail { data })) => {
-                print(&lines_out.feed(&data));
+                kept = lines_out.feed(&data);
                 Ok(Ok(()))
             }
             Ok(Ok(_)) => Ok(Ok(())),
             Ok(Err(e)) => Ok(Err(e)),
             Err(e) => Err(e),
         };
-        print(&lines_out.finish());
-        result
+        kept.push_str(&lines_out.finish());
+        result.map(|r| r.map(|()| kept))
     });
     for r in futures_util::future::join_all(runs).await {
         match r {
-            Ok(Ok(())) => {}
-            other => return other,
+            Ok(Ok(kept)) => print(&kept),
+            Ok(Err(e)) => return Ok(Err(e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(Ok(()))

@@ -801,7 +801,7 @@ impl Program {
         if self.restart_busy().is_some() || self.canary.is_some() {
             return;
         }
-        let usage = crate::admin::procstat::groups();
+        let usage = crate::admin::procstat::groups_recent(MEMORY_CHECK_EVERY / 2);
         let now = std::time::Instant::now();
         let mut due = None;
         for slot in &self.slots {
