@@ -58,7 +58,8 @@ fn units() -> (f64, u64) {
 pub fn groups_recent(max_age: std::time::Duration) -> std::sync::Arc<HashMap<u32, Usage>> {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
-    static LAST: Mutex<Option<(Instant, Arc<HashMap<u32, Usage>>)>> = Mutex::new(None);
+    type Scan = (Instant, Arc<HashMap<u32, Usage>>);
+    static LAST: Mutex<Option<Scan>> = Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((at, scan)) = &*last {
         if at.elapsed() <= max_age {
