@@ -673,3 +673,62 @@ fn watch_restarts_on_a_change_once_the_changes_settle() {
     assert!(lines[0].contains("src/app.js"), "{}", lines[0]);
     assert!(lines[1].contains("src/other.js"), "{}", lines[1]);
 }
+
+/// `scale` to the count a program has changes nothing; a stopped program
+/// takes a new count and stays stopped; a `start` while removed instances
+/// still stop does not bring them back, and they are dropped once gone.
+#[test]
+fn scale_to_the_same_count_or_of_a_stopped_program_starts_and_restarts_nothing() {
+    let port = free_port();
+    // Ignores SIGTERM: a removed instance takes kill_timeout to go.
+    let d = Daemon::start(
+        &(header()
+            + &owned(
+                "web",
+                port,
+                &["--ignore-term"],
+                "instances = 2\nkill_timeout = \"2s\"",
+            )),
+    );
+    let first = [0, 1].map(|i| d.wait_state("web", i, Running, T).pid.expect("pid"));
+    let count = |d: &Daemon| {
+        let snap = d.status();
+        let web = snap.iter().find(|p| p.name == "web").expect("web");
+        let mut rows: Vec<u32> = web.instances.iter().map(|i| i.instance).collect();
+        rows.dedup();
+        rows.len()
+    };
+
+    let (code, v) = d.ctl_json(&["scale", "web", "2"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!([0, 1].map(|i| d.instance("web", i).pid), first.map(Some));
+
+    // Shrink to 1; while instance 1 takes its kill_timeout, `start web`.
+    let shrink = d.ctl_in_background(&["scale", "web", "1"]);
+    wait_for("instance 1 stopping", T, || {
+        match d.instance("web", 1).state {
+            Stopping => Ok(()),
+            s => Err(format!("{s:?}")),
+        }
+    });
+    let out = d.ctl(&["start", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = shrink.join().expect("scale");
+    assert!(out.status.success(), "{out:?}");
+    assert!(!alive(first[1]), "the removed instance is gone");
+    assert_eq!(count(&d), 1, "{:?}", d.status());
+    assert_eq!(d.instance("web", 0).pid, Some(first[0]));
+
+    // Stopped, then scaled: it stays stopped, with the new count.
+    assert!(d.ctl(&["stop", "web"]).status.success());
+    let (code, v) = d.ctl_json(&["scale", "web", "3"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(count(&d), 3);
+    for i in 0..3 {
+        assert_eq!(d.instance("web", i).state, Stopped, "{:?}", d.status());
+    }
+    assert!(d.ctl(&["start", "web"]).status.success());
+    for i in 0..3 {
+        d.wait_state("web", i, Running, T);
+    }
+}

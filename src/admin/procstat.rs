@@ -60,14 +60,14 @@ pub fn groups_recent(max_age: std::time::Duration) -> std::sync::Arc<HashMap<u32
     use std::time::Instant;
     type Scan = (Instant, Arc<HashMap<u32, Usage>>);
     static LAST: Mutex<Option<Scan>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((at, scan)) = &*last {
+    if let Some((at, scan)) = &*LAST.lock().unwrap_or_else(|e| e.into_inner()) {
         if at.elapsed() <= max_age {
             return scan.clone();
         }
     }
+    // Scanned without the lock: no caller waits on another's scan.
     let scan = Arc::new(groups());
-    *last = Some((Instant::now(), scan.clone()));
+    *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), scan.clone()));
     scan
 }
 

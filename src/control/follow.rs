@@ -120,6 +120,17 @@ pub async fn instances(
     }))
 }
 
+/// The most streams one `zdtctl logs` follows: each is a control
+/// connection, and zdt serves 256 at once; the rest stay free for
+/// commands (a restart, a drain) while logs are followed.
+pub const MAX_STREAMS: usize = 64;
+
+/// Why following stopped.
+enum Failure {
+    Refused(ErrorBody),
+    Client(ClientError),
+}
+
 /// Follows (or, without `follow`, prints the last `lines` of) each stream,
 /// calling `print` with whole prefixed lines as they come; without
 /// `follow`, stream after stream, in the order given. Returns when every
@@ -132,9 +143,18 @@ pub async fn follow(
     colour: bool,
     print: &dyn Fn(&str),
 ) -> Result<Result<(), ErrorBody>, ClientError> {
+    if streams.len() > MAX_STREAMS {
+        return Ok(Err(ErrorBody::new(
+            "bad_request",
+            format!(
+                "{} streams (instances × stdout/stderr) is more than {MAX_STREAMS}: name fewer programs, or use --out or --err",
+                streams.len()
+            ),
+        )));
+    }
     let prefixes = prefixes(streams, colour);
     let runs = streams.iter().zip(prefixes).map(|(s, prefix)| async move {
-        let mut client = Client::connect(socket).await?;
+        let mut client = Client::connect(socket).await.map_err(Failure::Client)?;
         let mut lines_out = Prefixer::new(prefix);
         let command = Command::Tail {
             target: format!("{}:{}", s.program, s.instance),
@@ -152,26 +172,27 @@ pub async fn follow(
             .await;
         // Without follow the history is the answer: kept for its turn.
         let mut kept = String::new();
-        let result = match result {
-            Ok(Ok(Outcome::Tail { data })) => {
-                kept = lines_out.feed(&data);
-                Ok(Ok(()))
-            }
-            Ok(Ok(_)) => Ok(Ok(())),
-            Ok(Err(e)) => Ok(Err(e)),
-            Err(e) => Err(e),
-        };
-        kept.push_str(&lines_out.finish());
-        result.map(|r| r.map(|()| kept))
-    });
-    for r in futures_util::future::join_all(runs).await {
-        match r {
-            Ok(Ok(kept)) => print(&kept),
-            Ok(Err(e)) => return Ok(Err(e)),
-            Err(e) => return Err(e),
+        match result {
+            Ok(Ok(Outcome::Tail { data })) => kept = lines_out.feed(&data),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Failure::Refused(e)),
+            Err(e) => return Err(Failure::Client(e)),
         }
+        kept.push_str(&lines_out.finish());
+        Ok(kept)
+    });
+    // The first stream that fails ends them all: a log that is half
+    // followed must not pass for the whole.
+    match futures_util::future::try_join_all(runs).await {
+        Ok(kept) => {
+            for k in kept {
+                print(&k);
+            }
+            Ok(Ok(()))
+        }
+        Err(Failure::Refused(e)) => Ok(Err(e)),
+        Err(Failure::Client(e)) => Err(e),
     }
-    Ok(Ok(()))
 }
 
 #[cfg(test)]
@@ -186,6 +207,32 @@ mod tests {
         assert_eq!(p.feed(""), "");
         assert_eq!(p.finish(), "web:0 | three\n");
         assert_eq!(p.finish(), "");
+    }
+
+    #[tokio::test]
+    async fn more_streams_than_the_cap_are_refused_before_any_connection() {
+        let streams: Vec<Stream> = (0..=MAX_STREAMS as u32)
+            .map(|i| Stream {
+                program: "web".into(),
+                instance: i,
+                stderr: false,
+            })
+            .collect();
+        let printed = std::cell::Cell::new(0);
+        let r = follow(
+            Path::new("/nonexistent/zdt.sock"),
+            &streams,
+            10,
+            true,
+            false,
+            &|_| printed.set(printed.get() + 1),
+        )
+        .await;
+        match r {
+            Ok(Err(e)) => assert!(e.message.contains("more than 64"), "{}", e.message),
+            other => panic!("{:?}", other.map(|r| r.map_err(|e| e.message))),
+        }
+        assert_eq!(printed.get(), 0);
     }
 
     #[test]

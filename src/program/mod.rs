@@ -351,6 +351,7 @@ pub fn spawn_program(
         memory_over: std::collections::HashMap::new(),
         cron: None,
         watch: None,
+        watch_failed: None,
         watch_due: None,
         config,
     };
@@ -469,6 +470,9 @@ struct Program {
     cron: Option<CronState>,
     /// `watch`: the file watch in force.
     watch: Option<files::Watch>,
+    /// A `watch` setting that could not be started (said once, tried
+    /// again when the setting changes).
+    watch_failed: Option<config::WatchConfig>,
     /// Changes seen and not yet acted on: the restart waits for quiet.
     watch_due: Option<WatchDue>,
 }
@@ -498,6 +502,8 @@ struct CronState {
     text: String,
     next: Option<(tokio::time::Instant, chrono::DateTime<chrono::Local>)>,
     fired: Option<chrono::DateTime<chrono::Local>>,
+    /// The schedule names no time to come (said once).
+    over: bool,
 }
 
 /// How often the memory of a program with `max_memory` is read (a scan of
@@ -641,6 +647,7 @@ impl Program {
                 () = self.log_drops.notified() => {}
             }
             self.check_ops();
+            self.trim_slots();
             if self.restart_busy().is_none() {
                 if let Some((config, sockets, reply)) = self.queued.take() {
                     self.reconfigure(config, sockets, reply);
@@ -663,7 +670,7 @@ impl Program {
             return;
         };
         let fired = match &self.cron {
-            Some(c) if c.text == text && c.next.is_some() => return,
+            Some(c) if c.text == text && (c.next.is_some() || c.over) => return,
             Some(c) if c.text == text => c.fired,
             _ => None,
         };
@@ -683,6 +690,7 @@ impl Program {
         }
         self.cron = Some(CronState {
             text,
+            over: next.is_none(),
             next: next.map(|(wait, at)| (tokio::time::Instant::now() + wait, at)),
             fired,
         });
@@ -692,15 +700,21 @@ impl Program {
     /// or gone.
     fn sync_watch(&mut self, tx: &mpsc::UnboundedSender<std::path::PathBuf>) {
         let wanted = self.config.watch.as_ref();
-        if self.watch.as_ref().map(|w| &w.config) == wanted {
+        if self.watch.as_ref().map(|w| &w.config) == wanted
+            || (wanted.is_some() && self.watch_failed.as_ref() == wanted)
+        {
             return;
         }
         self.watch = None;
         self.watch_due = None;
+        self.watch_failed = None;
         if let Some(cfg) = wanted {
             match files::start(&self.config.name, cfg, tx.clone()) {
                 Ok(w) => self.watch = Some(w),
-                Err(e) => tracing::warn!(program = %self.config.name, "watch: {e}"),
+                Err(e) => {
+                    tracing::warn!(program = %self.config.name, "watch: {e}");
+                    self.watch_failed = Some(cfg.clone());
+                }
             }
         }
     }
@@ -1297,19 +1311,23 @@ impl Program {
 
     /// The slots an order names, or an error listing the valid instances.
     fn select(&self, instance: Option<u32>) -> Result<Vec<usize>, OpError> {
+        // Instances being removed (beyond `instances`) take no orders.
+        let n = self.slots.len().min(self.config.instances as usize);
         match instance {
-            None => Ok((0..self.slots.len()).collect()),
-            Some(i) if (i as usize) < self.slots.len() => Ok(vec![i as usize]),
+            None => Ok((0..n).collect()),
+            Some(i) if (i as usize) < n => Ok(vec![i as usize]),
             Some(i) => Err(OpError::plain(format!(
                 "{} has no instance {i} (instances: 0 to {})",
                 self.config.name,
-                self.slots.len().saturating_sub(1)
+                n.saturating_sub(1)
             ))),
         }
     }
 
-    /// New settings from a reload. A program that owns sockets and keeps its
-    /// instance count is replaced without downtime; otherwise stop, then start.
+    /// New settings from a reload (or `zdtctl scale`). A change of the
+    /// instance count alone adds or removes instances; a program that owns
+    /// sockets is replaced without downtime (after its count changed, when
+    /// that changed too); otherwise stop, then start.
     fn reconfigure(
         &mut self,
         config: Box<ProgramConfig>,
@@ -1336,10 +1354,24 @@ impl Program {
             }
             return;
         }
+        if *config == self.config && sockets.is_ok() {
+            // `zdtctl scale` to the count it has: nothing to do.
+            let all: Vec<usize> = (0..self.slots.len()).collect();
+            let _ = reply.send(Ok(self.snapshots_of(&all)));
+            return;
+        }
         let running = self.slots.iter().any(Slot::wants_running);
+        let mut same_but_count = (*config).clone();
+        same_but_count.instances = self.config.instances;
+        if !running && sockets.is_ok() && same_but_count == self.config {
+            // A stopped program: the new count, and nothing started.
+            self.config.instances = config.instances;
+            self.resize_slots();
+            let all: Vec<usize> = (0..self.slots.len()).collect();
+            let _ = reply.send(Ok(self.snapshots_of(&all)));
+            return;
+        }
         if running && sockets.is_ok() && config.instances != self.config.instances {
-            let mut same_but_count = (*config).clone();
-            same_but_count.instances = self.config.instances;
             if same_but_count == self.config {
                 // Only the count changed (`zdtctl scale`, or a reload that
                 // changed nothing else): add or remove instances, leave the
@@ -1416,25 +1448,36 @@ impl Program {
         ));
     }
 
-    /// A shrinking scale: drops the removed instances once none has a
-    /// process (one started again meanwhile is stopped again); true when
-    /// they are gone.
+    /// A shrinking scale: true once the removed instances are gone (see
+    /// [`Program::trim_slots`]); one started again meanwhile is stopped.
     fn finish_shrink(&mut self, slots: &[usize]) -> bool {
-        let to = self.config.instances as usize;
-        let mut idle = true;
         for &i in slots {
             if let Some(slot) = self.slots.get_mut(i) {
                 if slot.wants_running() {
                     slot.stop(&self.config);
                 }
-                idle &= slot.is_idle();
             }
         }
-        if idle && self.slots.len() > to {
-            self.slots.truncate(to);
-            self.memory_over.retain(|&i, _| i < to);
+        self.trim_slots();
+        slots
+            .iter()
+            .all(|&i| self.slots.get(i).is_none_or(Slot::is_idle))
+    }
+
+    /// Drops the slots beyond `instances` that have no process left.
+    fn trim_slots(&mut self) {
+        let want = self.config.instances as usize;
+        while self.slots.len() > want && self.slots.last().is_some_and(Slot::is_idle) {
+            self.slots.pop();
         }
-        idle
+        self.memory_over.retain(|&i, _| i < self.slots.len());
+    }
+
+    /// Instances beyond `instances` still stopping (a scale or a reload
+    /// that lowered the count): they are not counted as the program's, and
+    /// another change of the count waits for them.
+    fn leaving(&self) -> bool {
+        self.slots.len() > self.config.instances as usize
     }
 
     /// The refusal of an order that would change instances during a canary.
@@ -1449,6 +1492,12 @@ impl Program {
     fn restart_busy(&self) -> Option<OpError> {
         if self.canary.is_some() {
             return Some(self.canary_running());
+        }
+        if self.leaving() {
+            return Some(OpError::plain(format!(
+                "instances of {} removed by a change of instances are still stopping; try again when they are gone",
+                self.config.name
+            )));
         }
         self.ops
             .iter()
@@ -1741,8 +1790,15 @@ impl Program {
 
     fn resize_slots(&mut self) {
         let want = self.config.instances as usize;
-        // Only idle slots are ever removed: a reconfigure stops all first.
-        self.slots.truncate(want);
+        // Only idle slots are ever removed (dropping a process's handle
+        // would kill it): one that still has a process is stopped and
+        // dropped once it has none (`trim_slots`).
+        for slot in self.slots.iter_mut().skip(want) {
+            if !slot.is_idle() {
+                slot.stop(&self.config);
+            }
+        }
+        self.trim_slots();
         for slot in &mut self.slots {
             slot.reconfigure(&self.config, &self.log_drops);
         }
