@@ -621,6 +621,9 @@ fn watch_restarts_on_a_change_once_the_changes_settle() {
     d.wait_state("web", 0, Running, T);
     std::fs::create_dir_all(d.path("src")).expect("mkdir");
     std::fs::create_dir_all(d.path("node_modules/x")).expect("mkdir");
+    for i in 0..50 {
+        std::fs::create_dir_all(d.path(&format!("node_modules/x/m{i}"))).expect("mkdir");
+    }
     // The whole folder: logs/ and run/ (zdt's own files) are in it, and
     // the test's copy of zdt's stderr, which watch_ignore names.
     d.write_config(
@@ -632,6 +635,15 @@ fn watch_restarts_on_a_change_once_the_changes_settle() {
     );
     assert!(d.ctl(&["reload"]).status.success());
     let before = d.wait_state("web", 0, Running, T);
+    // Folders are watched one by one, node_modules' not at all: the folder,
+    // src/ (logs/ and run/ are zdt's, node_modules ignored).
+    let watches = wait_for("zdt's inotify watches", T, || {
+        match inotify_watches(d.pid()) {
+            0 => Err("none yet".into()),
+            n => Ok(n),
+        }
+    });
+    assert_eq!(watches, 2, "watches");
     wait_for("the proxy to answer", T, || http_get(port, "/"));
     let load = Load::start(port, 8, 2, &[0, 0, 20]);
     load.wait_progress("load before the changes");
@@ -658,10 +670,21 @@ fn watch_restarts_on_a_change_once_the_changes_settle() {
     );
     assert_ne!(first.pid, before.pid);
     load.wait_progress("load after the first restart");
-    std::fs::write(d.path("src/other.js"), "more").expect("write");
+    // A folder made now is watched once its creation is seen (which is a
+    // change too); a write in it then restarts again.
+    std::fs::create_dir_all(d.path("src/lib")).expect("mkdir");
     let second = restarted(2);
     assert_eq!(second.generation, before.generation + 2);
-    load.wait_progress("load after the second restart");
+    wait_for("the new folder watched", T, || {
+        match inotify_watches(d.pid()) {
+            3 => Ok(()),
+            n => Err(format!("{n} watches")),
+        }
+    });
+    std::fs::write(d.path("src/lib/other.js"), "more").expect("write");
+    let second = restarted(3);
+    assert_eq!(second.generation, before.generation + 3);
+    load.wait_progress("load after the last restart");
     let report = load.stop();
     assert_eq!(report.failed, 0, "failures: {:?}", report.errors);
     let log = d.stderr();
@@ -669,9 +692,32 @@ fn watch_restarts_on_a_change_once_the_changes_settle() {
         .lines()
         .filter(|l| l.contains("watch: files changed; restarting"))
         .collect();
-    assert_eq!(lines.len(), 2, "{log}");
+    assert_eq!(lines.len(), 3, "{log}");
     assert!(lines[0].contains("src/app.js"), "{}", lines[0]);
-    assert!(lines[1].contains("src/other.js"), "{}", lines[1]);
+    assert!(lines[1].contains("src/lib"), "{}", lines[1]);
+    assert!(lines[2].contains("src/lib/other.js"), "{}", lines[2]);
+}
+
+/// How many inotify watches process `pid` holds (its fdinfo lists them).
+fn inotify_watches(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:inotify")
+        })
+        .map(|fd| {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            info.lines()
+                .filter(|l| l.starts_with("inotify wd:"))
+                .count()
+        })
+        .sum()
 }
 
 /// `scale` to the count a program has changes nothing; a stopped program

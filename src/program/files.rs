@@ -2,6 +2,11 @@
 //! path (not ignored, not in a folder zdt writes to) is sent to the program
 //! actor, which restarts the program once nothing has changed for the
 //! debounce time.
+//!
+//! Folders are watched one by one (inotify watches are per folder), the
+//! ignored ones (`node_modules`, `.git`, zdt's logs) left out, so that a
+//! project's dependencies cost no watches; a folder created later under a
+//! watched one is added when its creation is seen.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +19,60 @@ use crate::config::WatchConfig;
 pub(super) struct Watch {
     /// What it watches (a new setting makes a new watch).
     pub config: WatchConfig,
-    _watcher: notify::RecommendedWatcher,
+    watcher: notify::RecommendedWatcher,
+    /// The folders watched so far.
+    folders: std::collections::HashSet<PathBuf>,
+    program: String,
+    /// A folder could not be watched (said once).
+    failed: bool,
+}
+
+/// The most folders one program's watch takes.
+const MAX_FOLDERS: usize = 20_000;
+
+impl Watch {
+    /// Watches `top` (a file, or a folder with the folders below it that
+    /// are not ignored), leaving out what is watched already.
+    pub fn add(&mut self, top: &Path) {
+        if !top.is_dir() {
+            if top.exists() && self.folders.insert(top.to_path_buf()) {
+                self.watch_one(top);
+            }
+            return;
+        }
+        let mut todo = vec![top.to_path_buf()];
+        while let Some(dir) = todo.pop() {
+            if self.folders.len() >= MAX_FOLDERS {
+                if !self.failed {
+                    tracing::warn!(program = %self.program, "watch: more than {MAX_FOLDERS} folders; the rest are not watched (add the big ones to watch_ignore)");
+                    self.failed = true;
+                }
+                return;
+            }
+            if (dir != top && ignored(&self.config, &dir)) || !self.folders.insert(dir.clone()) {
+                continue;
+            }
+            self.watch_one(&dir);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                // Not through symlinks: a link to `/` must not watch it all.
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(entry.path());
+                }
+            }
+        }
+    }
+
+    fn watch_one(&mut self, path: &Path) {
+        if let Err(e) = self.watcher.watch(path, RecursiveMode::NonRecursive) {
+            if !self.failed {
+                tracing::warn!(program = %self.program, path = %path.display(), "watch: cannot watch it: {e}");
+                self.failed = true;
+            }
+        }
+    }
 }
 
 /// Starts watching `config.paths`; each change that counts is sent to `tx`.
@@ -26,7 +84,7 @@ pub(super) fn start(
     tx: mpsc::UnboundedSender<PathBuf>,
 ) -> Result<Watch, String> {
     let filter = config.clone();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         if !counts(&event.kind) {
             return;
@@ -38,20 +96,26 @@ pub(super) fn start(
         }
     })
     .map_err(|e| format!("cannot watch files: {e}"))?;
+    let mut watch = Watch {
+        config: config.clone(),
+        watcher,
+        folders: Default::default(),
+        program: program.to_string(),
+        failed: false,
+    };
     for path in &config.paths {
-        if let Err(e) = watcher.watch(path, RecursiveMode::Recursive) {
-            tracing::warn!(program, path = %path.display(), "watch: cannot watch it: {e}");
+        if !path.exists() {
+            tracing::warn!(program, path = %path.display(), "watch: no such file or folder; not watched");
         }
+        watch.add(path);
     }
     tracing::info!(
         program,
         paths = ?config.paths,
+        folders = watch.folders.len(),
         "watching for changes; a change restarts the program"
     );
-    Ok(Watch {
-        config: config.clone(),
-        _watcher: watcher,
-    })
+    Ok(watch)
 }
 
 /// Whether a change of this kind restarts: writes, creations, removals,

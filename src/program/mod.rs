@@ -722,7 +722,11 @@ impl Program {
     /// A watched file changed: the restart waits until nothing has changed
     /// for the debounce time (at most ten of them after the first change).
     fn on_change(&mut self, path: std::path::PathBuf) {
-        let Some(w) = &self.watch else { return };
+        let Some(w) = &mut self.watch else { return };
+        // A new folder under a watched one: watched too.
+        if path.is_dir() {
+            w.add(&path);
+        }
         let debounce = w.config.debounce;
         let now = tokio::time::Instant::now();
         match &mut self.watch_due {
