@@ -415,8 +415,58 @@ impl LogSink {
     }
 }
 
+/// How long the start of a line waits for its end before it is written as
+/// it is (a prompt, a progress dot). Meanwhile the lines of another process
+/// writing to the same log (the other generation, during a restart) cannot
+/// cut it in two.
+const PARTIAL_WAIT: Duration = Duration::from_millis(100);
+
+/// A line longer than this is written in parts.
+const PARTIAL_MAX: usize = 16 * 1024;
+
+/// Lines on their way from a pump to its sink: the time (`timestamps`:
+/// RFC 3339, UTC, milliseconds) and `prefix` at the start of each.
+struct Lines {
+    prefix: String,
+    timestamps: bool,
+    at_line_start: bool,
+    out: Vec<u8>,
+}
+
+impl Lines {
+    fn write(&mut self, sink: &LogSink, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if self.prefix.is_empty() && !self.timestamps {
+            sink.write(data);
+            self.at_line_start = data.ends_with(b"\n");
+            return;
+        }
+        self.out.clear();
+        // One time for the lines of one write: they came together.
+        let stamp = self.timestamps.then(|| line_time(crate::state::now_ms()));
+        for &b in data {
+            if self.at_line_start {
+                if let Some(t) = &stamp {
+                    self.out.extend_from_slice(t.as_bytes());
+                    self.out.push(b' ');
+                }
+                self.out.extend_from_slice(self.prefix.as_bytes());
+            }
+            self.out.push(b);
+            self.at_line_start = b == b'\n';
+        }
+        sink.write(&self.out);
+    }
+}
+
 /// Copies `reader` into `sink` until EOF, putting the time (`timestamps`:
-/// RFC 3339, UTC, milliseconds) and `prefix` at the start of every line. Memory stays bounded whatever the line lengths. While the
+/// RFC 3339, UTC, milliseconds) and `prefix` at the start of every line.
+/// Whole lines are written: the start of a line waits up to
+/// [`PARTIAL_WAIT`] for its end (or until it is [`PARTIAL_MAX`] long), so
+/// that another process's lines written to the same sink meanwhile do not
+/// split it. Memory stays bounded whatever the line lengths. While the
 /// sink's file leaves bytes waiting (a stalled pipe), they are retried every
 /// `PENDING_RETRY` (200 ms) even when the worker is quiet, and for
 /// `PENDING_LINGER` (10 s) after its output ended.
@@ -427,23 +477,38 @@ pub async fn pump<R: AsyncRead + Unpin>(
     timestamps: bool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut out = Vec::with_capacity(buf.len() + 256);
-    let mut at_line_start = true;
+    let mut lines = Lines {
+        prefix,
+        timestamps,
+        at_line_start: true,
+        out: Vec::with_capacity(buf.len() + 256),
+    };
+    // The start of a line whose end has not come yet.
+    let mut held: Vec<u8> = Vec::new();
     loop {
-        let read = if sink.has_pending() {
+        let wait = if !held.is_empty() {
+            Some(PARTIAL_WAIT)
+        } else if sink.has_pending() {
+            Some(PENDING_RETRY)
+        } else {
+            None
+        };
+        let read = match wait {
             // A read is cancel-safe: nothing is lost when the timer wins.
-            match tokio::time::timeout(PENDING_RETRY, reader.read(&mut buf)).await {
+            Some(wait) => match tokio::time::timeout(wait, reader.read(&mut buf)).await {
                 Ok(r) => r,
                 Err(_) => {
+                    lines.write(&sink, &held);
+                    held.clear();
                     sink.flush();
                     continue;
                 }
-            }
-        } else {
-            reader.read(&mut buf).await
+            },
+            None => reader.read(&mut buf).await,
         };
         let n = match read {
             Ok(0) | Err(_) => {
+                lines.write(&sink, &held);
                 if sink.has_pending() {
                     tokio::spawn(linger(sink));
                 }
@@ -451,25 +516,24 @@ pub async fn pump<R: AsyncRead + Unpin>(
             }
             Ok(n) => n,
         };
-        if prefix.is_empty() && !timestamps {
-            sink.write(&buf[..n]);
-            continue;
-        }
-        out.clear();
-        // One time for the lines of one read: they came together.
-        let stamp = timestamps.then(|| line_time(crate::state::now_ms()));
-        for &b in &buf[..n] {
-            if at_line_start {
-                if let Some(t) = &stamp {
-                    out.extend_from_slice(t.as_bytes());
-                    out.push(b' ');
-                }
-                out.extend_from_slice(prefix.as_bytes());
+        let data = &buf[..n];
+        match data.iter().rposition(|&b| b == b'\n') {
+            Some(end) if held.is_empty() => {
+                lines.write(&sink, &data[..=end]);
+                held.extend_from_slice(&data[end + 1..]);
             }
-            out.push(b);
-            at_line_start = b == b'\n';
+            Some(end) => {
+                held.extend_from_slice(&data[..=end]);
+                lines.write(&sink, &held);
+                held.clear();
+                held.extend_from_slice(&data[end + 1..]);
+            }
+            None => held.extend_from_slice(data),
         }
-        sink.write(&out);
+        if held.len() >= PARTIAL_MAX {
+            lines.write(&sink, &held);
+            held.clear();
+        }
     }
 }
 
@@ -498,6 +562,54 @@ mod tests {
 
     fn read(p: &Path) -> String {
         std::fs::read_to_string(p).unwrap_or_default()
+    }
+
+    /// Two processes writing to one log (the generations of a restart):
+    /// the start of a line waits for its end, so the other's line written
+    /// meanwhile does not cut it; a line that never ends is written after
+    /// PARTIAL_WAIT.
+    #[tokio::test(start_paused = true)]
+    async fn a_line_written_in_two_parts_stays_whole_beside_another_writer() {
+        use tokio::io::AsyncWriteExt;
+        let sink = LogSink::new(None, 0, 0);
+        let (mut a, a_read) = tokio::io::duplex(1024);
+        let (mut b, b_read) = tokio::io::duplex(1024);
+        let pa = tokio::spawn(pump(a_read, sink.clone(), "[a] ".into(), false));
+        let pb = tokio::spawn(pump(b_read, sink.clone(), "[b] ".into(), false));
+        let until = |text: &'static str| {
+            let sink = sink.clone();
+            async move {
+                // Yields only: the paused clock does not move meanwhile.
+                for _ in 0..100_000 {
+                    if String::from_utf8_lossy(&sink.tail(usize::MAX)).contains(text) {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                panic!(
+                    "{text:?} never came: {:?}",
+                    String::from_utf8_lossy(&sink.tail(usize::MAX))
+                );
+            }
+        };
+        a.write_all(b"abc").await.expect("write");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        b.write_all(b"other\n").await.expect("write");
+        until("[b] other\n").await;
+        a.write_all(b"def\n").await.expect("write");
+        until("abcdef").await;
+        assert_eq!(
+            String::from_utf8_lossy(&sink.tail(usize::MAX)),
+            "[b] other\n[a] abcdef\n"
+        );
+        // A prompt without its newline is written once PARTIAL_WAIT passed.
+        a.write_all(b"> ").await.expect("write");
+        tokio::time::sleep(PARTIAL_WAIT * 2).await;
+        assert!(String::from_utf8_lossy(&sink.tail(usize::MAX)).ends_with("[a] > "));
+        drop((a, b));
+        let _ = (pa.await, pb.await);
     }
 
     #[test]
