@@ -464,7 +464,7 @@ impl Lines {
 /// Copies `reader` into `sink` until EOF, putting the time (`timestamps`:
 /// RFC 3339, UTC, milliseconds) and `prefix` at the start of every line.
 /// Whole lines are written: the start of a line waits up to
-/// [`PARTIAL_WAIT`] for its end (or until it is [`PARTIAL_MAX`] long), so
+/// `PARTIAL_WAIT` (100 ms) for its end (or until it is `PARTIAL_MAX` long), so
 /// that another process's lines written to the same sink meanwhile do not
 /// split it. Memory stays bounded whatever the line lengths. While the
 /// sink's file leaves bytes waiting (a stalled pipe), they are retried every
