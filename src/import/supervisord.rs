@@ -164,12 +164,7 @@ fn value_now(s: &Section, e: &Entry) -> Result<String, ImportError> {
     if !e.value.contains("%(") {
         return Ok(e.value.trim().to_string());
     }
-    let names = Names {
-        fixed: [("here", folder_of(&s.at.file).display().to_string())]
-            .into_iter()
-            .collect(),
-        process_num_start: None,
-    };
+    let names = here_names(s);
     let segs = pyformat::expand(&e.value, &names).map_err(|m| bad(s, e, &m))?;
     let mut out = String::new();
     for seg in segs {
@@ -312,13 +307,18 @@ pub(crate) fn parse_env(text: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
-fn supervisord_section(s: &Section, doc: &mut Doc) -> Result<(), ImportError> {
-    let names = Names {
+/// The expansions a section outside the programs knows: `%(here)s`.
+fn here_names(s: &Section) -> Names {
+    Names {
         fixed: [("here", folder_of(&s.at.file).display().to_string())]
             .into_iter()
             .collect(),
         process_num_start: None,
-    };
+    }
+}
+
+fn supervisord_section(s: &Section, doc: &mut Doc) -> Result<(), ImportError> {
+    let names = here_names(s);
     for e in &s.entries {
         let expanded = || -> Result<String, ImportError> {
             let segs = pyformat::expand(&e.value, &names).map_err(|m| bad(s, e, &m))?;
@@ -359,12 +359,7 @@ fn supervisord_section(s: &Section, doc: &mut Doc) -> Result<(), ImportError> {
 }
 
 fn unix_http_server(s: &Section, doc: &mut Doc) {
-    let names = Names {
-        fixed: [("here", folder_of(&s.at.file).display().to_string())]
-            .into_iter()
-            .collect(),
-        process_num_start: None,
-    };
+    let names = here_names(s);
     for e in &s.entries {
         match e.key.as_str() {
             "file" => match pyformat::expand(&e.value, &names)

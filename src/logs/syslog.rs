@@ -124,6 +124,29 @@ fn connect(path: &std::path::Path) -> std::io::Result<UnixDatagram> {
 mod tests {
     use super::*;
 
+    /// A syslog daemon that does not read never holds up the worker's
+    /// output (DESIGN: nothing a worker writes can block supervision): once
+    /// its queue is full, lines are dropped and counted, at once.
+    #[test]
+    fn a_syslog_that_does_not_read_drops_and_never_blocks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let _server = UnixDatagram::bind(&path).expect("bind");
+        let s = Syslog::new(path, "web");
+        let line = format!("{}\n", "x".repeat(1000));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = line.clone();
+        // On a thread of its own: a blocking send would hang it, not the test.
+        std::thread::spawn(move || {
+            let _ = tx.send((0..10_000).map(|_| s.write(l.as_bytes())).sum::<usize>());
+        });
+        let dropped = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("10,000 lines written within 10 s");
+        assert!(dropped > 0, "the queue never filled");
+        assert_eq!(dropped % line.len(), 0, "whole lines dropped");
+    }
+
     #[test]
     fn lines_become_messages_and_an_absent_socket_drops_them() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -19,6 +19,7 @@ use crate::config::WatchConfig;
 pub(super) struct Watch {
     /// What it watches (a new setting makes a new watch).
     pub config: WatchConfig,
+    filter: Filter,
     watcher: notify::RecommendedWatcher,
     /// The folders watched so far.
     folders: std::collections::HashSet<PathBuf>,
@@ -49,7 +50,7 @@ impl Watch {
                 }
                 return;
             }
-            if (dir != top && ignored(&self.config, &dir)) || !self.folders.insert(dir.clone()) {
+            if (dir != top && self.filter.ignored(&dir)) || !self.folders.insert(dir.clone()) {
                 continue;
             }
             self.watch_one(&dir);
@@ -83,14 +84,15 @@ pub(super) fn start(
     config: &WatchConfig,
     tx: mpsc::UnboundedSender<PathBuf>,
 ) -> Result<Watch, String> {
-    let filter = config.clone();
+    let filter = Filter::new(config);
+    let events = filter.clone();
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         if !counts(&event.kind) {
             return;
         }
         for path in event.paths {
-            if !ignored(&filter, &path) {
+            if !events.ignored(&path) {
                 let _ = tx.send(path);
             }
         }
@@ -98,6 +100,7 @@ pub(super) fn start(
     .map_err(|e| format!("cannot watch files: {e}"))?;
     let mut watch = Watch {
         config: config.clone(),
+        filter,
         watcher,
         folders: Default::default(),
         program: program.to_string(),
@@ -130,29 +133,48 @@ fn counts(kind: &EventKind) -> bool {
     }
 }
 
-/// Whether a change of `path` is left alone: under a folder zdt writes to,
-/// or with a part of its path matching an ignore pattern.
-pub(super) fn ignored(config: &WatchConfig, path: &Path) -> bool {
-    if config.skip.iter().any(|s| path.starts_with(s)) {
-        return true;
+/// What a watch leaves alone, its patterns compiled once.
+#[derive(Clone)]
+pub(super) struct Filter {
+    paths: Vec<PathBuf>,
+    skip: Vec<PathBuf>,
+    patterns: Vec<glob::Pattern>,
+}
+
+impl Filter {
+    pub fn new(config: &WatchConfig) -> Filter {
+        Filter {
+            paths: config.paths.clone(),
+            skip: config.skip.clone(),
+            // Checked by the config loader: none is left out here.
+            patterns: config
+                .ignore
+                .iter()
+                .filter_map(|p| glob::Pattern::new(p).ok())
+                .collect(),
+        }
     }
-    let patterns: Vec<glob::Pattern> = config
-        .ignore
-        .iter()
-        .filter_map(|p| glob::Pattern::new(p).ok())
-        .collect();
-    // Only the parts below the watched path that holds it count, so that
-    // a project inside a folder named like a pattern is still watched.
-    let below = config
-        .paths
-        .iter()
-        .filter_map(|w| path.strip_prefix(w).ok())
-        .min_by_key(|rest| rest.components().count())
-        .unwrap_or(path);
-    below.components().any(|c| {
-        let name = c.as_os_str().to_string_lossy();
-        patterns.iter().any(|p| p.matches(&name))
-    })
+
+    /// Whether a change of `path` is left alone: under a folder zdt writes
+    /// to, or with a part of its path matching an ignore pattern.
+    pub fn ignored(&self, path: &Path) -> bool {
+        if self.skip.iter().any(|s| path.starts_with(s)) {
+            return true;
+        }
+        // Only the parts below the watched path that holds it count, so
+        // that a project inside a folder named like a pattern is still
+        // watched.
+        let below = self
+            .paths
+            .iter()
+            .filter_map(|w| path.strip_prefix(w).ok())
+            .min_by_key(|rest| rest.components().count())
+            .unwrap_or(path);
+        below.components().any(|c| {
+            let name = c.as_os_str().to_string_lossy();
+            self.patterns.iter().any(|p| p.matches(&name))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -170,12 +192,13 @@ mod tests {
             debounce: std::time::Duration::from_millis(500),
             skip: vec!["/srv/node_modules/app/logs".into()],
         };
+        let cfg = Filter::new(&cfg);
         let app = Path::new("/srv/node_modules/app");
-        assert!(!ignored(&cfg, &app.join("src/server.js")));
-        assert!(ignored(&cfg, &app.join("node_modules/x/index.js")));
-        assert!(ignored(&cfg, &app.join(".git/index")));
-        assert!(ignored(&cfg, &app.join("src/.server.js.swp")));
-        assert!(ignored(&cfg, &app.join("debug.log")));
-        assert!(ignored(&cfg, &app.join("logs/web-0.out")));
+        assert!(!cfg.ignored(&app.join("src/server.js")));
+        assert!(cfg.ignored(&app.join("node_modules/x/index.js")));
+        assert!(cfg.ignored(&app.join(".git/index")));
+        assert!(cfg.ignored(&app.join("src/.server.js.swp")));
+        assert!(cfg.ignored(&app.join("debug.log")));
+        assert!(cfg.ignored(&app.join("logs/web-0.out")));
     }
 }

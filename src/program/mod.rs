@@ -824,8 +824,7 @@ impl Program {
         let mut due = None;
         for slot in &self.slots {
             let i = slot.index();
-            let snap = slot.snapshot(&self.config.name);
-            let rss = match (snap.pid, snap.state) {
+            let rss = match (slot.pid(), slot.state()) {
                 (Some(pid), InstanceState::Running) => usage.get(&pid).map(|u| (pid, u.rss_bytes)),
                 _ => None,
             };

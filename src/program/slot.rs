@@ -338,6 +338,11 @@ impl Slot {
         self.state
     }
 
+    /// The pid of its current process, if it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(|p| p.pid)
+    }
+
     pub fn reason(&self) -> Option<&str> {
         self.error.as_deref()
     }
@@ -1273,7 +1278,7 @@ impl Slot {
             // beside it (its own row), this row is still the old one.
             generation: self.proc.as_ref().map_or(self.gen, |p| p.gen),
             state: self.state,
-            pid: self.proc.as_ref().and_then(|p| p.pid),
+            pid: self.pid(),
             since_ms: self.since_ms,
             started_ms: self.proc.as_ref().and_then(|p| p.started_ms),
             restarts: self.restarts,

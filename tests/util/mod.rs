@@ -53,11 +53,23 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
 /// The `zdt __proxy` children of `parent` (more than one while an upgrade
 /// retires the previous binary's).
 pub fn proxy_children_of(parent: u32) -> Vec<u32> {
+    let mut found: Vec<u32> = children_of(parent)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"__proxy"))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// The children of `parent` (from each process's ppid in /proc).
+pub fn children_of(parent: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut found: Vec<u32> = dir
-        .flatten()
+    dir.flatten()
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
@@ -68,13 +80,9 @@ pub fn proxy_children_of(parent: u32) -> Vec<u32> {
                 .nth(1)?
                 .parse()
                 .ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let is_proxy = cmdline.split(|&b| b == 0).any(|a| a == b"__proxy");
-            (ppid == parent && is_proxy).then_some(pid)
+            (ppid == parent).then_some(pid)
         })
-        .collect();
-    found.sort_unstable();
-    found
+        .collect()
 }
 
 /// The `zdt __proxy` child of `parent`, if one runs (the first, if two do).
