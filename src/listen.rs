@@ -339,8 +339,22 @@ mod tests {
         // While it is listening, a second bind is refused...
         assert!(bind(&addr, None, 0o600, None).is_err());
         drop(fd);
-        // ...and once closed, the leftover file is replaced.
-        bind(&addr, None, 0o600, None).expect("rebind over a stale socket");
+        // ...and once closed, the leftover file is replaced. A test thread
+        // that forks at this moment holds a copy of the listener until its
+        // child execs (CLOEXEC acts only then), so "closed" is waited for.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match bind(&addr, None, 0o600, None) {
+                Ok(_) => break,
+                Err(e)
+                    if e.source.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("rebind over a stale socket: {e}"),
+            }
+        }
     }
 
     #[test]
