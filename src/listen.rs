@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::config::{ListenAddr, ProgramConfig};
+use crate::config::{ListenAddr, Mode, ProgramConfig, Protocol};
 
 /// Why an address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,49 @@ fn remove_stale_unix_socket(path: &Path) -> std::io::Result<()> {
             )),
             Err(_) => std::fs::remove_file(path),
         },
+    }
+}
+
+/// Whether `cfg`'s socket `addr` should hold a new connection in the kernel
+/// until its first bytes arrive: only where zdt itself accepts HTTP (proxy
+/// mode, `protocol = "http"`, a TCP address), where the client always
+/// speaks first. A worker given the socket (pass mode) or a `tcp` proxy
+/// may serve a protocol whose server speaks first.
+fn defers_accept(cfg: &ProgramConfig, addr: &ListenAddr) -> bool {
+    cfg.mode == Mode::Proxy && cfg.protocol == Protocol::Http && matches!(addr, ListenAddr::Tcp(_))
+}
+
+/// TCP_DEFER_ACCEPT in seconds when on: a connection that has sent nothing
+/// is accepted after one SYN-ACK retransmit, about a second; one that has,
+/// at once, with its request already readable (so the proxy reads it
+/// without a trip through its reactor, and a silent client holds no fd).
+/// nginx's `listen ... deferred` and HAProxy's `defer-accept` set the same.
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// Sets TCP_DEFER_ACCEPT on a listening TCP socket, or clears it (the
+/// socket is kept across reloads that may change its program's mode). A
+/// unix socket is left alone.
+fn set_defer_accept(fd: &OwnedFd, on: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if socket2::SockRef::from(fd).local_addr()?.as_unix().is_some() {
+        return Ok(());
+    }
+    let secs: libc::c_int = if on { DEFER_ACCEPT_SECS } else { 0 };
+    // SAFETY: `secs` is a valid c_int for the duration of the call, its size
+    // is passed, and the fd is open for as long as `fd` is borrowed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -225,6 +268,10 @@ impl Registry {
                     fd
                 }
             };
+            set_defer_accept(&fd, defers_accept(cfg, addr)).map_err(|source| ListenError {
+                addr: addr.to_string(),
+                source,
+            })?;
             out.push(fd);
         }
         Ok(out)
@@ -354,6 +401,56 @@ mod tests {
                 }
                 Err(e) => panic!("rebind over a stale socket: {e}"),
             }
+        }
+    }
+
+    fn defer_accept_secs(fd: &OwnedFd) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut secs: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `secs` and `len` are valid for writes of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut secs as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        secs
+    }
+
+    #[test]
+    fn only_an_http_proxy_defers_accept_and_a_mode_change_clears_it() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let program = |extra: &str| {
+            let text = format!(
+                "[program.web]\ncommand = \"x\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n{extra}\n"
+            );
+            let cfg = crate::config::parse(&text, Path::new("/tmp/zdt-test.toml")).expect("config");
+            cfg.programs.into_values().next().expect("one program")
+        };
+        let registry = Registry::with_inherited(BTreeMap::new());
+        let proxy = program("mode = \"proxy\"");
+        let fd = registry.sockets_for(&proxy).expect("bind").remove(0);
+        // The kernel keeps the value as retransmits and reports it back in
+        // seconds, rounded up: not 0 is what matters.
+        assert!(defer_accept_secs(&fd) > 0);
+        // The same socket, kept by a reload that makes the program pass
+        // its socket to the worker, or forward bytes.
+        for other in ["mode = \"pass\"", "mode = \"proxy\"\nprotocol = \"tcp\""] {
+            registry.sockets_for(&proxy).expect("again");
+            let again = registry
+                .sockets_for(&program(other))
+                .expect("kept")
+                .remove(0);
+            assert!(Arc::ptr_eq(&fd, &again), "{other}: the socket was kept");
+            assert_eq!(defer_accept_secs(&fd), 0, "{other}");
         }
     }
 
