@@ -62,8 +62,8 @@ fn defers_accept(cfg: &ProgramConfig, addr: &ListenAddr) -> bool {
 
 /// TCP_DEFER_ACCEPT in seconds when on: a connection that has sent nothing
 /// is accepted after one SYN-ACK retransmit, about a second; one that has,
-/// at once, with its request already readable (so the proxy reads it
-/// without a trip through its reactor, and a silent client holds no fd).
+/// at once, with its request already readable: the proxy's first read
+/// finds it, and a client that stays silent holds no fd meanwhile.
 /// nginx's `listen ... deferred` and HAProxy's `defer-accept` set the same.
 const DEFER_ACCEPT_SECS: libc::c_int = 1;
 

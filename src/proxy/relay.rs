@@ -107,20 +107,6 @@ pub(super) async fn serve<S, O>(
     };
     // Woken when retiring begins or ends.
     let registered = Registered::here(c.shared.workers.conns()).await;
-    // The first request is usually here already (see `Buffer::read_now`).
-    match c.buf.read_now(c.io.fd()) {
-        Ok(0) => return,
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ) =>
-        {
-            c.buf.release()
-        }
-        Err(_) => return,
-    }
     let timeout = c.shared.options.header_timeout;
     // Before the first request is answered.
     let mut first = true;

@@ -63,39 +63,6 @@ impl Buffer {
     }
 }
 
-impl Buffer {
-    /// Reads what `fd` already holds, without waiting: one `recv`, with no
-    /// trip through the reactor first. For a connection the reactor has
-    /// just taken (accepted, or moved from another thread): tokio knows
-    /// no readiness for it until its next turn, though with
-    /// TCP_DEFER_ACCEPT (`listen.rs`) an accepted client's request is
-    /// already there. Ok(0) is the peer's close; WouldBlock, nothing yet.
-    pub(super) fn read_now(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        self.room();
-        let spare = self.0.spare_capacity_mut();
-        // SAFETY: recv writes at most `spare.len()` bytes into `spare`,
-        // which is valid for writes of that length (its bytes need not be
-        // initialized: they are only written), and the fd is open for as
-        // long as `fd` is borrowed.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        let Ok(n) = usize::try_from(n) else {
-            return Err(std::io::Error::last_os_error());
-        };
-        // SAFETY: recv initialized the first `n` bytes of the spare
-        // capacity, n <= spare.len().
-        unsafe { self.0.set_len(self.0.len() + n) };
-        Ok(n)
-    }
-}
-
 impl Drop for Buffer {
     fn drop(&mut self) {
         self.release();
