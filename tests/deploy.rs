@@ -209,9 +209,12 @@ fn a_failing_build_changes_nothing_and_fails_no_request() {
 #[test]
 fn a_release_that_never_gets_ready_is_switched_back() {
     let port = free_port();
+    // A unix upstream: the broken release never binds its private address,
+    // and a TCP port left free that long may be taken by a listener of a
+    // test running alongside, which would answer the probe for it.
     let d = Daemon::start(&(header() + &node_program(port, "proxy")).replace(
         "ready = { http = \"/\" }",
-        "ready = { http = \"/\" }\nready_timeout = \"2s\"",
+        "ready = { http = \"/\" }\nready_timeout = \"2s\"\nupstream = \"unix\"",
     ));
     let v1 = source(&d, "v1", "contrib/node/server.js", "v1");
     let broken = d.path("broken");

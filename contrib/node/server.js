@@ -6,8 +6,9 @@
 //   ready = { notify = true }
 //   environment = { ZDT_BIN = "/usr/local/bin/zdt" }
 //
-// - Listens on the socket zdt passes as fd 3 (LISTEN_FDS / LISTEN_PID), or on
-//   $PORT when run alone.
+// - Listens on the socket zdt passes as fd 3 (LISTEN_FDS / LISTEN_PID); in
+//   proxy mode on the private address zdt names, $SOCKET (`upstream =
+//   "unix"`) or $PORT; on $PORT (default 3000) when run alone.
 // - Tells zdt it is ready with `zdt notify READY=1` once listening (Node's
 //   dgram module cannot send to unix sockets).
 // - Drains lazily on SIGTERM, which is what makes pass mode lose nothing:
@@ -80,6 +81,8 @@ delete process.env.LISTEN_PID;
 delete process.env.LISTEN_FDNAMES;
 if (activated) {
   server.listen({ fd: 3 });
+} else if (process.env.SOCKET) {
+  server.listen(process.env.SOCKET);
 } else {
   server.listen(Number(process.env.PORT || 3000), '127.0.0.1');
 }
