@@ -178,6 +178,12 @@ impl Conns {
     pub(super) fn open(&self) -> usize {
         self.open.iter().map(|n| n.load(Ordering::SeqCst)).sum()
     }
+
+    /// Client connections open on proxy thread `thread`.
+    #[cfg(test)]
+    pub(super) fn open_at(&self, thread: usize) -> usize {
+        self.open[thread].load(Ordering::SeqCst)
+    }
 }
 
 /// Counts a client connection as open on a proxy thread while it lives.

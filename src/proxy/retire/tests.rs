@@ -459,3 +459,45 @@ async fn retirements_nest_and_the_last_one_dropped_resumes() {
     assert!(task.await.is_err_and(|e| e.is_cancelled()), "resolved");
     assert!(!f.proxy.workers.retire().is_retiring());
 }
+
+/// The relay's side of moving a connection between proxy threads: a
+/// kept-alive connection on a thread that holds clearly more open
+/// connections than the other moves there after its first answer, and its
+/// next requests are served there.
+#[tokio::test]
+async fn kept_alive_connections_leave_a_busy_thread_after_their_first_answer() {
+    let mut f = Fixture::new().await;
+    let addr = f.listen(Protocol::Http);
+    let conns = f.proxy.workers.conns().clone();
+    // Thread 0 holds 20 (counted, not real), thread 1 none.
+    let busy: Vec<_> = (0..20).map(|_| f.proxy.workers.open_on(0)).collect();
+    // Both threads accept; of 8 connections, those thread 0 accepts (all
+    // but one in 256 runs) must move, those thread 1 accepts stay.
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let mut c = Client::connect(addr).await;
+        c.get(&format!("/first{i}")).await;
+        let a = within("a first answer", c.answer())
+            .await
+            .expect("answered");
+        assert!(a.ok() && !a.closes(), "{}", a.head);
+        clients.push(c);
+    }
+    // Each moves once its answer is written, which the client may read first.
+    within("every connection on thread 1", async {
+        while (conns.open_at(0), conns.open_at(1)) != (20, 8) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.get(&format!("/next{i}")).await;
+        let a = within("an answer after the move", c.answer())
+            .await
+            .expect("answered");
+        assert!(a.ok(), "{}", a.head);
+        assert_eq!(a.body, format!("hello /next{i}"));
+    }
+    drop(busy);
+    assert_eq!(conns.open_at(0), 0);
+}
