@@ -67,9 +67,9 @@ fn defers_accept(cfg: &ProgramConfig, addr: &ListenAddr) -> bool {
 /// nginx's `listen ... deferred` and HAProxy's `defer-accept` set the same.
 const DEFER_ACCEPT_SECS: libc::c_int = 1;
 
-/// Sets TCP_DEFER_ACCEPT on a listening TCP socket, or clears it (the
-/// socket is kept across reloads that may change its program's mode). A
-/// unix socket is left alone.
+/// Sets TCP_DEFER_ACCEPT on a listening TCP socket zdt bound, or clears it
+/// (the socket is kept across reloads that may change its program's mode).
+/// A unix socket is left alone.
 fn set_defer_accept(fd: &OwnedFd, on: bool) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     if socket2::SockRef::from(fd).local_addr()?.as_unix().is_some() {
@@ -254,8 +254,14 @@ impl Registry {
         let mut owned = self.lock();
         let mut out = Vec::with_capacity(cfg.listen.len());
         for addr in &cfg.listen {
-            let fd = match owned.get(addr).or_else(|| self.inherited.get(addr)) {
+            let fd = match owned.get(addr) {
                 Some(fd) => fd.clone(),
+                // The service manager's socket keeps the options its unit
+                // gave it (systemd's DeferAcceptSec=): not set, not cleared.
+                None if self.inherited.contains_key(addr) => {
+                    out.push(self.inherited[addr].clone());
+                    continue;
+                }
                 None => {
                     let fd = Arc::new(bind(
                         addr,
@@ -424,33 +430,49 @@ mod tests {
 
     #[test]
     fn only_an_http_proxy_defers_accept_and_a_mode_change_clears_it() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let program = |extra: &str| {
+        let program = |port: u16, extra: &str| {
             let text = format!(
                 "[program.web]\ncommand = \"x\"\nlisten = [\"tcp://127.0.0.1:{port}\"]\n{extra}\n"
             );
             let cfg = crate::config::parse(&text, Path::new("/tmp/zdt-test.toml")).expect("config");
             cfg.programs.into_values().next().expect("one program")
         };
+        let others = ["mode = \"pass\"", "mode = \"proxy\"\nprotocol = \"tcp\""];
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
         let registry = Registry::with_inherited(BTreeMap::new());
-        let proxy = program("mode = \"proxy\"");
+        let proxy = program(port, "mode = \"proxy\"");
         let fd = registry.sockets_for(&proxy).expect("bind").remove(0);
         // The kernel keeps the value as retransmits and reports it back in
         // seconds, rounded up: not 0 is what matters.
         assert!(defer_accept_secs(&fd) > 0);
         // The same socket, kept by a reload that makes the program pass
         // its socket to the worker, or forward bytes.
-        for other in ["mode = \"pass\"", "mode = \"proxy\"\nprotocol = \"tcp\""] {
+        for other in others {
             registry.sockets_for(&proxy).expect("again");
             let again = registry
-                .sockets_for(&program(other))
+                .sockets_for(&program(port, other))
                 .expect("kept")
                 .remove(0);
             assert!(Arc::ptr_eq(&fd, &again), "{other}: the socket was kept");
             assert_eq!(defer_accept_secs(&fd), 0, "{other}");
+        }
+        // A socket the service manager passed keeps what its unit set, in
+        // either mode: here on, as `DeferAcceptSec=` leaves it.
+        let given = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = given.local_addr().expect("address").port();
+        let given = OwnedFd::from(given);
+        set_defer_accept(&given, true).expect("set by the service manager");
+        let addr = ListenAddr::Tcp(([127, 0, 0, 1], port).into());
+        let registry = Registry::with_inherited(BTreeMap::from([(addr, given)]));
+        for other in others {
+            let fd = registry
+                .sockets_for(&program(port, other))
+                .expect("given")
+                .remove(0);
+            assert!(defer_accept_secs(&fd) > 0, "{other}");
         }
     }
 
