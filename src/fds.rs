@@ -149,6 +149,14 @@ pub fn shortage_retry_delay(n: u32) -> std::time::Duration {
     std::time::Duration::from_millis(ms.min(5000))
 }
 
+/// Makes `fd`'s open file description non-blocking.
+pub fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,8 +203,8 @@ pub fn shortage(
     ProcHandle { cmds: tx }
 }
 
-fn pipe_reader(fd: std::os::fd::OwnedFd) -> Option<tokio::net::unix::pipe::Receiver> {
-    match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+fn pipe_reader(fd: std::os::fd::OwnedFd) -> Option<logs::OutputPipe> {
+    match logs::OutputPipe::new(fd) {
         Ok(r) => Some(r),
         Err(err) => {
             tracing::warn!(cause = %err, "cannot read worker output");

@@ -31,8 +31,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::broadcast;
 
+mod pipe;
 mod stderr;
 mod syslog;
+pub use pipe::OutputPipe;
 pub use stderr::StderrLog;
 pub use syslog::Syslog;
 
@@ -424,6 +426,9 @@ const PARTIAL_WAIT: Duration = Duration::from_millis(100);
 /// A line longer than this is written in parts.
 const PARTIAL_MAX: usize = 16 * 1024;
 
+/// The bytes [`pump`] reads at a time: a default pipe's whole capacity.
+const READ_BYTES: usize = 64 * 1024;
+
 /// Lines on their way from a pump to its sink: the time (`timestamps`:
 /// RFC 3339, UTC, milliseconds) and `prefix` at the start of each.
 struct Lines {
@@ -446,7 +451,7 @@ impl Lines {
         self.out.clear();
         // One time for the lines of one write: they came together.
         let stamp = self.timestamps.then(|| line_time(crate::state::now_ms()));
-        for &b in data {
+        for line in data.split_inclusive(|&b| b == b'\n') {
             if self.at_line_start {
                 if let Some(t) = &stamp {
                     self.out.extend_from_slice(t.as_bytes());
@@ -454,8 +459,8 @@ impl Lines {
                 }
                 self.out.extend_from_slice(self.prefix.as_bytes());
             }
-            self.out.push(b);
-            self.at_line_start = b == b'\n';
+            self.out.extend_from_slice(line);
+            self.at_line_start = line.ends_with(b"\n");
         }
         sink.write(&self.out);
     }
@@ -469,14 +474,15 @@ impl Lines {
 /// split it. Memory stays bounded whatever the line lengths. While the
 /// sink's file leaves bytes waiting (a stalled pipe), they are retried every
 /// `PENDING_RETRY` (200 ms) even when the worker is quiet, and for
-/// `PENDING_LINGER` (10 s) after its output ended.
+/// `PENDING_LINGER` (10 s) after its output ended. A worker's pipe is read
+/// through an [`OutputPipe`], which batches output that comes fast.
 pub async fn pump<R: AsyncRead + Unpin>(
     mut reader: R,
     sink: LogSink,
     prefix: String,
     timestamps: bool,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; READ_BYTES];
     let mut lines = Lines {
         prefix,
         timestamps,

@@ -276,6 +276,25 @@ fn cstring(s: impl AsRef<[u8]>) -> Result<CString, std::io::Error> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
 }
 
+/// How many bytes a worker's output pipe holds (4 times the default), so
+/// that output gathering there between two of the log pump's reads
+/// (`logs::pipe::GATHER`) does not hold up the worker's writes: 25 MB/s of logs
+/// before a write waits.
+const OUTPUT_PIPE_BYTES: i32 = 256 * 1024;
+
+/// A pipe for a worker's stdout or stderr (both ends close-on-exec), made
+/// as large as [`OUTPUT_PIPE_BYTES`] where the system allows; where it does
+/// not (an unprivileged user past `/proc/sys/fs/pipe-user-pages-soft`), it
+/// keeps its size.
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), std::io::Error> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let _ = nix::fcntl::fcntl(
+        r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_BYTES),
+    );
+    Ok((r, w))
+}
+
 /// Resolves everything that allocates or blocks, and builds the command.
 pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
     let argv0 = spec.argv.first().cloned().unwrap_or_default();
@@ -363,13 +382,11 @@ pub(super) fn prepare(spec: SpawnSpec) -> Result<Prepared, SpawnError> {
         fds: spec.fds,
     };
 
-    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| exec_err(std::io::Error::from(e)))?;
+    let (out_r, out_w) = output_pipe().map_err(exec_err)?;
     let (stderr, err_w) = if spec.redirect_stderr {
         (None, out_w.try_clone().map_err(exec_err)?)
     } else {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| exec_err(std::io::Error::from(e)))?;
+        let (r, w) = output_pipe().map_err(exec_err)?;
         (Some(r), w)
     };
     let (out_w, err_w) = if spec.to_zdt_stderr {
@@ -479,5 +496,18 @@ impl Prepared {
             stdout: self.stdout,
             stderr: self.stderr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_output_pipe_holds_a_quarter_mebibyte() {
+        let (r, _w) = output_pipe().expect("pipe");
+        let size = nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+            .expect("F_GETPIPE_SZ");
+        assert_eq!(size, OUTPUT_PIPE_BYTES);
     }
 }

@@ -267,9 +267,7 @@ struct Channel {
 impl Channel {
     /// Takes `fd` (non-blocking from here on).
     fn new(fd: OwnedFd) -> std::io::Result<Self> {
-        let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
-        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        crate::fds::set_nonblocking(fd.as_raw_fd())?;
         // SAFETY: an OwnedFd is a valid open fd that stays open, and is the
         // same fd, for as long as the AsyncFd owns it.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
