@@ -426,8 +426,10 @@ const PARTIAL_WAIT: Duration = Duration::from_millis(100);
 /// A line longer than this is written in parts.
 const PARTIAL_MAX: usize = 16 * 1024;
 
-/// The bytes [`pump`] reads at a time: a default pipe's whole capacity.
-const READ_BYTES: usize = 64 * 1024;
+/// The bytes [`pump`] reads at a time. Each instance's two pumps keep their
+/// buffers for the instance's life, so this stays small; output beyond it
+/// takes one more read.
+const READ_BYTES: usize = 16 * 1024;
 
 /// Lines on their way from a pump to its sink: the time (`timestamps`:
 /// RFC 3339, UTC, milliseconds) and `prefix` at the start of each.
