@@ -50,7 +50,8 @@
 //!   process resolves its release once, at spawn.
 //! - [`fds`]: the open-files limit, the fds kept for zdt itself, and what
 //!   the proxy may use.
-//! - [`logs`]: per-instance log files with rotation, the tail ring, followers.
+//! - [`logs`]: per-instance log files with rotation, the tail ring, followers;
+//!   workers' pipes are read in batches, out of epoll while output gathers.
 //! - [`rundir`]: the checks on every path zdt creates (private and trusted
 //!   folders, files that never follow a planted link).
 //! - [`state`]: instance states and the snapshots `status` prints.
