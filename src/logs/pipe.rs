@@ -25,7 +25,7 @@ use tokio::time::Sleep;
 /// How long output gathers in the pipe after a read that emptied it; the
 /// time stamp of a line (`timestamps = true`) is its batch's, up to this much
 /// after the worker wrote it.
-pub(crate) const GATHER: Duration = Duration::from_millis(10);
+const GATHER: Duration = Duration::from_millis(10);
 
 /// A non-blocking pipe read end that is in the runtime's epoll set only
 /// while it waits for output (module docs).
@@ -77,22 +77,22 @@ impl AsyncRead for OutputPipe {
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => {
-                    if this.reg.is_none() {
-                        // Added to the epoll set, the pipe reports output
-                        // that came since the read above at once.
-                        // SAFETY: `fd` stays open and the same fd for as
-                        // long as `reg` lives: it is never replaced, and
-                        // `reg` is dropped first (field order).
-                        let reg = unsafe {
-                            AsyncFd::register_with_interest(
-                                this.fd.as_raw_fd(),
-                                tokio::io::Interest::READABLE,
-                            )
-                        };
-                        this.reg = Some(reg.map_err(io::Error::from)?);
-                    }
-                    let Some(reg) = this.reg.as_ref() else {
-                        continue;
+                    let reg = match &mut this.reg {
+                        Some(reg) => reg,
+                        slot @ None => {
+                            // Added to the epoll set, the pipe reports output
+                            // that came since the read above at once.
+                            // SAFETY: `fd` stays open and the same fd for as
+                            // long as `reg` lives: it is never replaced, and
+                            // `reg` is dropped first (field order).
+                            let reg = unsafe {
+                                AsyncFd::register_with_interest(
+                                    this.fd.as_raw_fd(),
+                                    tokio::io::Interest::READABLE,
+                                )
+                            };
+                            slot.insert(reg.map_err(io::Error::from)?)
+                        }
                     };
                     let mut guard = ready!(reg.poll_read_ready(cx))?;
                     // Readiness from before the read above is stale; the
