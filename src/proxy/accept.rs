@@ -100,7 +100,7 @@ impl ClientIo for tokio::net::UnixStream {
 
 /// A client connection's place under `max_connections` and its count on
 /// its proxy thread, held until it closes.
-type Open = (workers::Open, OwnedSemaphorePermit);
+pub(super) type Open = (workers::Open, OwnedSemaphorePermit);
 
 /// Serves an accepted client connection. An HTTP connection is served on
 /// this proxy thread, and moves to a less loaded one, if it must, once its

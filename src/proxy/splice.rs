@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::task::{Context, Poll};
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use tokio::io::Interest;
@@ -26,6 +27,11 @@ pub(super) trait SpliceIo {
     /// Waits until it may be read or written.
     fn ready(&self, interest: Interest)
         -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Polls until it may be read. Unlike [`SpliceIo::ready`] this keeps no
+    /// state in the caller's future (the waker goes to the socket's one
+    /// reader slot), so an idle connection's task stays small; only one
+    /// task may wait to read the socket this way, as with `poll_read`.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Runs `f`, clearing readiness when it would block.
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
     /// A non-blocking read.
@@ -42,6 +48,9 @@ macro_rules! splice_io {
             }
             async fn ready(&self, interest: Interest) -> io::Result<()> {
                 <$t>::ready(self, interest).await.map(|_| ())
+            }
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
             }
             fn try_io<R>(
                 &self,
@@ -74,6 +83,12 @@ impl SpliceIo for Stream {
         match self {
             Self::Tcp(s) => s.ready(interest).await.map(|_| ()),
             Self::Unix(s) => s.ready(interest).await.map(|_| ()),
+        }
+    }
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Tcp(s) => s.poll_read_ready(cx),
+            Self::Unix(s) => s.poll_read_ready(cx),
         }
     }
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
