@@ -442,10 +442,7 @@ mod rebalance {
 mod memory {
     use tokio::net::TcpStream;
 
-    /// The size of what `f` returns: a future's, without making one.
-    fn returned<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
+    use super::super::returned_size;
 
     /// A client connection's task holds its future for as long as the
     /// connection is open, idle or not: it must be the relay path's future
@@ -455,12 +452,9 @@ mod memory {
     /// against 608.)
     #[test]
     fn a_client_connections_task_is_the_size_of_the_relay_path() {
-        fn relay<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
-            std::mem::size_of::<R>()
-        }
-        let serve = relay(super::relay::serve::<TcpStream, super::Open>);
-        let here = returned(super::serve_client::<TcpStream>);
-        let moved = returned(super::serve_moved::<TcpStream>);
+        let serve = returned_size(super::relay::serve::<TcpStream, super::Open>);
+        let here = returned_size(super::serve_client::<TcpStream>);
+        let moved = returned_size(super::serve_moved::<TcpStream>);
         for (task, size) in [("accepted here", here), ("moved", moved)] {
             assert!(
                 size <= serve + 16,

@@ -376,6 +376,13 @@ const MAX_HEADERS: usize = 1024;
 /// Bound on connecting to a private address.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The size of the future a client connection's function returns, without
+/// making one (a connection's task holds it for as long as it is open).
+#[cfg(test)]
+fn returned_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+    std::mem::size_of::<R>()
+}
+
 /// A proxy's shared state with no routes, for unit tests.
 #[cfg(test)]
 fn test_shared() -> Arc<Shared> {

@@ -302,11 +302,7 @@ mod memory {
     use tokio::net::TcpStream;
 
     use super::super::accept::Open;
-
-    /// The size of the future `f` returns, without making one.
-    fn returned<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
+    use super::super::returned_size;
 
     /// What an idle client connection holds is its task: the serve future
     /// in tokio's task cell (a 32-byte header, 32 bytes of the scheduler's,
@@ -320,7 +316,7 @@ mod memory {
     /// are moved into, and waited with `ready()`, whose future is 136 bytes.
     #[test]
     fn an_idle_client_connection_holds_a_small_future() {
-        let size = returned(super::serve::<TcpStream, Open>);
+        let size = returned_size(super::serve::<TcpStream, Open>);
         assert!(
             size <= 400,
             "the serve future takes {size} bytes: tokio's task cell for it is \
