@@ -5,15 +5,18 @@
 # p99 and failed requests of each, the ratios zdt/direct, zdt/nginx and
 # zdt/haproxy, the CPU time each proxy spent per request (its processes' user
 # + system time over the rounds, from /proc/PID/stat, divided by the
-# requests); then the proxies' RSS with IDLE idle keep-alive client
+# requests) and the CPU time the app's own processes spent per request in
+# each column (what a proxy costs the app it serves); then the proxies' RSS with IDLE idle keep-alive client
 # connections.
 #
 # Columns, one wrk run each per round, in this order:
 #   direct    wrk to the app itself (node2: to the first of its two copies)
+#             on the private port zdt gave it
 #   zdt       zdt proxy mode; the proxy in its own process (zdt __proxy, a
 #             child of zdt), whose CPU and RSS are added to the daemon's
-#   zin       zdt with proxy_process = false (the proxy in zdt's process);
-#             only in the plain form, neither --matrix nor --quick
+#   zin       zdt with proxy_process = false (the proxy in zdt's process),
+#             with its own copies of the app; only in the plain form,
+#             neither --matrix nor --quick
 #   nginx     proxy_pass, upstream keepalive 128, worker_processes auto,
 #             access log off; CPU and RSS: its workers
 #   haproxy   HAProxy in the foreground, nbthread = CPUs, mode http, option
@@ -21,7 +24,8 @@
 #             for IDLE + the connections, 120 s client/server/keep-alive
 #             timeouts; CPU and RSS: its one process (skipped, "-", when
 #             haproxy is not installed)
-#   restart   with --restart: zdt again, while `zdtctl -c CONF restart app`
+#   restart   with --restart: a second zdt with its own copies of the app
+#             (a restart replaces them), while `zdtctl -c CONF restart app`
 #             runs every 2 s (the next one right after the last returned when
 #             it took longer); with the restarts done and failed. zdt's
 #             program has max_wait = "5s", kill_timeout = "3s" and, like
@@ -30,12 +34,14 @@
 # zdt and nginx add X-Forwarded-For, X-Real-IP and X-Forwarded-Proto; HAProxy
 # is set to add the same three.
 #
-# Backends (--backend); direct, nginx and HAProxy share one set of app
-# processes, zdt runs its own (ports from zdt: PORT, {port}):
+# Backends (--backend). The app's processes are zdt's workers (ports from
+# zdt: PORT, {port}); direct, nginx and HAProxy go to the same processes on
+# their private ports, so every column but zin and restart is served by one
+# set of app processes:
 #   demo    target/release/zdt-demo, 0 ms handler; zdt ready = /health
 #   node    contrib/node/server.js, one process; zdt ready = /
 #   node2   two node processes: zdt instances = 2, nginx and HAProxy get both
-#           as upstream servers, direct goes to the first
+#           as upstream servers
 #   php     php -S 127.0.0.1:PORT contrib/php/app.php with
 #           PHP_CLI_SERVER_WORKERS=4 (php -S closes every connection after its
 #           answer, keep-alive or not); zdt ready = /health
@@ -227,6 +233,15 @@ wait_ready() {
   done
   echo "zdt ($1): $2 instances not ready within 30 s; the end of $3:" >&2; tail -n 20 "$3" >&2; exit 2
 }
+# instance_pids CONF: the pids of zdt's workers, in instance order.
+instance_pids() {
+  timeout 5 "$BIN/zdtctl" -c "$1" status --json 2>/dev/null | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["programs"]:
+    for i in sorted(p["instances"], key=lambda i: i["instance"]):
+        if i.get("pid"):
+            print(i["pid"])'
+}
 # CPU time (clock ticks) the given processes have used so far: "user system".
 cpu_ticks() {
   local u=0 s=0 p f
@@ -242,29 +257,18 @@ rss_sum() { local p t=0; for p in "$@"; do t=$((t + $(rss "$p"))); done; echo "$
 
 # --- one backend's stacks: start_stacks BACKEND sets the ports and pids ---
 
-declare -A PORT_OF PROCS_OF
+declare -A PORT_OF PROCS_OF APPS_OF
 start_stacks() {
   local b=$1 d="$WORK/$1" n=1 i p cmd ready env apps=() servers="" hservers="" maxc=0 c
   mkdir -p "$d"
   [ "$b" = node2 ] && n=2
-  for ((i = 0; i < n; i++)); do
-    p=$(free_port); apps+=("$p")
-    case $b in
-      demo) PORT=$p "$BIN/zdt-demo" >"$d/app-$i.log" 2>&1 & ;;
-      node|node2) PORT=$p node "$NODE_APP" >"$d/app-$i.log" 2>&1 & ;;
-      php) PHP_CLI_SERVER_WORKERS=4 php -S "127.0.0.1:$p" "$PHP_APP" >"$d/app-$i.log" 2>&1 & ;;
-    esac
-    track $!
-    servers+="server 127.0.0.1:$p; "
-    hservers+="  server app$i 127.0.0.1:$p"$'\n'
-  done
   case $b in
     demo) cmd="[\"$BIN/zdt-demo\"]"; ready='{ http = "/health" }'; env='{}' ;;
     node|node2) cmd="[\"node\", \"$NODE_APP\"]"; ready='{ http = "/" }'; env='{}' ;;
     php) cmd="[\"php\", \"-S\", \"127.0.0.1:{port}\", \"$PHP_APP\"]"; ready='{ http = "/health" }'
          env='{ PHP_CLI_SERVER_WORKERS = "4" }' ;;
   esac
-  ZDT=$(free_port); ZIN=$(free_port); NGX=$(free_port); HAP=$(free_port)
+  ZDT=$(free_port); ZIN=$(free_port); ZRS=$(free_port); NGX=$(free_port); HAP=$(free_port)
   # Room for the idle clients and the busiest cell in zdt and HAProxy: their
   # defaults follow the open-files limit (zdt: half of it less a reserve,
   # 8,750 with a limit of 20,000), nginx has worker_connections 20000.
@@ -298,6 +302,24 @@ TOML
     zdt_config "$d/zin" "$ZIN" false
     "$BIN/zdt" -c "$d/zin/supervisor.toml" 2>"$d/zin.log" & ZIN_PID=$!; track "$ZIN_PID"
   fi
+  if [ "$RESTART" = 1 ]; then
+    zdt_config "$d/zrs" "$ZRS" true
+    "$BIN/zdt" -c "$d/zrs/supervisor.toml" 2>"$d/zrs.log" & ZRS_PID=$!; track "$ZRS_PID"
+  fi
+  wait_up "$ZDT" "zdt" "$d/zdt.log"; wait_ready "$d/zdt/supervisor.toml" "$n" "$d/zdt.log"
+  # The app processes every column but zin and restart use: zdt's own
+  # workers, reached directly on their private ports (PORT in their
+  # environment). One set of processes for all columns, so a copy of the
+  # app that happens to be slower (its JIT, its heap, where it runs) cannot
+  # favour one proxy; and the app CPU per request compares like with like.
+  for p in $(instance_pids "$d/zdt/supervisor.toml"); do
+    i=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | sed -n 's/^PORT=//p')
+    [ -n "$i" ] || die "zdt's worker $p has no PORT in its environment"
+    apps+=("$i")
+    servers+="server 127.0.0.1:$i; "
+    hservers+="  server app${#apps[@]} 127.0.0.1:$i"$'\n'
+  done
+  [ ${#apps[@]} = "$n" ] || die "zdt runs ${#apps[@]} workers, not $n"
 
   mkdir -p "$d/nginx"
   cat >"$d/nginx/nginx.conf" <<NGINX
@@ -357,25 +379,36 @@ HAPROXY
     haproxy -db -f "$d/haproxy.cfg" >"$d/haproxy.log" 2>&1 & HAP_PID=$!; track "$HAP_PID"
   fi
 
-  for ((i = 0; i < n; i++)); do wait_up "${apps[$i]}" "$b" "$d/app-$i.log"; done
-  wait_up "$ZDT" "zdt" "$d/zdt.log"; wait_ready "$d/zdt/supervisor.toml" "$n" "$d/zdt.log"
+  if [ "$RESTART" = 1 ]; then wait_up "$ZRS" "zdt (restart column)" "$d/zrs.log"; wait_ready "$d/zrs/supervisor.toml" "$n" "$d/zrs.log"; fi
   if [ "$INPROC" = 1 ]; then wait_up "$ZIN" "zdt (in-process)" "$d/zin.log"; wait_ready "$d/zin/supervisor.toml" "$n" "$d/zin.log"; fi
   wait_up "$NGX" nginx "$d/nginx/error.log"
   [ "$HAVE_HAPROXY" = 1 ] && wait_up "$HAP" haproxy "$d/haproxy.log"
   # zdt's proxy process (zdt __proxy, its child): its CPU and memory are zdt's.
   ZDT_PROXY=$(pgrep -P "$ZDT_PID" -f __proxy | head -1)
   [ -n "$ZDT_PROXY" ] || die "zdt's proxy process is not running"
+  # The app's processes, for its CPU per request: zdt's workers and what
+  # they forked (php -S's workers).
+  app_pids() { local p; for p in "$@"; do echo "$p"; descendants "$p" | cut -d: -f1; done | tr '\n' ' '; }
+  local shared
+  # shellcheck disable=SC2046
+  shared=$(app_pids $(instance_pids "$d/zdt/supervisor.toml"))
   NGX_WORKERS=$(pgrep -P "$NGX_PID" | tr '\n' ' ')
-  CONF="$d/zdt/supervisor.toml"
+  CONF="$d/zrs/supervisor.toml"
 
   KINDS=(direct zdt)
   [ "$INPROC" = 1 ] && KINDS+=(zin)
   KINDS+=(nginx)
   [ "$HAVE_HAPROXY" = 1 ] && KINDS+=(haproxy)
-  PORT_OF=([direct]=${apps[0]} [zdt]=$ZDT [nginx]=$NGX [restart]=$ZDT)
-  PROCS_OF=([direct]="" [zdt]="$ZDT_PID $ZDT_PROXY" [nginx]="$NGX_WORKERS" [restart]="$ZDT_PID $ZDT_PROXY")
-  if [ "$INPROC" = 1 ]; then PORT_OF[zin]=$ZIN; PROCS_OF[zin]=$ZIN_PID; fi
-  if [ "$HAVE_HAPROXY" = 1 ]; then PORT_OF[haproxy]=$HAP; PROCS_OF[haproxy]=$HAP_PID; fi
+  PORT_OF=([direct]=${apps[0]} [zdt]=$ZDT [nginx]=$NGX)
+  PROCS_OF=([direct]="" [zdt]="$ZDT_PID $ZDT_PROXY" [nginx]="$NGX_WORKERS")
+  # The restart column's app processes change under it: no app CPU there.
+  APPS_OF=([direct]="$shared" [zdt]="$shared" [nginx]="$shared" [restart]="")
+  if [ "$RESTART" = 1 ]; then
+    PORT_OF[restart]=$ZRS; PROCS_OF[restart]="$ZRS_PID $(pgrep -P "$ZRS_PID" -f __proxy | head -1)"
+  fi
+  # shellcheck disable=SC2046
+  if [ "$INPROC" = 1 ]; then PORT_OF[zin]=$ZIN; PROCS_OF[zin]=$ZIN_PID; APPS_OF[zin]="$(app_pids $(instance_pids "$d/zin/supervisor.toml"))"; fi
+  if [ "$HAVE_HAPROXY" = 1 ]; then PORT_OF[haproxy]=$HAP; PROCS_OF[haproxy]=$HAP_PID; APPS_OF[haproxy]="$shared"; fi
   # Warm-up, not counted: a JIT, pools and caches in every column.
   for c in "${KINDS[@]}"; do wrk_run "${PORT_OF[$c]}" "${CONN_LIST[0]}" keepalive 1 "$d/warmup-$c.txt"; done
   [ "$RESTART" = 1 ] && KINDS+=(restart)
@@ -434,11 +467,11 @@ restart_loop() {
 declare -A CELL NOTED
 cell_key() { echo "$1|$2|$3"; }
 run_cell() {
-  local b=$1 c=$2 m=$3 r k procs rps p50 p99 n f u0 s0 u1 s1 raw rl sums="" st co rd wr to
-  local -A RPS P50 P99 FAIL USR SYS NREQ EOF
+  local b=$1 c=$2 m=$3 r k procs apps rps p50 p99 n f u0 s0 u1 s1 a0 a1 raw rl sums="" st co rd wr to
+  local -A RPS P50 P99 FAIL USR SYS NREQ EOF APP RR PR
   local restarts=0 restart_err=0 eofs=""
   for k in "${KINDS[@]}"; do
-    RPS[$k]=0; P50[$k]=0; P99[$k]=0; FAIL[$k]=0; USR[$k]=0; SYS[$k]=0; NREQ[$k]=0; EOF[$k]=0
+    RPS[$k]=0; P50[$k]=0; P99[$k]=0; FAIL[$k]=0; USR[$k]=0; SYS[$k]=0; NREQ[$k]=0; EOF[$k]=0; APP[$k]=0; RR[$k]=""; PR[$k]=""
     eof_body "${PORT_OF[$k]}" "$m" && { EOF[$k]=1; eofs+="${eofs:+, }$k"; }
   done
   if [ -n "$eofs" ] && [ -z "${NOTED[$b|$m]:-}" ]; then
@@ -449,12 +482,14 @@ run_cell() {
   for r in $(seq "$ROUNDS"); do
     for k in "${KINDS[@]}"; do
       raw="$WORK/$b/raw/c$c-$m-$k-$r.txt"
-      procs=${PROCS_OF[$k]}
-      u0=0; s0=0; u1=0; s1=0
+      procs=${PROCS_OF[$k]}; apps=${APPS_OF[$k]}
+      u0=0; s0=0; u1=0; s1=0; a0=0; a1=0
       # shellcheck disable=SC2086
       [ -n "$procs" ] && read -r u0 s0 < <(cpu_ticks $procs)
+      # shellcheck disable=SC2086
+      [ -n "$apps" ] && a0=$(cpu_ticks $apps | awk '{print $1 + $2}')
       rl=""
-      if [ "$k" = restart ]; then restart_loop "$CONF" "$DUR" "$raw.restarts" & rl=$!; track "$rl"; fi
+      if [ "$k" = restart ]; then : >"$raw.restarts"; restart_loop "$CONF" "$DUR" "$raw.restarts" & rl=$!; track "$rl"; fi
       wrk_run "${PORT_OF[$k]}" "$c" "$m" "$DUR" "$raw"
       read -r rps p50 p99 n st co rd wr to < <(wrk_parse "$raw")
       if [ -n "$rl" ]; then
@@ -464,27 +499,46 @@ run_cell() {
       fi
       # shellcheck disable=SC2086
       [ -n "$procs" ] && read -r u1 s1 < <(cpu_ticks $procs)
+      # shellcheck disable=SC2086
+      [ -n "$apps" ] && a1=$(cpu_ticks $apps | awk '{print $1 + $2}')
       if [ "$n" -lt 0 ]; then note "$b $c $m round $r $k: wrk gave no result ($(tail -n 1 "$raw"))"; n=0; fi
       [ "${EOF[$k]}" = 1 ] && rd=$((rd > n ? rd - n : 0))
       f=$((st + co + rd + wr + to))
       RPS[$k]=$((RPS[$k] + rps)); FAIL[$k]=$((FAIL[$k] + f)); NREQ[$k]=$((NREQ[$k] + n))
-      USR[$k]=$((USR[$k] + u1 - u0)); SYS[$k]=$((SYS[$k] + s1 - s0))
+      RR[$k]+="${RR[$k]:+,}$rps"; PR[$k]+="${PR[$k]:+,}$p99"
+      USR[$k]=$((USR[$k] + u1 - u0)); SYS[$k]=$((SYS[$k] + s1 - s0)); APP[$k]=$((APP[$k] + a1 - a0))
       P50[$k]=$(awk -v x="${P50[$k]}" -v y="$p50" 'BEGIN{print x+y}')
       P99[$k]=$(awk -v x="${P99[$k]}" -v y="$p99" 'BEGIN{print x+y}')
       log "$b c=$c $m round $r $k: $rps req/s p50 $p50 ms p99 $p99 ms failed $f"
     done
   done
-  for k in "${KINDS[@]}"; do sums+="$k ${RPS[$k]} ${P50[$k]} ${P99[$k]} ${FAIL[$k]} ${USR[$k]} ${SYS[$k]} ${NREQ[$k]};"; done
+  for k in "${KINDS[@]}"; do
+    sums+="$k ${RPS[$k]} ${P50[$k]} ${P99[$k]} ${FAIL[$k]} ${USR[$k]} ${SYS[$k]} ${NREQ[$k]} $([ -n "${APPS_OF[$k]}" ] && echo "${APP[$k]}" || echo -) ${RR[$k]} ${PR[$k]};"
+  done
   CELL[$(cell_key "$b" "$c" "$m")]=$(awk -v sums="$sums" -v n="$ROUNDS" -v tick="$TICK_US" \
-      -v b="$b" -v c="$c" -v m="$m" -v rs="$restarts" -v re="$restart_err" 'BEGIN {
+      -v b="$b" -v c="$c" -v m="$m" -v rs="$restarts" -v re="$restart_err" '
+  # spread(a, b, col): the lowest and highest of a/b over the rounds (each
+  # round runs the columns one after the other, so its figures pair up).
+  function spread(a, b, col,   x, y, j, q, lo, hi) {
+    if (!(a in per) || !(b in per)) return
+    split(per[a], x, ","); split(per[b], y, ",")
+    for (j = 1; j <= n; j++) { if (y[j] + 0 <= 0) return; q = x[j] / y[j]; if (j == 1 || q < lo) lo = q; if (j == 1 || q > hi) hi = q }
+    printf " %s_vs_%s_%s_lo=%.3f %s_vs_%s_%s_hi=%.3f", a, b, col, lo, a, b, col, hi
+  }
+  BEGIN {
     printf "backend=%s conns=%s mode=%s", b, c, m
     k = split(sums, rows, ";")
     for (i = 1; i <= k; i++) {
-      if (split(rows[i], f, " ") < 8) continue
+      if (split(rows[i], f, " ") < 11) continue
+      per[f[1]] = f[10]; per99[f[1]] = f[11]
       printf " %s_rps=%.0f %s_p50=%.3f %s_p99=%.3f %s_failed=%d", f[1], f[2]/n, f[1], f[3]/n, f[1], f[4]/n, f[1], f[5]
       if (f[1] != "direct") printf " %s_cpu_us=%.2f %s_usr_us=%.2f", f[1], (f[8] ? (f[6]+f[7])*tick/f[8] : 0), f[1], (f[8] ? f[6]*tick/f[8] : 0)
+      if (f[9] != "-") printf " %s_app_us=%.2f", f[1], (f[8] ? f[9]*tick/f[8] : 0)
     }
     if (index(sums, "restart ")) printf " restarts=%d restart_errors=%d", rs, re
+    spread("zdt", "nginx", "rps"); spread("zdt", "haproxy", "rps")
+    for (x in per99) per[x] = per99[x]
+    spread("zdt", "nginx", "p99"); spread("zdt", "haproxy", "p99")
     printf "\n" }')
 }
 
@@ -494,6 +548,10 @@ function load(line,   i, n, kv, p) { delete v; n = split(line, kv, " "); for (i 
 function has(k) { return (k in v) && v[k] != "-" }
 function g(k) { return has(k) ? v[k] : "-" }
 function r(a, b) { return (has(a) && has(b) && v[b] + 0 > 0) ? sprintf("%.3f", v[a] / v[b]) : "-" }
+# rr(a, b, what): zdt/a ratio r("zdt_" what, a "_" what) and, with more than
+# one round, its lowest and highest over the rounds: "1.023 (0.981-1.050)".
+function rr(b, what,   s, k) { s = r("zdt_" what, b "_" what); k = "zdt_vs_" b "_" what
+  return (s != "-" && has(k "_lo") && v[k "_lo"] != v[k "_hi"]) ? s " (" v[k "_lo"] "-" v[k "_hi"] ")" : s }
 function num(k, fmt) { return has(k) ? sprintf(fmt, v[k]) : "-" }
 '
 backend_label() {
@@ -525,15 +583,17 @@ print_cell() { # print_cell BACKEND CONNS MODE
   printf "CPU per proxied request: zdt %.2f us (user %.2f, system %.2f), nginx %.2f us (user %.2f, system %.2f), zdt/nginx %s", v["zdt_cpu_us"], v["zdt_usr_us"], v["zdt_cpu_us"] - v["zdt_usr_us"], v["nginx_cpu_us"], v["nginx_usr_us"], v["nginx_cpu_us"] - v["nginx_usr_us"], r("zdt_cpu_us", "nginx_cpu_us")
   if (has("haproxy_cpu_us")) printf "; haproxy %.2f us (user %.2f, system %.2f), zdt/haproxy %s", v["haproxy_cpu_us"], v["haproxy_usr_us"], v["haproxy_cpu_us"] - v["haproxy_usr_us"], r("zdt_cpu_us", "haproxy_cpu_us")
   printf "\n"
+  printf "the app'"'"'s CPU per request: direct %s us, behind zdt %s, nginx %s, haproxy %s\n", num("direct_app_us", "%.2f"), num("zdt_app_us", "%.2f"), num("nginx_app_us", "%.2f"), num("haproxy_app_us", "%.2f")
   if (has("restarts")) printf "restarts: %d during the restart column, %d failed (zdtctl exit status)\n", v["restarts"], v["restart_errors"] }'
 }
 
 # One line of a cell for the progress log of --matrix and --quick.
 summary() { # summary BACKEND CONNS MODE
   awk -v line="${CELL[$(cell_key "$1" "$2" "$3")]}" -v ml="$(mode_label "$3")" "$AWK_LIB"'BEGIN { load(line)
-  printf "%s, %s conns, %s: req/s direct %s zdt %s nginx %s haproxy %s; zdt/nginx %s, zdt/haproxy %s; p99 ratios %s, %s; failed %s / %s / %s / %s", \
-    v["backend"], v["conns"], ml, g("direct_rps"), g("zdt_rps"), g("nginx_rps"), g("haproxy_rps"), r("zdt_rps", "nginx_rps"), r("zdt_rps", "haproxy_rps"), \
-    r("zdt_p99", "nginx_p99"), r("zdt_p99", "haproxy_p99"), g("direct_failed"), g("zdt_failed"), g("nginx_failed"), g("haproxy_failed")
+  printf "%s, %s conns, %s: req/s direct %s zdt %s nginx %s haproxy %s; zdt/nginx %s, zdt/haproxy %s; p99 ratios %s, %s; failed %s / %s / %s / %s; app us/req %s / %s / %s / %s", \
+    v["backend"], v["conns"], ml, g("direct_rps"), g("zdt_rps"), g("nginx_rps"), g("haproxy_rps"), rr("nginx", "rps"), rr("haproxy", "rps"), \
+    rr("nginx", "p99"), rr("haproxy", "p99"), g("direct_failed"), g("zdt_failed"), g("nginx_failed"), g("haproxy_failed"), \
+    num("direct_app_us", "%.1f"), num("zdt_app_us", "%.1f"), num("nginx_app_us", "%.1f"), num("haproxy_app_us", "%.1f")
   if (has("restart_rps")) printf "; restarting: %s req/s, p99 %s ms, failed %s, %s restarts (%s failed)", g("restart_rps"), g("restart_p99"), g("restart_failed"), g("restarts"), g("restart_errors")
   printf "\n" }'
 }
@@ -677,26 +737,27 @@ table() {
   echo
   version_line
   echo
-  echo "wrk -t2 --timeout 5s --latency, $ROUNDS round$([ "$ROUNDS" = 1 ] || echo s) of ${DUR} s per column and cell, the columns alternated in each round (means over the rounds); failed: non-2xx + socket errors, summed over the rounds. zdt/x: zdt's figure divided by x's (throughput above 1 and p99 below 1 favour zdt). CPU: the proxy's processes' user + system time per request (zdt: daemon + proxy process; nginx: its workers; HAProxy: its process, $NCPU threads)."
+  echo "wrk -t2 --timeout 5s --latency, $ROUNDS round$([ "$ROUNDS" = 1 ] || echo s) of ${DUR} s per column and cell, the columns alternated in each round (means over the rounds); failed: non-2xx + socket errors, summed over the rounds. zdt/x: zdt's figure divided by x's (throughput above 1 and p99 below 1 favour zdt); in brackets, with more than one round, the lowest and highest of that ratio in single rounds. CPU: the proxy's processes' user + system time per request (zdt: daemon + proxy process; nginx: its workers; HAProxy: its process, $NCPU threads). App CPU: the app's processes' user + system time per request in each column; every column sends to the same app processes (zdt's workers, on their private ports)."
   echo
-  printf '| backend | conns | mode | direct req/s | zdt req/s | nginx req/s | haproxy req/s | zdt/nginx | zdt/haproxy | direct p99 ms | zdt p99 ms | nginx p99 ms | haproxy p99 ms | zdt/nginx p99 | zdt/haproxy p99 | failed: direct / zdt / nginx / haproxy | CPU us/req: zdt / nginx / haproxy |'
+  printf '| backend | conns | mode | direct req/s | zdt req/s | nginx req/s | haproxy req/s | zdt/nginx | zdt/haproxy | direct p99 ms | zdt p99 ms | nginx p99 ms | haproxy p99 ms | zdt/nginx p99 | zdt/haproxy p99 | failed: direct / zdt / nginx / haproxy | CPU us/req: zdt / nginx / haproxy | app CPU us/req: direct / zdt / nginx / haproxy |'
   [ "$icols" = 1 ] && printf ' zdt in-process req/s | in-process p99 ms | process/in-process |'
   [ "$rcols" = 1 ] && printf ' zdt restarting req/s | restarting p99 ms | restarting failed | restarts (failed) |'
   echo
-  printf '|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|'
+  printf '|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|'
   [ "$icols" = 1 ] && printf -- '--:|--:|--:|'
   [ "$rcols" = 1 ] && printf -- '--:|--:|--:|--:|'
   echo
   for b in "${BACKEND_LIST[@]}"; do for c in "${CONN_LIST[@]}"; do for m in "${MODE_LIST[@]}"; do
     [ -n "${CELL[$(cell_key "$b" "$c" "$m")]:-}" ] || continue
     awk -v line="${CELL[$(cell_key "$b" "$c" "$m")]}" -v ic="$icols" -v rc="$rcols" -v ml="$(mode_label "$m")" "$AWK_LIB"'BEGIN { load(line)
-    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s / %s | %s / %s / %s |", \
+    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s / %s | %s / %s / %s | %s / %s / %s / %s |", \
       v["backend"], v["conns"], ml, g("direct_rps"), g("zdt_rps"), g("nginx_rps"), g("haproxy_rps"), \
-      r("zdt_rps", "nginx_rps"), r("zdt_rps", "haproxy_rps"), \
+      rr("nginx", "rps"), rr("haproxy", "rps"), \
       num("direct_p99", "%.2f"), num("zdt_p99", "%.2f"), num("nginx_p99", "%.2f"), num("haproxy_p99", "%.2f"), \
-      r("zdt_p99", "nginx_p99"), r("zdt_p99", "haproxy_p99"), \
+      rr("nginx", "p99"), rr("haproxy", "p99"), \
       g("direct_failed"), g("zdt_failed"), g("nginx_failed"), g("haproxy_failed"), \
-      num("zdt_cpu_us", "%.1f"), num("nginx_cpu_us", "%.1f"), num("haproxy_cpu_us", "%.1f")
+      num("zdt_cpu_us", "%.1f"), num("nginx_cpu_us", "%.1f"), num("haproxy_cpu_us", "%.1f"), \
+      num("direct_app_us", "%.1f"), num("zdt_app_us", "%.1f"), num("nginx_app_us", "%.1f"), num("haproxy_app_us", "%.1f")
     if (ic) printf " %s | %s | %s |", g("zin_rps"), num("zin_p99", "%.2f"), r("zdt_rps", "zin_rps")
     if (rc) printf " %s | %s | %s | %s (%s) |", g("restart_rps"), num("restart_p99", "%.2f"), g("restart_failed"), g("restarts"), g("restart_errors")
     printf "\n" }'
