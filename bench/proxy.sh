@@ -76,7 +76,9 @@
 # after a 1 s warm-up run of each column when the backend's processes start.
 #
 # Every wrk run: -t2 --timeout 5s --latency, bounded by timeout(1) at its
-# length + 30 s. Requests/s, p50 and p99: the rounds' means. Failed: wrk's
+# length + 30 s. Requests/s: the rounds' mean; p50 and p99: the rounds'
+# median (one stall of a few hundred ms in one round, seen in every column,
+# the direct one included, would decide a mean of p99s). Failed: wrk's
 # "Non-2xx or 3xx responses" (4xx and 5xx) + "Socket errors" (connect, read,
 # write, timeout), summed over the rounds. One exception: after an answer
 # with no length, which ends when the server closes (php -S, and HAProxy
@@ -468,10 +470,10 @@ declare -A CELL NOTED
 cell_key() { echo "$1|$2|$3"; }
 run_cell() {
   local b=$1 c=$2 m=$3 r k procs apps rps p50 p99 n f u0 s0 u1 s1 a0 a1 raw rl sums="" st co rd wr to
-  local -A RPS P50 P99 FAIL USR SYS NREQ EOF APP RR PR
+  local -A RPS FAIL USR SYS NREQ EOF APP RR PR P5R
   local restarts=0 restart_err=0 eofs=""
   for k in "${KINDS[@]}"; do
-    RPS[$k]=0; P50[$k]=0; P99[$k]=0; FAIL[$k]=0; USR[$k]=0; SYS[$k]=0; NREQ[$k]=0; EOF[$k]=0; APP[$k]=0; RR[$k]=""; PR[$k]=""
+    RPS[$k]=0; FAIL[$k]=0; USR[$k]=0; SYS[$k]=0; NREQ[$k]=0; EOF[$k]=0; APP[$k]=0; RR[$k]=""; PR[$k]=""; P5R[$k]=""
     eof_body "${PORT_OF[$k]}" "$m" && { EOF[$k]=1; eofs+="${eofs:+, }$k"; }
   done
   if [ -n "$eofs" ] && [ -z "${NOTED[$b|$m]:-}" ]; then
@@ -505,15 +507,15 @@ run_cell() {
       [ "${EOF[$k]}" = 1 ] && rd=$((rd > n ? rd - n : 0))
       f=$((st + co + rd + wr + to))
       RPS[$k]=$((RPS[$k] + rps)); FAIL[$k]=$((FAIL[$k] + f)); NREQ[$k]=$((NREQ[$k] + n))
-      RR[$k]+="${RR[$k]:+,}$rps"; PR[$k]+="${PR[$k]:+,}$p99"
+      RR[$k]+="${RR[$k]:+,}$rps"; PR[$k]+="${PR[$k]:+,}$p99"; P5R[$k]+="${P5R[$k]:+,}$p50"
       USR[$k]=$((USR[$k] + u1 - u0)); SYS[$k]=$((SYS[$k] + s1 - s0)); APP[$k]=$((APP[$k] + a1 - a0))
-      P50[$k]=$(awk -v x="${P50[$k]}" -v y="$p50" 'BEGIN{print x+y}')
-      P99[$k]=$(awk -v x="${P99[$k]}" -v y="$p99" 'BEGIN{print x+y}')
       log "$b c=$c $m round $r $k: $rps req/s p50 $p50 ms p99 $p99 ms failed $f"
     done
   done
   for k in "${KINDS[@]}"; do
-    sums+="$k ${RPS[$k]} ${P50[$k]} ${P99[$k]} ${FAIL[$k]} ${USR[$k]} ${SYS[$k]} ${NREQ[$k]} $([ -n "${APPS_OF[$k]}" ] && echo "${APP[$k]}" || echo -) ${RR[$k]} ${PR[$k]};"
+    # name, requests/s summed, failed, user and system ticks, requests, app
+    # ticks (- for none), then the rounds' requests/s, p99 and p50 lists
+    sums+="$k ${RPS[$k]} ${FAIL[$k]} ${USR[$k]} ${SYS[$k]} ${NREQ[$k]} $([ -n "${APPS_OF[$k]}" ] && echo "${APP[$k]}" || echo -) ${RR[$k]} ${PR[$k]} ${P5R[$k]};"
   done
   CELL[$(cell_key "$b" "$c" "$m")]=$(awk -v sums="$sums" -v n="$ROUNDS" -v tick="$TICK_US" \
       -v b="$b" -v c="$c" -v m="$m" -v rs="$restarts" -v re="$restart_err" '
@@ -525,15 +527,22 @@ run_cell() {
     for (j = 1; j <= n; j++) { if (y[j] + 0 <= 0) return; q = x[j] / y[j]; if (j == 1 || q < lo) lo = q; if (j == 1 || q > hi) hi = q }
     printf " %s_vs_%s_%s_lo=%.3f %s_vs_%s_%s_hi=%.3f", a, b, col, lo, a, b, col, hi
   }
+  # median(list): the middle of a comma list of numbers (of the two in the
+  # middle, their mean).
+  function median(list,   x, k, i, j, t) {
+    k = split(list, x, ",")
+    for (i = 2; i <= k; i++) for (j = i; j > 1 && x[j - 1] + 0 > x[j] + 0; j--) { t = x[j]; x[j] = x[j - 1]; x[j - 1] = t }
+    return (k % 2) ? x[(k + 1) / 2] : (x[k / 2] + x[k / 2 + 1]) / 2
+  }
   BEGIN {
     printf "backend=%s conns=%s mode=%s", b, c, m
     k = split(sums, rows, ";")
     for (i = 1; i <= k; i++) {
-      if (split(rows[i], f, " ") < 11) continue
-      per[f[1]] = f[10]; per99[f[1]] = f[11]
-      printf " %s_rps=%.0f %s_p50=%.3f %s_p99=%.3f %s_failed=%d", f[1], f[2]/n, f[1], f[3]/n, f[1], f[4]/n, f[1], f[5]
-      if (f[1] != "direct") printf " %s_cpu_us=%.2f %s_usr_us=%.2f", f[1], (f[8] ? (f[6]+f[7])*tick/f[8] : 0), f[1], (f[8] ? f[6]*tick/f[8] : 0)
-      if (f[9] != "-") printf " %s_app_us=%.2f", f[1], (f[8] ? f[9]*tick/f[8] : 0)
+      if (split(rows[i], f, " ") < 10) continue
+      per[f[1]] = f[8]; per99[f[1]] = f[9]
+      printf " %s_rps=%.0f %s_p50=%.3f %s_p99=%.3f %s_failed=%d", f[1], f[2]/n, f[1], median(f[10]), f[1], median(f[9]), f[1], f[3]
+      if (f[1] != "direct") printf " %s_cpu_us=%.2f %s_usr_us=%.2f", f[1], (f[6] ? (f[4]+f[5])*tick/f[6] : 0), f[1], (f[6] ? f[4]*tick/f[6] : 0)
+      if (f[7] != "-") printf " %s_app_us=%.2f", f[1], (f[6] ? f[7]*tick/f[6] : 0)
     }
     if (index(sums, "restart ")) printf " restarts=%d restart_errors=%d", rs, re
     spread("zdt", "nginx", "rps"); spread("zdt", "haproxy", "rps")
@@ -737,7 +746,7 @@ table() {
   echo
   version_line
   echo
-  echo "wrk -t2 --timeout 5s --latency, $ROUNDS round$([ "$ROUNDS" = 1 ] || echo s) of ${DUR} s per column and cell, the columns alternated in each round (means over the rounds); failed: non-2xx + socket errors, summed over the rounds. zdt/x: zdt's figure divided by x's (throughput above 1 and p99 below 1 favour zdt); in brackets, with more than one round, the lowest and highest of that ratio in single rounds. CPU: the proxy's processes' user + system time per request (zdt: daemon + proxy process; nginx: its workers; HAProxy: its process, $NCPU threads). App CPU: the app's processes' user + system time per request in each column; every column sends to the same app processes (zdt's workers, on their private ports)."
+  echo "wrk -t2 --timeout 5s --latency, $ROUNDS round$([ "$ROUNDS" = 1 ] || echo s) of ${DUR} s per column and cell, the columns alternated in each round; requests/s: the rounds' mean; p99: the rounds' median; failed: non-2xx + socket errors, summed over the rounds. zdt/x: zdt's figure divided by x's (throughput above 1 and p99 below 1 favour zdt); in brackets, with more than one round, the lowest and highest of that ratio in single rounds. CPU: the proxy's processes' user + system time per request (zdt: daemon + proxy process; nginx: its workers; HAProxy: its process, $NCPU threads). App CPU: the app's processes' user + system time per request in each column; every column sends to the same app processes (zdt's workers, on their private ports)."
   echo
   printf '| backend | conns | mode | direct req/s | zdt req/s | nginx req/s | haproxy req/s | zdt/nginx | zdt/haproxy | direct p99 ms | zdt p99 ms | nginx p99 ms | haproxy p99 ms | zdt/nginx p99 | zdt/haproxy p99 | failed: direct / zdt / nginx / haproxy | CPU us/req: zdt / nginx / haproxy | app CPU us/req: direct / zdt / nginx / haproxy |'
   [ "$icols" = 1 ] && printf ' zdt in-process req/s | in-process p99 ms | process/in-process |'
