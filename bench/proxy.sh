@@ -6,8 +6,8 @@
 # zdt/haproxy, the CPU time each proxy spent per request (its processes' user
 # + system time over the rounds, from /proc/PID/stat, divided by the
 # requests) and the CPU time the app's own processes spent per request in
-# each column (what a proxy costs the app it serves); then the proxies' RSS with IDLE idle keep-alive client
-# connections.
+# each column (what a proxy costs the app it serves); then the proxies' RSS
+# with IDLE idle keep-alive client connections.
 #
 # Columns, one wrk run each per round, in this order:
 #   direct    wrk to the app itself (node2: to the first of its two copies)
@@ -261,7 +261,7 @@ rss_sum() { local p t=0; for p in "$@"; do t=$((t + $(rss "$p"))); done; echo "$
 
 declare -A PORT_OF PROCS_OF APPS_OF
 start_stacks() {
-  local b=$1 d="$WORK/$1" n=1 i p cmd ready env apps=() servers="" hservers="" maxc=0 c
+  local b=$1 d="$WORK/$1" n=1 p port cmd ready env apps=() servers="" hservers="" maxc=0 c
   mkdir -p "$d"
   [ "$b" = node2 ] && n=2
   case $b in
@@ -315,11 +315,11 @@ TOML
   # app that happens to be slower (its JIT, its heap, where it runs) cannot
   # favour one proxy; and the app CPU per request compares like with like.
   for p in $(instance_pids "$d/zdt/supervisor.toml"); do
-    i=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | sed -n 's/^PORT=//p')
-    [ -n "$i" ] || die "zdt's worker $p has no PORT in its environment"
-    apps+=("$i")
-    servers+="server 127.0.0.1:$i; "
-    hservers+="  server app${#apps[@]} 127.0.0.1:$i"$'\n'
+    port=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | sed -n 's/^PORT=//p')
+    [ -n "$port" ] || die "zdt's worker $p has no PORT in its environment"
+    apps+=("$port")
+    servers+="server 127.0.0.1:$port; "
+    hservers+="  server app${#apps[@]} 127.0.0.1:$port"$'\n'
   done
   [ ${#apps[@]} = "$n" ] || die "zdt runs ${#apps[@]} workers, not $n"
 
@@ -519,9 +519,10 @@ run_cell() {
   done
   CELL[$(cell_key "$b" "$c" "$m")]=$(awk -v sums="$sums" -v n="$ROUNDS" -v tick="$TICK_US" \
       -v b="$b" -v c="$c" -v m="$m" -v rs="$restarts" -v re="$restart_err" '
-  # spread(a, b, col): the lowest and highest of a/b over the rounds (each
-  # round runs the columns one after the other, so its figures pair up).
-  function spread(a, b, col,   x, y, j, q, lo, hi) {
+  # spread(per, a, b, col): the lowest and highest of a/b over the rounds,
+  # from per[a] and per[b], comma lists of a figure per round (each round
+  # runs the columns one after the other, so its figures pair up).
+  function spread(per, a, b, col,   x, y, j, q, lo, hi) {
     if (!(a in per) || !(b in per)) return
     split(per[a], x, ","); split(per[b], y, ",")
     for (j = 1; j <= n; j++) { if (y[j] + 0 <= 0) return; q = x[j] / y[j]; if (j == 1 || q < lo) lo = q; if (j == 1 || q > hi) hi = q }
@@ -539,15 +540,14 @@ run_cell() {
     k = split(sums, rows, ";")
     for (i = 1; i <= k; i++) {
       if (split(rows[i], f, " ") < 10) continue
-      per[f[1]] = f[8]; per99[f[1]] = f[9]
+      rps[f[1]] = f[8]; p99[f[1]] = f[9]
       printf " %s_rps=%.0f %s_p50=%.3f %s_p99=%.3f %s_failed=%d", f[1], f[2]/n, f[1], median(f[10]), f[1], median(f[9]), f[1], f[3]
       if (f[1] != "direct") printf " %s_cpu_us=%.2f %s_usr_us=%.2f", f[1], (f[6] ? (f[4]+f[5])*tick/f[6] : 0), f[1], (f[6] ? f[4]*tick/f[6] : 0)
       if (f[7] != "-") printf " %s_app_us=%.2f", f[1], (f[6] ? f[7]*tick/f[6] : 0)
     }
     if (index(sums, "restart ")) printf " restarts=%d restart_errors=%d", rs, re
-    spread("zdt", "nginx", "rps"); spread("zdt", "haproxy", "rps")
-    for (x in per99) per[x] = per99[x]
-    spread("zdt", "nginx", "p99"); spread("zdt", "haproxy", "p99")
+    spread(rps, "zdt", "nginx", "rps"); spread(rps, "zdt", "haproxy", "rps")
+    spread(p99, "zdt", "nginx", "p99"); spread(p99, "zdt", "haproxy", "p99")
     printf "\n" }')
 }
 
