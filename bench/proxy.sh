@@ -557,8 +557,8 @@ function load(line,   i, n, kv, p) { delete v; n = split(line, kv, " "); for (i 
 function has(k) { return (k in v) && v[k] != "-" }
 function g(k) { return has(k) ? v[k] : "-" }
 function r(a, b) { return (has(a) && has(b) && v[b] + 0 > 0) ? sprintf("%.3f", v[a] / v[b]) : "-" }
-# rr(a, b, what): zdt/a ratio r("zdt_" what, a "_" what) and, with more than
-# one round, its lowest and highest over the rounds: "1.023 (0.981-1.050)".
+# rr(b, what): the ratio r("zdt_" what, b "_" what) and, with more than one
+# round, its lowest and highest over the rounds: "1.023 (0.981-1.050)".
 function rr(b, what,   s, k) { s = r("zdt_" what, b "_" what); k = "zdt_vs_" b "_" what
   return (s != "-" && has(k "_lo") && v[k "_lo"] != v[k "_hi"]) ? s " (" v[k "_lo"] "-" v[k "_hi"] ")" : s }
 function num(k, fmt) { return has(k) ? sprintf(fmt, v[k]) : "-" }
